@@ -1,0 +1,180 @@
+"""Cryptographic operations on keys named by role/label, run on pooled sessions.
+
+Each function picks its mechanism from the token's capability profile where there is a choice and
+returns (or records) which one it used, so a bundle or a transcript can say exactly what was done.
+All calls go through :meth:`Token.run`, which retries on a lost session and turns python-pkcs11
+errors into :class:`hsm.errors.HsmError` naming the operation, token, object and CKR code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from asn1crypto import algos
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams
+
+from .token import KeyRef, Token
+
+
+@dataclass(frozen=True)
+class Wrapped:
+    """Wrapped key bytes and the exact mechanism (and parameters) that produced them."""
+
+    data: bytes
+    mechanism: str
+    parameters: dict
+
+
+def secret(label: str) -> KeyRef:
+    return KeyRef(label, ObjectClass.SECRET_KEY)
+
+
+def private(label: str) -> KeyRef:
+    return KeyRef(label, ObjectClass.PRIVATE_KEY)
+
+
+def public(label: str) -> KeyRef:
+    return KeyRef(label, ObjectClass.PUBLIC_KEY)
+
+
+# --------------------------------------------------------------------------- symmetric
+def hmac_sha256(token: Token, key: KeyRef, data: bytes) -> bytes:
+    return token.run("C_Sign(SHA256_HMAC)",
+                     lambda lease: lease.key(key).sign(data, mechanism=Mechanism.SHA256_HMAC),
+                     key.label)
+
+
+def aes_gcm_encrypt(token: Token, key: KeyRef, nonce: bytes, plaintext: bytes,
+                    aad: bytes | None = None) -> bytes:
+    """AES-GCM with a caller-chosen 96-bit nonce; returns ciphertext || 16-byte tag."""
+    params = GCMParams(nonce, aad)
+    return token.run("C_Encrypt(AES_GCM)",
+                     lambda lease: lease.key(key).encrypt(plaintext, mechanism=Mechanism.AES_GCM,
+                                                          mechanism_param=params), key.label)
+
+
+def aes_gcm_decrypt(token: Token, key: KeyRef, nonce: bytes, ciphertext: bytes,
+                    aad: bytes | None = None) -> bytes:
+    params = GCMParams(nonce, aad)
+    return token.run("C_Decrypt(AES_GCM)",
+                     lambda lease: lease.key(key).decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
+                                                          mechanism_param=params), key.label)
+
+
+def generate_session_key(token: Token, key_type: KeyType, bits: int | None, label: str,
+                         capabilities: MechanismFlag, *, extractable: bool = False,
+                         on_anchor: bool = True, template: dict | None = None):
+    """A sensitive session-object key. On the anchor session by default, because a session
+    object dies with the session that created it and worker sessions come and go."""
+    tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: extractable}
+    tpl.update(template or {})
+
+    def gen(lease):
+        return lease.session.generate_key(key_type, bits, label=label, store=False,
+                                          capabilities=capabilities, template=tpl)
+    runner = token.run_on_anchor if on_anchor else token.run
+    return runner("C_GenerateKey", gen, label)
+
+
+# --------------------------------------------------------------------------- wrapping
+def aes_wrap(token: Token, wrapping_key: KeyRef, key: KeyRef) -> Wrapped:
+    """Wrap ``key`` under an AES key with the best AES key-wrap the token has (RFC 5649 first)."""
+    name, mech = token.profile.aes_wrap_choice()
+    data = token.run(f"C_WrapKey({name})",
+                     lambda lease: lease.key(wrapping_key).wrap_key(lease.key(key),
+                                                                    mechanism=mech),
+                     key.label)
+    return Wrapped(data, name, {"code": f"0x{int(mech):x}"})
+
+
+def aes_unwrap(token: Token, unwrapping_key: KeyRef, wrapped: bytes, *, key_type: KeyType,
+               label: str, capabilities: MechanismFlag, template: dict | None = None,
+               on_anchor: bool = False):
+    """Unwrap into a sensitive, non-extractable session object (on the anchor if it must
+    outlive the call)."""
+    name, mech = token.profile.aes_wrap_choice()
+    tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, **(template or {})}
+
+    def unwrap(lease):
+        return lease.key(unwrapping_key).unwrap_key(
+            ObjectClass.SECRET_KEY, key_type, wrapped, label=label, mechanism=mech,
+            store=False, capabilities=capabilities, template=tpl)
+    runner = token.run_on_anchor if on_anchor else token.run
+    return runner(f"C_UnwrapKey({name})", unwrap, label)
+
+
+def rsa_oaep_wrap(token: Token, wrapping_key: KeyRef, key: KeyRef) -> Wrapped:
+    hash_name, params = token.profile.oaep_choice()
+    data = token.run("C_WrapKey(RSA_PKCS_OAEP)",
+                     lambda lease: lease.key(wrapping_key).wrap_key(
+                         lease.key(key), mechanism=Mechanism.RSA_PKCS_OAEP,
+                         mechanism_param=params), key.label)
+    return Wrapped(data, "RSA_PKCS_OAEP", {"hash": hash_name, "mgf": f"mgf1-{hash_name}",
+                                           "label": ""})
+
+
+def rsa_oaep_unwrap(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped | bytes, *,
+                    key_type: KeyType, label: str, capabilities: MechanismFlag,
+                    template: dict | None = None, on_anchor: bool = False):
+    """Unwrap an RSA-OAEP blob into a sensitive, non-extractable session object.
+
+    The hash comes from the Wrapped record when given (what the sender used), else the profile.
+    """
+    if isinstance(wrapped, Wrapped):
+        hash_name = wrapped.parameters.get("hash", "sha1")
+        params = _oaep_params(hash_name)
+        data = wrapped.data
+    else:
+        _, params = token.profile.oaep_choice()
+        data = wrapped
+    tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, **(template or {})}
+
+    def unwrap(lease):
+        return lease.key(unwrapping_key).unwrap_key(
+            ObjectClass.SECRET_KEY, key_type, data, label=label,
+            mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params, store=False,
+            capabilities=capabilities, template=tpl)
+    runner = token.run_on_anchor if on_anchor else token.run
+    return runner("C_UnwrapKey(RSA_PKCS_OAEP)", unwrap, label)
+
+
+def _oaep_params(hash_name: str) -> tuple:
+    table = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256),
+             "sha384": (Mechanism.SHA384, MGF.SHA384), "sha512": (Mechanism.SHA512, MGF.SHA512)}
+    hash_mech, mgf = table[hash_name]
+    return (hash_mech, mgf, None)
+
+
+# --------------------------------------------------------------------------- signatures
+SIGNATURE_ALGORITHMS = {
+    "ecdsa-sha384": {"algorithm": "sha384_ecdsa"},
+    "rsa-pss-sha384": {"algorithm": "rsassa_pss", "parameters": {
+        "hash_algorithm": {"algorithm": "sha384"},
+        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha384"}},
+        "salt_length": 48, "trailer_field": "trailer_field_bc"}},
+}
+
+
+def sign(token: Token, key: KeyRef, signature: str, data: bytes) -> bytes:
+    """Sign ``data`` with a signing role's private key; returns the X.509/CMS encoding.
+
+    ECDSA: SoftHSM2 has only raw CKM_ECDSA, so we hash on the host unless the profile shows
+    CKM_ECDSA_SHA384; the token's r||s output is DER-encoded as X.509 and CMS expect.
+    """
+    if signature == "ecdsa-sha384":
+        if token.profile.ecdsa_with_hash:
+            raw = token.run("C_Sign(ECDSA_SHA384)", lambda lease: lease.key(key).sign(
+                data, mechanism=Mechanism.ECDSA_SHA384), key.label)
+        else:
+            digest = hashlib.sha384(data).digest()
+            raw = token.run("C_Sign(ECDSA)", lambda lease: lease.key(key).sign(
+                digest, mechanism=Mechanism.ECDSA), key.label)
+        return algos.DSASignature.from_p1363(raw).dump()
+    if signature == "rsa-pss-sha384":
+        token.profile.require(Mechanism.SHA384_RSA_PKCS_PSS, "RSA-PSS signing")
+        return token.run("C_Sign(SHA384_RSA_PKCS_PSS)", lambda lease: lease.key(key).sign(
+            data, mechanism=Mechanism.SHA384_RSA_PKCS_PSS,
+            mechanism_param=(Mechanism.SHA384, MGF.SHA384, 48)), key.label)
+    raise ValueError(f"unknown signature scheme {signature!r}")

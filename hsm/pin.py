@@ -1,0 +1,77 @@
+"""Where PINs come from: ``env:VAR``, ``file:PATH``, an environment default, or a prompt.
+
+A PIN is returned as a ``Pin`` whose repr and str never show the value, so a PIN that ends up in
+an f-string, a log record or a traceback's locals shows as ``Pin(<hidden>)``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+
+from .errors import PinError, UsageError
+
+
+class Pin:
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        if not value:
+            raise PinError("empty PIN", hint="give a non-empty PIN")
+        self._value = value
+
+    def reveal(self) -> str:
+        """The PIN itself: call only where it is handed to C_Login."""
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Pin(<hidden>)"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Pin) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(("Pin", self._value))
+
+    def __reduce__(self):  # a Pin must not be pickled into a file or another process by accident
+        raise TypeError("a Pin cannot be pickled")
+
+
+def from_source(source: str) -> Pin:
+    """Read a PIN from ``env:VAR`` or ``file:PATH`` (first line, trailing newline stripped)."""
+    kind, sep, where = source.partition(":")
+    if not sep or not where:
+        raise UsageError(f"bad PIN source {source!r}", hint="use env:VARIABLE or file:PATH")
+    if kind == "env":
+        value = os.environ.get(where)
+        if value is None:
+            raise PinError(f"PIN source env:{where} is not set",
+                           hint=f"export {where} or choose another --pin-source")
+        return Pin(value)
+    if kind == "file":
+        try:
+            with open(where, encoding="utf-8") as fh:
+                return Pin(fh.readline().rstrip("\r\n"))
+        except OSError as exc:
+            raise PinError(f"cannot read PIN file {where}: {exc.strerror}") from None
+    raise UsageError(f"unknown PIN source kind {kind!r}", hint="use env:VARIABLE or file:PATH")
+
+
+def resolve(source: str | None, *, default_env: str, prompt: str) -> Pin:
+    """A PIN from ``source``, else from ``$default_env``, else a terminal prompt.
+
+    With no source, no variable and no terminal (CI, a pipe) we fail rather than block: an
+    unattended run waiting on a prompt nobody sees is a silent hang.
+    """
+    if source:
+        return from_source(source)
+    value = os.environ.get(default_env)
+    if value:
+        return Pin(value)
+    if sys.stdin is not None and sys.stdin.isatty():
+        return Pin(getpass.getpass(prompt))
+    raise PinError(f"no PIN available for: {prompt.rstrip(': ')}",
+                   hint=f"give --pin-source env:VAR|file:PATH or set {default_env}")

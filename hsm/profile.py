@@ -1,0 +1,196 @@
+"""What a token can do, probed once, and the choice of the strongest variant it supports.
+
+The mechanism list alone does not answer the questions operations need: SoftHSM2 2.6.1 lists
+RSA_PKCS_OAEP but accepts only SHA-1 in it; its 0x210A "AES_KEY_WRAP_PAD" is really RFC 5649 KWP
+while NSS's 0x210A is a PKCS#7-padded variant; and whether CKA_WRAP_WITH_TRUSTED is enforced can
+only be seen by trying. So the probe tries, with throw-away session objects it destroys again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import pkcs11
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag
+
+from .errors import MechanismUnsupported
+
+# Mechanisms python-pkcs11 0.10 has no member for (PKCS#11 v3.0 values).
+CKM_AES_KEY_WRAP = 0x2109
+CKM_AES_KEY_WRAP_PAD = 0x210A
+CKM_AES_KEY_WRAP_KWP = 0x210B
+CKM_RSA_AES_KEY_WRAP = 0x1054
+CKM_HKDF_DERIVE = 0x402A
+CKM_SP800_108_COUNTER_KDF = 0x3AC
+CKM_SP800_108_FEEDBACK_KDF = 0x3AD
+CKM_SP800_108_DOUBLE_PIPELINE_KDF = 0x3AE
+CKM_PKCS5_PBKD2 = 0x3B0
+
+# OAEP hashes in order of preference. SHA-256 first, not SHA-512: it is the interoperable choice
+# (cloud BYOK formats, NSS, OpenSSL defaults) and no longer hash makes OAEP meaningfully stronger.
+OAEP_PREFERENCE = (("sha256", Mechanism.SHA256, MGF.SHA256),
+                   ("sha384", Mechanism.SHA384, MGF.SHA384),
+                   ("sha512", Mechanism.SHA512, MGF.SHA512),
+                   ("sha1", Mechanism.SHA_1, MGF.SHA1))
+
+
+def mechanism_name(mech: int) -> str:
+    try:
+        return Mechanism(mech).name
+    except ValueError:
+        names = {CKM_AES_KEY_WRAP_KWP: "AES_KEY_WRAP_KWP", CKM_RSA_AES_KEY_WRAP: "RSA_AES_KEY_WRAP",
+                 CKM_HKDF_DERIVE: "HKDF_DERIVE", CKM_SP800_108_COUNTER_KDF: "SP800_108_COUNTER_KDF",
+                 CKM_SP800_108_FEEDBACK_KDF: "SP800_108_FEEDBACK_KDF",
+                 CKM_SP800_108_DOUBLE_PIPELINE_KDF: "SP800_108_DOUBLE_PIPELINE_KDF"}
+        return names.get(mech, f"0x{mech:08x}")
+
+
+@dataclass
+class MechanismEntry:
+    name: str
+    code: int
+    min_key: int | None
+    max_key: int | None
+    flags: list[str]
+
+
+@dataclass
+class Profile:
+    token_label: str
+    token_serial: str
+    token_model: str
+    manufacturer: str
+    library: str
+    mechanisms: dict[int, MechanismEntry] = field(default_factory=dict)
+    oaep_hashes: list[str] = field(default_factory=list)
+    aes_kwp: int | None = None             # the mechanism code implementing RFC 5649, if any
+    aes_key_wrap: bool = False             # RFC 3394 (input a multiple of 8 bytes)
+    rsa_aes_key_wrap: bool = False
+    hkdf: bool = False
+    sp800_108: bool = False
+    pbkdf2: bool = False
+    trusted_wrap_enforced: bool | None = None
+    ecdsa_with_hash: bool = False          # CKM_ECDSA_SHA384 on the token, else hash on the host
+    notes: list[str] = field(default_factory=list)
+
+    def has(self, mech: int) -> bool:
+        return int(mech) in self.mechanisms
+
+    def require(self, mech: int, purpose: str) -> None:
+        if not self.has(mech):
+            raise MechanismUnsupported(
+                f"{purpose} needs {mechanism_name(mech)} (0x{int(mech):x}), which the token does "
+                "not offer", token=self.token_label, ckr="CKR_MECHANISM_INVALID", ckr_value=0x70,
+                hint=self.offer_hint(purpose))
+
+    def offer_hint(self, purpose: str) -> str:
+        related = {"wrap": ("WRAP", "UNWRAP"), "sign": ("SIGN",), "derive": ("DERIVE",)}
+        want = next((v for k, v in related.items() if k in purpose.lower()), ())
+        names = sorted(e.name for e in self.mechanisms.values()
+                       if not want or any(f in e.flags for f in want))
+        return "the token offers: " + ", ".join(names[:40]) + (" ..." if len(names) > 40 else "")
+
+    # --- choices: each returns what it picked so callers can record it
+    def oaep_choice(self) -> tuple[str, tuple]:
+        for name, hash_mech, mgf in OAEP_PREFERENCE:
+            if name in self.oaep_hashes:
+                return name, (hash_mech, mgf, None)
+        raise MechanismUnsupported("RSA-OAEP is not usable on this token", token=self.token_label,
+                                   hint=self.offer_hint("wrap"))
+
+    def aes_wrap_choice(self, key_length_bytes: int | None = None) -> tuple[str, Mechanism]:
+        # python-pkcs11 only accepts Mechanism members, hence the conversion.
+        if self.aes_kwp is not None:
+            return "AES_KEY_WRAP_KWP", Mechanism(self.aes_kwp)
+        if self.aes_key_wrap and (key_length_bytes is None or key_length_bytes % 8 == 0):
+            return "AES_KEY_WRAP", Mechanism(CKM_AES_KEY_WRAP)
+        raise MechanismUnsupported("no AES key-wrap mechanism (RFC 5649 / RFC 3394) on the token",
+                                   token=self.token_label, hint=self.offer_hint("wrap"))
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["mechanisms"] = {e.name: {"code": f"0x{e.code:x}", "min_key": e.min_key,
+                                       "max_key": e.max_key, "flags": e.flags}
+                              for e in self.mechanisms.values()}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def probe(token) -> Profile:
+    """Probe ``token`` (an :class:`hsm.token.Token`): mechanisms, then behaviour by trial."""
+    p11 = token.p11token
+    slot = p11.slot
+    prof = Profile(token_label=token.label, token_serial=token.serial, token_model=p11.model,
+                   manufacturer=p11.manufacturer_id, library=token.module.description)
+    for mech in slot.get_mechanisms():
+        code = int(mech)
+        try:
+            info = slot.get_mechanism_info(mech)
+            flags = [f.name for f in MechanismFlag if f.value and info.flags & f and f.name]
+            prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code, info.min_key_length,
+                                                   info.max_key_length, flags)
+        except pkcs11.PKCS11Error:
+            prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code, None, None, [])
+    softhsm = "SoftHSM" in p11.manufacturer_id or "SoftHSM" in token.module.description
+    if prof.has(CKM_AES_KEY_WRAP_KWP):
+        prof.aes_kwp = CKM_AES_KEY_WRAP_KWP
+    elif prof.has(CKM_AES_KEY_WRAP_PAD) and softhsm:
+        prof.aes_kwp = CKM_AES_KEY_WRAP_PAD
+        prof.notes.append("SoftHSM2 implements RFC 5649 (KWP) under CKM_AES_KEY_WRAP_PAD 0x210a")
+    prof.aes_key_wrap = prof.has(CKM_AES_KEY_WRAP)
+    prof.rsa_aes_key_wrap = prof.has(CKM_RSA_AES_KEY_WRAP)
+    prof.hkdf = prof.has(CKM_HKDF_DERIVE)
+    prof.sp800_108 = any(prof.has(m) for m in (CKM_SP800_108_COUNTER_KDF,
+                                                CKM_SP800_108_FEEDBACK_KDF,
+                                                CKM_SP800_108_DOUBLE_PIPELINE_KDF))
+    prof.pbkdf2 = prof.has(CKM_PKCS5_PBKD2)
+    prof.ecdsa_with_hash = prof.has(Mechanism.ECDSA_SHA384)
+    with token.lease() as lease:
+        if prof.has(Mechanism.RSA_PKCS_OAEP) and prof.has(Mechanism.RSA_PKCS_KEY_PAIR_GEN):
+            prof.oaep_hashes = _probe_oaep(lease.session, prof)
+        if prof.aes_kwp or prof.aes_key_wrap:
+            prof.trusted_wrap_enforced = _probe_trusted_wrap(lease.session, prof)
+    return prof
+
+
+def _probe_oaep(session, prof: Profile) -> list[str]:
+    entry = prof.mechanisms[int(Mechanism.RSA_PKCS_KEY_PAIR_GEN)]
+    bits = max(2048, entry.min_key or 0)
+    pub, priv = session.generate_keypair(KeyType.RSA, bits, store=False,
+                                         capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)
+    accepted = []
+    try:
+        for name, hash_mech, mgf in OAEP_PREFERENCE:
+            try:
+                ct = pub.encrypt(b"probe", mechanism=Mechanism.RSA_PKCS_OAEP,
+                                 mechanism_param=(hash_mech, mgf, None))
+                if priv.decrypt(ct, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                mechanism_param=(hash_mech, mgf, None)) == b"probe":
+                    accepted.append(name)
+            except pkcs11.PKCS11Error:
+                continue
+    finally:
+        pub.destroy()
+        priv.destroy()
+    return accepted
+
+
+def _probe_trusted_wrap(session, prof: Profile) -> bool | None:
+    """Can an untrusted key wrap a CKA_WRAP_WITH_TRUSTED key? If it can, nothing is enforced."""
+    _, mech = prof.aes_wrap_choice(32)
+    target = session.generate_key(KeyType.AES, 256, store=False,
+                                  template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True,
+                                            Attribute.WRAP_WITH_TRUSTED: True})
+    wrapper = session.generate_key(KeyType.AES, 256, store=False,
+                                   capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP)
+    try:
+        wrapper.wrap_key(target, mechanism=mech)
+        return False
+    except (pkcs11.KeyNotWrappable, pkcs11.KeyUnextractable, pkcs11.FunctionFailed,
+            pkcs11.AttributeValueInvalid, pkcs11.WrappingKeyHandleInvalid):
+        return True
+    except pkcs11.PKCS11Error:
+        return None
+    finally:
+        target.destroy()
+        wrapper.destroy()

@@ -1,0 +1,226 @@
+"""Provision the primary and regional HSMs and certify regional keys.
+
+Provisioning converges: each role's key is generated only if its label is absent, an existing key
+is re-checked (attributes read back) and reported, and certificate files are written once. A run
+interrupted between two keys is finished by running it again; nothing is ever replaced.
+
+Regional certification. The regional encryption key is RSA with UNWRAP only, so it cannot sign a
+CSR (allowing SIGN on it would widen what a stolen PIN can do). The regional side instead writes a
+*certification request*: its SPKI, token serial and region, plus the SPKI's SHA-256 fingerprint.
+The file proves nothing by itself; the primary side issues the certificate only after an officer
+confirms that the fingerprint read on the regional console (hex or PGP words) equals the one in
+the file (``--fingerprint`` or the interactive prompt). That comparison is the proof of origin.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from asn1crypto import keys
+
+from . import fingerprint as fp
+from . import x509 as certs
+from .errors import HsmError, UsageError
+from .files import write_new
+from .keygen import KeyPairInfo, existing_keypair, generate_keypair
+from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
+from .token import Token
+
+REQUEST_VERSION = 1
+DEFAULT_ORG = "hsm-suite"
+CERT_DAYS = {"primary-signing": 3650, "primary-encryption": 1825, "regional-encryption": 1825}
+
+
+@dataclass
+class Outcome:
+    """What provisioning did for one key: ``created`` or ``exists``, and where things are."""
+
+    role: str
+    label: str
+    status: str
+    fingerprint: bytes
+    certificate: Path | None = None
+    request: Path | None = None
+
+    def lines(self) -> list[str]:
+        words = fp.to_words(self.fingerprint)
+        out = [f"{self.label} ({self.role}): {self.status}",
+               f"  SHA-256(SPKI) {fp.to_hex(self.fingerprint)}",
+               "  words  " + " ".join(words[:16]),
+               "         " + " ".join(words[16:])]
+        if self.certificate:
+            out.append(f"  certificate {self.certificate}")
+        if self.request:
+            out.append(f"  request     {self.request}")
+        return out
+
+
+def _ensure_keypair(token: Token, role: KeyRole, label: str) -> tuple[KeyPairInfo, str]:
+    info = existing_keypair(token, role, label)
+    if info is not None:
+        return info, "exists"
+    return generate_keypair(token, role, label), "created"
+
+
+def _cert_matches(path: Path, spki: keys.PublicKeyInfo) -> bool:
+    cert = certs.load_pem(path.read_bytes())
+    return cert.public_key.dump() == spki.dump()
+
+
+def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo) -> Path:
+    if path.exists():
+        if not _cert_matches(path, spki):
+            raise UsageError(f"{path} holds a certificate for another key",
+                             hint="it is stale; move it away and run again")
+        return path
+    return write_new(path, certs.to_pem(make()))
+
+
+def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
+                 organization: str = DEFAULT_ORG) -> list[Outcome]:
+    """Signing key pair + self-signed certificate, encryption key pair + certificate."""
+    if signing not in SIGNING_ROLES:
+        raise UsageError(f"unknown signing algorithm {signing!r}",
+                         hint="choose one of " + ", ".join(SIGNING_ROLES))
+    role = SIGNING_ROLES[signing]
+    sign_label = f"{token.label}-signing"
+    enc_label = f"{token.label}-encryption"
+    existing = existing_keypair(token, role, sign_label)
+    if existing is not None:
+        role = _signing_role_of(token, existing)
+    sig_info, sig_status = _ensure_keypair(token, role, sign_label)
+    sig_spki = certs.public_key_info(token, sig_info.public)
+    root_name = certs.names(role="signing", token_label=token.label, organization=organization,
+                            serial=token.serial)
+    sig_cert = _write_cert_once(
+        out_dir / f"{sign_label}.pem",
+        lambda: certs.issue(token, issuer_key=sig_info.private, signature=role.signature,
+                            subject=root_name, subject_spki=sig_spki, issuer_name=None,
+                            issuer_spki=sig_spki, ca=True,
+                            key_usage={"key_cert_sign", "crl_sign", "digital_signature"},
+                            days=CERT_DAYS["primary-signing"]),
+        sig_spki)
+    issuer_name = certs.load_pem(sig_cert.read_bytes()).subject
+    enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label)
+    enc_spki = certs.public_key_info(token, enc_info.public)
+    enc_cert = _write_cert_once(
+        out_dir / f"{enc_label}.pem",
+        lambda: certs.issue(token, issuer_key=sig_info.private, signature=role.signature,
+                            subject=certs.names(role="encryption", token_label=token.label,
+                                                organization=organization, serial=token.serial),
+                            subject_spki=enc_spki, issuer_name=issuer_name, issuer_spki=sig_spki,
+                            ca=False, key_usage={"key_encipherment"},
+                            days=CERT_DAYS["primary-encryption"]),
+        enc_spki)
+    return [Outcome("primary-signing", sign_label, sig_status, certs.fingerprint(sig_spki),
+                    certificate=sig_cert),
+            Outcome("primary-encryption", enc_label, enc_status, certs.fingerprint(enc_spki),
+                    certificate=enc_cert)]
+
+
+def _signing_role_of(token: Token, info: KeyPairInfo) -> KeyRole:
+    """An existing signing key keeps its algorithm, whatever --signing says on a re-run."""
+    spki = certs.public_key_info(token, info.public)
+    if spki.algorithm == "ec":
+        return SIGNING_ROLES["ecdsa-p384"]
+    return SIGNING_ROLES["rsa-pss-4096" if spki.bit_size > 3072 else "rsa-pss-3072"]
+
+
+def init_regional(token: Token, region: str, out_dir: Path) -> Outcome:
+    """Regional encryption key pair and its certification request file."""
+    if not region or not region.replace("-", "").isalnum():
+        raise UsageError(f"bad region name {region!r}", hint="use letters, digits and '-'")
+    label = f"{token.label}-encryption"
+    info, status = _ensure_keypair(token, REGIONAL_ENCRYPTION, label)
+    spki = certs.public_key_info(token, info.public)
+    digest = certs.fingerprint(spki)
+    request = {
+        "version": REQUEST_VERSION,
+        "kind": "regional-encryption-certification-request",
+        "region": region,
+        "token_label": token.label,
+        "token_serial": token.serial,
+        "key_label": label,
+        "key_id": info.key_id.hex(),
+        "spki_der_hex": spki.dump().hex(),
+        "fingerprint_sha256": digest.hex(),
+        "created": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
+    }
+    path = out_dir / f"{token.label}.request.json"
+    if path.exists():
+        old = read_request(path)
+        if old["fingerprint_sha256"] != digest.hex():
+            raise UsageError(f"{path} is a request for another key",
+                             hint="it is stale; move it away and run again")
+    else:
+        write_new(path, (json.dumps(request, indent=2) + "\n").encode())
+    return Outcome("regional-encryption", label, status, digest, request=path)
+
+
+def read_request(path: Path) -> dict:
+    """Load and check a certification request; its fingerprint must match its SPKI."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read certification request {path}: {exc}") from None
+    required = {"version", "kind", "region", "token_label", "token_serial", "key_label",
+                "spki_der_hex", "fingerprint_sha256"}
+    missing = required - set(data) if isinstance(data, dict) else required
+    if missing:
+        raise UsageError(f"certification request {path} lacks {', '.join(sorted(missing))}")
+    if data["version"] != REQUEST_VERSION or \
+            data["kind"] != "regional-encryption-certification-request":
+        raise UsageError(f"{path} is not a version-{REQUEST_VERSION} regional request")
+    try:
+        spki = keys.PublicKeyInfo.load(bytes.fromhex(data["spki_der_hex"]))
+        spki.native  # forces a full parse: a truncated or altered SPKI fails here
+    except ValueError as exc:
+        raise UsageError(f"{path}: the public key is not a valid SPKI ({exc})") from None
+    if certs.fingerprint(spki).hex() != data["fingerprint_sha256"]:
+        raise UsageError(f"{path}: the fingerprint does not match the public key in the file",
+                         hint="the file was altered; ask the regional officer for a new one")
+    if spki.algorithm != "rsa" or spki.bit_size < 3072:
+        raise UsageError(f"{path}: a regional encryption key must be RSA >= 3072 bits "
+                         f"(got {spki.algorithm} {spki.bit_size})")
+    data["spki"] = spki
+    return data
+
+
+def certify_regional(token: Token, request_path: Path, out_dir: Path, *,
+                     confirmed_fingerprint: bytes, organization: str = DEFAULT_ORG) -> Outcome:
+    """Issue the regional certificate, signed by the primary signing key in ``token``."""
+    req = read_request(request_path)
+    digest = bytes.fromhex(req["fingerprint_sha256"])
+    if confirmed_fingerprint != digest:
+        raise HsmError("the confirmed fingerprint does not match the request's key",
+                       operation="certify-regional",
+                       hint="do not certify: the request did not come from the regional token "
+                            "the officer read, or was altered")
+    sign_label = f"{token.label}-signing"
+    info = existing_keypair(token, SIGNING_ROLES[DEFAULT_SIGNING], sign_label)
+    if info is None:
+        raise HsmError(f"no signing key {sign_label!r} on token {token.label!r}",
+                       hint="run `hsm init-primary` first")
+    role = _signing_role_of(token, info)
+    issuer_cert_path = out_dir / f"{sign_label}.pem"
+    if not issuer_cert_path.exists():
+        raise UsageError(f"the primary signing certificate {issuer_cert_path} is missing",
+                         hint="give the --out directory `hsm init-primary` wrote to")
+    issuer = certs.load_pem(issuer_cert_path.read_bytes())
+    sig_spki = certs.public_key_info(token, info.public)
+    if issuer.public_key.dump() != sig_spki.dump():
+        raise UsageError(f"{issuer_cert_path} does not belong to {sign_label}")
+    subject = certs.names(role="encryption", token_label=req["token_label"],
+                          organization=organization, region=req["region"],
+                          serial=req["token_serial"])
+    path = _write_cert_once(
+        out_dir / f"{req['token_label']}.pem",
+        lambda: certs.issue(token, issuer_key=info.private, signature=role.signature,
+                            subject=subject, subject_spki=req["spki"], issuer_name=issuer.subject,
+                            issuer_spki=sig_spki, ca=False, key_usage={"key_encipherment"},
+                            days=CERT_DAYS["regional-encryption"]),
+        req["spki"])
+    return Outcome("regional-encryption", req["key_label"], "certified", digest, certificate=path)

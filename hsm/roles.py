@@ -1,0 +1,93 @@
+"""Key roles: what each long-term key is for, and the PKCS#11 templates that say so.
+
+Each private key gets exactly the usages its role needs. In particular an encryption role's private
+key may UNWRAP but not DECRYPT: a key with both lets anyone holding the PIN C_Decrypt a wrapped
+blob and read the "sensitive" key inside it (the classic PKCS#11 wrap/decrypt attack).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+
+# Attributes every long-term private key must read back with, after generation.
+REQUIRED_PRIVATE = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.LOCAL: True,
+    Attribute.ALWAYS_SENSITIVE: True,
+    Attribute.NEVER_EXTRACTABLE: True,
+}
+
+
+@dataclass(frozen=True)
+class KeyRole:
+    name: str            # e.g. "primary-signing"; the key label is "<token>-<purpose>" by default
+    purpose: str         # "signing" | "encryption"
+    algorithm: str       # "rsa" | "ec"
+    bits: int = 0        # RSA modulus size
+    curve: str = ""      # EC named curve (asn1crypto name)
+    signature: str = ""  # "ecdsa-sha384" | "rsa-pss-sha384" for signing roles
+
+    @property
+    def key_type(self) -> KeyType:
+        return KeyType.RSA if self.algorithm == "rsa" else KeyType.EC
+
+    @property
+    def generation_mechanism(self) -> Mechanism:
+        return (Mechanism.RSA_PKCS_KEY_PAIR_GEN if self.algorithm == "rsa"
+                else Mechanism.EC_KEY_PAIR_GEN)
+
+    def describe(self) -> str:
+        size = f"RSA-{self.bits}" if self.algorithm == "rsa" else f"EC {self.curve}"
+        return f"{self.name}: {size}, {self.purpose}" + (f", {self.signature}" if self.signature
+                                                         else "")
+
+    def private_template(self, label: str, key_id: bytes) -> dict:
+        signing = self.purpose == "signing"
+        return {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.LABEL: label,
+            Attribute.ID: key_id,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: False,
+            Attribute.SIGN: signing,
+            Attribute.DECRYPT: False,
+            Attribute.UNWRAP: not signing,
+            Attribute.DERIVE: False,
+        }
+
+    def public_template(self, label: str, key_id: bytes) -> dict:
+        signing = self.purpose == "signing"
+        tpl = {
+            Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+            Attribute.LABEL: label,
+            Attribute.ID: key_id,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: False,
+            Attribute.VERIFY: signing,
+            Attribute.ENCRYPT: False,
+            Attribute.WRAP: not signing,
+        }
+        if self.algorithm == "rsa":
+            tpl[Attribute.MODULUS_BITS] = self.bits
+            tpl[Attribute.PUBLIC_EXPONENT] = b"\x01\x00\x01"
+        return tpl
+
+
+PRIMARY_ENCRYPTION = KeyRole("primary-encryption", "encryption", "rsa", bits=4096)
+REGIONAL_ENCRYPTION = KeyRole("regional-encryption", "encryption", "rsa", bits=4096)
+SIGNING_ROLES = {
+    "ecdsa-p384": KeyRole("primary-signing", "signing", "ec", curve="secp384r1",
+                          signature="ecdsa-sha384"),
+    "rsa-pss-3072": KeyRole("primary-signing", "signing", "rsa", bits=3072,
+                            signature="rsa-pss-sha384"),
+    "rsa-pss-4096": KeyRole("primary-signing", "signing", "rsa", bits=4096,
+                            signature="rsa-pss-sha384"),
+}
+DEFAULT_SIGNING = "ecdsa-p384"

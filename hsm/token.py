@@ -1,0 +1,436 @@
+"""An opened token: one login, a bounded pool of worker sessions, cached key objects.
+
+PKCS#11 login state belongs to the application, not the session: ``C_Logout`` on any session logs
+every session out, and a second ``C_Login`` fails. So each token is logged in exactly once, on an
+*anchor* session this object keeps for its whole life; worker sessions are opened without a PIN
+and share that login. The anchor also owns session objects that must outlive a worker lease.
+
+Sessions can die behind our back (another library calls ``C_CloseAllSessions``, a network HSM
+drops the link). Every operation runs through :meth:`Token.run`, which replaces a session the
+token reports as invalid or logged out, logs in again if needed, and retries a bounded number of
+times. Sessions idle for longer than ``validate_after`` seconds are checked with
+``C_GetSessionInfo`` before reuse; a hot session is not, because the call costs as much as the
+wrapper it guards (the retry catches what the check would have).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+
+from . import _cryptoki, module as modules
+from .errors import (SESSION_LOST, HsmError, ObjectNotFound, PinError, SessionLost,
+                     TokenNotFound,
+                     from_pkcs11, from_rv, translated)
+from .pin import Pin
+
+T = TypeVar("T")
+
+_registry: dict[tuple, "Token"] = {}
+_registry_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """How the layer names a key: its label and object class (and optionally its CKA_ID)."""
+
+    label: str
+    object_class: ObjectClass
+    id: bytes | None = None
+
+    def template(self) -> dict:
+        tpl = {Attribute.LABEL: self.label, Attribute.CLASS: self.object_class}
+        if self.id is not None:
+            tpl[Attribute.ID] = self.id
+        return tpl
+
+
+class Lease:
+    """A worker session handed to one thread at a time, with its own key-object cache.
+
+    python-pkcs11 binds every object to the session it was found on, so the cache is per session:
+    a key is looked up (a linear search in SoftHSM2) at most once per pooled session.
+    """
+
+    __slots__ = ("session", "objects", "generation", "last_used")
+
+    def __init__(self, session: pkcs11.Session, generation: int):
+        self.session = session
+        self.objects: dict[KeyRef, pkcs11.Object] = {}
+        self.generation = generation
+        self.last_used = time.monotonic()
+
+    def key(self, ref: KeyRef):
+        obj = self.objects.get(ref)
+        if obj is None:
+            obj = self._find(ref)
+            self.objects[ref] = obj
+        return obj
+
+    def _find(self, ref: KeyRef):
+        found = list(self.session.get_objects(ref.template()))
+        if not found:
+            raise ObjectNotFound(f"no {ref.object_class.name.lower()} object labelled "
+                                 f"{ref.label!r}", object_label=ref.label,
+                                 hint="`hsm info --token LABEL --objects` lists the objects")
+        if len(found) > 1:
+            raise HsmError(f"{len(found)} {ref.object_class.name.lower()} objects share the label "
+                           f"{ref.label!r}", object_label=ref.label,
+                           hint="labels must be unique; select by id as well")
+        return found[0]
+
+
+class Token:
+    """A token selected by label or serial, logged in once, with a bounded session pool."""
+
+    def __init__(self, mod: modules.LoadedModule, p11token: pkcs11.Token, pin: Pin | None, *,
+                 pool_size: int = 8, rw: bool = True, validate_after: float = 5.0,
+                 retries: int = 3, acquire_timeout: float = 30.0):
+        self._module = mod
+        self._p11token = p11token
+        self.label: str = p11token.label
+        self.serial: str = p11token.serial.decode("ascii", "replace")
+        self.slot_id: int = p11token.slot.slot_id
+        self._pin = pin
+        self._rw = rw
+        self.pool_size = pool_size
+        self.validate_after = validate_after
+        self.retries = retries
+        self.acquire_timeout = acquire_timeout
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._anchor_lock = threading.RLock()
+        self._idle: collections.deque[Lease] = collections.deque()
+        self._open = 0
+        self._waiters = 0
+        self._generation = 0
+        self._pid = os.getpid()
+        self._anchor: Lease | None = None
+        self._closed = False
+        self._profile = None
+        self.recoveries = 0  # how many times a lost session or login was restored
+        self._refs = 1
+        self._login()
+
+    # ----------------------------------------------------------------- opening and login
+    @classmethod
+    def open(cls, label: str | None = None, *, serial: str | None = None,
+             module: str = modules.DEFAULT_MODULE, parameters: str | None = None,
+             pin: Pin | None = None, **kwargs) -> Token:
+        """Open the token with this label (or serial) in ``module`` and log in with ``pin``."""
+        if label is None and serial is None:
+            raise TokenNotFound("no token label or serial given",
+                                hint="select tokens by label or serial, never by slot number")
+        mod = modules.load(module, parameters)
+        p11token = find_token(mod, label=label, serial=serial)
+        key = (mod.path, p11token.serial, os.getpid())
+        with _registry_lock:
+            # Login is per application: a second Token for the same token in this process
+            # would find itself "already logged in" whatever PIN it was given. Share the
+            # instance instead, and make the second caller prove the same PIN.
+            shared = _registry.get(key)
+            if shared is not None and not shared._closed:
+                if (pin is None) != (shared._pin is None) or (
+                        pin is not None and not hmac.compare_digest(
+                            pin.reveal().encode(), shared._pin.reveal().encode())):
+                    raise PinError("C_Login failed: the PIN does not match the one this process "
+                                   "is logged in with", operation="C_Login", token=shared.label,
+                                   ckr="CKR_PIN_INCORRECT", ckr_value=0xA0,
+                                   hint="check --pin-source / HSM_PIN")
+                shared._refs += 1
+                return shared
+            token = cls(mod, p11token, pin, **kwargs)
+            _registry[key] = token
+            return token
+
+    @property
+    def module(self) -> modules.LoadedModule:
+        return self._module
+
+    def _login(self) -> None:
+        """Open the anchor session and log in on it (or confirm we are already logged in)."""
+        with translated("C_OpenSession", self.label):
+            anchor = self._p11token.open(rw=self._rw)
+        if self._pin is not None:
+            try:
+                _login_on(self._module, anchor, self._pin, self.label)
+            except HsmError:
+                _close_quietly(self._module, anchor)
+                raise
+        self._anchor = Lease(anchor, self._generation)
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: forget the parent's sessions (never close them) and log in anew."""
+        self._module = modules.load(self._module.path, self._module.parameters)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._anchor_lock = threading.RLock()
+        self._idle = collections.deque()
+        self._open = 0
+        self._waiters = 0
+        self._generation += 1
+        self._profile = None
+        self._p11token = find_token(self._module, label=self.label, serial=self.serial)
+        self.slot_id = self._p11token.slot.slot_id
+        self._pid = os.getpid()
+        self._login()
+
+    def _session_alive(self, session: pkcs11.Session, need_login: bool) -> bool:
+        rv, info = self._module.raw.session_info(session.handle)
+        if rv != _cryptoki.CKR_OK:
+            return False
+        return not need_login or info.state in _cryptoki.LOGGED_IN_STATES
+
+    def _recover(self) -> None:
+        """After a session-lost error: restore the anchor and the login, invalidate caches."""
+        with self._anchor_lock:
+            anchor = self._anchor.session if self._anchor is not None else None
+            if anchor is not None and self._session_alive(anchor, self._pin is not None):
+                pass
+            elif anchor is not None and self._session_alive(anchor, False) and self._pin:
+                _login_on(self._module, anchor, self._pin, self.label)
+            else:
+                self._login()
+            with self._lock:
+                # Object handles may not survive a lost login on every token: drop them all.
+                self._generation += 1
+            self.recoveries += 1
+
+    # ----------------------------------------------------------------- the pool
+    def _new_lease(self) -> Lease:
+        with translated("C_OpenSession", self.label):
+            session = self._p11token.open(rw=self._rw)
+        return Lease(session, self._generation)
+
+    def _acquire(self) -> Lease:
+        if self._pid != os.getpid():
+            self._reset_after_fork()
+        try:
+            lease = self._idle.pop()  # deque.pop is atomic: the common path takes no lock
+        except IndexError:
+            lease = self._acquire_slow()
+        if lease.generation != self._generation:
+            lease.objects.clear()
+            lease.generation = self._generation
+        if time.monotonic() - lease.last_used > self.validate_after and \
+                not self._session_alive(lease.session, False):
+            self._discard(lease)
+            return self._acquire()
+        return lease
+
+    def _acquire_slow(self) -> Lease:
+        if self._closed:
+            raise HsmError("token is closed", token=self.label)
+        deadline = time.monotonic() + self.acquire_timeout
+        with self._cond:
+            while True:
+                if self._idle:
+                    return self._idle.pop()
+                if self._open < self.pool_size:
+                    self._open += 1
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise HsmError(f"no session free after {self.acquire_timeout:.0f} s "
+                                   f"(pool of {self.pool_size})", token=self.label,
+                                   hint="raise pool_size or hold sessions for shorter")
+                self._waiters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiters -= 1
+        try:
+            return self._new_lease()
+        except BaseException:
+            with self._cond:
+                self._open -= 1
+                self._cond.notify()
+            raise
+
+    def _release(self, lease: Lease) -> None:
+        lease.last_used = time.monotonic()
+        with self._lock:
+            self._idle.append(lease)
+            if self._waiters:
+                self._cond.notify()
+
+    def _discard(self, lease: Lease) -> None:
+        """Forget a dead session. It is closed without C_Logout (it was opened without a PIN)."""
+        _close_quietly(self._module, lease.session)
+        with self._cond:
+            self._open -= 1
+            self._cond.notify()
+
+    @contextmanager
+    def lease(self) -> Iterator[Lease]:
+        """A worker session for a sequence of calls (no automatic retry: use :meth:`run`)."""
+        lease = self._acquire()
+        try:
+            yield lease
+        finally:
+            self._release(lease)
+
+    def run(self, operation: str, fn: Callable[[Lease], T], object_label: str | None = None) -> T:
+        """Run ``fn(lease)`` on a pooled session; replace lost sessions and retry (bounded)."""
+        for _attempt in range(self.retries + 1):
+            lease = self._acquire()
+            try:
+                result = fn(lease)
+            except SESSION_LOST:
+                self._discard(lease)
+                self._recover()
+                continue
+            except pkcs11.PKCS11Error as exc:
+                self._release(lease)
+                raise from_pkcs11(exc, operation=operation, token=self.label,
+                                  object_label=object_label) from exc
+            except BaseException:
+                self._release(lease)
+                raise
+            self._release(lease)
+            return result
+        raise SessionLost(f"{operation}: the token reported the session lost "
+                          f"{self.retries + 1} times in a row", operation=operation,
+                          token=self.label, object_label=object_label,
+                          hint="check the token's connection and logs")
+
+    @contextmanager
+    def anchor(self) -> Iterator[Lease]:
+        """The logged-in anchor session (as a Lease), serialised between threads.
+
+        For objects that must outlive a worker lease: session objects die with the session
+        that created them, and the anchor lives as long as the Token.
+        """
+        if self._pid != os.getpid():
+            self._reset_after_fork()
+        with self._anchor_lock:
+            if self._anchor is None or not self._session_alive(self._anchor.session,
+                                                               self._pin is not None):
+                self._recover()
+            anchor = self._anchor
+            assert anchor is not None
+            if anchor.generation != self._generation:
+                anchor.objects.clear()
+                anchor.generation = self._generation
+            yield anchor
+
+    def run_on_anchor(self, operation: str, fn: Callable[[Lease], T],
+                      object_label: str | None = None) -> T:
+        """Like :meth:`run`, on the anchor session (for session objects that must persist)."""
+        for _attempt in range(self.retries + 1):
+            with self.anchor() as anchor:
+                try:
+                    return fn(anchor)
+                except SESSION_LOST:
+                    continue  # anchor() re-validates and recovers on the next pass
+                except pkcs11.PKCS11Error as exc:
+                    raise from_pkcs11(exc, operation=operation, token=self.label,
+                                      object_label=object_label) from exc
+        raise SessionLost(f"{operation}: the anchor session kept being lost", operation=operation,
+                          token=self.label, object_label=object_label)
+
+    def key(self, lease: Lease, ref: KeyRef):
+        return lease.key(ref)
+
+    # ----------------------------------------------------------------- information
+    @property
+    def profile(self):
+        """The token's capability profile, probed once per process (see :mod:`hsm.profile`)."""
+        if self._profile is None:
+            from .profile import probe
+            with self._anchor_lock:
+                if self._profile is None:
+                    self._profile = probe(self)
+        return self._profile
+
+    @property
+    def p11token(self) -> pkcs11.Token:
+        return self._p11token
+
+    def stats(self) -> dict:
+        return {"open_sessions": self._open, "idle": len(self._idle),
+                "recoveries": self.recoveries, "pool_size": self.pool_size}
+
+    def close(self, logout: bool = True) -> None:
+        """Release this handle; the last one closes the pool and, if asked, logs out."""
+        with _registry_lock:
+            self._refs -= 1
+            if self._refs > 0:
+                return
+            _registry.pop((self._module.path, self._p11token.serial, self._pid), None)
+        with self._cond:
+            self._closed = True
+            idle, self._idle = list(self._idle), collections.deque()
+            self._open -= len(idle)
+        for lease in idle:
+            _close_quietly(self._module, lease.session)
+        if self._anchor is not None and self._pid == os.getpid():
+            if logout and self._pin is not None:
+                self._module.raw.logout(self._anchor.session.handle)  # the caller asked for it
+            _close_quietly(self._module, self._anchor.session)
+        self._anchor = None
+
+    def __enter__(self) -> Token:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Token label={self.label!r} serial={self.serial!r} slot={self.slot_id}>"
+
+
+def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, label: str) -> None:
+    """C_Login(CKU_USER) on an existing session; already logged in (by us) counts as success."""
+    rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"))
+    if rv in (_cryptoki.CKR_OK, _cryptoki.CKR_USER_ALREADY_LOGGED_IN):
+        return
+    raise from_rv(rv, operation="C_Login", token=label)
+
+
+def _close_quietly(mod: modules.LoadedModule, session: pkcs11.Session) -> None:
+    """C_CloseSession without C_Logout (python-pkcs11's close() would log everybody out)."""
+    mod.raw.close_session(session.handle)
+
+
+def find_token(mod: modules.LoadedModule, *, label: str | None = None,
+               serial: str | None = None) -> pkcs11.Token:
+    """The one token matching label and/or serial; a clear error naming the tokens present."""
+    with translated("C_GetSlotList", label):
+        slots = mod.lib.get_slots(token_present=True)
+    present = []
+    matches = []
+    for slot in slots:
+        try:
+            tok = slot.get_token()
+        except pkcs11.PKCS11Error:
+            continue
+        if not tok.flags & pkcs11.TokenFlag.TOKEN_INITIALIZED:
+            continue  # SoftHSM2's spare empty slot: not a token anyone can select
+        tok_serial = tok.serial.decode("ascii", "replace")
+        present.append(f"{tok.label!r} (serial {tok_serial})")
+        if label is not None and tok.label != label:
+            continue
+        if serial is not None and tok_serial != serial:
+            continue
+        matches.append(tok)
+    wanted = " ".join(filter(None, [f"label={label!r}" if label else "",
+                                    f"serial={serial!r}" if serial else ""]))
+    if not matches:
+        raise TokenNotFound(f"no token with {wanted} in {mod.path}", token=label,
+                            hint=("tokens present: " + ", ".join(present)) if present else
+                            "no initialised token is present; create one with `hsm init-token`")
+    if len(matches) > 1:
+        raise TokenNotFound(f"{len(matches)} tokens match {wanted}", token=label,
+                            hint="select by serial as well: " + ", ".join(present))
+    return matches[0]
