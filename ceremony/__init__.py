@@ -1,0 +1,1 @@
+"""The High Assurance Virtual Ceremony (lands with its own issue)."""

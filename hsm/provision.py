@@ -216,6 +216,7 @@ def certify_regional(token: Token, request_path: Path, out_dir: Path, *,
     subject = certs.names(role="encryption", token_label=req["token_label"],
                           organization=organization, region=req["region"],
                           serial=req["token_serial"])
+    existed = (out_dir / f"{req['token_label']}.pem").exists()
     path = _write_cert_once(
         out_dir / f"{req['token_label']}.pem",
         lambda: certs.issue(token, issuer_key=info.private, signature=role.signature,
@@ -223,4 +224,5 @@ def certify_regional(token: Token, request_path: Path, out_dir: Path, *,
                             issuer_spki=sig_spki, ca=False, key_usage={"key_encipherment"},
                             days=CERT_DAYS["regional-encryption"]),
         req["spki"])
-    return Outcome("regional-encryption", req["key_label"], "certified", digest, certificate=path)
+    return Outcome("regional-encryption", req["key_label"], "exists" if existed else "certified",
+                   digest, certificate=path)

@@ -1,0 +1,1 @@
+"""The regional KMS (lands with its own issue)."""

@@ -1,0 +1,31 @@
+# Two commands on a fresh Debian 12 (root, Python 3.11): `make demo` and `make test`.
+# Both install what is missing: apt softhsm2/opensc/libnss3-tools/openssl, and this package.
+SHELL := /bin/bash
+PYTHON ?= python3
+ROOT := $(CURDIR)
+VAR := $(ROOT)/var
+export SOFTHSM2_CONF := $(VAR)/softhsm2.conf
+DEMO_PINS := $(VAR)/demo-pins.env
+
+.PHONY: demo test bench deps clean
+
+deps: $(VAR)/.deps
+
+$(VAR)/.deps: pyproject.toml scripts/install-deps.sh
+	@bash scripts/install-deps.sh
+	@mkdir -p $(VAR) && touch $@
+
+$(SOFTHSM2_CONF): softhsm.conf | deps
+	@$(PYTHON) -c "from pathlib import Path; from hsm.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
+
+demo: deps $(SOFTHSM2_CONF)
+	@bash scripts/demo.sh
+
+test: deps
+	$(PYTHON) -m pytest -q
+
+bench: deps
+	$(PYTHON) -m pytest benchmarks/ --benchmark-only -q
+
+clean:
+	rm -rf $(VAR)

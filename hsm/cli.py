@@ -1,0 +1,291 @@
+"""The ``hsm`` command: initialise tokens, provision primary and regional HSMs, inspect tokens.
+
+Errors print one line on stderr and exit non-zero; ``--debug`` shows the traceback. PINs come
+from ``--pin-source`` (env:VAR, file:PATH), ``HSM_PIN``/``HSM_SO_PIN``, a PKCS#11 URI's
+pin-source, or a prompt; they are never printed or logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import fingerprint as fp
+from . import module as modules
+from . import pin as pins
+from . import provision, softhsm, uri
+from . import x509 as certs
+from .errors import HsmError, UsageError
+from .roles import DEFAULT_SIGNING, SIGNING_ROLES
+from .token import KeyRef, Token
+
+log = logging.getLogger("hsm")
+
+
+def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--token", required=required, metavar="LABEL|URI",
+                   help="token label, or a PKCS#11 URI (pkcs11:token=...;serial=...?pin-source=...)")
+    p.add_argument("--serial", help="select the token by serial as well")
+    p.add_argument("--module", default=None, metavar="PATH|softhsm2|nss",
+                   help="PKCS#11 module (default: $HSM_MODULE or SoftHSM2)")
+    p.add_argument("--module-params", default=None, metavar="STRING",
+                   help="module-specific C_Initialize parameters (NSS: configdir=...)")
+    p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
+                   help="where the user PIN comes from (default: $HSM_PIN, else a prompt)")
+
+
+def _open_token(args, *, login: bool = True) -> Token:
+    target = args.token
+    label, serial = target, args.serial
+    module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+    pin_source = args.pin_source
+    if target.startswith("pkcs11:"):
+        parsed = uri.parse(target)
+        label, serial = parsed.token, parsed.serial or serial
+        module = parsed.module_path or module
+        if parsed.pin_value is not None and not pin_source:
+            user_pin = pins.Pin(parsed.pin_value)
+            return Token.open(label, serial=serial, module=module,
+                              parameters=args.module_params, pin=user_pin)
+        pin_source = pin_source or parsed.pin_source
+    user_pin = None
+    if login:
+        user_pin = pins.resolve(pin_source, default_env="HSM_PIN",
+                                prompt=f"User PIN for token {label or serial}: ")
+    return Token.open(label, serial=serial, module=module, parameters=args.module_params,
+                      pin=user_pin)
+
+
+def _print_outcomes(outcomes) -> None:
+    for outcome in outcomes:
+        print("\n".join(outcome.lines()))
+
+
+# ------------------------------------------------------------------------------ commands
+def cmd_init_token(args) -> int:
+    module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN",
+                          prompt=f"New SO PIN for token {args.label}: ")
+    user_pin = pins.resolve(args.pin_source, default_env="HSM_PIN",
+                            prompt=f"New user PIN for token {args.label}: ")
+    real = modules.resolve(module)
+    if real == modules.resolve(modules.DEFAULT_MODULE):
+        if args.label in softhsm.token_labels_on_disk():
+            print(f"token {args.label!r} already exists; nothing done "
+                  "(`make clean` removes the demo tokens)")
+            return 0
+        softhsm.init_token_with_util(args.label, so_pin, user_pin)
+        print(f"token {args.label!r} initialised (SoftHSM2, {os.environ.get('SOFTHSM2_CONF')})")
+        return 0
+    mod = modules.load(module, args.module_params)
+    try:
+        from .token import find_token
+        find_token(mod, label=args.label)
+        print(f"token {args.label!r} already exists; nothing done")
+        return 0
+    except HsmError:
+        pass
+    # Other modules: C_InitToken on their single uninitialised slot, if they offer one. A
+    # hardware HSM is normally initialised with its vendor's tool; say so if there is no slot.
+    try:
+        softhsm.init_token_in_process(mod, args.label, so_pin, user_pin)
+    except HsmError as exc:
+        raise HsmError(f"cannot initialise a token with {real}: {exc}",
+                       hint="initialise it with the vendor's tool (NSS: certutil -N -d sql:DIR; "
+                            "hardware HSMs: their admin utility), then use --token LABEL") from exc
+    print(f"token {args.label!r} initialised with C_InitToken on {real}")
+    return 0
+
+
+def cmd_init_primary(args) -> int:
+    with _open_token(args) as token:
+        outcomes = provision.init_primary(token, Path(args.out), signing=args.signing,
+                                          organization=args.org)
+    _print_outcomes(outcomes)
+    return 0
+
+
+def cmd_init_regional(args) -> int:
+    with _open_token(args) as token:
+        outcome = provision.init_regional(token, args.region, Path(args.out))
+    _print_outcomes([outcome])
+    print("Read the fingerprint above to the primary officer; they type it into "
+          "`hsm certify-regional`.")
+    return 0
+
+
+def cmd_certify_regional(args) -> int:
+    request = provision.read_request(Path(args.request))
+    digest = bytes.fromhex(request["fingerprint_sha256"])
+    print(f"Request for region {request['region']!r}, token {request['token_label']!r} "
+          f"(serial {request['token_serial']}), key {request['key_label']!r}")
+    print(f"  SHA-256(SPKI) {fp.to_hex(digest)}")
+    words = fp.to_words(digest)
+    print("  words  " + " ".join(words[:16]) + "\n         " + " ".join(words[16:]))
+    if args.fingerprint:
+        typed = args.fingerprint
+    elif sys.stdin is not None and sys.stdin.isatty():
+        typed = input("Type the fingerprint read on the regional console (hex or words): ")
+    else:
+        raise UsageError("no fingerprint confirmation given",
+                         hint="pass --fingerprint HEX|WORDS as read on the regional console")
+    try:
+        confirmed = fp.parse_fingerprint(typed)
+    except ValueError as exc:
+        raise UsageError(f"cannot read the confirmed fingerprint: {exc}") from None
+    with _open_token(args) as token:
+        outcome = provision.certify_regional(token, Path(args.request), Path(args.out),
+                                             confirmed_fingerprint=confirmed,
+                                             organization=args.org)
+    _print_outcomes([outcome])
+    return 0
+
+
+def cmd_fingerprint(args) -> int:
+    with _open_token(args) as token:
+        from pkcs11 import ObjectClass
+        label = args.key or f"{token.label}-encryption"
+        spki = certs.public_key_info(token, KeyRef(label, ObjectClass.PUBLIC_KEY))
+        digest = certs.fingerprint(spki)
+    if args.hex_only:
+        print(digest.hex())
+        return 0
+    print(f"{label}: SHA-256(SPKI) {fp.to_hex(digest)}")
+    print("  words  " + " ".join(fp.to_words(digest)))
+    return 0
+
+
+def cmd_info(args) -> int:
+    with _open_token(args, login=not args.no_login) as token:
+        prof = token.profile
+        objects = _list_objects(token) if args.objects else None
+    if args.json:
+        data = json.loads(prof.to_json())
+        if objects is not None:
+            data["objects"] = objects
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    print(f"Token      {prof.token_label} (serial {prof.token_serial}, model {prof.token_model})")
+    print(f"Library    {prof.library}")
+    print(f"OAEP       {', '.join(prof.oaep_hashes) or 'unusable'}   (preferred: "
+          f"{prof.oaep_hashes and prof.oaep_choice()[0] or '-'})")
+    print(f"AES wrap   KWP: {'0x%x' % prof.aes_kwp if prof.aes_kwp else 'no'}   "
+          f"RFC 3394: {'yes' if prof.aes_key_wrap else 'no'}   "
+          f"RSA_AES_KEY_WRAP: {'yes' if prof.rsa_aes_key_wrap else 'no'}")
+    print(f"KDFs       HKDF: {_yn(prof.hkdf)}   SP800-108: {_yn(prof.sp800_108)}   "
+          f"PBKDF2: {_yn(prof.pbkdf2)}")
+    print(f"Trusted    CKA_WRAP_WITH_TRUSTED enforced: {_yn(prof.trusted_wrap_enforced)}")
+    print(f"ECDSA      with hash on token: {_yn(prof.ecdsa_with_hash)}")
+    for note in prof.notes:
+        print(f"Note       {note}")
+    print(f"\n{'mechanism':<32} {'code':>10} {'min':>6} {'max':>6}  flags")
+    for entry in sorted(prof.mechanisms.values(), key=lambda e: e.code):
+        print(f"{entry.name:<32} {entry.code:>#10x} {entry.min_key or '':>6} "
+              f"{entry.max_key or '':>6}  {' '.join(entry.flags)}")
+    if objects is not None:
+        print(f"\n{'class':<12} {'label':<32} id")
+        for obj in objects:
+            print(f"{obj['class']:<12} {obj['label']:<32} {obj['id']}")
+    return 0
+
+
+def _yn(value) -> str:
+    return {True: "yes", False: "no", None: "unknown"}[value]
+
+
+def _list_objects(token: Token) -> list[dict]:
+    from pkcs11 import Attribute
+
+    def scan(lease):
+        out = []
+        for obj in lease.session.get_objects({Attribute.TOKEN: True}):
+            attrs = obj.get_attributes([Attribute.CLASS, Attribute.LABEL, Attribute.ID])
+            out.append({"class": attrs[Attribute.CLASS].name.lower(),
+                        "label": attrs[Attribute.LABEL], "id": attrs[Attribute.ID].hex()})
+        return out
+    return token.run("C_FindObjects", scan)
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsm", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each token operation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-token", help="create a token (SoftHSM2: softhsm2-util)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--module", default=None)
+    p.add_argument("--module-params", default=None)
+    p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
+                   help="SO PIN source (default: $HSM_SO_PIN, else a prompt)")
+    p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
+                   help="user PIN source (default: $HSM_PIN, else a prompt)")
+    p.set_defaults(func=cmd_init_token)
+
+    p = sub.add_parser("init-primary", help="signing + encryption key pairs and certificates")
+    _add_token_args(p)
+    p.add_argument("--out", required=True, help="directory for the certificates")
+    p.add_argument("--signing", default=DEFAULT_SIGNING, choices=sorted(SIGNING_ROLES))
+    p.add_argument("--org", default=provision.DEFAULT_ORG, help="organisation in the subjects")
+    p.set_defaults(func=cmd_init_primary)
+
+    p = sub.add_parser("init-regional", help="regional encryption key pair + certification request")
+    _add_token_args(p)
+    p.add_argument("--region", required=True)
+    p.add_argument("--out", required=True, help="directory for the request file")
+    p.set_defaults(func=cmd_init_regional)
+
+    p = sub.add_parser("certify-regional", help="issue a regional certificate from a request")
+    _add_token_args(p)
+    p.add_argument("--request", required=True, help="the regional side's .request.json")
+    p.add_argument("--out", required=True, help="directory holding the primary certificates")
+    p.add_argument("--fingerprint", default=None,
+                   help="the fingerprint read on the regional console (hex or PGP words)")
+    p.add_argument("--org", default=provision.DEFAULT_ORG)
+    p.set_defaults(func=cmd_certify_regional)
+
+    p = sub.add_parser("fingerprint", help="SHA-256 fingerprint of a public key on a token")
+    _add_token_args(p)
+    p.add_argument("--key", default=None, help="public key label (default: TOKEN-encryption)")
+    p.add_argument("--hex-only", action="store_true", help="print only the hex digest")
+    p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser("info", help="the token's capability profile")
+    _add_token_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--objects", action="store_true", help="also list the token objects")
+    p.add_argument("--no-login", action="store_true", help="do not log in (public view)")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except HsmError as exc:
+        if args.debug:
+            raise
+        print(f"hsm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hsm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug or an unexpected token answer: still one clear line
+        if args.debug:
+            raise
+        print(f"hsm: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install what the project needs, only when missing (idempotent, quiet when all is there).
+set -euo pipefail
+need=()
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+command -v pkcs11-tool >/dev/null || need+=(opensc)
+command -v certutil >/dev/null || need+=(libnss3-tools)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+PY=${PYTHON:-python3}
+if ! $PY -c "import hsm, pkcs11, asn1crypto, cryptography, pytest, pytest_benchmark, hypothesis" 2>/dev/null \
+   || ! $PY -m pip show hsm-suite >/dev/null 2>&1; then
+    echo "installing the hsm-suite package (editable) and its test dependencies"
+    $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+fi
