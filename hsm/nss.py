@@ -20,6 +20,10 @@ Measured on Debian 12, NSS 3.87 (see tests/test_nss_backend.py for the evidence)
   uses 0x210A for RFC 5649): use 0x210B for KWP on NSS.
 - ``CKA_LOCAL`` reads false even for keys generated on the token; token secret keys are always
   stored sensitive (``CKA_SENSITIVE=False`` is silently ignored); labels need not be unique.
+- A failed HMAC ``C_Verify`` returns whatever the thread's last NSS error maps to: in a fresh
+  thread ``CKR_DEVICE_ERROR``, not ``CKR_SIGNATURE_INVALID``. Compare MACs on the host.
+- A missing or unreadable database fails ``C_Initialize`` with the vendor code 0xCE534351
+  (CKR_NSS_CERTDB_FAILED; 0xCE534352 is the key DB).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ def create_database(db_dir: Path, user_pin: Pin) -> None:
     """Create an empty NSS ``sql:`` database in ``db_dir`` protected by ``user_pin``.
 
     certutil only takes a new password interactively or from a file (``-f``), so the PIN goes
-    through a 0600 file inside the 0700 database directory, removed right after; never argv.
+    through a 0600 file in the database directory, removed right after; never argv.
     """
     pin = user_pin.reveal()
     if "\n" in pin or "\r" in pin:
@@ -69,8 +73,7 @@ def create_database(db_dir: Path, user_pin: Pin) -> None:
     certutil = shutil.which(CERTUTIL)
     if certutil is None:
         raise HsmError(f"{CERTUTIL} not found", hint="apt-get install libnss3-tools")
-    db_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(db_dir, 0o700)
+    db_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (db_dir / "key4.db").exists():
         # certutil -N on an existing database would try to *change* its password.
         raise HsmError(f"an NSS database already exists in {db_dir}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import hmac
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -391,11 +392,23 @@ class Token:
 
 
 def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, label: str) -> None:
-    """C_Login(CKU_USER) on an existing session; already logged in (by us) counts as success."""
-    rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"))
-    if rv in (_cryptoki.CKR_OK, _cryptoki.CKR_USER_ALREADY_LOGGED_IN):
-        return
+    """C_Login(CKU_USER) on an existing session; already logged in (by us) counts as success.
+
+    SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR when two processes log in to the same token at the
+    same moment (both read the token file while one rewrites it; seen with forked workers). That
+    code never counts towards the PIN lock-out, so a short, bounded, jittered retry is safe.
+    """
+    for attempt in range(_LOGIN_ATTEMPTS):
+        rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"))
+        if rv in (_cryptoki.CKR_OK, _cryptoki.CKR_USER_ALREADY_LOGGED_IN):
+            return
+        if rv != _cryptoki.CKR_GENERAL_ERROR or attempt == _LOGIN_ATTEMPTS - 1:
+            break
+        time.sleep(0.01 * (attempt + 1) + random.random() * 0.02)
     raise from_rv(rv, operation="C_Login", token=label)
+
+
+_LOGIN_ATTEMPTS = 6
 
 
 def _close_quietly(mod: modules.LoadedModule, session: pkcs11.Session) -> None:

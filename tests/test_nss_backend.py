@@ -32,7 +32,8 @@ from hsm.testing import TestToken, require_mechanism, unique_label
 from hsm.token import KeyRef, Lease, Token
 
 OAEP_SHA256 = (Mechanism.SHA256, MGF.SHA256, None)
-WRAP_CAPS = MechanismFlag.WRAP | MechanismFlag.UNWRAP | MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+WRAP_CAPS = (MechanismFlag.WRAP | MechanismFlag.UNWRAP | MechanismFlag.ENCRYPT
+             | MechanismFlag.DECRYPT)
 
 
 def _import_aes(lease: Lease, value: bytes, attrs: dict) -> pkcs11.SecretKey:
@@ -84,11 +85,11 @@ from pkcs11 import KeyType, Mechanism, MechanismFlag
 from hsm import module as modules, nss
 from hsm.errors import PinError
 from hsm.pin import Pin
-from hsm.token import Token
+from hsm.token import Token, find_token
 
 params, out = sys.argv[1], {}
 mod = modules.load(nss.MODULE_PATH, params)
-with mod.lib.get_slots(token_present=True)[1].get_token().open() as probe:
+with find_token(mod, label=nss.TOKEN_LABEL).open() as probe:
     out["so_login"] = mod.raw.login(probe.handle, b"anything", 0)  # CKU_SO, nobody logged in
 try:
     Token.open(nss.TOKEN_LABEL, module=nss.MODULE_PATH, parameters=params,
@@ -209,7 +210,8 @@ def test_aes_kwp_unwrap_of_an_off_token_blob(nss_token: TestToken) -> None:
                              template={Attribute.SIGN: True, Attribute.TOKEN: False})
         return key.sign(b"m", mechanism=Mechanism.SHA256_HMAC)
 
-    assert nss_token.token.run("C_UnwrapKey", op) == hmac.new(secret, b"m", hashlib.sha256).digest()
+    expected = hmac.new(secret, b"m", hashlib.sha256).digest()
+    assert nss_token.token.run("C_UnwrapKey", op) == expected
 
 
 def test_rsa_oaep_sha256_encrypt_and_wrap(nss_token: TestToken) -> None:
@@ -333,8 +335,8 @@ class TestNssQuirks:
         thread that is none, so a wrong MAC gives CKR_DEVICE_ERROR instead of False
         (CKR_SIGNATURE_INVALID); after an RSA verify failure on that thread it gives False."""
         def op(lease: Lease) -> bool:
-            key = lease.session.generate_key(KeyType.GENERIC_SECRET, 256,
-                                             capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY)
+            caps = MechanismFlag.SIGN | MechanismFlag.VERIFY
+            key = lease.session.generate_key(KeyType.GENERIC_SECRET, 256, capabilities=caps)
             mac = key.sign(b"m", mechanism=Mechanism.SHA256_HMAC)
             return key.verify(b"n", mac, mechanism=Mechanism.SHA256_HMAC)
 
@@ -399,6 +401,7 @@ def test_require_mechanism(hsm_token: TestToken) -> None:
     with pytest.raises(pytest.skip.Exception) as skipped:
         require_mechanism(hsm_token, absent)
     assert f"{absent.name} (0x{absent.value:x})" in str(skipped.value)
+
 
 def test_unique_label() -> None:
     labels = {unique_label("k") for _ in range(100)}

@@ -1,0 +1,102 @@
+"""Helpers shared by the benchmark modules (and importable by spawned workers)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+# HSM_BENCH_SCALE=0.2 for a quick smoke run, 3 for a steadier (slower) one.
+SCALE = float(os.environ.get("HSM_BENCH_SCALE", "1"))
+
+
+def scaled(n: int, minimum: int = 3) -> int:
+    return max(minimum, int(round(n * SCALE)))
+
+
+# --------------------------------------------------------------------------- interleaving
+class Interleaved:
+    """Several variants of one workload, measured in alternation so noise hits all of them.
+
+    Each variant is a callable that performs one measurement and returns one sample (seconds per
+    operation, or operations per second). :meth:`run` hands pytest-benchmark one variant as the
+    timed ``target`` and runs the *other* variants (round-robin) in pedantic's untimed ``setup``,
+    so every timed round sits between measurements of the others. Samples from all rounds, timed
+    by us with the same code for every variant, are pooled per variant for the ratios.
+
+    ``cleanup`` (optional) is called outside every timed region: before and after each ``setup``
+    measurement and after the benchmark, e.g. to destroy unwrapped objects.
+    """
+
+    def __init__(self, name: str, variants: dict[str, Callable[[], float]],
+                 cleanup: Callable[[], None] | None = None):
+        self.name = name
+        self.variants = variants
+        self.samples: dict[str, list[float]] = {k: [] for k in variants}
+        self.cleanup = cleanup or (lambda: None)
+
+    def measure(self, variant: str) -> None:
+        self.samples[variant].append(self.variants[variant]())
+
+    def measure_cleanly(self, variant: str) -> None:
+        self.cleanup()
+        self.measure(variant)
+        self.cleanup()
+
+    def warmup(self, rounds: int = 2) -> None:
+        for _ in range(rounds):
+            for variant in self.variants:
+                self.measure_cleanly(variant)
+        for samples in self.samples.values():
+            samples.clear()
+
+    def run(self, benchmark, variant: str, rounds: int) -> dict[str, list[float]]:
+        """Benchmark ``variant``; return the samples of every variant taken during this call."""
+        others = itertools.cycle([k for k in self.variants if k != variant] or [variant])
+        start = {k: len(v) for k, v in self.samples.items()}
+
+        def setup():
+            self.measure_cleanly(next(others))
+            # returning None: pedantic then calls target() without arguments
+
+        self.cleanup()
+        benchmark.pedantic(lambda: self.measure(variant), setup=setup, rounds=rounds)
+        self.cleanup()
+        return {k: v[start[k]:] for k, v in self.samples.items()}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if not num or not den:
+        return None
+    return num / den
+
+
+# --------------------------------------------------------------------------- JSON summaries
+class Report:
+    """A JSON summary under var/bench/, rewritten whole after every update (partial runs too)."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path = path
+        self.data: dict = {"meta": meta, "results": {}}
+
+    def record(self, key: str, value: dict) -> None:
+        self.data["results"][key] = value
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(self.path)
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:  # noqa: BLE001 - metadata only
+        return None

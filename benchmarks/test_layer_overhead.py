@@ -1,0 +1,273 @@
+"""Overhead of the driver layer (hsm.ops through Token.run) over raw python-pkcs11 calls.
+
+For each operation two benchmarks share a group, ``[raw]`` and ``[layer]``:
+
+* raw: the python-pkcs11 key object, found once on a session held from ``Token.lease()``, called
+  directly (``key.sign(...)``, ``key.decrypt(...)``, ``key.unwrap_key(...)``);
+* layer: the ``hsm.ops`` function, which goes through ``Token.run`` (session pool, per-session key
+  cache, error translation, profile lookup) on every call.
+
+Every timed round of one variant is preceded by an untimed (for pytest-benchmark; timed by us) round
+of the other, so both see the same machine noise. Each round is a batch of BATCH operations; the
+pytest-benchmark columns are times per batch, ``extra_info`` holds per-op medians and the ratio
+``layer median / raw median`` pooled over every round of both benchmarks of the group. Target:
+ratio <= 1.15 (recorded, not asserted: CI machines are noisy). Summary: var/bench/layer_overhead.json.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from dataclasses import dataclass, field
+from time import perf_counter
+
+import pytest
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+from pkcs11.mechanisms import GCMParams
+
+from hsm import ops
+
+from _benchlib import Interleaved, median, ratio, scaled
+
+TARGET = 1.15
+RSA_BITS = int(os.environ.get("HSM_BENCH_RSA_BITS", "3072"))
+VARIANTS = ["raw", "layer"]
+
+
+@dataclass
+class Case:
+    name: str
+    batch: int
+    rounds: int
+    inter: Interleaved
+    info: dict = field(default_factory=dict)
+
+
+def batch_measure(call, n: int, pending: list | None = None):
+    """One sample = mean seconds per call over a batch of ``n`` calls (same loop for both variants).
+
+    Objects the calls return are kept in ``pending`` (to be destroyed outside the timed region).
+    """
+    rng = range(n)
+    if pending is None:
+        def measure() -> float:
+            t0 = perf_counter()
+            for _ in rng:
+                call()
+            return (perf_counter() - t0) / n
+    else:
+        append = pending.append
+
+        def measure() -> float:
+            t0 = perf_counter()
+            for _ in rng:
+                append(call())
+            return (perf_counter() - t0) / n
+    return measure
+
+
+def destroyer(pending: list):
+    def cleanup() -> None:
+        while pending:
+            pending.pop().destroy()
+    return cleanup
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def bench(bench_token_factory):
+    """A fresh token, its profile probed, and one worker session held for the raw calls."""
+    tt = bench_token_factory("overhead")
+    token = tt.token
+    _ = token.profile  # probe once now (it generates and destroys throw-away keys)
+    with token.lease() as raw_lease:
+        yield token, raw_lease
+
+
+@pytest.fixture(scope="module")
+def hmac_case(bench) -> Case:
+    token, lease = bench
+    ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, "bench-hmac",
+                             capabilities=MechanismFlag.SIGN)
+    ref = ops.secret("bench-hmac")
+    key = lease.key(ref)
+    data = os.urandom(32)
+    mech = Mechanism.SHA256_HMAC
+    assert key.sign(data, mechanism=mech) == ops.hmac_sha256(token, ref, data)
+
+    n = scaled(40, 1)
+    inter = Interleaved("hmac_sha256_sign", {
+        "raw": batch_measure(lambda: key.sign(data, mechanism=mech), n),
+        "layer": batch_measure(lambda: ops.hmac_sha256(token, ref, data), n),
+    })
+    inter.warmup()
+    return Case("hmac_sha256_sign", n, scaled(300), inter, {"data_bytes": 32})
+
+
+@pytest.fixture(scope="module")
+def gcm_case(bench) -> Case:
+    token, lease = bench
+    ops.generate_session_key(token, KeyType.AES, 256, "bench-gcm",
+                             capabilities=MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT)
+    ref = ops.secret("bench-gcm")
+    key = lease.key(ref)
+    nonce, plaintext = os.urandom(12), os.urandom(32)
+    ciphertext = ops.aes_gcm_encrypt(token, ref, nonce, plaintext)
+    mech = Mechanism.AES_GCM
+
+    def raw():
+        return key.decrypt(ciphertext, mechanism=mech, mechanism_param=GCMParams(nonce))
+
+    def layer():
+        return ops.aes_gcm_decrypt(token, ref, nonce, ciphertext)
+
+    assert raw() == layer() == plaintext
+
+    n = scaled(40, 1)
+    inter = Interleaved("aes_gcm_decrypt", {"raw": batch_measure(raw, n),
+                                            "layer": batch_measure(layer, n)})
+    inter.warmup()
+    return Case("aes_gcm_decrypt", n, scaled(300), inter, {"plaintext_bytes": 32})
+
+
+@pytest.fixture(scope="module")
+def kwp_case(bench) -> Case:
+    token, lease = bench
+    name, mech = token.profile.aes_wrap_choice()
+    ops.generate_session_key(token, KeyType.AES, 256, "bench-kek",
+                             capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP)
+    ops.generate_session_key(token, KeyType.AES, 256, "bench-kwp-target",
+                             capabilities=MechanismFlag.ENCRYPT, extractable=True)
+    kek_ref = ops.secret("bench-kek")
+    wrapped = ops.aes_wrap(token, kek_ref, ops.secret("bench-kwp-target"))
+    assert wrapped.mechanism == name
+    kek = lease.key(kek_ref)
+    caps = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+
+    def raw():
+        return kek.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped.data,
+                              label="bench-kwp-unwrapped", mechanism=mech, store=False,
+                              capabilities=caps,
+                              template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+
+    def layer():
+        return ops.aes_unwrap(token, kek_ref, wrapped.data, key_type=KeyType.AES,
+                              label="bench-kwp-unwrapped", capabilities=caps)
+
+    for obj in (raw(), layer()):
+        assert obj[Attribute.VALUE_LEN] == 32 and obj[Attribute.SENSITIVE] is True
+        obj.destroy()
+
+    pending: list = []
+    n = scaled(8, 1)
+    inter = Interleaved("aes_kwp_unwrap", {"raw": batch_measure(raw, n, pending),
+                                           "layer": batch_measure(layer, n, pending)},
+                        cleanup=destroyer(pending))
+    inter.warmup()
+    return Case("aes_kwp_unwrap", n, scaled(150), inter,
+                {"mechanism": name, "mechanism_code": f"0x{int(mech):x}", "key_bytes": 32,
+                 "note": "unwrapped session objects are destroyed outside the timed region"})
+
+
+@pytest.fixture(scope="module")
+def oaep_case(bench) -> Case:
+    token, lease = bench
+    hash_name, params = token.profile.oaep_choice()
+
+    def gen(anchor):
+        return anchor.session.generate_keypair(
+            KeyType.RSA, RSA_BITS, store=False, label="bench-rsa",
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP)
+    t0 = perf_counter()
+    token.run_on_anchor("C_GenerateKeyPair", gen, "bench-rsa")
+    keygen_s = perf_counter() - t0
+    ops.generate_session_key(token, KeyType.AES, 256, "bench-oaep-target",
+                             capabilities=MechanismFlag.ENCRYPT, extractable=True)
+    wrapped = ops.rsa_oaep_wrap(token, ops.public("bench-rsa"), ops.secret("bench-oaep-target"))
+    assert wrapped.parameters["hash"] == hash_name
+    priv_ref = ops.private("bench-rsa")
+    priv = lease.key(priv_ref)
+    caps = MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT
+
+    def raw():
+        return priv.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped.data,
+                               label="bench-oaep-unwrapped", mechanism=Mechanism.RSA_PKCS_OAEP,
+                               mechanism_param=params, store=False, capabilities=caps,
+                               template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False})
+
+    def layer():
+        # bytes, not the Wrapped record: the layer then uses the profile's OAEP choice, as raw does
+        return ops.rsa_oaep_unwrap(token, priv_ref, wrapped.data, key_type=KeyType.AES,
+                                   label="bench-oaep-unwrapped", capabilities=caps)
+
+    for obj in (raw(), layer()):
+        assert obj[Attribute.VALUE_LEN] == 32
+        obj.destroy()
+
+    pending: list = []
+    n = 1
+    inter = Interleaved("rsa_oaep_unwrap", {"raw": batch_measure(raw, n, pending),
+                                            "layer": batch_measure(layer, n, pending)},
+                        cleanup=destroyer(pending))
+    inter.warmup()
+    return Case("rsa_oaep_unwrap", n, scaled(80), inter,
+                {"rsa_bits": RSA_BITS, "oaep_hash": hash_name,
+                 "keygen_seconds": round(keygen_s, 3), "key_bytes": 32})
+
+
+# --------------------------------------------------------------------------- the benchmarks
+def _run(benchmark, case: Case, variant: str, bench_reports) -> None:
+    benchmark.group = f"layer-overhead: {case.name} (time per batch of {case.batch})"
+    this_run = case.inter.run(benchmark, variant, case.rounds)
+
+    pooled = case.inter.samples
+    raw_med, layer_med = median(pooled["raw"]), median(pooled["layer"])
+    overall = ratio(layer_med, raw_med)
+    here = ratio(median(this_run["layer"]), median(this_run["raw"]))
+    # Per-round ratios: each timed sample against the other variant's sample just before it.
+    paired = [lay / raw for raw, lay in zip(this_run["raw"], this_run["layer"]) if raw > 0]
+    paired_median = statistics.median(paired) if paired else None
+
+    summary = {
+        "ratio": overall,
+        "target_max": TARGET,
+        "within_target": overall is not None and overall <= TARGET,
+        "raw_median_us": raw_med and raw_med * 1e6,
+        "layer_median_us": layer_med and layer_med * 1e6,
+        "overhead_us_per_op": (layer_med - raw_med) * 1e6 if raw_med and layer_med else None,
+        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
+        "batch": case.batch,
+        "per_benchmark_ratio": {**case.info.get("per_benchmark_ratio", {}), variant: here},
+        "paired_round_ratio_median": paired_median,
+        **{k: v for k, v in case.info.items() if k != "per_benchmark_ratio"},
+    }
+    case.info["per_benchmark_ratio"] = summary["per_benchmark_ratio"]
+    benchmark.extra_info.update({
+        "op": case.name, "variant": variant, "batch": case.batch,
+        "ratio_layer_over_raw": overall, "ratio_this_benchmark": here,
+        "paired_round_ratio_median": paired_median, "target_max": TARGET,
+        "raw_median_us_per_op": summary["raw_median_us"],
+        "layer_median_us_per_op": summary["layer_median_us"],
+    })
+    bench_reports("layer_overhead").record(case.name, summary)
+    assert overall is not None and overall > 0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hmac_sha256_sign(benchmark, variant, hmac_case, bench_reports):
+    _run(benchmark, hmac_case, variant, bench_reports)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_aes_gcm_decrypt(benchmark, variant, gcm_case, bench_reports):
+    _run(benchmark, gcm_case, variant, bench_reports)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_aes_kwp_unwrap(benchmark, variant, kwp_case, bench_reports):
+    _run(benchmark, kwp_case, variant, bench_reports)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rsa_oaep_unwrap(benchmark, variant, oaep_case, bench_reports):
+    _run(benchmark, oaep_case, variant, bench_reports)

@@ -1,0 +1,182 @@
+"""Threads and processes against one SoftHSM2 token: the reason the layer pre-initialises the
+module with CKF_OS_LOCKING_OK (python-pkcs11's C_Initialize(NULL) crashes here)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+
+from hsm import ops
+from hsm.token import KeyRef
+
+THREADS = 16
+ROUNDS = 60
+
+
+def test_sixteen_threads_of_mixed_operations_make_no_error(softhsm_token):
+    token = softhsm_token.token
+    ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, "mac", MechanismFlag.SIGN)
+    ops.generate_session_key(token, KeyType.AES, 256, "kek",
+                             MechanismFlag.WRAP | MechanismFlag.UNWRAP)
+    ops.generate_session_key(token, KeyType.AES, 256, "payload", MechanismFlag.ENCRYPT,
+                             extractable=True)
+    mac, kek, payload = ops.secret("mac"), ops.secret("kek"), ops.secret("payload")
+    expected_mac = ops.hmac_sha256(token, mac, b"message")
+    wrapped = ops.aes_wrap(token, kek, payload)
+    assert wrapped.mechanism == "AES_KEY_WRAP_KWP" and len(wrapped.data) == 40
+    _, mech = token.profile.aes_wrap_choice()
+    expected_block = token.run("ecb", lambda lease: lease.key(payload).encrypt(
+        bytes(16), mechanism=Mechanism.AES_ECB))
+
+    errors: list[BaseException] = []
+    counts = {"mac": 0, "wrap": 0, "unwrap": 0, "keygen": 0}
+    lock = threading.Lock()
+    start = threading.Barrier(THREADS)
+
+    def unwrap_and_check(lease):
+        obj = lease.key(kek).unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped.data,
+                                        mechanism=mech, store=False,
+                                        capabilities=MechanismFlag.ENCRYPT,
+                                        template={Attribute.SENSITIVE: True,
+                                                  Attribute.EXTRACTABLE: False})
+        try:
+            return obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+        finally:
+            obj.destroy()
+
+    def keygen(lease):
+        obj = lease.session.generate_key(KeyType.AES, 256, store=False,
+                                         capabilities=MechanismFlag.ENCRYPT)
+        try:
+            return obj[Attribute.SENSITIVE] is not None
+        finally:
+            obj.destroy()
+
+    def worker(n: int) -> None:
+        try:
+            start.wait()
+            for i in range(ROUNDS):
+                kind = (n + i) % 4
+                if kind == 0:
+                    assert ops.hmac_sha256(token, mac, b"message") == expected_mac
+                    key = "mac"
+                elif kind == 1:
+                    again = ops.aes_wrap(token, kek, payload)
+                    # KWP is deterministic: the same key under the same KEK wraps identically.
+                    assert again.data == wrapped.data
+                    key = "wrap"
+                elif kind == 2:
+                    # The unwrapped copy is the same key: same AES-ECB block as the original.
+                    assert token.run("unwrap", unwrap_and_check) == expected_block
+                    key = "unwrap"
+                else:
+                    assert token.run("keygen", keygen)
+                    key = "keygen"
+                with lock:
+                    counts[key] += 1
+        except BaseException as exc:  # collected, not swallowed: asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert sum(counts.values()) == THREADS * ROUNDS
+    assert all(v == THREADS * ROUNDS // 4 for v in counts.values())
+    stats = token.stats()
+    assert stats["open_sessions"] <= token.pool_size
+    # No session objects leaked by the unwrap/keygen rounds: only the three keys remain.
+    remaining = token.run("count", lambda lease: sum(
+        1 for _ in lease.session.get_objects({Attribute.TOKEN: False})))
+    assert remaining == 3
+
+
+def test_pool_is_bounded_and_waiters_are_served(softhsm_token):
+    token = softhsm_token.token
+    token.pool_size = 2
+    inside = []
+    peak = []
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def hold(lease):
+        with lock:
+            inside.append(1)
+            peak.append(len(inside))
+        release.wait(5)
+        with lock:
+            inside.pop()
+        return lease.session.handle
+
+    threads = [threading.Thread(target=token.run, args=("hold", hold)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    threading.Timer(0.3, release.set).start()
+    for t in threads:
+        t.join(timeout=30)
+    assert max(peak) == 2 and len(peak) == 6
+    assert token.stats()["open_sessions"] == 2
+
+
+def test_forked_child_reinitialises_and_uses_the_token(softhsm_token):
+    token = softhsm_token.token
+    # A token object survives the child's re-initialisation; session objects would not.
+    with token.anchor() as anchor:
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="fork-mac", store=True,
+                                    capabilities=MechanismFlag.SIGN,
+                                    template={Attribute.SENSITIVE: True,
+                                              Attribute.EXTRACTABLE: False})
+    ref = KeyRef("fork-mac", ObjectClass.SECRET_KEY)
+    parent_mac = ops.hmac_sha256(token, ref, b"from the parent")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: must not touch the parent's sessions; re-login happens inside run()
+        status = 1
+        try:
+            os.close(read_fd)
+            child_mac = ops.hmac_sha256(token, ref, b"from the parent")
+            os.write(write_fd, child_mac)
+            status = 0 if token.stats()["recoveries"] == 0 else 2
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    child_mac = os.read(read_fd, 64)
+    os.close(read_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert child_mac == parent_mac
+    # The parent's pool and login are untouched by whatever the child did.
+    assert ops.hmac_sha256(token, ref, b"from the parent") == parent_mac
+    assert token.stats()["recoveries"] == 0
+
+
+def test_forked_children_in_parallel(softhsm_token):
+    """Several forked workers, each initialising its own module copy, all succeed."""
+    import multiprocessing
+
+    token = softhsm_token.token
+    with token.anchor() as anchor:
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="pool-mac", store=True,
+                                    capabilities=MechanismFlag.SIGN)
+    ref = KeyRef("pool-mac", ObjectClass.SECRET_KEY)
+    expected = ops.hmac_sha256(token, ref, b"x")
+    ctx = multiprocessing.get_context("fork")
+    _INHERITED["token"] = token  # a Token holds ctypes handles: inherited by fork, not pickled
+    try:
+        with ctx.Pool(2) as pool:
+            results = pool.map(_child_mac, [ref] * 4)
+    finally:
+        _INHERITED.clear()
+    assert results == [expected] * 4
+
+
+_INHERITED: dict = {}
+
+
+def _child_mac(ref):
+    return ops.hmac_sha256(_INHERITED["token"], ref, b"x")
