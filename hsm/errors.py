@@ -87,6 +87,9 @@ CKR_BY_EXCEPTION: dict[type, tuple[str, int]] = {
 SESSION_LOST = (p11x.SessionHandleInvalid, p11x.SessionClosed, p11x.UserNotLoggedIn,
                 p11x.DeviceRemoved)
 
+# Exceptions that may only mean a cached object handle is stale.
+STALE_HANDLE = (p11x.ObjectHandleInvalid, p11x.KeyHandleInvalid)
+
 _HINTS = {
     "CKR_PIN_INCORRECT": "the PIN is wrong; check --pin-source / HSM_PIN (each failure counts "
                          "towards the token's lock-out)",

@@ -9,6 +9,8 @@ every cached object in the child and initialise the module afresh on first use.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import os
 import threading
 from dataclasses import dataclass
@@ -112,6 +114,9 @@ def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedMod
                 lib = _PreInitialisedLib(real)
             except pkcs11.PKCS11Error as exc:
                 raise ModuleLoadError(f"python-pkcs11 cannot use {real}: {exc}") from exc
+            # Never let python-pkcs11 dlclose() the module during interpreter teardown (its
+            # dealloc runs in arbitrary order with ours); _finalize_at_exit ends it cleanly.
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(lib))
         mod = LoadedModule(real, parameters, raw, lib, os.getpid())
         _modules[real] = mod
         return mod
@@ -133,4 +138,13 @@ def _after_fork_in_child() -> None:
         callback()
 
 
+def _finalize_at_exit() -> None:
+    """C_Finalize every module this process initialised, so tokens see an orderly end."""
+    for mod in list(_modules.values()):
+        if mod.pid == os.getpid():
+            mod.raw.finalize()
+            mod.pid = -1
+
+
 os.register_at_fork(after_in_child=_after_fork_in_child)
+atexit.register(_finalize_at_exit)

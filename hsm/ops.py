@@ -82,10 +82,16 @@ def generate_session_key(token: Token, key_type: KeyType, bits: int | None, labe
 def aes_wrap(token: Token, wrapping_key: KeyRef, key: KeyRef) -> Wrapped:
     """Wrap ``key`` under an AES key with the best AES key-wrap the token has (RFC 5649 first)."""
     name, mech = token.profile.aes_wrap_choice()
-    data = token.run(f"C_WrapKey({name})",
-                     lambda lease: lease.key(wrapping_key).wrap_key(lease.key(key),
-                                                                    mechanism=mech),
-                     key.label)
+    if token.profile.kwp_length_query_short and name == "AES_KEY_WRAP_KWP":
+        from .nss import wrap_key_kwp
+        data = token.run(f"C_WrapKey({name})", lambda lease: wrap_key_kwp(
+            lease.session, lease.key(wrapping_key), lease.key(key), token.module.path),
+            key.label)
+    else:
+        data = token.run(f"C_WrapKey({name})",
+                         lambda lease: lease.key(wrapping_key).wrap_key(lease.key(key),
+                                                                        mechanism=mech),
+                         key.label)
     return Wrapped(data, name, {"code": f"0x{int(mech):x}"})
 
 

@@ -72,6 +72,7 @@ class Profile:
     pbkdf2: bool = False
     trusted_wrap_enforced: bool | None = None
     ecdsa_with_hash: bool = False          # CKM_ECDSA_SHA384 on the token, else hash on the host
+    kwp_length_query_short: bool = False   # NSS: C_WrapKey(KWP) size query is too small
     notes: list[str] = field(default_factory=list)
 
     def has(self, mech: int) -> bool:
@@ -137,6 +138,11 @@ def probe(token) -> Profile:
     elif prof.has(CKM_AES_KEY_WRAP_PAD) and softhsm:
         prof.aes_kwp = CKM_AES_KEY_WRAP_PAD
         prof.notes.append("SoftHSM2 implements RFC 5649 (KWP) under CKM_AES_KEY_WRAP_PAD 0x210a")
+    if prof.aes_kwp == CKM_AES_KEY_WRAP_KWP and "Mozilla" in p11.manufacturer_id + \
+            token.module.description:
+        prof.kwp_length_query_short = True
+        prof.notes.append("NSS softokn under-reports the C_WrapKey(KWP) output length; the layer "
+                          "wraps with a corrected buffer (hsm.nss.wrap_key_kwp)")
     prof.aes_key_wrap = prof.has(CKM_AES_KEY_WRAP)
     prof.rsa_aes_key_wrap = prof.has(CKM_RSA_AES_KEY_WRAP)
     prof.hkdf = prof.has(CKM_HKDF_DERIVE)

@@ -30,7 +30,7 @@ import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
 from . import _cryptoki, module as modules
-from .errors import (SESSION_LOST, HsmError, ObjectNotFound, PinError, SessionLost,
+from .errors import (SESSION_LOST, STALE_HANDLE, HsmError, ObjectNotFound, PinError, SessionLost,
                      TokenNotFound,
                      from_pkcs11, from_rv, translated)
 from .pin import Pin
@@ -134,7 +134,8 @@ class Token:
                                 hint="select tokens by label or serial, never by slot number")
         mod = modules.load(module, parameters)
         p11token = find_token(mod, label=label, serial=serial)
-        key = (mod.path, p11token.serial, os.getpid())
+        # Serial alone is not unique everywhere (both NSS softokn tokens report 0000000000000000).
+        key = (mod.path, p11token.label, p11token.serial, os.getpid())
         with _registry_lock:
             # Login is per application: a second Token for the same token in this process
             # would find itself "already logged in" whatever PIN it was given. Share the
@@ -191,6 +192,12 @@ class Token:
         if rv != _cryptoki.CKR_OK:
             return False
         return not need_login or info.state in _cryptoki.LOGGED_IN_STATES
+
+    def _logged_in(self) -> bool:
+        anchor = self._anchor
+        if self._pin is None:
+            return True
+        return anchor is not None and self._session_alive(anchor.session, True)
 
     def _recover(self) -> None:
         """After a session-lost error: restore the anchor and the login, invalidate caches."""
@@ -283,6 +290,7 @@ class Token:
 
     def run(self, operation: str, fn: Callable[[Lease], T], object_label: str | None = None) -> T:
         """Run ``fn(lease)`` on a pooled session; replace lost sessions and retry (bounded)."""
+        stale_retried = False
         for _attempt in range(self.retries + 1):
             lease = self._acquire()
             try:
@@ -290,6 +298,21 @@ class Token:
             except SESSION_LOST:
                 self._discard(lease)
                 self._recover()
+                continue
+            except STALE_HANDLE as exc:
+                # A cached object handle went stale: the object was destroyed, or the login
+                # was lost and private objects became invisible (SoftHSM2 then says
+                # OBJECT_HANDLE_INVALID, not USER_NOT_LOGGED_IN). Forget this session's cache,
+                # restore the login if that was it, and retry; a real absence then surfaces
+                # as ObjectNotFound on the fresh lookup.
+                lease.objects.clear()
+                self._release(lease)
+                if not self._logged_in():
+                    self._recover()
+                elif stale_retried:
+                    raise from_pkcs11(exc, operation=operation, token=self.label,
+                                      object_label=object_label) from exc
+                stale_retried = True
                 continue
             except pkcs11.PKCS11Error as exc:
                 self._release(lease)
@@ -368,7 +391,8 @@ class Token:
             self._refs -= 1
             if self._refs > 0:
                 return
-            _registry.pop((self._module.path, self._p11token.serial, self._pid), None)
+            _registry.pop((self._module.path, self._p11token.label, self._p11token.serial,
+                           self._pid), None)
         with self._cond:
             self._closed = True
             idle, self._idle = list(self._idle), collections.deque()
