@@ -49,6 +49,10 @@ class CK_C_INITIALIZE_ARGS(ctypes.Structure):
     ]
 
 
+class CK_MECHANISM_INFO(ctypes.Structure):
+    _fields_ = [("ulMinKeySize", CK_ULONG), ("ulMaxKeySize", CK_ULONG), ("flags", CK_ULONG)]
+
+
 class CK_SESSION_INFO(ctypes.Structure):
     _fields_ = [
         ("slotID", CK_ULONG),
@@ -64,6 +68,8 @@ _C_SessionCall = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _C_GetSessionInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_SESSION_INFO))
 _C_CloseAllSessions = ctypes.CFUNCTYPE(CK_RV, CK_ULONG)
 _C_InitToken = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p)
+_C_GetMechanismInfo = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG,
+                                      ctypes.POINTER(CK_MECHANISM_INFO))
 _C_Login = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG)
 
 # CK_FUNCTION_LIST: a CK_VERSION followed by function pointers in the order of the standard.
@@ -82,6 +88,7 @@ _TYPED = {
     "C_GetSessionInfo": _C_GetSessionInfo,
     "C_Login": _C_Login,
     "C_InitToken": _C_InitToken,
+    "C_GetMechanismInfo": _C_GetMechanismInfo,
     "C_Logout": _C_SessionCall,
 }
 CKU_SO = 0
@@ -122,6 +129,13 @@ class RawModule:
 
     def finalize(self) -> int:
         return int(self._f.C_Finalize(None))
+
+    def mechanism_info(self, slot_id: int, mechanism: int) -> tuple[int, CK_MECHANISM_INFO]:
+        """C_GetMechanismInfo into a zeroed struct. SoftHSM2 2.6.1 ORs its flags into whatever
+        the struct held, and python-pkcs11 0.10 passes an uninitialised one: garbage flags."""
+        info = CK_MECHANISM_INFO()
+        rv = int(self._f.C_GetMechanismInfo(slot_id, mechanism, ctypes.byref(info)))
+        return rv, info
 
     def session_info(self, handle: int) -> tuple[int, CK_SESSION_INFO]:
         info = CK_SESSION_INFO()

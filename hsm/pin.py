@@ -47,16 +47,21 @@ def from_source(source: str) -> Pin:
         raise UsageError(f"bad PIN source {source!r}", hint="use env:VARIABLE or file:PATH")
     if kind == "env":
         value = os.environ.get(where)
-        if value is None:
-            raise PinError(f"PIN source env:{where} is not set",
+        if not value:
+            raise PinError(f"PIN source env:{where} is not set or empty",
                            hint=f"export {where} or choose another --pin-source")
         return Pin(value)
     if kind == "file":
         try:
             with open(where, encoding="utf-8") as fh:
-                return Pin(fh.readline().rstrip("\r\n"))
+                value = fh.readline().rstrip("\r\n")
         except OSError as exc:
             raise PinError(f"cannot read PIN file {where}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise PinError(f"PIN file {where} is not UTF-8 text") from None
+        if not value:
+            raise PinError(f"PIN file {where} is empty", hint="put the PIN on its first line")
+        return Pin(value)
     raise UsageError(f"unknown PIN source kind {kind!r}", hint="use env:VARIABLE or file:PATH")
 
 

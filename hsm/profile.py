@@ -125,13 +125,15 @@ def probe(token) -> Profile:
                    manufacturer=p11.manufacturer_id, library=token.module.description)
     for mech in slot.get_mechanisms():
         code = int(mech)
-        try:
-            info = slot.get_mechanism_info(mech)
-            flags = [f.name for f in MechanismFlag if f.value and info.flags & f and f.name]
-            prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code, info.min_key_length,
-                                                   info.max_key_length, flags)
-        except pkcs11.PKCS11Error:
+        rv, info = token.module.raw.mechanism_info(token.slot_id, code)
+        if rv != 0:
             prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code, None, None, [])
+            continue
+        flags = [f.name for f in MechanismFlag
+                 if f.value and f.value & (f.value - 1) == 0 and info.flags & f.value and f.name]
+        prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code,
+                                               info.ulMinKeySize or None,
+                                               info.ulMaxKeySize or None, flags)
     softhsm = "SoftHSM" in p11.manufacturer_id or "SoftHSM" in token.module.description
     if prof.has(CKM_AES_KEY_WRAP_KWP):
         prof.aes_kwp = CKM_AES_KEY_WRAP_KWP

@@ -66,8 +66,13 @@ def _ensure_keypair(token: Token, role: KeyRole, label: str) -> tuple[KeyPairInf
 
 
 def _cert_matches(path: Path, spki: keys.PublicKeyInfo) -> bool:
-    cert = certs.load_pem(path.read_bytes())
-    return cert.public_key.dump() == spki.dump()
+    try:
+        cert = certs.load_pem(path.read_bytes())
+        return cert.public_key.dump() == spki.dump()
+    except (ValueError, TypeError, OSError) as exc:
+        raise UsageError(f"{path} exists but is not a readable certificate ({exc})",
+                         hint="outputs are never overwritten; move it away and run again") \
+            from None
 
 
 def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo) -> Path:

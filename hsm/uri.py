@@ -96,7 +96,12 @@ def parse(uri: str) -> Pkcs11Uri:
         if not sep or key not in _QUERY_ATTRS:
             raise UsageError(f"unknown PKCS#11 URI query attribute {key!r}",
                              hint="known: " + ", ".join(sorted(_QUERY_ATTRS)))
-        fields[key.replace("-", "_")] = _decode(value, key, uri).decode("utf-8")
+        if key.replace("-", "_") in fields:
+            raise UsageError(f"PKCS#11 URI attribute {key!r} given twice")
+        try:
+            fields[key.replace("-", "_")] = _decode(value, key, uri).decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"PKCS#11 URI attribute {key!r} is not UTF-8") from None
     fields.pop("module_name", None)
     known = {k: v for k, v in fields.items() if k in Pkcs11Uri.__dataclass_fields__}
     return Pkcs11Uri(**known)  # type: ignore[arg-type]
