@@ -16,9 +16,9 @@ PY=${PYTHON:-python3}
 # Reinstall unless `hsm` is importable from *this* checkout (an editable install made from
 # another clone would otherwise silently test that clone's code).
 here=$(pwd -P)
-if ! $PY -c "
+if ! (cd / && $PY -c "
 import os, sys, hsm, pkcs11, asn1crypto, cryptography, pytest, pytest_benchmark, hypothesis
-sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)" 2>/dev/null; then
+sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check -e ".[test]"
 fi
