@@ -23,12 +23,14 @@ class Interleaved:
 
     Each variant is a callable that performs one measurement and returns one sample (seconds per
     operation, or operations per second). :meth:`run` hands pytest-benchmark one variant as the
-    timed ``target`` and runs the *other* variants (round-robin) in pedantic's untimed ``setup``,
-    so every timed round sits between measurements of the others. Samples from all rounds, timed
-    by us with the same code for every variant, are pooled per variant for the ratios.
+    timed ``target`` and measures every *other* variant in pedantic's untimed ``setup`` (in an order
+    that rotates from round to round), so each round is a complete block: one sample of every
+    variant, taken back to back. Samples are timed by the variant callables themselves (the same
+    code for every variant) and pooled per variant; the lists stay index-aligned by round, so
+    ``samples[a][i]`` and ``samples[b][i]`` come from the same block.
 
-    ``cleanup`` (optional) is called outside every timed region: before and after each ``setup``
-    measurement and after the benchmark, e.g. to destroy unwrapped objects.
+    ``cleanup`` (optional) is called outside every timed region: between the measurements of a
+    setup block and after the benchmark (e.g. to destroy unwrapped objects).
     """
 
     def __init__(self, name: str, variants: dict[str, Callable[[], float]],
@@ -41,31 +43,37 @@ class Interleaved:
     def measure(self, variant: str) -> None:
         self.samples[variant].append(self.variants[variant]())
 
-    def measure_cleanly(self, variant: str) -> None:
-        self.cleanup()
-        self.measure(variant)
-        self.cleanup()
-
     def warmup(self, rounds: int = 2) -> None:
         for _ in range(rounds):
             for variant in self.variants:
-                self.measure_cleanly(variant)
+                self.cleanup()
+                self.measure(variant)
+        self.cleanup()
         for samples in self.samples.values():
             samples.clear()
 
     def run(self, benchmark, variant: str, rounds: int) -> dict[str, list[float]]:
         """Benchmark ``variant``; return the samples of every variant taken during this call."""
-        others = itertools.cycle([k for k in self.variants if k != variant] or [variant])
+        others = [k for k in self.variants if k != variant]
         start = {k: len(v) for k, v in self.samples.items()}
+        block = itertools.count()
 
         def setup():
-            self.measure_cleanly(next(others))
-            # returning None: pedantic then calls target() without arguments
+            shift = next(block) % len(others) if others else 0
+            for other in others[shift:] + others[:shift]:
+                self.cleanup()
+                self.measure(other)
+            self.cleanup()
+            # returns None: pedantic then calls the target without arguments
 
         self.cleanup()
         benchmark.pedantic(lambda: self.measure(variant), setup=setup, rounds=rounds)
         self.cleanup()
         return {k: v[start[k]:] for k, v in self.samples.items()}
+
+    def paired_ratios(self, num: str, den: str) -> list[float]:
+        """Per-block ratios ``num / den`` (both samples from the same round)."""
+        return [a / b for a, b in zip(self.samples[num], self.samples[den]) if b]
 
 
 def median(values: list[float]) -> float | None:

@@ -57,6 +57,7 @@ class LoadedModule:
 _lock = threading.RLock()
 _modules: dict[str, LoadedModule] = {}
 _fork_listeners: list = []
+fork_epoch = 0  # incremented in every forked child; objects compare it to notice a fork
 
 
 def loaded_paths() -> set[str]:
@@ -130,8 +131,9 @@ def on_fork_in_child(callback) -> None:
 def _after_fork_in_child() -> None:
     # Runs in the child only. Locks may have been held by other parent threads at fork time,
     # so replace them rather than acquire them.
-    global _lock
+    global _lock, fork_epoch
     _lock = threading.RLock()
+    fork_epoch += 1
     for mod in _modules.values():
         mod.pid = -1  # forces re-initialisation on the next load()
     for callback in list(_fork_listeners):

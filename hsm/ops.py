@@ -40,27 +40,39 @@ def public(label: str) -> KeyRef:
 
 
 # --------------------------------------------------------------------------- symmetric
+# Hot paths call module-level functions with arguments (no closure per call) and bind the
+# Mechanism members once: both showed up as microseconds against a 10-40 us token call.
+_SHA256_HMAC = Mechanism.SHA256_HMAC
+_AES_GCM = Mechanism.AES_GCM
+
+
+def _sign_hmac(lease, key: KeyRef, data: bytes) -> bytes:
+    return lease.key(key).sign(data, mechanism=_SHA256_HMAC)
+
+
+def _gcm_encrypt(lease, key: KeyRef, data: bytes, params: GCMParams) -> bytes:
+    return lease.key(key).encrypt(data, mechanism=_AES_GCM, mechanism_param=params)
+
+
+def _gcm_decrypt(lease, key: KeyRef, data: bytes, params: GCMParams) -> bytes:
+    return lease.key(key).decrypt(data, mechanism=_AES_GCM, mechanism_param=params)
+
+
 def hmac_sha256(token: Token, key: KeyRef, data: bytes) -> bytes:
-    return token.run("C_Sign(SHA256_HMAC)",
-                     lambda lease: lease.key(key).sign(data, mechanism=Mechanism.SHA256_HMAC),
-                     key.label)
+    return token.run("C_Sign(SHA256_HMAC)", _sign_hmac, key.label, key, data)
 
 
 def aes_gcm_encrypt(token: Token, key: KeyRef, nonce: bytes, plaintext: bytes,
                     aad: bytes | None = None) -> bytes:
     """AES-GCM with a caller-chosen 96-bit nonce; returns ciphertext || 16-byte tag."""
-    params = GCMParams(nonce, aad)
-    return token.run("C_Encrypt(AES_GCM)",
-                     lambda lease: lease.key(key).encrypt(plaintext, mechanism=Mechanism.AES_GCM,
-                                                          mechanism_param=params), key.label)
+    return token.run("C_Encrypt(AES_GCM)", _gcm_encrypt, key.label, key, plaintext,
+                     GCMParams(nonce, aad))
 
 
 def aes_gcm_decrypt(token: Token, key: KeyRef, nonce: bytes, ciphertext: bytes,
                     aad: bytes | None = None) -> bytes:
-    params = GCMParams(nonce, aad)
-    return token.run("C_Decrypt(AES_GCM)",
-                     lambda lease: lease.key(key).decrypt(ciphertext, mechanism=Mechanism.AES_GCM,
-                                                          mechanism_param=params), key.label)
+    return token.run("C_Decrypt(AES_GCM)", _gcm_decrypt, key.label, key, ciphertext,
+                     GCMParams(nonce, aad))
 
 
 def generate_session_key(token: Token, key_type: KeyType, bits: int | None, label: str,

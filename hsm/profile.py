@@ -35,6 +35,10 @@ OAEP_PREFERENCE = (("sha256", Mechanism.SHA256, MGF.SHA256),
                    ("sha1", Mechanism.SHA_1, MGF.SHA1))
 
 
+_MECHANISMS = {code: Mechanism(code) for code in (CKM_AES_KEY_WRAP, CKM_AES_KEY_WRAP_PAD,
+                                                  CKM_AES_KEY_WRAP_KWP)}
+
+
 def mechanism_name(mech: int) -> str:
     try:
         return Mechanism(mech).name
@@ -103,9 +107,9 @@ class Profile:
     def aes_wrap_choice(self, key_length_bytes: int | None = None) -> tuple[str, Mechanism]:
         # python-pkcs11 only accepts Mechanism members, hence the conversion.
         if self.aes_kwp is not None:
-            return "AES_KEY_WRAP_KWP", Mechanism(self.aes_kwp)
+            return "AES_KEY_WRAP_KWP", _MECHANISMS[self.aes_kwp]
         if self.aes_key_wrap and (key_length_bytes is None or key_length_bytes % 8 == 0):
-            return "AES_KEY_WRAP", Mechanism(CKM_AES_KEY_WRAP)
+            return "AES_KEY_WRAP", _MECHANISMS[CKM_AES_KEY_WRAP]
         raise MechanismUnsupported("no AES key-wrap mechanism (RFC 5649 / RFC 3394) on the token",
                                    token=self.token_label, hint=self.offer_hint("wrap"))
 

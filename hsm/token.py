@@ -23,8 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
@@ -41,9 +40,12 @@ _registry: dict[tuple, "Token"] = {}
 _registry_lock = threading.Lock()
 
 
-@dataclass(frozen=True)
-class KeyRef:
-    """How the layer names a key: its label and object class (and optionally its CKA_ID)."""
+class KeyRef(NamedTuple):
+    """How the layer names a key: its label and object class (and optionally its CKA_ID).
+
+    A NamedTuple rather than a dataclass: it is the key of the per-session object cache on the
+    hot path, and tuple hashing is done in C.
+    """
 
     label: str
     object_class: ObjectClass
@@ -116,6 +118,7 @@ class Token:
         self._waiters = 0
         self._generation = 0
         self._pid = os.getpid()
+        self._epoch = modules.fork_epoch  # bumped in a forked child: cheaper than getpid()
         self._anchor: Lease | None = None
         self._closed = False
         self._profile = None
@@ -185,6 +188,7 @@ class Token:
         self._p11token = find_token(self._module, label=self.label, serial=self.serial)
         self.slot_id = self._p11token.slot.slot_id
         self._pid = os.getpid()
+        self._epoch = modules.fork_epoch
         self._login()
 
     def _session_alive(self, session: pkcs11.Session, need_login: bool) -> bool:
@@ -221,7 +225,7 @@ class Token:
         return Lease(session, self._generation)
 
     def _acquire(self) -> Lease:
-        if self._pid != os.getpid():
+        if self._epoch != modules.fork_epoch:
             self._reset_after_fork()
         try:
             lease = self._idle.pop()  # deque.pop is atomic: the common path takes no lock
@@ -230,10 +234,12 @@ class Token:
         if lease.generation != self._generation:
             lease.objects.clear()
             lease.generation = self._generation
-        if time.monotonic() - lease.last_used > self.validate_after and \
+        now = time.monotonic()
+        if now - lease.last_used > self.validate_after and \
                 not self._session_alive(lease.session, False):
             self._discard(lease)
             return self._acquire()
+        lease.last_used = now  # start of this use: close enough, and one clock read per call
         return lease
 
     def _acquire_slow(self) -> Lease:
@@ -254,7 +260,9 @@ class Token:
                                    hint="raise pool_size or hold sessions for shorter")
                 self._waiters += 1
                 try:
-                    self._cond.wait(remaining)
+                    # _release appends without the lock, so a wake-up can slip between our
+                    # check of _idle and this wait: poll briefly rather than trust notify().
+                    self._cond.wait(min(remaining, 0.01))
                 finally:
                     self._waiters -= 1
         try:
@@ -266,10 +274,9 @@ class Token:
             raise
 
     def _release(self, lease: Lease) -> None:
-        lease.last_used = time.monotonic()
-        with self._lock:
-            self._idle.append(lease)
-            if self._waiters:
+        self._idle.append(lease)  # atomic; the lock is only taken when someone is waiting
+        if self._waiters:
+            with self._cond:
                 self._cond.notify()
 
     def _discard(self, lease: Lease) -> None:
@@ -288,13 +295,17 @@ class Token:
         finally:
             self._release(lease)
 
-    def run(self, operation: str, fn: Callable[[Lease], T], object_label: str | None = None) -> T:
-        """Run ``fn(lease)`` on a pooled session; replace lost sessions and retry (bounded)."""
+    def run(self, operation: str, fn: Callable[..., T], object_label: str | None = None,
+            *args) -> T:
+        """Run ``fn(lease, *args)`` on a pooled session; replace lost sessions, retry (bounded).
+
+        ``args`` let hot callers pass a module-level function instead of a fresh closure.
+        """
         stale_retried = False
         for _attempt in range(self.retries + 1):
             lease = self._acquire()
             try:
-                result = fn(lease)
+                result = fn(lease, *args)
             except SESSION_LOST:
                 self._discard(lease)
                 self._recover()
@@ -335,7 +346,7 @@ class Token:
         For objects that must outlive a worker lease: session objects die with the session
         that created them, and the anchor lives as long as the Token.
         """
-        if self._pid != os.getpid():
+        if self._epoch != modules.fork_epoch:
             self._reset_after_fork()
         with self._anchor_lock:
             if self._anchor is None or not self._session_alive(self._anchor.session,

@@ -1,0 +1,64 @@
+"""A worker process for the multi-process HMAC throughput benchmark (started with 'spawn').
+
+Each worker is its own PKCS#11 application: it loads SoftHSM2 through ``hsm.module`` (OS-locking
+``C_Initialize``), opens the token the parent created with ``Token.open(label, pin=Pin(...))``,
+makes its own session HMAC key and warms up. Then it serves trials: for each command it optionally
+waits on the shared barrier (so concurrent workers start together), signs ``n`` times with
+``hsm.ops.hmac_sha256`` and reports its start and end on CLOCK_MONOTONIC (system-wide on Linux, so
+the parent can compute the wall span across workers). A "spin" command runs a pure-Python loop
+instead, without touching the token: the control that shows how many cores the machine really
+gives two processes at that moment.
+
+This module must not import pytest or the benchmark modules: the spawned child imports it by name.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
+                barrier, warmup_ops: int) -> None:
+    # Before anything loads SoftHSM2: it reads its configuration once, in C_Initialize.
+    os.environ["SOFTHSM2_CONF"] = softhsm_conf
+    try:
+        from pkcs11 import KeyType, MechanismFlag
+
+        from hsm import ops
+        from hsm.pin import Pin
+        from hsm.token import Token
+
+        token = Token.open(label, pin=Pin(pin_value))
+        del pin_value
+        key_label = f"throughput-worker-{index}-{os.getpid()}"
+        ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, key_label,
+                                 capabilities=MechanismFlag.SIGN)
+        ref = ops.secret(key_label)
+        data = os.urandom(32)
+        hmac_sha256 = ops.hmac_sha256
+        for _ in range(warmup_ops):
+            hmac_sha256(token, ref, data)
+        results.put(("ready", index, os.getpid()))
+
+        while True:
+            cmd = commands.get()
+            if cmd[0] == "stop":
+                break
+            kind, trial, n, together = cmd
+            if together:
+                barrier.wait(timeout=120)
+            t0 = time.monotonic()
+            if kind == "hmac":
+                for _ in range(n):
+                    hmac_sha256(token, ref, data)
+            else:  # "spin": pure-Python CPU control, no token at all
+                x = 0
+                for i in range(n):
+                    x += i
+            t1 = time.monotonic()
+            results.put(("done", index, trial, n, t0, t1))
+        token.close()
+    except BaseException as exc:  # report, then let the process die with the error
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        raise
