@@ -20,5 +20,5 @@ if ! (cd / && $PY -c "
 import os, sys, hsm, pkcs11, asn1crypto, cryptography, pytest, pytest_benchmark, hypothesis
 sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"
-    $PY -m pip install -q --disable-pip-version-check -e ".[test]"
+    $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
 fi
