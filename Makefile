@@ -5,6 +5,8 @@ PYTHON ?= python3
 ROOT := $(CURDIR)
 VAR := $(ROOT)/var
 export SOFTHSM2_CONF := $(VAR)/softhsm2.conf
+# Used only where the system Python is externally managed (see scripts/install-deps.sh).
+export PATH := $(ROOT)/.venv/bin:$(PATH)
 DEMO_PINS := $(VAR)/demo-pins.env
 
 .PHONY: demo test bench deps clean
