@@ -7,7 +7,8 @@ VAR := $(ROOT)/var
 export SOFTHSM2_CONF := $(VAR)/softhsm2.conf
 # Used only where the system Python is externally managed (see scripts/install-deps.sh).
 export PATH := $(ROOT)/.venv/bin:$(PATH)
-DEMO_PINS := $(VAR)/demo-pins.env
+# The interpreter that has the package: .venv's where install-deps.sh had to make one.
+RUNPY = $$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON) )
 
 .PHONY: demo test bench deps clean
 
@@ -18,16 +19,16 @@ $(VAR)/.deps: pyproject.toml scripts/install-deps.sh
 	@mkdir -p $(VAR) && touch $@
 
 $(SOFTHSM2_CONF): softhsm.conf | deps
-	@$(PYTHON) -c "from pathlib import Path; from hsm.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
+	@$(RUNPY) -c "from pathlib import Path; from hsm.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
 
 demo: deps $(SOFTHSM2_CONF)
 	@bash scripts/demo.sh
 
 test: deps
-	$(PYTHON) -m pytest -q
+	$(RUNPY) -m pytest -q
 
 bench: deps
-	$(PYTHON) -m pytest benchmarks/ --benchmark-only -q
+	$(RUNPY) -m pytest benchmarks/ --benchmark-only -q
 
 clean:
 	rm -rf $(VAR)
