@@ -13,10 +13,8 @@ a ratio of two (or more) variants measured in alternation within the same run (s
 
 from __future__ import annotations
 
-import itertools
 import os
 import platform
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -29,11 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _benchlib import SCALE, Report, package_version  # noqa: E402
 
-from hsm.pin import Pin  # noqa: E402
-from hsm.softhsm import init_token_in_process  # noqa: E402
-from hsm.testing import TestToken  # noqa: E402
+from hsm.testing import TestToken, new_softhsm_token  # noqa: E402
 
-_labels = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +44,7 @@ def bench_token_factory(softhsm_module, softhsm_dir):
     made: list[TestToken] = []
 
     def make(prefix: str = "bench") -> TestToken:
-        label = f"{prefix}-{os.getpid()}-{next(_labels)}"
-        so_pin, user_pin = Pin(secrets.token_hex(8)), Pin(secrets.token_hex(8))
-        init_token_in_process(softhsm_module, label, so_pin, user_pin)
-        tt = TestToken("softhsm2", label, so_pin, user_pin, softhsm_module.path,
-                       env={"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+        tt = new_softhsm_token(softhsm_module, prefix=prefix)
         made.append(tt)
         return tt
 

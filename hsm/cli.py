@@ -28,7 +28,8 @@ log = logging.getLogger("hsm")
 
 def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--token", required=required, metavar="LABEL|URI",
-                   help="token label, or a PKCS#11 URI (pkcs11:token=...;serial=...?pin-source=...)")
+                   help="token label, or a PKCS#11 URI "
+                        "(pkcs11:token=...;serial=...?pin-source=...)")
     p.add_argument("--serial", help="select the token by serial as well")
     p.add_argument("--module", default=None, metavar="PATH|softhsm2|nss",
                    help="PKCS#11 module (default: $HSM_MODULE or SoftHSM2)")

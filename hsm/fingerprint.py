@@ -92,7 +92,8 @@ def from_words(words: list[str] | str) -> bytes:
         try:
             out.append(table[word.lower()])
         except KeyError:
-            raise ValueError(f"word {pos + 1} {word!r} is not a PGP word for that position") from None
+            raise ValueError(f"word {pos + 1} {word!r} is not a PGP word for that "
+                             "position") from None
     return bytes(out)
 
 

@@ -104,7 +104,8 @@ def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedMod
         if rv not in (_cryptoki.CKR_OK, _cryptoki.CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise ModuleLoadError(
                 f"C_Initialize of {real} failed with CKR 0x{rv:x}",
-                hint="NSS softokn needs its parameter string (configdir=...)" if rv == 0x7 else None)
+                hint="NSS softokn needs its parameter string (configdir=...)"
+                if rv == 0x7 else None)
         if mod is not None:
             # Same dlopen handle and function list; only the state was reset. python-pkcs11
             # Session objects inherited from the parent never close themselves when collected,

@@ -181,7 +181,7 @@ def read_request(path: Path) -> dict:
         raise UsageError(f"{path} is not a version-{REQUEST_VERSION} regional request")
     try:
         spki = keys.PublicKeyInfo.load(bytes.fromhex(data["spki_der_hex"]))
-        spki.native  # forces a full parse: a truncated or altered SPKI fails here
+        _ = spki.native  # forces a full parse: a truncated or altered SPKI fails here
     except ValueError as exc:
         raise UsageError(f"{path}: the public key is not a valid SPKI ({exc})") from None
     if certs.fingerprint(spki).hex() != data["fingerprint_sha256"]:

@@ -82,20 +82,43 @@ def softhsm_module(softhsm_dir) -> modules.LoadedModule:
     return modules.load(modules.DEFAULT_MODULE)
 
 
-@pytest.fixture
-def softhsm_token_factory(softhsm_module, softhsm_dir):
-    """Call it to get a fresh, empty SoftHSM2 token (with random PINs), opened and logged in."""
+def new_softhsm_token(softhsm_module: modules.LoadedModule, label: str | None = None, *,
+                      prefix: str = "test") -> TestToken:
+    """A fresh, empty SoftHSM2 token with random test-only PINs (opened lazily via ``.token``).
+
+    For fixtures of any scope; the ``softhsm_module`` fixture must have been requested first so
+    SoftHSM2 points at the session's temporary token directory.
+    """
+    label = label or f"{prefix}-{os.getpid()}-{next(_counter)}"
+    so_pin, user_pin = Pin(secrets.token_hex(8)), Pin(secrets.token_hex(8))
+    init_token_in_process(softhsm_module, label, so_pin, user_pin)
+    return TestToken("softhsm2", label, so_pin, user_pin, softhsm_module.path,
+                     env={"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+
+
+def _factory(softhsm_module, **defaults):
     made: list[TestToken] = []
 
-    def make(label: str | None = None) -> TestToken:
-        label = label or f"test-{os.getpid()}-{next(_counter)}"
-        so_pin, user_pin = Pin(secrets.token_hex(8)), Pin(secrets.token_hex(8))
-        init_token_in_process(softhsm_module, label, so_pin, user_pin)
-        tt = TestToken("softhsm2", label, so_pin, user_pin, softhsm_module.path,
-                       env={"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+    def make(label: str | None = None, **kwargs) -> TestToken:
+        tt = new_softhsm_token(softhsm_module, label, **{**defaults, **kwargs})
         made.append(tt)
         return tt
+    return make, made
 
+
+@pytest.fixture
+def softhsm_token_factory(softhsm_module):
+    """Call it to get a fresh, empty SoftHSM2 token (with random PINs), opened and logged in."""
+    make, made = _factory(softhsm_module)
+    yield make
+    for tt in made:
+        tt.close()
+
+
+@pytest.fixture(scope="session")
+def softhsm_session_token_factory(softhsm_module):
+    """The same, for tokens shared by a module or session (e.g. slow RSA-4096 provisioning)."""
+    make, made = _factory(softhsm_module)
     yield make
     for tt in made:
         tt.close()

@@ -24,9 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hsm import fingerprint as fp
-from hsm.pin import Pin
-from hsm.softhsm import init_token_in_process
-from hsm.testing import TestToken
+from hsm.testing import TestToken, new_softhsm_token
 
 pytestmark = pytest.mark.slow
 
@@ -93,12 +91,7 @@ def spki_der(cert: x509.Certificate) -> bytes:
 
 
 def make_module_token(softhsm_module, prefix: str) -> TestToken:
-    """What ``softhsm_token_factory`` does, for a module-scoped token (the factory is per test)."""
-    label = f"{prefix}-{os.getpid()}-{secrets.token_hex(2)}"
-    so_pin, user_pin = Pin(secrets.token_hex(8)), Pin(secrets.token_hex(8))
-    init_token_in_process(softhsm_module, label, so_pin, user_pin)
-    return TestToken("softhsm2", label, so_pin, user_pin, softhsm_module.path,
-                     env={"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]})
+    return new_softhsm_token(softhsm_module, prefix=prefix)
 
 
 @dataclass
