@@ -149,7 +149,8 @@ def cmd_certify_regional(args) -> int:
 def cmd_fingerprint(args) -> int:
     with _open_token(args) as token:
         from pkcs11 import ObjectClass
-        label = args.key or f"{token.label}-encryption"
+        parsed = uri.parse(args.token) if args.token.startswith("pkcs11:") else None
+        label = args.key or (parsed.object if parsed else None) or f"{token.label}-encryption"
         spki = certs.public_key_info(token, KeyRef(label, ObjectClass.PUBLIC_KEY))
         digest = certs.fingerprint(spki)
     if args.hex_only:
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fingerprint", help="SHA-256 fingerprint of a public key on a token")
     _add_token_args(p)
-    p.add_argument("--key", default=None, help="public key label (default: TOKEN-encryption)")
+    p.add_argument("--key", default=None, help="public key label (default: the URI's object, "
+                   "else TOKEN-encryption)")
     p.add_argument("--hex-only", action="store_true", help="print only the hex digest")
     p.set_defaults(func=cmd_fingerprint)
 
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hsm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `hsm info | head`: the reader left; not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug or an unexpected token answer: still one clear line
         if args.debug:
             raise

@@ -160,3 +160,18 @@ def test_rsa_pss_signing_role(softhsm_token, tmp_path):
 def _count_objects(token) -> int:
     return token.run("count", lambda lease: sum(1 for _ in lease.session.get_objects(
         {Attribute.TOKEN: True})))
+
+
+def test_nss_keys_fail_the_local_check_and_are_destroyed(nss_token, tmp_path):
+    """NSS softokn reads CKA_LOCAL back as false even for keys it generated: the policy check
+    refuses them rather than trusting the template, and leaves no key behind."""
+    from hsm.errors import KeyPolicyViolation
+
+    token = nss_token.token
+    with pytest.raises(KeyPolicyViolation) as err:
+        provision.init_primary(token, tmp_path)
+    assert "LOCAL=False" in str(err.value) and "NSS Certificate DB-signing" in str(err.value)
+    left = token.run("find", lambda lease: list(lease.session.get_objects(
+        {Attribute.LABEL: f"{token.label}-signing"})))
+    assert left == []
+    assert not any(tmp_path.iterdir())  # no certificate written for a refused key
