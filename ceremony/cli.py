@@ -1,9 +1,210 @@
-"""Placeholder for the `ceremony` command: the ceremony package lands in a later issue."""
+"""The ``ceremony`` command: plan, open, approve, run, verify, rehearse.
 
+A ceremony is run in three moves so approvals bind to *this* run: ``ceremony open PLAN`` draws a
+fresh nonce and prints it with the plan digest; each crypto officer runs ``ceremony approve``;
+``ceremony run PLAN`` checks the quorum and performs the steps. ``ceremony verify`` checks the
+outputs offline, with no HSM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
 import sys
+from pathlib import Path
+
+from hsm import fingerprint as fp
+from hsm.errors import HsmError, UsageError
+from hsm.files import write_new
+
+from . import approvals, environment, plan as plans, runner
+from .transcript import Transcript
+
+STEP_DETAILS = {
+    "open": "draw a 256-bit nonce; journal plan digest, officers, quorum",
+    "approvals": "verify >= M Ed25519 approvals over (plan digest || nonce) from crypto officers",
+    "check-certificates": "each recipient certificate: issued by the primary signing "
+                          "certificate, valid now, keyEncipherment, RSA >= 3072, SHA-256(SPKI) "
+                          "equals the pinned fingerprint",
+    "check-release": "user session: the release id is newer than the one recorded in the "
+                     "primary HSM (CKO_DATA 'hsm-suite-release-state')",
+    "trust-recipients": "SO session: C_CreateObject CKO_PUBLIC_KEY/CKK_RSA {CKA_TOKEN, "
+                        "CKA_TRUSTED=true, CKA_WRAP=true, CKA_ENCRYPT=false, "
+                        "CKA_MODIFIABLE=false} per recipient",
+    "kdf-salt": "C_GenerateRandom 32 bytes (public; goes into every manifest)",
+    "check-values": "key check values: HMAC-SHA256(seed, label)[:8] via CKM_SHA256_HMAC; "
+                    "AES-ECB(key, 0^128)[:8] via CKM_AES_ECB",
+    "verify-bundles": "read every bundle back and verify it against the primary certificate",
+    "record-release": "write the release id to the primary HSM (not in practice runs)",
+    "close": "journal the summary; the primary signing key signs the transcript head",
+    "certify-regional": "issue the regional certificate after the pinned fingerprint matched",
+}
 
 
-def main(argv=None) -> int:
-    print("ceremony: not implemented yet (see the open issues); the hsm driver layer is ready",
-          file=sys.stderr)
-    return 2
+def _detail(p: plans.Plan, step: str) -> str:
+    name, _, arg = step.partition(":")
+    if name == "generate":
+        s = next(x for x in p.secrets if x.name == arg)
+        kind = "CKM_GENERIC_SECRET_KEY_GEN" if s.key_type == "generic-secret" else \
+            "CKM_AES_KEY_GEN"
+        use = "CKA_SIGN" if s.key_type == "generic-secret" else "CKA_ENCRYPT"
+        return (f"{kind} {s.bits} bits, label {runner.secret_label(p, arg)!r}, id "
+                f"{runner.secret_id(p, arg).hex()}: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, "
+                f"CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, {use} only; read back LOCAL, "
+                "ALWAYS_SENSITIVE")
+    if name == "export":
+        return (f"C_WrapKey CKM_RSA_PKCS_OAEP (strongest hash the token accepts, recorded) with "
+                f"{runner.recipient_label(arg)!r}; CMS SignedData signed by the primary "
+                f"signing key -> {runner.bundle_name(p, arg)} (O_EXCL)")
+    return STEP_DETAILS.get(name, "")
+
+
+def cmd_plan(args) -> int:
+    p = plans.load(args.plan)
+    print(f"Plan {p.path}: ceremony {p.id!r} ({p.type})"
+          + (f", release {p.release}" if p.release else "")
+          + (" - PRACTICE" if p.practice else ""))
+    print(f"Digest  {fp.to_hex(p.digest)}")
+    words = fp.to_words(p.digest)
+    print("Words   " + " ".join(words[:16]) + "\n        " + " ".join(words[16:]))
+    print(f"Quorum  {p.quorum} of {len(p.crypto_officers)} crypto officers: "
+          + ", ".join(o.name for o in p.crypto_officers))
+    for o in p.officers:
+        if o.role != "crypto-officer":
+            print(f"        {o.role}: {o.name}")
+    for r in p.regions:
+        print(f"Region  {r.name}: {r.certificate}  pinned {fp.to_hex(r.fingerprint)}")
+    print(f"Output  {p.output_dir}\nSteps:")
+    for i, step in enumerate(runner.steps(p), 1):
+        print(f"  {i:2}. {step:<24} {_detail(p, step)}")
+    return 0
+
+
+def cmd_open(args) -> int:
+    p = plans.load(args.plan)
+    nonce = runner.Runner(p, environment.load(args.env)).open()
+    print(f"Ceremony {p.id} opened in {p.output_dir}")
+    print(f"Plan digest {p.digest.hex()}")
+    print(f"Nonce       {nonce.hex()}")
+    print("Each crypto officer now runs: ceremony approve --plan PLAN --officer NAME --key KEY")
+    return 0
+
+
+def cmd_approve(args) -> int:
+    p = plans.load(args.plan)
+    if args.nonce:
+        nonce = bytes.fromhex(args.nonce)
+    else:
+        opened = Transcript(p.output_dir).find("open")
+        if opened is None:
+            raise UsageError(f"ceremony not opened in {p.output_dir}", hint="give --nonce")
+        nonce = bytes.fromhex(opened["data"]["nonce"])
+    approval = approvals.sign(p, nonce, args.officer, Path(args.key))
+    out = Path(args.out) if args.out else p.output_dir / runner.APPROVALS_DIR / \
+        f"{args.officer}.json"
+    write_new(out, approval.to_json().encode())
+    print(f"{args.officer} approved plan {p.digest.hex()[:16]}... nonce {nonce.hex()[:16]}... "
+          f"-> {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    p = plans.load(args.plan)
+    if args.dry_run:
+        print("Dry run: nothing is touched.")
+        return cmd_plan(args)
+    if args.confirm_words or (sys.stdin is not None and sys.stdin.isatty()):
+        for r in p.regions:
+            typed = input(f"Type the fingerprint words read on the {r.name} console: ")
+            try:
+                if fp.parse_fingerprint(typed) != r.fingerprint:
+                    raise UsageError(f"the words for {r.name} do not match the plan's pinned "
+                                     "fingerprint", hint="stop the ceremony and investigate")
+            except ValueError as exc:
+                raise UsageError(f"cannot read the words for {r.name}: {exc}") from None
+    run = runner.Runner(p, environment.load(args.env), interactive=True)
+    run.open()
+    tr = run.run()
+    print(f"Ceremony {p.id} closed: {len(tr.records)} transcript records, head {tr.head}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .verify import verify_directory
+    result = verify_directory(Path(args.directory), Path(args.cert))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"OK: ceremony {result['ceremony_id']}, {result['records']} records, "
+              f"{len(result['bundles'])} bundles verified"
+              + (f", resumed {result['resumed']}x" if result["resumed"] else "")
+              + (" (PRACTICE)" if result["practice"] else ""))
+    return 0
+
+
+def cmd_keygen(args) -> int:
+    pub = approvals.new_key(Path(args.out))
+    print(pub, end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ceremony", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="validate a plan; print its digest and every step")
+    p.add_argument("plan")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("open", help="start a ceremony run: fresh nonce for the approvals")
+    p.add_argument("plan")
+    p.add_argument("--env", help="environment file (module, token, PIN sources)")
+    p.set_defaults(func=cmd_open)
+    p = sub.add_parser("approve", help="an officer signs (plan digest || nonce)")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--officer", required=True)
+    p.add_argument("--key", required=True, help="the officer's Ed25519 approval key (PEM)")
+    p.add_argument("--nonce", help="the run's nonce (default: read from the output directory)")
+    p.add_argument("--out", help="approval file (default: OUTPUT/approvals/OFFICER.json)")
+    p.set_defaults(func=cmd_approve)
+    p = sub.add_parser("run", help="check the approvals and perform (or resume) the ceremony")
+    p.add_argument("plan")
+    p.add_argument("--env", help="environment file (module, token, PIN sources)")
+    p.add_argument("--dry-run", action="store_true", help="print the steps; touch nothing")
+    p.add_argument("--confirm-words", action="store_true",
+                   help="ask for each region's fingerprint words even without a terminal")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("verify", help="verify a closed ceremony offline (no HSM)")
+    p.add_argument("directory")
+    p.add_argument("--cert", required=True, help="the primary signing certificate")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("keygen", help="make an officer's Ed25519 approval key; prints the "
+                                      "public key for the plan")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_keygen)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HsmError as exc:
+        if args.debug:
+            raise
+        print(f"ceremony: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ceremony: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"ceremony: unexpected error: {type(exc).__name__}: {exc} (run with --debug for "
+              "the traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,14 +98,16 @@ class Token:
 
     def __init__(self, mod: modules.LoadedModule, p11token: pkcs11.Token, pin: Pin | None, *,
                  pool_size: int = 8, rw: bool = True, validate_after: float = 5.0,
-                 retries: int = 3, acquire_timeout: float = 30.0):
+                 retries: int = 3, acquire_timeout: float = 30.0, so: bool = False):
         self._module = mod
         self._p11token = p11token
         self.label: str = p11token.label
         self.serial: str = p11token.serial.decode("ascii", "replace")
         self.slot_id: int = p11token.slot.slot_id
         self._pin = pin
-        self._rw = rw
+        # SO sessions exist for the few objects only the SO may create (CKA_TRUSTED keys).
+        self._user_type = _cryptoki.CKU_SO if so else _cryptoki.CKU_USER
+        self._rw = rw or so
         self.pool_size = pool_size
         self.validate_after = validate_after
         self.retries = retries
@@ -138,7 +140,7 @@ class Token:
         mod = modules.load(module, parameters)
         p11token = find_token(mod, label=label, serial=serial)
         # Serial alone is not unique everywhere (both NSS softokn tokens report 0000000000000000).
-        key = (mod.path, p11token.label, p11token.serial, os.getpid())
+        key = (mod.path, p11token.label, p11token.serial, os.getpid(), bool(kwargs.get("so")))
         with _registry_lock:
             # Login is per application: a second Token for the same token in this process
             # would find itself "already logged in" whatever PIN it was given. Share the
@@ -168,7 +170,7 @@ class Token:
             anchor = self._p11token.open(rw=self._rw)
         if self._pin is not None:
             try:
-                _login_on(self._module, anchor, self._pin, self.label)
+                _login_on(self._module, anchor, self._pin, self.label, self._user_type)
             except HsmError:
                 _close_quietly(self._module, anchor)
                 raise
@@ -195,7 +197,11 @@ class Token:
         rv, info = self._module.raw.session_info(session.handle)
         if rv != _cryptoki.CKR_OK:
             return False
-        return not need_login or info.state in _cryptoki.LOGGED_IN_STATES
+        if not need_login:
+            return True
+        if self._user_type == _cryptoki.CKU_SO:
+            return info.state == _cryptoki.CKS_RW_SO_FUNCTIONS
+        return info.state in _cryptoki.LOGGED_IN_STATES
 
     def _logged_in(self) -> bool:
         anchor = self._anchor
@@ -210,7 +216,7 @@ class Token:
             if anchor is not None and self._session_alive(anchor, self._pin is not None):
                 pass
             elif anchor is not None and self._session_alive(anchor, False) and self._pin:
-                _login_on(self._module, anchor, self._pin, self.label)
+                _login_on(self._module, anchor, self._pin, self.label, self._user_type)
             else:
                 self._login()
             with self._lock:
@@ -403,7 +409,7 @@ class Token:
             if self._refs > 0:
                 return
             _registry.pop((self._module.path, self._p11token.label, self._p11token.serial,
-                           self._pid), None)
+                           self._pid, self._user_type == _cryptoki.CKU_SO), None)
         with self._cond:
             self._closed = True
             idle, self._idle = list(self._idle), collections.deque()
@@ -426,7 +432,8 @@ class Token:
         return f"<Token label={self.label!r} serial={self.serial!r} slot={self.slot_id}>"
 
 
-def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, label: str) -> None:
+def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, label: str,
+              user_type: int = _cryptoki.CKU_USER) -> None:
     """C_Login(CKU_USER) on an existing session; already logged in (by us) counts as success.
 
     SoftHSM2 2.6.1 answers CKR_GENERAL_ERROR when two processes log in to the same token at the
@@ -434,7 +441,7 @@ def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, labe
     code never counts towards the PIN lock-out, so a short, bounded, jittered retry is safe.
     """
     for attempt in range(_LOGIN_ATTEMPTS):
-        rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"))
+        rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"), user_type)
         if rv in (_cryptoki.CKR_OK, _cryptoki.CKR_USER_ALREADY_LOGGED_IN):
             return
         if rv != _cryptoki.CKR_GENERAL_ERROR or attempt == _LOGIN_ATTEMPTS - 1:

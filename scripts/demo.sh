@@ -45,4 +45,6 @@ step "pkcs11-tool --list-objects (primary)"
 pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label primary --list-objects \
     --pin "$HSM_PIN" 2>/dev/null | grep -E "Object|label|ID|Usage|Access" || true
 
-step "done: certificates in $PKI, tokens in $VAR/tokens (make clean removes them)"
+bash scripts/demo-ceremony.sh
+
+step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"

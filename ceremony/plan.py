@@ -1,0 +1,296 @@
+"""The ceremony plan: one TOML file, parsed strictly, reviewed weeks before and run unchanged.
+
+Strict means: an unknown key, a missing field or a wrong type is an error naming the key path and
+its line, never a default. The plan holds no PIN, module path or slot number; those come from the
+environment file (:mod:`ceremony.environment`), so the reviewed plan runs as-is on the day.
+The plan digest is SHA-256 over the file's exact bytes: what the officers reviewed and approve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsm import fingerprint as fp
+
+from .errors import PlanError
+
+CEREMONY_TYPES = ("release-secrets", "regional-enrollment")
+ROLES = ("administrator", "crypto-officer", "witness")
+SECRET_TYPES = {
+    # name: (PKCS#11 key type, bits, usages in the regional token)
+    "hmac-sha256-seed": ("generic-secret", 256),
+    "aes-256": ("aes", 256),
+}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_RELEASE = re.compile(r"^\d+(\.\d+){0,3}$")
+
+
+@dataclass(frozen=True)
+class Officer:
+    name: str
+    role: str
+    approval_key: str  # Ed25519 public key, PEM SubjectPublicKeyInfo
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    certificate: Path
+    fingerprint: bytes
+
+
+@dataclass(frozen=True)
+class Secret:
+    name: str
+    type: str
+
+    @property
+    def key_type(self) -> str:
+        return SECRET_TYPES[self.type][0]
+
+    @property
+    def bits(self) -> int:
+        return SECRET_TYPES[self.type][1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    digest: bytes
+    id: str
+    type: str
+    practice: bool
+    output_dir: Path
+    primary_signing_certificate: Path
+    primary_encryption_certificate: Path
+    quorum: int
+    officers: tuple[Officer, ...]
+    release: str | None = None
+    regions: tuple[Region, ...] = ()
+    secrets: tuple[Secret, ...] = ()
+    enrollment_request: Path | None = None
+    enrollment_fingerprint: bytes | None = None
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def crypto_officers(self) -> tuple[Officer, ...]:
+        return tuple(o for o in self.officers if o.role == "crypto-officer")
+
+    def release_tuple(self) -> tuple[int, ...]:
+        return release_key(self.release or "0")
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in release.split("."))
+
+
+# ------------------------------------------------------------------------------------ parsing
+class _Checker:
+    """Walks the parsed TOML, consuming keys; reports errors with key path and source line."""
+
+    def __init__(self, path: Path, text: str):
+        self.path = path
+        self.lines = text.splitlines()
+
+    def line_of(self, keypath: str) -> int | None:
+        """Best-effort source line of a key path like ``regions[1].fingerprint``."""
+        parts = re.findall(r"([A-Za-z0-9_-]+)(?:\[(\d+)\])?", keypath)
+        start = 0
+        for depth, (name, index) in enumerate(parts):
+            last = depth == len(parts) - 1
+            if index:
+                header = re.compile(rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]")
+                seen = -1
+                for i in range(start, len(self.lines)):
+                    if header.match(self.lines[i]):
+                        seen += 1
+                        if seen == int(index):
+                            start = i
+                            break
+                else:
+                    return None
+                if last:
+                    return start + 1
+                continue
+            table = re.compile(rf"^\s*\[\s*{re.escape(name)}\s*\]")
+            keyline = re.compile(rf"^\s*{re.escape(name)}\s*=")
+            for i in range(start, len(self.lines)):
+                if keyline.match(self.lines[i]) or (not last and table.match(self.lines[i])):
+                    start = i
+                    break
+            else:
+                return None
+            if last:
+                return start + 1
+        return start + 1
+
+    def fail(self, keypath: str, message: str) -> PlanError:
+        line = self.line_of(keypath)
+        where = f"{self.path}:{line}" if line else str(self.path)
+        return PlanError(f"{where}: {keypath}: {message}")
+
+    def table(self, data: object, keypath: str) -> dict:
+        if not isinstance(data, dict):
+            raise self.fail(keypath, f"must be a table, got {type(data).__name__}")
+        return dict(data)
+
+    def take(self, table: dict, key: str, kind: type, keypath: str, *, required: bool = True):
+        full = f"{keypath}.{key}" if keypath else key
+        if key not in table:
+            if required:
+                raise self.fail(keypath or key, f"missing required key {key!r}")
+            return None
+        value = table.pop(key)
+        if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+            raise self.fail(full, f"must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    def done(self, table: dict, keypath: str) -> None:
+        if table:
+            key = sorted(table)[0]
+            raise self.fail(f"{keypath}.{key}" if keypath else key,
+                            "unknown key (the plan format is strict; check the spelling)")
+
+
+def load(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PlanError(f"{path}: TOML syntax error: {exc}") from None
+    chk = _Checker(path, text)
+    base = path.parent
+    top = dict(data)
+
+    cer = chk.table(top.pop("ceremony", None) if "ceremony" in top else
+                    _missing(chk, "ceremony"), "ceremony")
+    cid = chk.take(cer, "id", str, "ceremony")
+    if not _ID.match(cid):
+        raise chk.fail("ceremony.id", "letters, digits, '.', '_' and '-' only (max 63)")
+    ctype = chk.take(cer, "type", str, "ceremony")
+    if ctype not in CEREMONY_TYPES:
+        raise chk.fail("ceremony.type", f"must be one of {', '.join(CEREMONY_TYPES)}")
+    practice = chk.take(cer, "practice", bool, "ceremony")
+    output_dir = base / chk.take(cer, "output_dir", str, "ceremony")
+    release = chk.take(cer, "release", str, "ceremony", required=ctype == "release-secrets")
+    if release is not None and not _RELEASE.match(release):
+        raise chk.fail("ceremony.release", "a release id is dotted numbers, e.g. '42' or "
+                       "'2026.11' (releases are ordered by these numbers)")
+    chk.done(cer, "ceremony")
+
+    prim = chk.table(top.pop("primary", None) if "primary" in top else
+                     _missing(chk, "primary"), "primary")
+    sign_cert = base / chk.take(prim, "signing_certificate", str, "primary")
+    enc_cert = base / chk.take(prim, "encryption_certificate", str, "primary")
+    chk.done(prim, "primary")
+
+    quorum_t = chk.table(top.pop("quorum", None) if "quorum" in top else
+                         _missing(chk, "quorum"), "quorum")
+    m = chk.take(quorum_t, "m", int, "quorum")
+    chk.done(quorum_t, "quorum")
+
+    officers_raw = top.pop("officers", None)
+    if not isinstance(officers_raw, list) or not officers_raw:
+        raise chk.fail("officers", "at least one [[officers]] entry is required")
+    officers = []
+    for i, item in enumerate(officers_raw):
+        kp = f"officers[{i}]"
+        t = chk.table(item, kp)
+        name = chk.take(t, "name", str, kp)
+        role = chk.take(t, "role", str, kp)
+        if role not in ROLES:
+            raise chk.fail(f"{kp}.role", f"must be one of {', '.join(ROLES)}")
+        key = chk.take(t, "approval_key", str, kp)
+        _check_approval_key(chk, f"{kp}.approval_key", key)
+        chk.done(t, kp)
+        officers.append(Officer(name, role, key))
+    names = [o.name for o in officers]
+    if len(set(names)) != len(names):
+        raise chk.fail("officers", "officer names must be unique")
+    n_crypto = sum(1 for o in officers if o.role == "crypto-officer")
+    if not 1 <= m <= n_crypto:
+        raise chk.fail("quorum.m", f"must be between 1 and the number of crypto officers "
+                       f"({n_crypto})")
+
+    regions: list[Region] = []
+    secrets: list[Secret] = []
+    enrollment_request = enrollment_fp = None
+    if ctype == "release-secrets":
+        regions_raw = top.pop("regions", None)
+        if not isinstance(regions_raw, list) or not regions_raw:
+            raise chk.fail("regions", "at least one [[regions]] entry is required")
+        for i, item in enumerate(regions_raw):
+            kp = f"regions[{i}]"
+            t = chk.table(item, kp)
+            name = chk.take(t, "name", str, kp)
+            if not _ID.match(name):
+                raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+            cert = base / chk.take(t, "certificate", str, kp)
+            fpr = _fingerprint(chk, f"{kp}.fingerprint", chk.take(t, "fingerprint", str, kp))
+            chk.done(t, kp)
+            regions.append(Region(name, cert, fpr))
+        if len({r.name for r in regions}) != len(regions):
+            raise chk.fail("regions", "region names must be unique")
+        secrets_raw = top.pop("secrets", None)
+        if not isinstance(secrets_raw, list) or not secrets_raw:
+            raise chk.fail("secrets", "at least one [[secrets]] entry is required")
+        for i, item in enumerate(secrets_raw):
+            kp = f"secrets[{i}]"
+            t = chk.table(item, kp)
+            name = chk.take(t, "name", str, kp)
+            if not _ID.match(name):
+                raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+            stype = chk.take(t, "type", str, kp)
+            if stype not in SECRET_TYPES:
+                raise chk.fail(f"{kp}.type", f"must be one of {', '.join(SECRET_TYPES)}")
+            chk.done(t, kp)
+            secrets.append(Secret(name, stype))
+        if len({s.name for s in secrets}) != len(secrets):
+            raise chk.fail("secrets", "secret names must be unique")
+    else:
+        enr = chk.table(top.pop("enrollment", None) if "enrollment" in top else
+                        _missing(chk, "enrollment"), "enrollment")
+        enrollment_request = base / chk.take(enr, "request", str, "enrollment")
+        enrollment_fp = _fingerprint(chk, "enrollment.fingerprint",
+                                     chk.take(enr, "fingerprint", str, "enrollment"))
+        chk.done(enr, "enrollment")
+    chk.done(top, "")
+    return Plan(path=path, digest=hashlib.sha256(raw).digest(), id=cid, type=ctype,
+                practice=practice, output_dir=output_dir, primary_signing_certificate=sign_cert,
+                primary_encryption_certificate=enc_cert, quorum=m, officers=tuple(officers),
+                release=release, regions=tuple(regions), secrets=tuple(secrets),
+                enrollment_request=enrollment_request, enrollment_fingerprint=enrollment_fp,
+                raw=data)
+
+
+def _missing(chk: _Checker, key: str):
+    raise chk.fail(key, f"missing required table [{key}]")
+
+
+def _fingerprint(chk: _Checker, keypath: str, value: str) -> bytes:
+    try:
+        return fp.parse_fingerprint(value)
+    except ValueError as exc:
+        raise chk.fail(keypath, f"not a SHA-256 fingerprint: {exc}") from None
+
+
+def _check_approval_key(chk: _Checker, keypath: str, pem_text: str) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    try:
+        key = load_pem_public_key(pem_text.encode())
+    except ValueError:
+        raise chk.fail(keypath, "not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise chk.fail(keypath, "approval keys are Ed25519")

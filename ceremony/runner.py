@@ -1,0 +1,370 @@
+"""Run a ceremony: open (fresh nonce), approvals, then the steps of its type, journaled.
+
+Every step is idempotent against the journal (the transcript) and the token: a run killed at any
+point is finished by running it again, which skips journaled steps, adopts objects an interrupted
+step made (matched by label *and* CKA_ID derived from the ceremony id), and never generates a
+secret twice. The transcript records where a run resumed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from hsm import export, ops
+from hsm import pin as pins
+from hsm.files import write_new
+from hsm.token import KeyRef, Token
+
+from . import approvals as approvals_mod
+from . import bundle as bundles
+from . import certificates as certs
+from .environment import Environment
+from .errors import CeremonyError, ResumeError
+from .plan import Plan, release_key
+from .transcript import SIGNATURE_FILE, Transcript, head_message, sha256_hex
+
+APPROVALS_DIR = "approvals"
+# Test hook: kill the runner with SIGKILL at a named checkpoint, to prove resume works. Named
+# loudly so nobody sets it by accident; it can only stop a ceremony, never change what it does.
+KILL_ENV = "HSM_SUITE_TEST_KILL_AT"
+PRACTICE_MARK = "PRACTICE"
+
+
+def secret_label(plan: Plan, name: str) -> str:
+    return f"rel-{plan.release}-{name}"
+
+
+def secret_id(plan: Plan, name: str) -> bytes:
+    """CKA_ID tying a token object to this ceremony: how a resumed run recognises its own."""
+    return hashlib.sha256(f"{plan.id}\x00{name}".encode()).digest()[:16]
+
+
+def recipient_label(name: str) -> str:
+    return f"trusted-{name}"
+
+
+def bundle_name(plan: Plan, recipient: str) -> str:
+    stamp = f"-{PRACTICE_MARK}" if plan.practice else ""
+    return f"bundle-{plan.release}-{recipient}{stamp}.p7"
+
+
+def steps(plan: Plan) -> list[str]:
+    """The journaled steps of a plan, in order."""
+    if plan.type == "regional-enrollment":
+        return ["open", "approvals", "certify-regional", "close"]
+    out = ["open", "approvals", "check-certificates", "check-release", "trust-recipients",
+           "kdf-salt"]
+    out += [f"generate:{s.name}" for s in plan.secrets]
+    out += ["check-values"]
+    out += [f"export:{r.name}" for r in plan.regions] + ["export:escrow"]
+    out += ["verify-bundles", "record-release", "close"]
+    return out
+
+
+class Runner:
+    def __init__(self, plan: Plan, env: Environment, *, interactive: bool = False,
+                 log: Callable[[str], None] = print):
+        self.plan = plan
+        self.env = env
+        self.out = plan.output_dir
+        self.interactive = interactive
+        self.log = log
+        self._user_pin: pins.Pin | None = None
+
+    # ------------------------------------------------------------------------- open
+    def open(self) -> bytes:
+        """Create the output directory and the journal's first record with a fresh nonce.
+        Re-opening the same plan returns the recorded nonce (approvals stay valid)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        tr = Transcript(self.out)
+        first = tr.find("open")
+        if first is not None:
+            if first["data"]["plan_digest"] != self.plan.digest.hex():
+                raise ResumeError(f"{self.out} holds another plan's ceremony",
+                                  hint="choose another output_dir; outputs are never overwritten")
+            if tr.find("close"):
+                raise ResumeError(f"ceremony {self.plan.id} in {self.out} is already closed")
+            return bytes.fromhex(first["data"]["nonce"])
+        if any(self.out.iterdir()):
+            raise ResumeError(f"{self.out} is not empty and holds no journal",
+                              hint="choose an empty output_dir")
+        nonce = os.urandom(32)
+        tr.append("open", {"ceremony_id": self.plan.id, "type": self.plan.type,
+                           "release": self.plan.release, "practice": self.plan.practice,
+                           "plan_file": self.plan.path.name,
+                           "plan_digest": self.plan.digest.hex(), "nonce": nonce.hex(),
+                           "quorum": self.plan.quorum,
+                           "officers": [[o.name, o.role] for o in self.plan.officers]})
+        return nonce
+
+    # ------------------------------------------------------------------------- run
+    def run(self) -> Transcript:
+        tr = Transcript(self.out)
+        if tr.find("open") is None:
+            raise ResumeError(f"ceremony not opened in {self.out}",
+                              hint="run `ceremony open PLAN` first, then collect approvals")
+        if tr.find("open")["data"]["plan_digest"] != self.plan.digest.hex():
+            raise ResumeError(f"{self.out} holds another plan's ceremony (the plan changed "
+                              "after it was opened)")
+        if tr.find("close") and (self.out / SIGNATURE_FILE).exists():
+            raise ResumeError(f"ceremony {self.plan.id} is already closed")
+        done = tr.steps_done()
+        todo = [s for s in steps(self.plan) if s not in done]
+        if len(done) > 1 and todo:
+            _remove_stale_temporaries(self.out)
+            last = tr.records[-1]["step"]
+            tr.append("resume", {"after_step": last, "remaining": todo})
+            self.log(f"resuming after step {last!r}")
+        self.tr = tr
+        for step in todo:
+            self._kill_point(f"before:{step}")
+            self.log(f"step {step}")
+            self._do(step)
+        if not (self.out / SIGNATURE_FILE).exists():
+            self._sign_head()
+        return tr
+
+    def _do(self, step: str) -> None:
+        name, _, arg = step.partition(":")
+        handler = getattr(self, "step_" + name.replace("-", "_"))
+        handler(arg) if arg else handler()
+
+    def _kill_point(self, where: str) -> None:
+        if os.environ.get(KILL_ENV) == where:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _journal(self, step: str, data: dict, officer: str | None = None) -> None:
+        self._kill_point(f"after-op:{step}")
+        self.tr.append(step, data, officer)
+
+    # ------------------------------------------------------------------------- tokens
+    def _user_token(self) -> Token:
+        if self._user_pin is None:
+            self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
+                                          prompt="Primary HSM user PIN: ")
+        return Token.open(self.env.primary_token, module=self.env.module,
+                          parameters=self.env.module_params, pin=self._user_pin)
+
+    def _so_token(self) -> Token:
+        so_pin = pins.resolve(self.env.so_pin_source, default_env="HSM_SO_PIN",
+                              prompt="Primary HSM security officer PIN: ")
+        return Token.open(self.env.primary_token, module=self.env.module,
+                          parameters=self.env.module_params, pin=so_pin, so=True)
+
+    # ------------------------------------------------------------------------- steps
+    def step_approvals(self) -> None:
+        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        folder = self.out / APPROVALS_DIR
+        found = sorted(folder.glob("*.json")) if folder.is_dir() else []
+        given = [approvals_mod.Approval.load(p) for p in found]
+        valid = approvals_mod.check(self.plan, nonce, given)
+        self._journal("approvals", {
+            "nonce": nonce.hex(), "approved_by": valid,
+            "signatures": {a.officer: sha256_hex(a.signature) for a in given
+                           if a.officer in valid}})
+
+    def _recipients(self) -> list[tuple[str, Path, bytes | None]]:
+        rows: list[tuple[str, Path, bytes | None]] = [
+            (r.name, r.certificate, r.fingerprint) for r in self.plan.regions]
+        rows.append(("escrow", self.plan.primary_encryption_certificate, None))
+        return rows
+
+    def step_check_certificates(self) -> None:
+        primary = certs.check_primary(self.plan.primary_signing_certificate)
+        checked = {}
+        for name, path, pinned in self._recipients():
+            cert = certs.check_recipient(path, primary, pinned, name)
+            checked[name] = {"certificate_sha256": sha256_hex(cert.public_bytes(
+                certs.Encoding.DER)), "spki_sha256": certs.spki_fingerprint(cert).hex()}
+        self._journal("check-certificates", {
+            "primary_signing_spki_sha256": certs.spki_fingerprint(primary).hex(),
+            "recipients": checked})
+
+    def step_check_release(self) -> None:
+        with self._user_token() as token:
+            recorded = export.read_states(token)
+        last = max(recorded, key=release_key) if recorded else None
+        if last is not None and release_key(self.plan.release) <= release_key(last):
+            raise CeremonyError(f"release {self.plan.release} is not newer than the last "
+                                f"release recorded in the primary HSM ({last})",
+                                hint="release ids only move forward; fix the plan")
+        self._journal("check-release", {"last_recorded": last, "release": self.plan.release})
+
+    def step_trust_recipients(self) -> None:
+        checked = self.tr.find("check-certificates")["data"]["recipients"]
+        result = {}
+        with self._so_token() as so:
+            for name, path, _ in self._recipients():
+                cert = certs.load(path, name)
+                spki = certs.as_asn1(cert).public_key
+                key_id = bytes.fromhex(checked[name]["spki_sha256"])[:16]
+                status = export.ensure_trusted_public_key(so, recipient_label(name), key_id, spki)
+                result[name] = {"label": recipient_label(name), "id": key_id.hex(),
+                                "status": status, "template": "CKO_PUBLIC_KEY RSA CKA_TOKEN "
+                                "CKA_TRUSTED CKA_WRAP !CKA_ENCRYPT !CKA_MODIFIABLE"}
+        self._journal("trust-recipients", {"recipients": result}, officer="security officer")
+
+    def step_kdf_salt(self) -> None:
+        with self._user_token() as token:
+            salt = export.random_bytes(token, 32)
+        self._journal("kdf-salt", {"kdf_salt": salt.hex(), "source": "C_GenerateRandom"})
+
+    def step_generate(self, name: str) -> None:
+        secret = next(s for s in self.plan.secrets if s.name == name)
+        label, key_id = secret_label(self.plan, name), secret_id(self.plan, name)
+        with self._user_token() as token:
+            status = export.ensure_secret(token, secret.key_type, label, key_id)
+            attrs = export.check_secret(token, label)
+        self._journal(f"generate:{name}", {
+            "label": label, "id": key_id.hex(), "type": secret.type, "bits": secret.bits,
+            "status": status, "attributes_read_back": attrs,
+            "template": f"{secret.key_type} {secret.bits} bits CKA_TOKEN CKA_PRIVATE "
+                        "CKA_SENSITIVE CKA_EXTRACTABLE CKA_WRAP_WITH_TRUSTED"})
+
+    def step_check_values(self) -> None:
+        values = {}
+        with self._user_token() as token:
+            for s in self.plan.secrets:
+                method, kcv = export.check_value(token, s.key_type, secret_label(self.plan,
+                                                                                 s.name))
+                values[s.name] = {"method": method, "value": kcv.hex()}
+        self._journal("check-values", {"check_values": values})
+
+    def step_export(self, recipient: str) -> None:
+        path = self.out / bundle_name(self.plan, recipient)
+        primary_cert = certs.as_asn1(certs.load(self.plan.primary_signing_certificate,
+                                                "primary signing"))
+        if path.exists():  # written by a run killed before it could journal the step
+            verified = bundles.verify(path.read_bytes(), primary_cert, where=str(path))
+            manifest = verified.manifest
+            if manifest["ceremony_id"] != self.plan.id or manifest["region"] != recipient:
+                raise ResumeError(f"{path} belongs to another ceremony or region")
+            self._journal(f"export:{recipient}", {"bundle": path.name, "status": "adopted",
+                                                  "sha256": sha256_hex(path.read_bytes())})
+            return
+        checked = self.tr.find("check-certificates")["data"]["recipients"][recipient]
+        salt = self.tr.find("kdf-salt")["data"]["kdf_salt"]
+        kcvs = self.tr.find("check-values")["data"]["check_values"]
+        wrap_ref = ops.public(recipient_label(recipient))
+        entries = []
+        with self._user_token() as token:
+            for s in self.plan.secrets:
+                wrapped = ops.rsa_oaep_wrap(token, wrap_ref, ops.secret(
+                    secret_label(self.plan, s.name)))
+                entries.append({"name": s.name, "type": s.type, "key_type": s.key_type,
+                                "bits": s.bits,
+                                "wrap": {"mechanism": wrapped.mechanism, **wrapped.parameters},
+                                "wrapped": wrapped.data.hex(), "check_value": kcvs[s.name]})
+            manifest = {
+                "format": bundles.FORMAT, "version": bundles.VERSION,
+                "ceremony_id": self.plan.id, "release": self.plan.release, "region": recipient,
+                "recipient": {"spki_sha256": checked["spki_sha256"],
+                              "certificate_sha256": checked["certificate_sha256"]},
+                "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "practice": self.plan.practice, "kdf_salt": salt, "secrets": entries}
+            der = bundles.build(manifest, primary_cert, self._signature_scheme(token),
+                                lambda data: self._sign(token, data))
+        write_new(path, der)
+        self._journal(f"export:{recipient}", {
+            "bundle": path.name, "status": "created", "sha256": sha256_hex(der),
+            "wraps": [{"secret": e["name"], **e["wrap"]} for e in entries]})
+
+    def step_verify_bundles(self) -> None:
+        primary_cert = certs.as_asn1(certs.load(self.plan.primary_signing_certificate,
+                                                "primary signing"))
+        results = {}
+        for name, _, _ in self._recipients():
+            path = self.out / bundle_name(self.plan, name)
+            der = path.read_bytes()
+            verified = bundles.verify(der, primary_cert, where=str(path))
+            if verified.manifest["region"] != name or \
+                    verified.manifest["practice"] != self.plan.practice:
+                raise CeremonyError(f"{path}: manifest region/practice flag is wrong")
+            results[name] = {"bundle": path.name, "sha256": sha256_hex(der), "verified": True}
+        self._journal("verify-bundles", {"bundles": results})
+
+    def step_record_release(self) -> None:
+        with self._user_token() as token:
+            recorded = export.read_states(token)
+            if self.plan.practice:
+                status = "skipped (practice)"
+            elif self.plan.release in recorded and \
+                    max(recorded, key=release_key) == self.plan.release:
+                status = "adopted"
+            else:
+                export.write_state(token, self.plan.release)
+                status = "recorded"
+        self._journal("record-release", {"release": self.plan.release, "status": status})
+
+    def step_certify_regional(self) -> None:
+        from hsm import provision
+        with self._user_token() as token:
+            outcome = provision.certify_regional(
+                token, self.plan.enrollment_request, self.plan.primary_signing_certificate.parent,
+                confirmed_fingerprint=self.plan.enrollment_fingerprint)
+        cert = outcome.certificate.read_bytes()
+        self._journal("certify-regional", {"certificate": str(outcome.certificate),
+                                           "status": outcome.status,
+                                           "spki_sha256": outcome.fingerprint.hex(),
+                                           "certificate_sha256": sha256_hex(cert)})
+
+    def step_close(self) -> None:
+        summary = {"steps": [r["step"] for r in self.tr.records],
+                   "bundles": {}}
+        for r in self.tr.records:
+            if r["step"].startswith("export:"):
+                summary["bundles"][r["data"]["bundle"]] = r["data"]["sha256"]
+        summary["resumed"] = sum(1 for r in self.tr.records if r["step"] == "resume")
+        self._journal("close", summary)
+
+    # ------------------------------------------------------------------------- signing
+    def _signing_ref(self, token: Token) -> KeyRef:
+        return ops.private(f"{token.label}-signing")
+
+    def _signature_scheme(self, token: Token) -> str:
+        cert = certs.load(self.plan.primary_signing_certificate, "primary signing")
+        from hsm import x509 as hx
+        spki = hx.public_key_info(token, ops.public(f"{token.label}-signing"))
+        if spki.dump() != certs.as_asn1(cert).public_key.dump():
+            raise CeremonyError("the primary token's signing key is not the key of the plan's "
+                                "primary signing certificate",
+                                hint="wrong token or wrong certificate in the plan")
+        return "ecdsa-sha384" if spki.algorithm == "ec" else "rsa-pss-sha384"
+
+    def _sign(self, token: Token, data: bytes) -> bytes:
+        return ops.sign(token, self._signing_ref(token), self._signature_scheme(token), data)
+
+    def _sign_head(self) -> None:
+        head = self.tr.head
+        with self._user_token() as token:
+            scheme = self._signature_scheme(token)
+            sig = self._sign(token, head_message(head))
+        cert = certs.load(self.plan.primary_signing_certificate, "primary signing")
+        doc = {"head": head, "records": len(self.tr.records), "algorithm": scheme,
+               "signature": sig.hex(), "signer_spki_sha256": certs.spki_fingerprint(cert).hex()}
+        write_new(self.out / SIGNATURE_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of a killed writer (hsm.files.write_new names them .NAME.PID.tmp)."""
+    for tmp in out.glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

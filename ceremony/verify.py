@@ -1,0 +1,91 @@
+"""Offline verification of a closed ceremony: no HSM, only the primary signing certificate.
+
+Checks, in order: the transcript's hash chain; the signature on its head; that the signed head is
+the last record (nothing appended after closing); that the approvals met the quorum recorded at
+open; and every bundle the transcript lists - file hash, CMS signature, manifest consistency.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+from . import bundle as bundles
+from . import certificates as certs
+from .errors import VerificationError
+from .transcript import FILE, SIGNATURE_FILE, head_message, load, sha256_hex
+
+
+def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
+    directory = Path(directory)
+    cert = certs.load(primary_cert_path, "primary signing")
+    asn1_cert = certs.as_asn1(cert)
+    path = directory / FILE
+    if not path.exists():
+        raise VerificationError(f"no transcript in {directory}")
+    records = load(path)  # chain checked; no repair: offline verification never edits
+    sig_path = directory / SIGNATURE_FILE
+    try:
+        sig_doc = json.loads(sig_path.read_text())
+        head, signature = sig_doc["head"], bytes.fromhex(sig_doc["signature"])
+        count = sig_doc["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VerificationError(f"{sig_path}: missing or unreadable head signature ({exc})",
+                                hint="a ceremony that did not close has no signed head") from None
+    if not records or records[-1]["hash"] != head or count != len(records):
+        raise VerificationError(f"{sig_path}: the signed head is not the transcript's last "
+                                "record (records were added or removed after closing)")
+    if records[-1]["step"] != "close":
+        raise VerificationError(f"{path}: the transcript does not end with 'close'")
+    _verify_head(cert, sig_doc.get("algorithm"), signature, head, sig_path)
+    opened = records[0]
+    if opened["step"] != "open":
+        raise VerificationError(f"{path}: the transcript does not start with 'open'")
+    approvals = [r for r in records if r["step"] == "approvals"]
+    quorum = opened["data"].get("quorum")
+    if not approvals or quorum is None or len(approvals[-1]["data"]["approved_by"]) < quorum \
+            or approvals[-1]["data"]["nonce"] != opened["data"]["nonce"]:
+        raise VerificationError(f"{path}: the recorded approvals do not meet the quorum")
+    checked = []
+    for rec in records:
+        if not rec["step"].startswith("export:"):
+            continue
+        name = rec["data"]["bundle"]
+        bpath = directory / name
+        try:
+            der = bpath.read_bytes()
+        except OSError:
+            raise VerificationError(f"bundle {name} listed in the transcript is missing") from None
+        if sha256_hex(der) != rec["data"]["sha256"]:
+            raise VerificationError(f"{bpath}: differs from the bundle the transcript recorded")
+        verified = bundles.verify(der, asn1_cert, where=str(bpath))
+        m = verified.manifest
+        if m["ceremony_id"] != opened["data"]["ceremony_id"] or \
+                m["release"] != opened["data"]["release"] or \
+                m["practice"] != opened["data"]["practice"] or \
+                m["region"] != rec["step"].split(":", 1)[1]:
+            raise VerificationError(f"{bpath}: its manifest does not match the transcript")
+        checked.append(name)
+    return {"ceremony_id": opened["data"]["ceremony_id"], "records": len(records),
+            "head": head, "bundles": checked,
+            "resumed": sum(1 for r in records if r["step"] == "resume"),
+            "practice": opened["data"]["practice"]}
+
+
+def _verify_head(cert, algorithm: str | None, signature: bytes, head: str, where: Path) -> None:
+    key = cert.public_key()
+    try:
+        if algorithm == "ecdsa-sha384" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, head_message(head), ec.ECDSA(hashes.SHA384()))
+        elif algorithm == "rsa-pss-sha384":
+            key.verify(signature, head_message(head),
+                       padding.PSS(padding.MGF1(hashes.SHA384()), 48), hashes.SHA384())
+        else:
+            raise VerificationError(f"{where}: unexpected signature algorithm {algorithm!r}")
+    except InvalidSignature:
+        raise VerificationError(f"{where}: the transcript head signature does not verify with "
+                                "the primary signing certificate") from None

@@ -1,0 +1,128 @@
+"""Build what a ceremony needs on real SoftHSM2 tokens: a provisioned primary, certified
+regional HSMs, officers with approval keys, plans and environment files.
+
+Shared by the ceremony tests. RSA-4096 keygen is slow, so a Kit is made once per test module and
+each test runs its own ceremony (fresh id, fresh release number, fresh output directory).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hsm import provision
+from hsm.testing import TestToken
+
+from ceremony import approvals, plan as plans
+
+OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),
+            ("carol", "crypto-officer"), ("wendy", "witness"))
+_release = itertools.count(1)
+
+
+@dataclass
+class Kit:
+    root: Path
+    pki: Path
+    primary: TestToken
+    regionals: dict[str, TestToken]
+    officer_keys: dict[str, Path]
+    officer_pubs: dict[str, str]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    # --------------------------------------------------------------------- files
+    def env_file(self, **overrides) -> Path:
+        values = {"primary_token": self.primary.label, "user_pin_source": "env:HSM_PIN",
+                  "so_pin_source": "env:HSM_SO_PIN", **overrides}
+        path = self.root / f"env-{next(_release)}.toml"
+        path.write_text("".join(f'{k} = "{v}"\n' for k, v in values.items()))
+        return path
+
+    def environ(self) -> dict:
+        """Environment for a `ceremony` subprocess: token dir and the primary's PINs."""
+        return {**os.environ, **self.primary.env, "HSM_PIN": self.primary.user_pin.reveal(),
+                "HSM_SO_PIN": self.primary.so_pin.reveal()}
+
+    def plan_text(self, *, ceremony_id: str | None = None, release: str | None = None,
+                  regions: list[str] | None = None, quorum: int = 2, practice: bool = False,
+                  fingerprints: dict[str, str] | None = None,
+                  certificates: dict[str, str] | None = None, output_dir: str | None = None,
+                  extra: str = "") -> str:
+        n = next(_release)
+        release = release or str(1000 + n)
+        ceremony_id = ceremony_id or f"test-{os.getpid()}-{n}"
+        regions = regions if regions is not None else sorted(self.regionals)
+        fps = {**self.fingerprints, **(fingerprints or {})}
+        crts = {r: str(self.pki / f"{self.regionals[r].label}.pem") for r in self.regionals}
+        crts.update(certificates or {})
+        out = [f'[ceremony]\nid = "{ceremony_id}"\ntype = "release-secrets"\n'
+               f'release = "{release}"\npractice = {str(practice).lower()}\n'
+               f'output_dir = "{output_dir or "out-" + ceremony_id}"\n{extra}\n',
+               f'[primary]\nsigning_certificate = "{self.pki / (self.primary.label + "-signing.pem")}"\n'
+               f'encryption_certificate = "{self.pki / (self.primary.label + "-encryption.pem")}"\n\n',
+               f"[quorum]\nm = {quorum}\n\n"]
+        for name, role in OFFICERS:
+            out.append(f'[[officers]]\nname = "{name}"\nrole = "{role}"\n'
+                       f'approval_key = """\n{self.officer_pubs[name]}"""\n\n')
+        for r in regions:
+            out.append(f'[[regions]]\nname = "{r}"\ncertificate = "{crts[r]}"\n'
+                       f'fingerprint = "{fps[r]}"\n\n')
+        out.append('[[secrets]]\nname = "kdf-seed"\ntype = "hmac-sha256-seed"\n\n'
+                   '[[secrets]]\nname = "tenant-wrapping-key"\ntype = "aes-256"\n')
+        return "".join(out)
+
+    def write_plan(self, text: str | None = None, **kwargs) -> Path:
+        text = text or self.plan_text(**kwargs)
+        path = self.root / f"plan-{next(_release)}.toml"
+        path.write_text(text)
+        return path
+
+    # --------------------------------------------------------------------- actions
+    def approve(self, plan_path: Path, nonce: bytes, officers=("alice", "bob")) -> None:
+        p = plans.load(plan_path)
+        folder = p.output_dir / "approvals"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in officers:
+            ap = approvals.sign(p, nonce, name, self.officer_keys[name])
+            (folder / f"{name}.json").write_text(ap.to_json())
+
+    def cli(self, *args: str, env: dict | None = None, timeout: int = 300
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ceremony", *map(str, args)],
+                              capture_output=True, text=True, env=env or self.environ(),
+                              stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.root)
+
+    def open_and_approve(self, plan_path: Path, officers=("alice", "bob")) -> bytes:
+        proc = self.cli("open", plan_path)
+        assert proc.returncode == 0, proc.stderr
+        nonce = bytes.fromhex(next(line.split()[-1] for line in proc.stdout.splitlines()
+                                   if line.startswith("Nonce")))
+        self.approve(plan_path, nonce, officers)
+        return nonce
+
+
+def make_kit(root: Path, make_token, regions=("eu", "us", "ap")) -> Kit:
+    """Provision a primary and certify one regional HSM per region (RSA-4096 everywhere)."""
+    pki = root / "pki"
+    primary = make_token("primary")
+    provision.init_primary(primary.token, pki)
+    regionals, fps = {}, {}
+    for region in regions:
+        tt = make_token(f"regional-{region}")
+        req = provision.init_regional(tt.token, region, pki)
+        provision.certify_regional(primary.token, req.request, pki,
+                                   confirmed_fingerprint=req.fingerprint)
+        regionals[region] = tt
+        fps[region] = req.fingerprint.hex()
+    keys, pubs = {}, {}
+    for name, _ in OFFICERS:
+        keys[name] = root / "officers" / f"{name}.key"
+        pubs[name] = approvals.new_key(keys[name])
+    # Close the in-process logins: the ceremony runs in subprocesses, and the SO step needs
+    # the primary free of user logins in *its* process only, but keep things simple and clean.
+    primary.close()
+    return Kit(root, pki, primary, regionals, keys, pubs, fps)
