@@ -142,6 +142,18 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_rehearse(args) -> int:
+    if args.dry_run:
+        print("Dry run: nothing is touched; a rehearsal would run these steps against "
+              "throw-away SoftHSM2 tokens, every output stamped PRACTICE.")
+        return cmd_plan(args)
+    from .rehearse import rehearse
+    result = rehearse(Path(args.plan))
+    print(f"REHEARSAL OK (PRACTICE): {result['records']} records, "
+          f"{len(result['bundles'])} bundles verified in {result['output_dir']}")
+    return 0
+
+
 def cmd_keygen(args) -> int:
     pub = approvals.new_key(Path(args.out))
     print(pub, end="")
@@ -178,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", required=True, help="the primary signing certificate")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("rehearse", help="run the plan against throw-away SoftHSM2 tokens, "
+                                        "outputs stamped PRACTICE")
+    p.add_argument("plan")
+    p.add_argument("--dry-run", action="store_true", help="print the steps; touch nothing")
+    p.set_defaults(func=cmd_rehearse)
     p = sub.add_parser("keygen", help="make an officer's Ed25519 approval key; prints the "
                                       "public key for the plan")
     p.add_argument("--out", required=True)
