@@ -8,6 +8,7 @@ secret twice. The transcript records where a run resumed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -76,6 +77,7 @@ class Runner:
         self.interactive = interactive
         self.log = log
         self._user_pin: pins.Pin | None = None
+        self._token: Token | None = None
 
     # ------------------------------------------------------------------------- open
     def open(self) -> bytes:
@@ -122,12 +124,15 @@ class Runner:
             tr.append("resume", {"after_step": last, "remaining": todo})
             self.log(f"resuming after step {last!r}")
         self.tr = tr
-        for step in todo:
-            self._kill_point(f"before:{step}")
-            self.log(f"step {step}")
-            self._do(step)
-        if not (self.out / SIGNATURE_FILE).exists():
-            self._sign_head()
+        try:
+            for step in todo:
+                self._kill_point(f"before:{step}")
+                self.log(f"step {step}")
+                self._do(step)
+            if not (self.out / SIGNATURE_FILE).exists():
+                self._sign_head()
+        finally:
+            self._close_user_token()
         return tr
 
     def _do(self, step: str) -> None:
@@ -144,14 +149,23 @@ class Runner:
         self.tr.append(step, data, officer)
 
     # ------------------------------------------------------------------------- tokens
-    def _user_token(self) -> Token:
-        if self._user_pin is None:
-            self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
-                                          prompt="Primary HSM user PIN: ")
-        return Token.open(self.env.primary_token, module=self.env.module,
-                          parameters=self.env.module_params, pin=self._user_pin)
+    def _user_token(self) -> contextlib.AbstractContextManager[Token]:
+        """The primary, logged in as the user once for all user steps (not per step)."""
+        if self._token is None:
+            if self._user_pin is None:
+                self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
+                                              prompt="Primary HSM user PIN: ")
+            self._token = Token.open(self.env.primary_token, module=self.env.module,
+                                     parameters=self.env.module_params, pin=self._user_pin)
+        return contextlib.nullcontext(self._token)
+
+    def _close_user_token(self) -> None:
+        if self._token is not None:
+            self._token.close()  # logs the user out: the SO cannot log in while we are
+            self._token = None
 
     def _so_token(self) -> Token:
+        self._close_user_token()
         so_pin = pins.resolve(self.env.so_pin_source, default_env="HSM_SO_PIN",
                               prompt="Primary HSM security officer PIN: ")
         return Token.open(self.env.primary_token, module=self.env.module,

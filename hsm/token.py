@@ -37,6 +37,7 @@ from .pin import Pin
 T = TypeVar("T")
 
 _registry: dict[tuple, "Token"] = {}
+_profiles: dict[tuple, object] = {}
 _registry_lock = threading.Lock()
 
 
@@ -389,9 +390,13 @@ class Token:
         """The token's capability profile, probed once per process (see :mod:`hsm.profile`)."""
         if self._profile is None:
             from .profile import probe
+            key = (self._module.path, self.label, self.serial)
             with self._anchor_lock:
                 if self._profile is None:
-                    self._profile = probe(self)
+                    # Probing generates an RSA key: once per token per process, not per open.
+                    cached = _profiles.get(key)
+                    self._profile = cached if cached is not None else probe(self)
+                    _profiles[key] = self._profile
         return self._profile
 
     @property
