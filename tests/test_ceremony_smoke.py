@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from ceremony import plan as plans
+from hsm import provision
 from tests.ceremony_kit import make_kit
 
 
@@ -31,3 +34,43 @@ def test_full_ceremony_closes_verifies_offline_and_openssl_accepts_bundles(kit):
                             str(kit.pki / f"{kit.primary.label}-signing.pem"), "-purpose", "any",
                             "-out", "/dev/null"], capture_output=True, text=True)
         assert v.returncode == 0, (bundle, v.stderr)
+
+
+def _enrollment_plan(kit, request: Path, fingerprint: str, name: str) -> Path:
+    text = kit.plan_text(ceremony_id=name, regions=[])
+    head = text.split("[[secrets]]")[0]
+    head = head.replace('type = "release-secrets"', 'type = "regional-enrollment"')
+    head = "\n".join(line for line in head.splitlines() if not line.startswith("release = "))
+    head += f'\n[enrollment]\nrequest = "{request}"\nfingerprint = "{fingerprint}"\n'
+    return kit.write_plan(head)
+
+
+def test_regional_enrollment_ceremony_certifies_and_is_recorded(kit, softhsm_session_token_factory):
+    new = softhsm_session_token_factory(prefix="regional-sa")
+    req = provision.init_regional(new.token, "sa", kit.pki)
+    plan_path = _enrollment_plan(kit, req.request, req.fingerprint.hex(), "enroll-sa-ok")
+    kit.open_and_approve(plan_path)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 0, proc.stderr
+    cert = kit.pki / f"{new.label}.pem"
+    root = kit.pki / f"{kit.primary.label}-signing.pem"
+    v = subprocess.run(["openssl", "verify", "-CAfile", str(root), str(cert)],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    out = plans.load(plan_path).output_dir
+    steps = [json.loads(line)["step"] for line in (out / "transcript.jsonl").read_text().split()]
+    assert steps == ["open", "approvals", "certify-regional", "close"]
+    assert kit.cli("verify", out, "--cert", root).returncode == 0
+
+
+def test_enrollment_with_a_wrong_pinned_fingerprint_issues_nothing(kit,
+                                                                 softhsm_session_token_factory):
+    new = softhsm_session_token_factory(prefix="regional-af")
+    req = provision.init_regional(new.token, "af", kit.pki)
+    wrong = bytes(32).hex()
+    plan_path = _enrollment_plan(kit, req.request, wrong, "enroll-af-bad")
+    kit.open_and_approve(plan_path)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode != 0 and "does not match" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (kit.pki / f"{new.label}.pem").exists()
