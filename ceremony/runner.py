@@ -90,7 +90,7 @@ class Runner:
             if first["data"]["plan_digest"] != self.plan.digest.hex():
                 raise ResumeError(f"{self.out} holds another plan's ceremony",
                                   hint="choose another output_dir; outputs are never overwritten")
-            if tr.find("close"):
+            if tr.find("close") and (self.out / SIGNATURE_FILE).exists():
                 raise ResumeError(f"ceremony {self.plan.id} in {self.out} is already closed")
             return bytes.fromhex(first["data"]["nonce"])
         if any(self.out.iterdir()):
@@ -118,8 +118,8 @@ class Runner:
             raise ResumeError(f"ceremony {self.plan.id} is already closed")
         done = tr.steps_done()
         todo = [s for s in steps(self.plan) if s not in done]
+        _remove_stale_temporaries(self.out)  # a killed writer's, e.g. of the head signature
         if len(done) > 1 and todo:
-            _remove_stale_temporaries(self.out)
             last = tr.records[-1]["step"]
             tr.append("resume", {"after_step": last, "remaining": todo})
             self.log(f"resuming after step {last!r}")

@@ -72,6 +72,17 @@ def _ids_of(token: Token, label: str) -> list[bytes]:
         o[Attribute.ID] for o in lease.session.get_objects({Attribute.LABEL: label})], label)
 
 
+def _remove_trusted_keys(kit) -> None:
+    """Destroy the trusted recipient keys an earlier test made (as the SO, who made them), so
+    the trust-recipients checkpoints see the token effect happen in *this* ceremony."""
+    with Token.open(kit.primary.label, pin=kit.primary.so_pin, so=True) as so:
+        for name in RECIPIENTS:
+            label = runner.recipient_label(name)
+            so.run("C_DestroyObject", lambda lease, label=label: [
+                o.destroy() for o in lease.session.get_objects({Attribute.LABEL: label})], label)
+            assert _count_label(so, label) == 0
+
+
 def _outs(proc) -> str:
     return f"rc={proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
@@ -86,6 +97,8 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
     cert_path = kit.pki / f"{kit.primary.label}-signing.pem"
     env_file = kit.env_file()
     kit.open_and_approve(plan_path)
+    if step == "trust-recipients":
+        _remove_trusted_keys(kit)
 
     # 1. The killed run: it dies by SIGKILL exactly at the checkpoint.
     killed = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit, checkpoint))
@@ -98,6 +111,10 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
         if step.startswith("generate:"):
             with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
                 assert _count_label(token, runner.secret_label(plan, step.split(":", 1)[1])) == 1
+        elif step == "trust-recipients":
+            with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
+                for name in RECIPIENTS:
+                    assert _count_label(token, runner.recipient_label(name)) == 1, name
         elif step.startswith("export:"):
             assert (out / runner.bundle_name(plan, step.split(":", 1)[1])).is_file()
         elif step == "record-release":
@@ -129,6 +146,20 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
         assert result["resumed"] == 1
     assert records[-1]["step"] == "close"
     assert records[-1]["data"]["resumed"] == len(resumes)
+    # What the interrupted step had done is adopted, never redone; what it had not is created.
+    status = {r["step"]: r["data"] for r in records}
+    effect_done = phase == "after-op"
+    for name in SECRETS:
+        adopted = effect_done and step == f"generate:{name}"
+        assert status[f"generate:{name}"]["status"] == ("adopted" if adopted else "created")
+    for name in RECIPIENTS:
+        adopted = effect_done and step == f"export:{name}"
+        assert status[f"export:{name}"]["status"] == ("adopted" if adopted else "created")
+    assert status["record-release"]["status"] == \
+        ("adopted" if effect_done and step == "record-release" else "recorded")
+    if step == "trust-recipients":
+        assert {r["status"] for r in status["trust-recipients"]["recipients"].values()} == \
+            {"adopted" if effect_done else "created"}
 
     # 5. The token: each secret once (with this ceremony's CKA_ID), each trusted key once, the
     #    release recorded once.
@@ -157,3 +188,23 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
         manifest = bundles.verify((out / name).read_bytes(), primary_cert, where=name).manifest
         assert manifest["kdf_salt"] == salts[0], name
         assert manifest["ceremony_id"] == plan.id
+
+
+def test_killed_between_close_record_and_head_signature_resumes(kit):
+    plan_path = kit.write_plan()
+    out = plans.load(plan_path).output_dir
+    env_file = kit.env_file()
+    kit.open_and_approve(plan_path)
+    first = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit))
+    assert first.returncode == 0, _outs(first)
+    records = load(out / FILE)
+    # The on-disk state of a SIGKILL right after the close record was fsynced: the signature is
+    # written last, atomically (hsm.files.write_new), so it is simply absent.
+    (out / SIGNATURE_FILE).unlink()
+
+    resumed = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit))
+    assert resumed.returncode == 0, _outs(resumed)
+    verified = kit.cli("verify", out, "--cert", kit.pki / f"{kit.primary.label}-signing.pem",
+                       env=_environ(kit))
+    assert verified.returncode == 0, _outs(verified)
+    assert load(out / FILE) == records  # nothing to redo: only the head gets signed
