@@ -41,9 +41,14 @@ class Approval:
     def load(cls, path: Path) -> Approval:
         try:
             d = json.loads(Path(path).read_text())
+            if not isinstance(d, dict) or set(d) != {"officer", "plan_digest", "nonce",
+                                                     "signature"} or \
+                    not all(isinstance(v, str) for v in d.values()):
+                raise ValueError("expected the four string fields officer, plan_digest, "
+                                 "nonce, signature")
             return cls(d["officer"], bytes.fromhex(d["plan_digest"]), bytes.fromhex(d["nonce"]),
                        bytes.fromhex(d["signature"]))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise ApprovalError(f"cannot read approval {path}: {exc}") from None
 
 
@@ -59,15 +64,12 @@ def sign(plan: Plan, nonce: bytes, officer: str, key_path: Path, password: bytes
     listed = {o.name: o for o in plan.officers}
     if officer not in listed:
         raise ApprovalError(f"{officer!r} is not an officer in the plan")
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
     if _load_pub(listed[officer].approval_key).public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw) != \
             key.public_key().public_bytes(serialization.Encoding.Raw,
                                           serialization.PublicFormat.Raw):
         raise ApprovalError(f"{key_path} is not the approval key the plan lists for {officer!r}",
-                            hint=f"the plan expects:\n{listed[officer].approval_key.strip()}\n"
-                                 f"this key is:\n{pub.decode().strip()}")
+                            hint="use your own key file; the plan's public key for you differs")
     return Approval(officer, plan.digest, nonce, key.sign(message(plan.digest, nonce)))
 
 
@@ -79,8 +81,13 @@ def _load_pub(pem_text: str) -> Ed25519PublicKey:
 
 def check(plan: Plan, nonce: bytes, approvals: list[Approval]) -> list[str]:
     """Return the approving crypto officers, or raise naming every reason a quorum is missing."""
+    return list(check_detailed(plan, nonce, approvals))
+
+
+def check_detailed(plan: Plan, nonce: bytes, approvals: list[Approval]) -> dict[str, bytes]:
+    """Like :func:`check`; maps each approving officer to the signature that verified."""
     officers = {o.name: o for o in plan.officers}
-    valid: list[str] = []
+    valid: dict[str, bytes] = {}
     problems: list[str] = []
     for ap in approvals:
         officer = officers.get(ap.officer)
@@ -103,8 +110,7 @@ def check(plan: Plan, nonce: bytes, approvals: list[Approval]) -> list[str]:
         except InvalidSignature:
             problems.append(f"{ap.officer!r}: the signature does not verify")
             continue
-        if ap.officer not in valid:
-            valid.append(ap.officer)
+        valid.setdefault(ap.officer, ap.signature)
     if len(valid) < plan.quorum:
         detail = "; ".join(problems) if problems else "no other approvals were given"
         raise ApprovalError(f"{len(valid)} valid approval(s) of the {plan.quorum} required "

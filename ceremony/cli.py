@@ -93,7 +93,10 @@ def cmd_open(args) -> int:
 def cmd_approve(args) -> int:
     p = plans.load(args.plan)
     if args.nonce:
-        nonce = bytes.fromhex(args.nonce)
+        try:
+            nonce = bytes.fromhex(args.nonce)
+        except ValueError:
+            raise UsageError("--nonce must be the hex nonce `ceremony open` printed") from None
     else:
         opened = Transcript(p.output_dir).find("open")
         if opened is None:

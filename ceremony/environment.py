@@ -34,6 +34,8 @@ def load(path: str | Path | None) -> Environment:
         data = tomllib.loads(path.read_text())
     except OSError as exc:
         raise PlanError(f"cannot read environment file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PlanError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise PlanError(f"{path}: TOML syntax error: {exc}") from None
     unknown = set(data) - _KEYS

@@ -25,8 +25,10 @@ SECRET_TYPES = {
     "hmac-sha256-seed": ("generic-secret", 256),
     "aes-256": ("aes", 256),
 }
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_RELEASE = re.compile(r"^\d+(\.\d+){0,3}$")
+# fullmatch and explicit ASCII classes: `$` would accept a trailing newline and `\d` any
+# Unicode digit, and both would end up in token labels and file names.
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_RELEASE = re.compile(r"[0-9]+(\.[0-9]+){0,3}")
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,10 @@ class _Checker:
                 if last:
                     return start + 1
                 continue
-            table = re.compile(rf"^\s*\[\s*{re.escape(name)}\s*\]")
+            table = re.compile(rf"^\s*\[\[?\s*{re.escape(name)}\s*\]")
             keyline = re.compile(rf"^\s*{re.escape(name)}\s*=")
             for i in range(start, len(self.lines)):
-                if keyline.match(self.lines[i]) or (not last and table.match(self.lines[i])):
+                if keyline.match(self.lines[i]) or table.match(self.lines[i]):
                     start = i
                     break
             else:
@@ -176,7 +178,7 @@ def load(path: str | Path) -> Plan:
     cer = chk.table(top.pop("ceremony", None) if "ceremony" in top else
                     _missing(chk, "ceremony"), "ceremony")
     cid = chk.take(cer, "id", str, "ceremony")
-    if not _ID.match(cid):
+    if not _ID.fullmatch(cid):
         raise chk.fail("ceremony.id", "letters, digits, '.', '_' and '-' only (max 63)")
     ctype = chk.take(cer, "type", str, "ceremony")
     if ctype not in CEREMONY_TYPES:
@@ -184,7 +186,7 @@ def load(path: str | Path) -> Plan:
     practice = chk.take(cer, "practice", bool, "ceremony")
     output_dir = base / chk.take(cer, "output_dir", str, "ceremony")
     release = chk.take(cer, "release", str, "ceremony", required=ctype == "release-secrets")
-    if release is not None and not _RELEASE.match(release):
+    if release is not None and not _RELEASE.fullmatch(release):
         raise chk.fail("ceremony.release", "a release id is dotted numbers, e.g. '42' or "
                        "'2026.11' (releases are ordered by these numbers)")
     chk.done(cer, "ceremony")
@@ -208,6 +210,8 @@ def load(path: str | Path) -> Plan:
         kp = f"officers[{i}]"
         t = chk.table(item, kp)
         name = chk.take(t, "name", str, kp)
+        if not _ID.fullmatch(name):
+            raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
         role = chk.take(t, "role", str, kp)
         if role not in ROLES:
             raise chk.fail(f"{kp}.role", f"must be one of {', '.join(ROLES)}")
@@ -218,6 +222,14 @@ def load(path: str | Path) -> Plan:
     names = [o.name for o in officers]
     if len(set(names)) != len(names):
         raise chk.fail("officers", "officer names must be unique")
+    seen_keys: dict[bytes, int] = {}
+    for i, o in enumerate(officers):
+        raw_key = _raw_key(o.approval_key)
+        if raw_key in seen_keys:
+            # One person holding two officers' keys would meet an M-of-N quorum alone.
+            raise chk.fail(f"officers[{i}].approval_key", "the same approval key as "
+                           f"officers[{seen_keys[raw_key]}]; every officer needs their own")
+        seen_keys[raw_key] = i
     n_crypto = sum(1 for o in officers if o.role == "crypto-officer")
     if not 1 <= m <= n_crypto:
         raise chk.fail("quorum.m", f"must be between 1 and the number of crypto officers "
@@ -234,7 +246,7 @@ def load(path: str | Path) -> Plan:
             kp = f"regions[{i}]"
             t = chk.table(item, kp)
             name = chk.take(t, "name", str, kp)
-            if not _ID.match(name):
+            if not _ID.fullmatch(name):
                 raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
             cert = base / chk.take(t, "certificate", str, kp)
             fpr = _fingerprint(chk, f"{kp}.fingerprint", chk.take(t, "fingerprint", str, kp))
@@ -249,7 +261,7 @@ def load(path: str | Path) -> Plan:
             kp = f"secrets[{i}]"
             t = chk.table(item, kp)
             name = chk.take(t, "name", str, kp)
-            if not _ID.match(name):
+            if not _ID.fullmatch(name):
                 raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
             stype = chk.take(t, "type", str, kp)
             if stype not in SECRET_TYPES:
@@ -285,12 +297,19 @@ def _fingerprint(chk: _Checker, keypath: str, value: str) -> bytes:
         raise chk.fail(keypath, f"not a SHA-256 fingerprint: {exc}") from None
 
 
+def _raw_key(pem_text: str) -> bytes:
+    from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
+                                                              load_pem_public_key)
+    return load_pem_public_key(pem_text.encode()).public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
 def _check_approval_key(chk: _Checker, keypath: str, pem_text: str) -> None:
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
     try:
         key = load_pem_public_key(pem_text.encode())
-    except ValueError:
-        raise chk.fail(keypath, "not a PEM public key") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise chk.fail(keypath, "not a PEM public key of a known algorithm") from None
     if not isinstance(key, Ed25519PublicKey):
         raise chk.fail(keypath, "approval keys are Ed25519")

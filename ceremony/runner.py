@@ -177,11 +177,10 @@ class Runner:
         folder = self.out / APPROVALS_DIR
         found = sorted(folder.glob("*.json")) if folder.is_dir() else []
         given = [approvals_mod.Approval.load(p) for p in found]
-        valid = approvals_mod.check(self.plan, nonce, given)
+        valid = approvals_mod.check_detailed(self.plan, nonce, given)
         self._journal("approvals", {
-            "nonce": nonce.hex(), "approved_by": valid,
-            "signatures": {a.officer: sha256_hex(a.signature) for a in given
-                           if a.officer in valid}})
+            "nonce": nonce.hex(), "approved_by": list(valid),
+            "signatures": {name: sha256_hex(sig) for name, sig in valid.items()}})
 
     def _recipients(self) -> list[tuple[str, Path, bytes | None]]:
         rows: list[tuple[str, Path, bytes | None]] = [
