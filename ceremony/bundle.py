@@ -100,6 +100,18 @@ def verify(der: bytes, primary_cert: x509.Certificate, *, where: str = "bundle")
         signature = si["signature"].native
         digest_algo = si["digest_algorithm"]["algorithm"].native
         _ = signed.native  # full parse: any malformed inner element fails here
+        # The unsigned envelope must be exactly what `build` writes, so a bundle's bytes are
+        # its identity and its embedded certificate cannot name another signer.
+        envelope_ok = (
+            signed["version"].native == "v1" and si["version"].native == "v1"
+            and [a["algorithm"].native for a in signed["digest_algorithms"]] == ["sha384"]
+            and len(signed["certificates"]) == 1
+            and signed["certificates"][0].chosen.dump() == primary_cert.dump()
+            and not signed["crls"] and not si["unsigned_attrs"]
+            and si["digest_algorithm"]["parameters"].native is None)
+        if not envelope_ok:
+            raise ValueError("the CMS envelope differs from the format (version, digest "
+                             "algorithms, embedded certificate or unsigned attributes)")
     except (ValueError, TypeError, KeyError) as exc:
         raise VerificationError(f"{where}: not a well-formed CMS SignedData ({exc})") from None
     if not isinstance(content, bytes):

@@ -31,9 +31,12 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
     sig_path = directory / SIGNATURE_FILE
     try:
         sig_doc = json.loads(sig_path.read_text())
+        if set(sig_doc) != {"head", "records", "algorithm", "signature", "signer_spki_sha256"}:
+            raise ValueError("unexpected fields")
         head, signature = sig_doc["head"], bytes.fromhex(sig_doc["signature"])
         count = sig_doc["records"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        signer = sig_doc["signer_spki_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise VerificationError(f"{sig_path}: missing or unreadable head signature ({exc})",
                                 hint="a ceremony that did not close has no signed head") from None
     if not records or records[-1]["hash"] != head or count != len(records):
@@ -42,6 +45,9 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
     if records[-1]["step"] != "close":
         raise VerificationError(f"{path}: the transcript does not end with 'close'")
     _verify_head(cert, sig_doc.get("algorithm"), signature, head, sig_path)
+    if signer != certs.spki_fingerprint(cert).hex():
+        raise VerificationError(f"{sig_path}: names another signer key than the pinned "
+                                "certificate's (signer_spki_sha256 does not verify)")
     opened = records[0]
     if opened["step"] != "open":
         raise VerificationError(f"{path}: the transcript does not start with 'open'")
@@ -70,6 +76,10 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
                 m["region"] != rec["step"].split(":", 1)[1]:
             raise VerificationError(f"{bpath}: its manifest does not match the transcript")
         checked.append(name)
+    strays = sorted(p.name for p in directory.glob("bundle-*") if p.name not in checked)
+    if strays:
+        raise VerificationError(f"{directory}: bundle files the transcript does not list: "
+                                + ", ".join(strays))
     return {"ceremony_id": opened["data"]["ceremony_id"], "records": len(records),
             "head": head, "bundles": checked,
             "resumed": sum(1 for r in records if r["step"] == "resume"),
