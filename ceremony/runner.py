@@ -78,6 +78,7 @@ class Runner:
         self.log = log
         self._user_pin: pins.Pin | None = None
         self._token: Token | None = None
+        self._scheme: str | None = None
 
     # ------------------------------------------------------------------------- open
     def open(self) -> bytes:
@@ -341,6 +342,9 @@ class Runner:
         return ops.private(f"{token.label}-signing")
 
     def _signature_scheme(self, token: Token) -> str:
+        """Checked once per run: the token's signing key is the certificate's key."""
+        if self._scheme is not None:
+            return self._scheme
         cert = certs.load(self.plan.primary_signing_certificate, "primary signing")
         from hsm import x509 as hx
         spki = hx.public_key_info(token, ops.public(f"{token.label}-signing"))
@@ -348,7 +352,8 @@ class Runner:
             raise CeremonyError("the primary token's signing key is not the key of the plan's "
                                 "primary signing certificate",
                                 hint="wrong token or wrong certificate in the plan")
-        return "ecdsa-sha384" if spki.algorithm == "ec" else "rsa-pss-sha384"
+        self._scheme = "ecdsa-sha384" if spki.algorithm == "ec" else "rsa-pss-sha384"
+        return self._scheme
 
     def _sign(self, token: Token, data: bytes) -> bytes:
         return ops.sign(token, self._signing_ref(token), self._signature_scheme(token), data)
