@@ -74,3 +74,43 @@ def test_enrollment_with_a_wrong_pinned_fingerprint_issues_nothing(kit,
     assert proc.returncode != 0 and "does not match" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (kit.pki / f"{new.label}.pem").exists()
+
+
+def test_no_pin_or_secret_material_in_any_output_file(kit):
+    plan_path = kit.write_plan()
+    kit.open_and_approve(plan_path)
+    assert kit.cli("run", plan_path, "--env", kit.env_file()).returncode == 0
+    out = plans.load(plan_path).output_dir
+    pins = [kit.primary.user_pin.reveal(), kit.primary.so_pin.reveal()]
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for pin in pins:
+                assert pin.encode() not in data, path
+                assert pin.encode().hex().encode() not in data, path
+
+
+def test_rehearsal_runs_the_plan_on_throwaway_tokens_stamped_practice(kit, tmp_path):
+    plan_path = kit.write_plan(regions=["eu"])
+    env = {k: v for k, v in kit.environ().items()
+           if k not in ("SOFTHSM2_CONF", "HSM_PIN", "HSM_SO_PIN")}
+    proc = kit.cli("rehearse", plan_path, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "REHEARSAL OK (PRACTICE)" in proc.stdout
+    out = Path(proc.stdout.strip().split(" in ")[-1])
+    assert "PRACTICE" in out.name
+    bundles = sorted(p.name for p in out.glob("bundle-*.p7"))
+    assert bundles and all(name.endswith("-PRACTICE.p7") for name in bundles)
+    # The real output directory is untouched, and the rehearsal verifies with its own root.
+    assert not plans.load(plan_path).output_dir.exists()
+    check = kit.cli("verify", out, "--cert", out / "PRACTICE-primary-signing.pem")
+    assert check.returncode == 0 and "(PRACTICE)" in check.stdout
+
+
+def test_rehearsal_dry_run_touches_nothing(kit):
+    plan_path = kit.write_plan()
+    proc = kit.cli("rehearse", plan_path, "--dry-run")
+    assert proc.returncode == 0 and "touch" in proc.stdout and "export:eu" in proc.stdout
+    assert not plans.load(plan_path).output_dir.exists()
+    out = plans.load(plan_path).output_dir
+    assert not list(out.parent.glob(f"{out.name}-PRACTICE-*"))
