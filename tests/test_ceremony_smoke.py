@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,21 @@ def test_rehearsal_dry_run_touches_nothing(kit):
     assert not plans.load(plan_path).output_dir.exists()
     out = plans.load(plan_path).output_dir
     assert not list(out.parent.glob(f"{out.name}-PRACTICE-*"))
+
+
+def test_confirm_words_stops_when_the_typed_words_differ(kit):
+    from hsm import fingerprint as fp
+    plan_path = kit.write_plan(regions=["eu"])
+    kit.open_and_approve(plan_path)
+    wrong = " ".join(fp.to_words(bytes(32)))
+    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
+                           str(kit.env_file()), "--confirm-words"], input=wrong + "\n",
+                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    assert proc.returncode == 2 and "do not match the plan's pinned fingerprint" in proc.stderr
+    out = plans.load(plan_path).output_dir
+    assert not list(out.glob("bundle-*"))
+    right = " ".join(fp.to_words(bytes.fromhex(kit.fingerprints["eu"])))
+    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
+                           str(kit.env_file()), "--confirm-words"], input=right + "\n",
+                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    assert proc.returncode == 0, proc.stderr
