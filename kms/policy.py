@@ -1,0 +1,23 @@
+"""Tenant secret policy: who may do what, when. Plain numbers, one place."""
+
+from __future__ import annotations
+
+HOUR = 3600.0
+DAY = 24 * HOUR
+
+ORG_TYPES = ("production", "developer", "sandbox")
+# One new tenant secret (generate or upload) per interval, per org and key type.
+NEW_SECRET_INTERVAL = {"production": 24 * HOUR, "developer": 24 * HOUR, "sandbox": 4 * HOUR}
+
+KEY_TYPES = ("field", "database")
+# Database-encryption secrets: not destroyable for 3 months, not used for new DEKs for 24 h.
+DATABASE_MIN_LIFESPAN = 90 * DAY
+DATABASE_ACTIVATION_DELAY = 24 * HOUR
+
+STATES = ("ACTIVE", "ARCHIVED", "DESTROYED")
+SOURCES = ("HSM", "UPLOADED", "REMOTE")
+DERIVATIONS = ("PBKDF2", "NONE")
+
+DEFAULT_PBKDF2_ITERATIONS = 1000
+CACHE_FLUSH_AFTER = 72 * HOUR
+CACHE_MAX_ENTRIES = 100_000
