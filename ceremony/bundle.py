@@ -106,16 +106,20 @@ def verify(der: bytes, primary_cert: x509.Certificate, *, where: str = "bundle")
             signed["version"].native == "v1" and si["version"].native == "v1"
             and [a["algorithm"].native for a in signed["digest_algorithms"]] == ["sha384"]
             and len(signed["certificates"]) == 1
-            and signed["certificates"][0].chosen.dump() == primary_cert.dump()
             and not signed["crls"] and not si["unsigned_attrs"]
             and si["digest_algorithm"]["parameters"].native is None)
         if not envelope_ok:
             raise ValueError("the CMS envelope differs from the format (version, digest "
-                             "algorithms, embedded certificate or unsigned attributes)")
+                             "algorithms, certificates or unsigned attributes)")
+        embedded = signed["certificates"][0].chosen.dump()
     except (ValueError, TypeError, KeyError) as exc:
         raise VerificationError(f"{where}: not a well-formed CMS SignedData ({exc})") from None
     if not isinstance(content, bytes):
         raise VerificationError(f"{where}: no encapsulated manifest")
+    if embedded != primary_cert.dump():
+        raise VerificationError(f"{where}: signed under another primary certificate than the "
+                                "pinned one", hint="a bundle from another (or a practice) "
+                                "primary HSM; check the pinned certificate")
     if sid.name != "issuer_and_serial_number" or \
             sid.chosen["serial_number"].native != primary_cert.serial_number or \
             sid.chosen["issuer"].dump() != primary_cert.issuer.dump():

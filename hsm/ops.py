@@ -196,3 +196,45 @@ def sign(token: Token, key: KeyRef, signature: str, data: bytes) -> bytes:
             data, mechanism=Mechanism.SHA384_RSA_PKCS_PSS,
             mechanism_param=(Mechanism.SHA384, MGF.SHA384, 48)), key.label)
     raise ValueError(f"unknown signature scheme {signature!r}")
+
+
+# --------------------------------------------------------------------------- by name, for kms/
+# kms/ and ceremony/ do not import pkcs11; they name key kinds and usages with strings.
+_KINDS = {"generic-secret": KeyType.GENERIC_SECRET, "aes": KeyType.AES}
+_USAGES = {"sign": MechanismFlag.SIGN,
+           "encrypt-decrypt": MechanismFlag.ENCRYPT | MechanismFlag.DECRYPT,
+           "wrap-unwrap": MechanismFlag.WRAP | MechanismFlag.UNWRAP}
+
+
+def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped, *, kind: str,
+                          usage: str, label: str) -> KeyRef:
+    """RSA-OAEP unwrap into a sensitive, non-extractable session object on the anchor (it must
+    outlive the call) with exactly ``usage``; one private-key operation."""
+    rsa_oaep_unwrap(token, unwrapping_key, wrapped, key_type=_KINDS[kind], label=label,
+                    capabilities=_USAGES[usage], on_anchor=True,
+                    template=_only(_USAGES[usage]))
+    return secret(label)
+
+
+def generate_session_secret(token: Token, *, kind: str, usage: str, label: str) -> KeyRef:
+    """A fresh sensitive, non-extractable session key on the anchor, with exactly ``usage``."""
+    generate_session_key(token, _KINDS[kind], 256, label, _USAGES[usage],
+                         template=_only(_USAGES[usage]))
+    return secret(label)
+
+
+def destroy_session_object(token: Token, ref: KeyRef) -> None:
+    def destroy(lease):
+        for obj in lease.session.get_objects({**ref.template(), Attribute.TOKEN: False}):
+            obj.destroy()
+        lease.objects.pop(ref, None)
+    token.run_on_anchor("C_DestroyObject", destroy, ref.label)
+
+
+def _only(caps: MechanismFlag) -> dict:
+    """Explicit false for every usage not granted (tokens' defaults vary)."""
+    flags = {Attribute.SIGN: MechanismFlag.SIGN, Attribute.VERIFY: MechanismFlag.VERIFY,
+             Attribute.ENCRYPT: MechanismFlag.ENCRYPT, Attribute.DECRYPT: MechanismFlag.DECRYPT,
+             Attribute.WRAP: MechanismFlag.WRAP, Attribute.UNWRAP: MechanismFlag.UNWRAP,
+             Attribute.DERIVE: MechanismFlag.DERIVE}
+    return {attr: bool(caps & flag) for attr, flag in flags.items()}

@@ -1,0 +1,71 @@
+"""KMS configuration: one strict TOML file per regional KMS node. PIN *sources* only."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from hsm import module as modules
+
+from . import policy
+from .errors import ConfigError
+
+_FIELDS = {
+    "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
+    "primary_certificate": str, "bundle_dir": str, "store": str, "allow_practice": bool,
+    "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
+}
+_REQUIRED = ("region", "token", "primary_certificate", "bundle_dir", "store")
+
+
+@dataclass(frozen=True)
+class KmsConfig:
+    path: Path
+    region: str
+    token: str
+    primary_certificate: Path
+    bundle_dir: Path
+    store: str
+    module: str = modules.DEFAULT_MODULE
+    module_params: str | None = None
+    pin_source: str | None = None
+    allow_practice: bool = False
+    pbkdf2_iterations: int = policy.DEFAULT_PBKDF2_ITERATIONS
+    cache_max_entries: int = policy.CACHE_MAX_ENTRIES
+    cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
+
+
+def load(path: str | Path) -> KmsConfig:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read KMS configuration {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{path}: unknown key {key!r}",
+                              hint="known: " + ", ".join(sorted(_FIELDS)))
+        kind = _FIELDS[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    if "pin_source" in data and not data["pin_source"].startswith(("env:", "file:")):
+        raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
+    if data.get("pbkdf2_iterations", 1) < 1:
+        raise ConfigError(f"{path}: pbkdf2_iterations must be >= 1")
+    base = path.parent
+    store = data["store"]
+    if "://" not in store:
+        store = f"sqlite:///{(base / store).resolve()}"
+    return KmsConfig(path=path, region=data["region"], token=data["token"],
+                     primary_certificate=base / data["primary_certificate"],
+                     bundle_dir=base / data["bundle_dir"], store=store,
+                     **{k: data[k] for k in ("module", "module_params", "pin_source",
+                                             "allow_practice", "pbkdf2_iterations",
+                                             "cache_max_entries", "cache_flush_hours")
+                        if k in data})

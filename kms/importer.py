@@ -1,0 +1,152 @@
+"""Start-up import of release bundles into the regional HSM, as session objects only.
+
+For each bundle: the CMS signature against the pinned primary certificate, the region, the
+recipient (this HSM's own key), the practice flag, and release history (a release imported before
+with other content, or another ceremony's bundle for it, is a replay and is refused). Then one
+RSA-OAEP unwrap per secret into a sensitive, non-extractable *session* object with only the usage
+it needs, and its key check value compared inside the token. Nothing is written to the token's
+persistent store, so a KMS restart re-imports and a stolen token file holds no release secret.
+A bundle that fails is reported with its reason; the others are still imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ceremony import bundle as bundles
+from ceremony import certificates as certs
+from hsm import export, ops
+from hsm import x509 as hx
+from hsm.errors import HsmError
+from hsm.token import KeyRef, Token
+
+from .errors import ImportRefused
+
+SEED_TYPE = "hmac-sha256-seed"
+WRAPPING_TYPE = "aes-256"
+
+
+@dataclass(frozen=True)
+class Release:
+    """What the KMS holds for one release: session-object labels and the public KDF salt."""
+
+    release: str
+    ceremony_id: str
+    bundle_sha256: str
+    kdf_salt: bytes
+    seed: KeyRef
+    wrapping_key: KeyRef
+
+
+@dataclass
+class ImportReport:
+    held: dict[str, Release] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)   # bundle file -> reason
+
+    def lines(self) -> list[str]:
+        out = [f"imported release {r.release} (ceremony {r.ceremony_id})"
+               for r in self.held.values()]
+        out += [f"REFUSED {name}: {why}" for name, why in self.refused.items()]
+        return out
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in release.split("."))
+
+
+def own_key_fingerprint(token: Token) -> str:
+    spki = hx.public_key_info(token, ops.public(f"{token.label}-encryption"))
+    return hashlib.sha256(spki.dump()).hexdigest()
+
+
+def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle_dir: Path,
+                   allow_practice: bool, history: dict[str, tuple[str, str]],
+                   record=None) -> ImportReport:
+    """Import every ``bundle-*.p7`` under ``bundle_dir`` (recursively), oldest release first.
+
+    ``history`` maps release -> (ceremony id, bundle SHA-256) of earlier imports (the store);
+    ``record(release, ceremony_id, sha256)`` is called after a first successful import.
+    """
+    report = ImportReport()
+    primary = certs.as_asn1(certs.check_primary(primary_cert_path))
+    own = own_key_fingerprint(token)
+    candidates = []
+    for path in sorted(Path(bundle_dir).rglob("bundle-*.p7")):
+        try:
+            der = path.read_bytes()
+            manifest = bundles.verify(der, primary, where=path.name).manifest
+            candidates.append((release_key(manifest["release"]), path, der, manifest))
+        except (OSError, HsmError, ValueError) as exc:
+            report.refused[path.name] = str(exc)
+    for _, path, der, manifest in sorted(candidates, key=lambda c: c[0]):
+        try:
+            rel = _import_one(token, path, der, manifest, region=region, own=own,
+                              allow_practice=allow_practice, history=history,
+                              held=report.held)
+        except (ImportRefused, HsmError) as exc:
+            report.refused[path.name] = str(exc)
+            continue
+        if rel is None:
+            continue  # another region's or the escrow bundle: not for this KMS, not an error
+        report.held[rel.release] = rel
+        if rel.release not in history and record is not None:
+            record(rel.release, rel.ceremony_id, rel.bundle_sha256)
+            history[rel.release] = (rel.ceremony_id, rel.bundle_sha256)
+    return report
+
+
+def _import_one(token: Token, path: Path, der: bytes, manifest: dict, *, region: str, own: str,
+                allow_practice: bool, history: dict, held: dict) -> Release | None:
+    if manifest["region"] != region:
+        return None
+    digest = hashlib.sha256(der).hexdigest()
+    release, ceremony_id = manifest["release"], manifest["ceremony_id"]
+    if manifest["practice"] and not allow_practice:
+        raise ImportRefused(f"{path.name} is a PRACTICE bundle; this KMS refuses practice "
+                            "bundles", hint="allow_practice = true only on practice KMSs")
+    if manifest["recipient"]["spki_sha256"] != own:
+        raise ImportRefused(f"{path.name} is addressed to another key "
+                            f"({manifest['recipient']['spki_sha256'][:16]}...), not this HSM's")
+    if release in history and history[release] != (ceremony_id, digest):
+        before = history[release]
+        raise ImportRefused(f"{path.name}: release {release} was imported before from ceremony "
+                            f"{before[0]} with other content; refusing a replayed or conflicting "
+                            "bundle")
+    if release in held:
+        raise ImportRefused(f"{path.name}: a second bundle for release {release}")
+    by_type = {s["type"]: s for s in manifest["secrets"]}
+    if set(by_type) != {SEED_TYPE, WRAPPING_TYPE} or len(manifest["secrets"]) != 2:
+        raise ImportRefused(f"{path.name}: expected one {SEED_TYPE} and one {WRAPPING_TYPE} "
+                            "secret")
+    refs = {}
+    try:
+        for stype, key_type, caps in ((SEED_TYPE, "generic-secret", "sign"),
+                                      (WRAPPING_TYPE, "aes", "encrypt-decrypt")):
+            entry = by_type[stype]
+            label = f"release-{release}-{entry['name']}"
+            ref = _unwrap(token, entry, key_type, caps, label)
+            refs[stype] = ref
+            method, kcv = export.check_value(token, key_type, label)
+            want = entry["check_value"]
+            if method != want["method"] or kcv.hex() != want["value"]:
+                raise ImportRefused(f"{path.name}: the key check value of {entry['name']} does "
+                                    "not match: the unwrapped key is not the one the ceremony "
+                                    "made")
+    except BaseException:
+        for ref in refs.values():
+            ops.destroy_session_object(token, ref)
+        raise
+    return Release(release, ceremony_id, digest, bytes.fromhex(manifest["kdf_salt"]),
+                   refs[SEED_TYPE], refs[WRAPPING_TYPE])
+
+
+def _unwrap(token: Token, entry: dict, key_type: str, caps: str, label: str) -> KeyRef:
+    wrap = entry["wrap"]
+    if wrap.get("mechanism") != "RSA_PKCS_OAEP":
+        raise ImportRefused(f"unsupported wrap mechanism {wrap.get('mechanism')!r}")
+    wrapped = ops.Wrapped(bytes.fromhex(entry["wrapped"]), "RSA_PKCS_OAEP",
+                          {"hash": wrap.get("hash", "sha1")})
+    return ops.unwrap_release_secret(token, ops.private(f"{token.label}-encryption"), wrapped,
+                                     kind=key_type, usage=caps, label=label)
