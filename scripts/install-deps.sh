@@ -6,6 +6,9 @@ need=()
 command -v pkcs11-tool >/dev/null || need+=(opensc)
 command -v certutil >/dev/null || need+=(libnss3-tools)
 command -v openssl >/dev/null || need+=(openssl)
+# PostgreSQL server binaries for the KMS store tests (tests/pg.py starts a throw-away server).
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v psql >/dev/null || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -32,7 +35,7 @@ fi
 # another clone would otherwise silently test that clone's code).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, hsm, pkcs11, asn1crypto, cryptography, pytest, pytest_benchmark, hypothesis
+import os, sys, hsm, pkcs11, asn1crypto, cryptography, psycopg, pytest, pytest_benchmark, hypothesis
 sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"

@@ -25,3 +25,19 @@ def provisioned(module_token_factory, tmp_path_factory):
                                       confirmed_fingerprint=request.fingerprint)
     return {"out": out, "primary": primary, "regional": regional, "outcomes": outcomes,
             "request": request, "regional_cert": cert}
+
+
+@pytest.fixture(scope="session")
+def postgresql_server():
+    """A throw-away PostgreSQL server (Debian's packages) on 127.0.0.1 for the whole test session
+    (tests/pg.py); skips, naming `apt-get install postgresql`, when the binaries are missing.
+    ``postgresql_server.create_database()`` gives each test its own database URL."""
+    from tests import pg
+    try:
+        server = pg.start()
+    except pg.PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()
