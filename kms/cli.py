@@ -1,9 +1,175 @@
-"""Placeholder for the `kms` command: the kms package lands in a later issue."""
+"""The ``kms`` command: a regional KMS node driven from the shell (the demo's front end).
 
+Every command starts the node from its configuration (token login, bundle import into session
+objects) and stops it: the HSM holds release secrets only while a process runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime as dt
+import json
+import os
 import sys
+import time
+from pathlib import Path
+
+from hsm.errors import HsmError
+
+from . import config as configs
+from .sdk import FieldEncryptor
+from .service import Kms
 
 
-def main(argv=None) -> int:
-    print("kms: not implemented yet (see the open issues); the hsm driver layer is ready",
-          file=sys.stderr)
-    return 2
+# Demo/test facility: pretend the clock is N hours ahead, to show rotation without waiting a day
+# for the rate limit. Announced on stderr every time it is used, so it cannot go unnoticed.
+CLOCK_OFFSET_ENV = "KMS_DEMO_CLOCK_OFFSET_HOURS"
+
+
+def _kms(args) -> Kms:
+    offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
+    clock = time.time
+    if offset:
+        print(f"kms: DEMO CLOCK: running {offset:+g} h ahead ({CLOCK_OFFSET_ENV})",
+              file=sys.stderr)
+        clock = lambda: time.time() + offset * 3600  # noqa: E731
+    kms = Kms(configs.load(args.config), clock=clock)
+    kms.start()
+    return kms
+
+
+def cmd_init(args) -> int:
+    from .store import Store
+    cfg = configs.load(args.config)
+    Store.open(cfg.store).close()
+    print(f"store ready: {cfg.store}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    with _kms(args) as kms:
+        for line in kms.report.lines():
+            print(line)
+        return 0 if kms.releases and not kms.report.refused else (4 if kms.report.refused else 5)
+
+
+def cmd_status(args) -> int:
+    with _kms(args) as kms:
+        status = kms.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(f"region {status['region']}, token {status['token']}, releases held: "
+              f"{', '.join(status['releases']) or 'none'}")
+        for name, why in status["refused"].items():
+            print(f"  refused {name}: {why}")
+        for t in status["tenants"]:
+            print(f"  tenant {t['org']} ({t['type']})")
+        print(f"  cache: {status['cache']}")
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    return "-" if ts is None else dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def cmd_tenant(args) -> int:
+    with _kms(args) as kms:
+        if args.action == "create":
+            kms.create_tenant(args.org, args.type)
+            row = kms.generate_secret(args.org, args.key_type)
+            print(f"tenant {args.org} ({args.type}): {row.key_type} secret v{row.version} "
+                  f"{row.state}")
+        elif args.action == "rotate":
+            row = kms.rotate(args.org, args.key_type)
+            print(f"{args.org}: {row.key_type} secret v{row.version} ACTIVE, previous archived")
+        elif args.action == "destroy":
+            row = kms.destroy(args.org, args.key_type, args.version)
+            print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
+                  "(wrapped material erased; cached DEKs invalidated)")
+        elif args.action == "list":
+            for row in kms.store.secrets(args.org):
+                print(f"{row.key_type:<9} v{row.version:<3} {row.state:<9} {row.source:<8} "
+                      f"{row.derivation:<6} release {row.release} created {_when(row.created_at)}"
+                      f" usable {_when(row.usable_from)}")
+        elif args.action == "export":
+            path = kms.export_backup(args.org, Path(args.file))
+            print(f"backup of {args.org} written to {path} (encrypted in the HSM)")
+        elif args.action == "import":
+            org = kms.import_backup(Path(args.file))
+            print(f"backup of {org} imported")
+    return 0
+
+
+def cmd_encrypt(args) -> int:
+    with _kms(args) as kms:
+        sdk = FieldEncryptor(kms)
+        data = args.text.encode() if args.text is not None else sys.stdin.buffer.read()
+        print(base64.b64encode(sdk.encrypt(args.org, data, key_type=args.key_type)).decode())
+    return 0
+
+
+def cmd_decrypt(args) -> int:
+    with _kms(args) as kms:
+        sdk = FieldEncryptor(kms)
+        blob = base64.b64decode(args.blob if args.blob is not None else sys.stdin.read())
+        sys.stdout.buffer.write(sdk.decrypt(args.org, blob) + b"\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kms", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true")
+    parser.add_argument("--config", required=True, help="the node's KMS configuration (TOML)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("init", help="create or migrate the store").set_defaults(func=cmd_init)
+    sub.add_parser("import", help="import the release bundles; report refusals").set_defaults(
+        func=cmd_import)
+    p = sub.add_parser("status", help="releases held, tenants, cache")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("tenant", help="tenant secrets")
+    p.add_argument("action", choices=["create", "rotate", "destroy", "list", "export", "import"])
+    p.add_argument("--org")
+    p.add_argument("--type", default="production", help="org type (create)")
+    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--version", type=int)
+    p.add_argument("--file", help="backup file (export/import)")
+    p.set_defaults(func=cmd_tenant)
+    p = sub.add_parser("encrypt", help="encrypt a field for an org (prints base64)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("text", nargs="?")
+    p.set_defaults(func=cmd_encrypt)
+    p = sub.add_parser("decrypt", help="decrypt a base64 blob for an org")
+    p.add_argument("--org", required=True)
+    p.add_argument("blob", nargs="?")
+    p.set_defaults(func=cmd_decrypt)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except HsmError as exc:
+        if args.debug:
+            raise
+        print(f"kms: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kms: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"kms: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

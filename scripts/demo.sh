@@ -46,5 +46,6 @@ pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label primary --lis
     --pin "$HSM_PIN" 2>/dev/null | grep -E "Object|label|ID|Usage|Access" || true
 
 bash scripts/demo-ceremony.sh
+bash scripts/demo-kms.sh
 
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"

@@ -1,0 +1,258 @@
+"""The regional KMS: start-up import, tenant secret lifecycle, DEK derivation, encrypted cache.
+
+Keys and where they live:
+- release secrets (KDF seed, tenant wrapping key): session objects in the regional HSM, imported
+  from the ceremony's bundles at every start (``kms.importer``);
+- tenant secrets: 32 bytes from the HSM's RNG, stored only as AES-256-GCM ciphertext made *inside*
+  the HSM under the release's tenant wrapping key, with the tenant, key type and version as
+  associated data (a row copied to another tenant or version fails to decrypt);
+- DEKs: PBKDF2-HMAC-SHA256 keyed by the KDF seed inside the HSM (``kms.derive``), or the
+  customer's own key (derivation NONE); held only in the encrypted key cache;
+- cache keys: per org, HMAC of (org, epoch) by an HSM-resident session key, never stored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+from hsm import export, ops
+from hsm import pin as pins
+from hsm.token import Token
+
+from . import derive, importer, policy
+from .cache import KeyCache
+from .config import KmsConfig
+from .errors import KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld, UnknownTenant
+from .store import SecretRow, Store
+
+WRAP_AAD = b"hsm-suite tenant secret v1"
+BACKUP_AAD = b"hsm-suite tenant backup v1"
+
+
+def _aad(org_id: str, key_type: str, version: int) -> bytes:
+    parts = [WRAP_AAD, org_id.encode(), key_type.encode(), str(version).encode()]
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+class Kms:
+    def __init__(self, config: KmsConfig, *, pin: pins.Pin | None = None, clock=time.time):
+        self.config = config
+        self.clock = clock
+        self._pin = pin
+        self.token: Token | None = None
+        self.store: Store | None = None
+        self.report: importer.ImportReport | None = None
+        self.cache: KeyCache | None = None
+        self._cache_master = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------- life cycle
+    def start(self) -> importer.ImportReport:
+        pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
+                                        prompt=f"User PIN for {self.config.token}: ")
+        self.token = Token.open(self.config.token, module=self.config.module,
+                                parameters=self.config.module_params, pin=pin)
+        self.store = Store.open(self.config.store)
+        self.report = importer.import_bundles(
+            self.token, region=self.config.region,
+            primary_cert_path=self.config.primary_certificate,
+            bundle_dir=self.config.bundle_dir, allow_practice=self.config.allow_practice,
+            history=self.store.releases(),
+            record=lambda rel, cid, sha: self.store.record_release(rel, cid, sha, self.clock()))
+        self._cache_master = ops.generate_session_secret(
+            self.token, kind="generic-secret", usage="sign",
+            label=f"kms-cache-master-{os.getpid()}")
+        self.cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
+                              flush_after=self.config.cache_flush_hours * policy.HOUR)
+        return self.report
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+        if self.store is not None:
+            self.store.close()
+        if self.token is not None:
+            self.token.close()
+
+    def __enter__(self) -> Kms:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _cache_key(self, org_id: str, epoch: int) -> bytes:
+        msg = b"hsm-suite cache key v1\x00" + org_id.encode() + b"\x00" + str(epoch).encode()
+        return ops.hmac_sha256(self.token, self._cache_master, msg)
+
+    # ------------------------------------------------------------------------- releases
+    @property
+    def releases(self) -> dict[str, importer.Release]:
+        return self.report.held if self.report else {}
+
+    def current_release(self) -> importer.Release:
+        if not self.releases:
+            raise ReleaseNotHeld("this KMS holds no release", hint="check `kms import` output "
+                                 "for refused bundles")
+        newest = max(self.releases, key=importer.release_key)
+        return self.releases[newest]
+
+    def _release(self, name: str | None) -> importer.Release:
+        if name is None or name not in self.releases:
+            raise ReleaseNotHeld(f"release {name} is not held by this KMS (its bundle was not "
+                                 "imported)", hint="run `kms import` and read why it was refused")
+        return self.releases[name]
+
+    # ------------------------------------------------------------------------- tenants
+    def create_tenant(self, org_id: str, org_type: str) -> None:
+        if org_type not in policy.ORG_TYPES:
+            raise KmsError(f"org type must be one of {', '.join(policy.ORG_TYPES)}")
+        self.store.create_org(org_id, org_type)
+
+    def generate_secret(self, org_id: str, key_type: str = "field") -> SecretRow:
+        """A new tenant secret from the HSM's RNG; archives the previous one (rotation)."""
+        self.store.org_type(org_id)
+        material = export.random_bytes(self.token, 32)
+        return self._add(org_id, key_type, material, source="HSM", derivation="PBKDF2")
+
+    rotate = generate_secret
+
+    def upload_secret(self, org_id: str, key_type: str, material: bytes, *,
+                      derivation: str = "PBKDF2") -> SecretRow:
+        """A customer-supplied tenant secret (PBKDF2) or DEK (NONE), stored wrapped."""
+        if len(material) != 32:
+            raise KmsError("an uploaded secret or DEK must be 32 bytes")
+        self.store.org_type(org_id)
+        return self._add(org_id, key_type, material, source="UPLOADED", derivation=derivation)
+
+    def _add(self, org_id, key_type, material, *, source, derivation) -> SecretRow:
+        rel = self.current_release()
+
+        def wrap(version: int) -> bytes:
+            nonce = os.urandom(12)
+            return nonce + ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, material,
+                                               aad=_aad(org_id, key_type, version))
+        row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
+                                    release=rel.release, iterations=self.config.pbkdf2_iterations,
+                                    now=self.clock(), wrap=wrap)
+        self.cache.invalidate(org_id, key_type)
+        return row
+
+    def destroy(self, org_id: str, key_type: str, version: int) -> SecretRow:
+        row = self.store.destroy_secret(org_id, key_type, version, now=self.clock())
+        self.cache.invalidate(org_id, key_type, version)
+        return row
+
+    def _tenant_secret(self, row: SecretRow) -> bytes:
+        if row.state == "DESTROYED" or row.wrapped is None:
+            raise KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
+                               f"{row.version}", hint="data under a destroyed key cannot be "
+                               "decrypted (crypto-shredding)")
+        rel = self._release(row.release)
+        nonce, blob = row.wrapped[:12], row.wrapped[12:]
+        return ops.aes_gcm_decrypt(self.token, rel.wrapping_key, nonce, blob,
+                                   aad=_aad(row.org_id, row.key_type, row.version))
+
+    # ------------------------------------------------------------------------- DEKs
+    def _dek(self, row: SecretRow, fragment: str | None) -> bytes:
+        key_id = (row.key_type, row.version, fragment)
+        cached = self.cache.get(row.org_id, key_id)
+        if cached is not None:
+            return cached
+        # A destroy landing while we derive must not let the DEK back in: put() drops an entry
+        # whose derivation started before the last invalidation.
+        generation = self.cache.generation()
+        secret = self._tenant_secret(row)
+        if row.derivation == "NONE":
+            dek = secret
+        else:
+            rel = self._release(row.release)
+            ctx = derive.KeyContext(row.org_id, row.key_type, row.version, fragment)
+            dek = derive.derive_dek(self.token, rel.seed, rel.kdf_salt, secret, ctx,
+                                    row.iterations)
+        self.cache.put(row.org_id, key_id, dek, since=generation)
+        return dek
+
+    def dek_for_encrypt(self, org_id: str, key_type: str = "field",
+                        fragment: str | None = None) -> tuple[int, str, bytes]:
+        row = self.store.active(org_id, key_type, now=self.clock())
+        if row is None:
+            self.store.org_type(org_id)  # UnknownTenant if it does not exist
+            raise KmsError(f"org {org_id} has no usable {key_type} secret",
+                           hint="`kms tenant rotate` generates one (database secrets become "
+                                "usable 24 h after upload)")
+        return row.version, row.derivation, self._dek(row, fragment)
+
+    def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
+                        fragment: str | None = None) -> bytes:
+        try:
+            row = self.store.get(org_id, key_type, version)
+        except UnknownTenant:
+            raise
+        return self._dek(row, fragment)
+
+    # ------------------------------------------------------------------------- status, backup
+    def status(self) -> dict:
+        return {"region": self.config.region, "token": self.token.label,
+                "releases": sorted(self.releases, key=importer.release_key),
+                "refused": dict(self.report.refused) if self.report else {},
+                "tenants": [{"org": org, "type": t} for org, t in self.store.orgs()],
+                "cache": self.cache.stats()}
+
+    def export_backup(self, org_id: str, path: Path) -> Path:
+        """The tenant's rows (secrets stay wrapped), encrypted and authenticated inside the HSM
+        under the current release's tenant wrapping key."""
+        from hsm.files import write_new
+        rel = self.current_release()
+        rows = self.store.export_rows(org_id)
+        plain = json.dumps({"org": org_id, "org_type": self.store.org_type(org_id),
+                            "rows": rows}, sort_keys=True, default=_jsonable).encode()
+        nonce = os.urandom(12)
+        aad = BACKUP_AAD + org_id.encode()
+        blob = ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, plain, aad=aad)
+        doc = {"format": "hsm-suite-tenant-backup", "version": 1, "org": org_id,
+               "release": rel.release, "nonce": nonce.hex(), "ciphertext": blob.hex()}
+        return write_new(path, (json.dumps(doc) + "\n").encode(), mode=0o600)
+
+    def import_backup(self, path: Path) -> str:
+        try:
+            doc = json.loads(Path(path).read_text())
+            org_id, release = doc["org"], doc["release"]
+            nonce, blob = bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["ciphertext"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise KmsError(f"cannot read backup {path}: {exc}") from None
+        rel = self._release(release)
+        try:
+            plain = ops.aes_gcm_decrypt(self.token, rel.wrapping_key, nonce, blob,
+                                        aad=BACKUP_AAD + org_id.encode())
+        except KmsError:
+            raise
+        except Exception as exc:
+            raise KmsError(f"backup {path} failed its integrity check", hint="the file was "
+                           "altered or belongs to another tenant") from exc
+        data = json.loads(plain)
+        try:
+            self.store.org_type(org_id)
+        except UnknownTenant:
+            self.store.create_org(org_id, data["org_type"])
+        self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
+        self.cache.invalidate(org_id)
+        return org_id
+
+
+def _jsonable(value):
+    if isinstance(value, bytes):
+        return {"__bytes__": value.hex()}
+    raise TypeError(type(value).__name__)
+
+
+def _from_json(row: dict) -> dict:
+    return {k: bytes.fromhex(v["__bytes__"]) if isinstance(v, dict) and "__bytes__" in v else v
+            for k, v in row.items()}
+
+
+__all__ = ["Kms", "PolicyViolation"]
