@@ -126,6 +126,8 @@ def _import_one(token: Token, path: Path, der: bytes, manifest: dict, *, region:
                                       (WRAPPING_TYPE, "aes", "encrypt-decrypt")):
             entry = by_type[stype]
             label = f"release-{release}-{entry['name']}"
+            # A node started earlier in this process may have left its session copy.
+            ops.destroy_session_object(token, ops.secret(label))
             ref = _unwrap(token, entry, key_type, caps, label)
             refs[stype] = ref
             method, kcv = export.check_value(token, key_type, label)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from hsm import export, ops
 from hsm import pin as pins
+from hsm.errors import HsmError
 from hsm.token import Token
 
 from . import derive, importer, policy
@@ -66,7 +67,7 @@ class Kms:
             record=lambda rel, cid, sha: self.store.record_release(rel, cid, sha, self.clock()))
         self._cache_master = ops.generate_session_secret(
             self.token, kind="generic-secret", usage="sign",
-            label=f"kms-cache-master-{os.getpid()}")
+            label=f"kms-cache-master-{os.getpid()}-{os.urandom(4).hex()}")
         self.cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * policy.HOUR)
         return self.report
@@ -74,6 +75,17 @@ class Kms:
     def close(self) -> None:
         if self.cache is not None:
             self.cache.flush()
+        if self.token is not None:
+            # Session objects would die with the process anyway; destroy them now so a
+            # token shared within the process keeps no release secret past this node.
+            refs = [self._cache_master] if self._cache_master else []
+            for rel in self.releases.values():
+                refs += [rel.seed, rel.wrapping_key]
+            for ref in refs:
+                try:
+                    ops.destroy_session_object(self.token, ref)
+                except HsmError:
+                    pass
         if self.store is not None:
             self.store.close()
         if self.token is not None:

@@ -1,0 +1,280 @@
+"""The regional KMS end to end on real tokens: ceremony bundles -> import -> tenants -> DEKs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+from pkcs11 import Attribute
+
+from ceremony import plan as plans
+from hsm.errors import HsmError
+from kms import config as configs
+from kms.errors import (ImportRefused, KeyDestroyed, PolicyViolation, RateLimited,
+                        ReleaseNotHeld, UnknownTenant)
+from kms.policy import DAY, HOUR
+from kms.sdk import FieldEncryptor
+from kms.service import Kms
+from tests.ceremony_kit import make_kit
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_900_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory, softhsm_session_token_factory):
+    root = tmp_path_factory.mktemp("kms")
+    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
+                    regions=("eu", "us"))
+
+
+@pytest.fixture(scope="module")
+def release(kit):
+    """One closed release ceremony; its output directory is the KMS bundle directory."""
+    plan_path = kit.write_plan()
+    kit.open_and_approve(plan_path)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 0, proc.stderr
+    return plans.load(plan_path)
+
+
+def _config(kit, tmp_path, bundle_dir, region="eu", **extra):
+    lines = {"region": region, "token": kit.regionals[region].label,
+             "primary_certificate": str(kit.pki / f"{kit.primary.label}-signing.pem"),
+             "bundle_dir": str(bundle_dir), "store": str(tmp_path / f"kms-{region}.db"),
+             "pbkdf2_iterations": 50, **extra}
+    path = tmp_path / f"kms-{region}.toml"
+    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool)
+                            else f"{k} = {str(v).lower()}\n" for k, v in lines.items()))
+    return configs.load(path)
+
+
+@pytest.fixture
+def node(kit, release, tmp_path):
+    clock = Clock()
+    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
+              clock=clock)
+    kms.start()
+    kms.test_clock = clock
+    yield kms
+    kms.close()
+
+
+def _token_objects(token) -> int:
+    return token.run("count", lambda lease: sum(
+        1 for _ in lease.session.get_objects({Attribute.TOKEN: True})))
+
+
+def test_import_holds_the_release_in_session_objects_only(kit, release, tmp_path):
+    token = kit.regionals["eu"].token
+    before = _token_objects(token)
+    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin)
+    report = kms.start()
+    try:
+        assert list(report.held) == [release.release] and report.refused == {}
+        held = report.held[release.release]
+        attrs = token.run("read", lambda lease: lease.key(held.seed).get_attributes(
+            [Attribute.TOKEN, Attribute.SENSITIVE, Attribute.EXTRACTABLE, Attribute.SIGN,
+             Attribute.DECRYPT, Attribute.ENCRYPT]))
+        assert attrs == {Attribute.TOKEN: False, Attribute.SENSITIVE: True,
+                         Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+                         Attribute.DECRYPT: False, Attribute.ENCRYPT: False}
+        assert _token_objects(token) == before  # nothing about releases persisted in the token
+        assert kms.store.releases()[release.release][0] == release.id
+    finally:
+        kms.close()
+
+
+def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit, release,
+                                                                            tmp_path):
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    src = next(release.output_dir.glob("bundle-*-eu.p7"))
+    shutil.copy(src, bundles / src.name)
+    tampered = bytearray(src.read_bytes())
+    tampered[len(tampered) // 2] ^= 0x01
+    (bundles / "bundle-x-eu-tampered.p7").write_bytes(bytes(tampered))
+    practice_plan = kit.write_plan(regions=["eu"], practice=True)
+    kit.open_and_approve(practice_plan)
+    assert kit.cli("run", practice_plan, "--env", kit.env_file()).returncode == 0
+    practice = next(plans.load(practice_plan).output_dir.glob("bundle-*-eu-PRACTICE.p7"))
+    shutil.copy(practice, bundles / practice.name)
+    kms = Kms(_config(kit, tmp_path, bundles), pin=kit.regionals["eu"].user_pin)
+    report = kms.start()
+    try:
+        assert list(report.held) == [release.release]
+        assert "bundle-x-eu-tampered.p7" in report.refused
+        assert "PRACTICE" in report.refused[practice.name]
+    finally:
+        kms.close()
+    # The us node ignores the eu bundle (another region) and holds nothing.
+    us = Kms(_config(kit, tmp_path, bundles, region="us"), pin=kit.regionals["us"].user_pin)
+    try:
+        assert us.start().held == {}
+        with pytest.raises(ReleaseNotHeld):
+            us.current_release()
+    finally:
+        us.close()
+
+
+def test_a_replayed_or_conflicting_bundle_for_a_held_release_is_refused(kit, release, tmp_path):
+    cfg = _config(kit, tmp_path, release.output_dir)
+    from kms.store import Store
+    store = Store.open(cfg.store)
+    store.record_release(release.release, "an-older-ceremony", "00" * 32, 0.0)
+    store.close()
+    kms = Kms(cfg, pin=kit.regionals["eu"].user_pin)
+    report = kms.start()
+    try:
+        assert report.held == {}
+        assert any("replayed or conflicting" in why for why in report.refused.values())
+    finally:
+        kms.close()
+
+
+def test_tenant_lifecycle_rotation_destroy_and_sdk(node):
+    sdk = FieldEncryptor(node)
+    node.create_tenant("acme", "production")
+    v1 = node.generate_secret("acme")
+    assert (v1.version, v1.state, v1.source, v1.derivation) == (1, "ACTIVE", "HSM", "PBKDF2")
+    old = sdk.encrypt("acme", b"4111-1111-1111-1111")
+    assert b"4111" not in old
+    with pytest.raises(RateLimited) as err:
+        node.rotate("acme")
+    assert "next allowed" in str(err.value)
+    node.test_clock.now += 25 * HOUR
+    v2 = node.rotate("acme")
+    assert v2.version == 2
+    new = sdk.encrypt("acme", b"5500-0000-0000-0004")
+    assert sdk.decrypt("acme", old) == b"4111-1111-1111-1111"  # archived key still decrypts
+    assert [r.state for r in node.store.secrets("acme")] == ["ARCHIVED", "ACTIVE"]
+    node.destroy("acme", "field", 1)
+    with pytest.raises(KeyDestroyed, match="key destroyed"):
+        sdk.decrypt("acme", old)
+    assert sdk.decrypt("acme", new) == b"5500-0000-0000-0004"
+    assert node.store.get("acme", "field", 1).wrapped is None  # crypto-shredded
+
+
+def test_deks_are_cached_encrypted_and_invalidated_on_destroy(node):
+    node.create_tenant("cachy", "sandbox")
+    node.generate_secret("cachy")
+    version, mode, dek = node.dek_for_encrypt("cachy")
+    misses = node.cache.stats()["misses"]
+    assert node.dek_for_decrypt("cachy", "field", version) == dek
+    assert node.cache.stats()["hits"] >= 1 and node.cache.stats()["misses"] == misses
+    node.destroy("cachy", "field", version)
+    with pytest.raises(KeyDestroyed):
+        node.dek_for_decrypt("cachy", "field", version)
+
+
+def test_a_wrapped_secret_copied_to_another_tenant_does_not_unwrap(node):
+    node.create_tenant("alice-org", "production")
+    node.create_tenant("mallory-org", "production")
+    row = node.generate_secret("alice-org")
+    node.generate_secret("mallory-org")
+    stolen = dataclasses.replace(row, org_id="mallory-org")
+    with pytest.raises(HsmError):
+        node._tenant_secret(stolen)
+    other_version = dataclasses.replace(row, version=row.version + 1)
+    with pytest.raises(HsmError):
+        node._tenant_secret(other_version)
+
+
+def test_database_secrets_wait_24h_and_live_3_months(node):
+    node.create_tenant("dbco", "production")
+    row = node.generate_secret("dbco", "database")
+    with pytest.raises(Exception, match="no usable database secret"):
+        node.dek_for_encrypt("dbco", "database")
+    node.test_clock.now += 24 * HOUR + 1
+    version, _, dek_a = node.dek_for_encrypt("dbco", "database", fragment="block-1")
+    _, _, dek_b = node.dek_for_encrypt("dbco", "database", fragment="block-2")
+    assert version == row.version and dek_a != dek_b  # a unique DEK per data fragment
+    with pytest.raises(PolicyViolation):
+        node.destroy("dbco", "database", row.version)
+    node.test_clock.now += 91 * DAY
+    assert node.destroy("dbco", "database", row.version).state == "DESTROYED"
+
+
+def test_unknown_tenant_and_a_release_not_held(node):
+    with pytest.raises(UnknownTenant):
+        node.dek_for_encrypt("nobody")
+    node.create_tenant("old-rel", "developer")
+    row = node.generate_secret("old-rel")
+    with pytest.raises(ReleaseNotHeld):
+        node._dek(dataclasses.replace(row, release="999"), None)
+
+
+def test_uploaded_dek_without_derivation_is_used_as_is(node):
+    node.create_tenant("byok", "production")
+    customer_dek = hashlib.sha256(b"customer key").digest()
+    node.upload_secret("byok", "field", customer_dek, derivation="NONE")
+    version, mode, dek = node.dek_for_encrypt("byok")
+    assert (mode, dek) == ("NONE", customer_dek)
+
+
+def test_backup_round_trip_and_tamper_detection(node, tmp_path):
+    node.create_tenant("backed", "production")
+    node.generate_secret("backed")
+    blob = FieldEncryptor(node).encrypt("backed", b"payload")
+    path = node.export_backup("backed", tmp_path / "backed.json")
+    assert b"payload" not in path.read_bytes()
+    tampered = tmp_path / "tampered.json"
+    text = path.read_text()
+    i = text.index('"ciphertext": "') + 20
+    tampered.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1:])
+    with pytest.raises(Exception, match="integrity"):
+        node.import_backup(tampered)
+
+
+def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
+    cfg = _config(kit, tmp_path, release.output_dir)
+    first = Kms(cfg, pin=kit.regionals["eu"].user_pin)
+    first.start()
+    first.create_tenant("persist", "production")
+    first.generate_secret("persist")
+    blob = FieldEncryptor(first).encrypt("persist", b"kept across restarts")
+    first.close()
+    again = Kms(cfg, pin=kit.regionals["eu"].user_pin)
+    again.start()
+    try:
+        assert FieldEncryptor(again).decrypt("persist", blob) == b"kept across restarts"
+    finally:
+        again.close()
+
+
+def test_cli_import_status_and_errors(kit, release, tmp_path):
+    cfg = _config(kit, tmp_path, release.output_dir)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), *args],
+                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+    assert kms("init").returncode == 0
+    proc = kms("import")
+    assert proc.returncode == 0 and f"imported release {release.release}" in proc.stdout
+    proc = kms("tenant", "create", "--org", "cli-org", "--type", "sandbox")
+    assert proc.returncode == 0, proc.stderr
+    enc = kms("encrypt", "--org", "cli-org", "hello")
+    assert enc.returncode == 0
+    dec = kms("decrypt", "--org", "cli-org", enc.stdout.strip())
+    assert dec.stdout.strip() == "hello"
+    proc = kms("decrypt", "--org", "no-such-org", enc.stdout.strip())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    env["HSM_PIN"] = "wrong-pin"
+    proc = kms("status")
+    assert proc.returncode == 2 and "CKR_PIN_INCORRECT" in proc.stderr
+    assert "wrong-pin" not in proc.stderr and kit.regionals["eu"].user_pin.reveal() not in \
+        proc.stderr
+
+
+def test_import_refused_is_a_kms_error():
+    assert issubclass(ImportRefused, HsmError)
