@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from hsm import fingerprint as fp
-from hsm.errors import HsmError, UsageError
+from hsm import cliutil
+from hsm.errors import UsageError
 from hsm.files import write_new
 
 from . import approvals, environment, plan as plans, runner
@@ -208,23 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except HsmError as exc:
-        if args.debug:
-            raise
-        print(f"ceremony: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("ceremony: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"ceremony: unexpected error: {type(exc).__name__}: {exc} (run with --debug for "
-              "the traceback)", file=sys.stderr)
-        return 3
-
+    return cliutil.run("ceremony", args.func, args, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

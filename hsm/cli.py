@@ -17,7 +17,7 @@ from pathlib import Path
 from . import fingerprint as fp
 from . import module as modules
 from . import pin as pins
-from . import provision, softhsm, uri
+from . import cliutil, provision, softhsm, uri
 from . import x509 as certs
 from .errors import HsmError, UsageError
 from .roles import DEFAULT_SIGNING, SIGNING_ROLES
@@ -272,26 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except HsmError as exc:
-        if args.debug:
-            raise
-        print(f"hsm: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hsm: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `hsm info | head`: the reader left; not an error worth a message
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except Exception as exc:  # a bug or an unexpected token answer: still one clear line
-        if args.debug:
-            raise
-        print(f"hsm: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 3
-
+    return cliutil.run("hsm", args.func, args, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())

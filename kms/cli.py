@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from hsm.errors import HsmError
+from hsm import cliutil
 
 from . import config as configs
 from .sdk import FieldEncryptor
@@ -153,23 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except HsmError as exc:
-        if args.debug:
-            raise
-        print(f"kms: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("kms: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"kms: unexpected error: {type(exc).__name__}: {exc} (run with --debug for the "
-              "traceback)", file=sys.stderr)
-        return 3
-
+    return cliutil.run("kms", args.func, args, debug=args.debug)
 
 if __name__ == "__main__":
     sys.exit(main())
