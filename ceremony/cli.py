@@ -50,7 +50,7 @@ def _detail(p: plans.Plan, step: str) -> str:
             "CKM_AES_KEY_GEN"
         use = "CKA_SIGN" if s.key_type == "generic-secret" else "CKA_ENCRYPT"
         return (f"{kind} {s.bits} bits, label {runner.secret_label(p, arg)!r}, id "
-                f"{runner.secret_id(p, arg).hex()}: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, "
+                "sha256(id, name, practice, run nonce)[:16]: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, "
                 f"CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, {use} only; read back LOCAL, "
                 "ALWAYS_SENSITIVE")
     if name == "export":

@@ -248,6 +248,8 @@ def load(path: str | Path) -> Plan:
             name = chk.take(t, "name", str, kp)
             if not _ID.fullmatch(name):
                 raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+            if name == "escrow":
+                raise chk.fail(f"{kp}.name", "'escrow' is reserved for the escrow bundle")
             cert = base / chk.take(t, "certificate", str, kp)
             fpr = _fingerprint(chk, f"{kp}.fingerprint", chk.take(t, "fingerprint", str, kp))
             chk.done(t, kp)

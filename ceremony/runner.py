@@ -41,9 +41,12 @@ def secret_label(plan: Plan, name: str) -> str:
     return f"rel-{plan.release}-{name}"
 
 
-def secret_id(plan: Plan, name: str) -> bytes:
-    """CKA_ID tying a token object to this ceremony: how a resumed run recognises its own."""
-    return hashlib.sha256(f"{plan.id}\x00{name}".encode()).digest()[:16]
+def secret_id(plan: Plan, name: str, nonce: bytes) -> bytes:
+    """CKA_ID tying a token object to this ceremony *run*: how a resumed run recognises its own.
+    The run's nonce is in it, so another run with the same ceremony id (a practice run, an
+    aborted and re-planned one) can never have its secrets adopted."""
+    return hashlib.sha256(f"{plan.id}\x00{name}\x00{int(plan.practice)}\x00".encode()
+                          + nonce).digest()[:16]
 
 
 def recipient_label(name: str) -> str:
@@ -214,6 +217,15 @@ class Runner:
         checked = self.tr.find("check-certificates")["data"]["recipients"]
         result = {}
         with self._so_token() as so:
+            # The escrow recipient is not pinned in the plan: it must be this primary's own
+            # encryption key, or an edited certificate path could send every secret elsewhere.
+            from hsm import x509 as hx
+            own = hx.public_key_info(so, ops.public(f"{so.label}-encryption")).dump()
+            escrow_cert = certs.load(self.plan.primary_encryption_certificate, "escrow")
+            if certs.as_asn1(escrow_cert).public_key.dump() != own:
+                raise CeremonyError("the plan's primary encryption certificate is not this "
+                                    "primary HSM's encryption key; the escrow bundle would go "
+                                    "to another key", hint="fix primary.encryption_certificate")
             for name, path, _ in self._recipients():
                 cert = certs.load(path, name)
                 spki = certs.as_asn1(cert).public_key
@@ -231,7 +243,8 @@ class Runner:
 
     def step_generate(self, name: str) -> None:
         secret = next(s for s in self.plan.secrets if s.name == name)
-        label, key_id = secret_label(self.plan, name), secret_id(self.plan, name)
+        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        label, key_id = secret_label(self.plan, name), secret_id(self.plan, name, nonce)
         with self._user_token() as token:
             status = export.ensure_secret(token, secret.key_type, label, key_id)
             attrs = export.check_secret(token, label)

@@ -207,13 +207,40 @@ _USAGES = {"sign": MechanismFlag.SIGN,
 
 
 def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped, *, kind: str,
-                          usage: str, label: str) -> KeyRef:
+                          usage: str, label: str) -> tuple[KeyRef, str, bytes]:
     """RSA-OAEP unwrap into a sensitive, non-extractable session object on the anchor (it must
-    outlive the call) with exactly ``usage``; one private-key operation."""
-    rsa_oaep_unwrap(token, unwrapping_key, wrapped, key_type=_KINDS[kind], label=label,
-                    capabilities=_USAGES[usage], on_anchor=True,
-                    template=_only(_USAGES[usage]))
-    return secret(label)
+    outlive the call) with exactly ``usage``; one private-key operation. Returns the key's
+    reference and its check value, computed on the handle the unwrap returned (no lookup)."""
+    from .export import KCV_LABEL
+    params = _oaep_params(wrapped.parameters.get("hash", "sha1"))
+    tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, **_only(_USAGES[usage])}
+    ref = secret(label)
+
+    def unwrap(lease):
+        obj = lease.key(unwrapping_key).unwrap_key(
+            ObjectClass.SECRET_KEY, _KINDS[kind], wrapped.data, label=label,
+            mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params, store=False,
+            capabilities=_USAGES[usage], template=tpl)
+        lease.objects[ref] = obj
+        if kind == "generic-secret":
+            return "hmac-sha256-8", obj.sign(KCV_LABEL, mechanism=Mechanism.SHA256_HMAC)[:8]
+        return "aes-ecb-zero-block-8", obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:8]
+    method, kcv = token.run_on_anchor("C_UnwrapKey(RSA_PKCS_OAEP)", unwrap, label)
+    return ref, method, kcv
+
+
+def destroy_session_secrets(token: Token, label_prefix: str) -> int:
+    """Destroy this application's session secret keys whose label starts with the prefix
+    (one search, not one per key); returns how many."""
+    def sweep(lease):
+        found = [o for o in lease.session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY,
+                                                       Attribute.TOKEN: False})
+                 if str(o[Attribute.LABEL]).startswith(label_prefix)]
+        for obj in found:
+            obj.destroy()
+        lease.objects.clear()
+        return len(found)
+    return token.run_on_anchor("C_DestroyObject", sweep, label_prefix)
 
 
 def generate_session_secret(token: Token, *, kind: str, usage: str, label: str) -> KeyRef:

@@ -190,6 +190,13 @@ def read_request(path: Path) -> dict:
     if spki.algorithm != "rsa" or spki.bit_size < 3072:
         raise UsageError(f"{path}: a regional encryption key must be RSA >= 3072 bits "
                          f"(got {spki.algorithm} {spki.bit_size})")
+    for field in ("region", "token_label"):
+        value = data[field]
+        if not isinstance(value, str) or not value or len(value) > 63 or \
+                not all(c.isascii() and (c.isalnum() or c in "._-") for c in value) or \
+                value.startswith("."):
+            raise UsageError(f"{path}: {field} {value!r} is not a plain name "
+                             "(letters, digits, '.', '_', '-')")
     data["spki"] = spki
     return data
 

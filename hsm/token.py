@@ -141,7 +141,9 @@ class Token:
         mod = modules.load(module, parameters)
         p11token = find_token(mod, label=label, serial=serial)
         # Serial alone is not unique everywhere (both NSS softokn tokens report 0000000000000000).
-        key = (mod.path, p11token.label, p11token.serial, os.getpid(), bool(kwargs.get("so")))
+        # No pid in the key: a forked child shares its inherited instance too, so a wrong PIN
+        # is refused there as well (the module would just say "already logged in").
+        key = (mod.path, p11token.label, p11token.serial, bool(kwargs.get("so")))
         with _registry_lock:
             # Login is per application: a second Token for the same token in this process
             # would find itself "already logged in" whatever PIN it was given. Share the
@@ -223,6 +225,14 @@ class Token:
             with self._lock:
                 # Object handles may not survive a lost login on every token: drop them all.
                 self._generation += 1
+                idle, self._idle = list(self._idle), collections.deque()
+            # Whatever killed one session (C_CloseAllSessions, a lost link) likely killed the
+            # idle ones too: check them now instead of failing one retry on each.
+            for lease in idle:
+                if self._session_alive(lease.session, False):
+                    self._release(lease)
+                else:
+                    self._discard(lease)
             self.recoveries += 1
 
     # ----------------------------------------------------------------- the pool
@@ -414,7 +424,7 @@ class Token:
             if self._refs > 0:
                 return
             _registry.pop((self._module.path, self._p11token.label, self._p11token.serial,
-                           self._pid, self._user_type == _cryptoki.CKU_SO), None)
+                           self._user_type == _cryptoki.CKU_SO), None)
         with self._cond:
             self._closed = True
             idle, self._idle = list(self._idle), collections.deque()

@@ -10,9 +10,7 @@ import argparse
 import base64
 import datetime as dt
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 from hsm import cliutil
@@ -22,19 +20,8 @@ from .sdk import FieldEncryptor
 from .service import Kms
 
 
-# Demo/test facility: pretend the clock is N hours ahead, to show rotation without waiting a day
-# for the rate limit. Announced on stderr every time it is used, so it cannot go unnoticed.
-CLOCK_OFFSET_ENV = "KMS_DEMO_CLOCK_OFFSET_HOURS"
-
-
 def _kms(args) -> Kms:
-    offset = float(os.environ.get(CLOCK_OFFSET_ENV, "0") or 0)
-    clock = time.time
-    if offset:
-        print(f"kms: DEMO CLOCK: running {offset:+g} h ahead ({CLOCK_OFFSET_ENV})",
-              file=sys.stderr)
-        clock = lambda: time.time() + offset * 3600  # noqa: E731
-    kms = Kms(configs.load(args.config), clock=clock)
+    kms = Kms(configs.load(args.config))
     kms.start()
     return kms
 

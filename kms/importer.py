@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ceremony import bundle as bundles
 from ceremony import certificates as certs
-from hsm import export, ops
+from hsm import ops
 from hsm import x509 as hx
 from hsm.errors import HsmError
 from hsm.token import KeyRef, Token
@@ -70,6 +70,8 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
     ``record(release, ceremony_id, sha256)`` is called after a first successful import.
     """
     report = ImportReport()
+    # Session copies left by a node started earlier in this process: one sweep, not per key.
+    ops.destroy_session_secrets(token, "release-")
     primary = certs.as_asn1(certs.check_primary(primary_cert_path))
     own = own_key_fingerprint(token)
     candidates = []
@@ -126,11 +128,8 @@ def _import_one(token: Token, path: Path, der: bytes, manifest: dict, *, region:
                                       (WRAPPING_TYPE, "aes", "encrypt-decrypt")):
             entry = by_type[stype]
             label = f"release-{release}-{entry['name']}"
-            # A node started earlier in this process may have left its session copy.
-            ops.destroy_session_object(token, ops.secret(label))
-            ref = _unwrap(token, entry, key_type, caps, label)
+            ref, method, kcv = _unwrap(token, entry, key_type, caps, label)
             refs[stype] = ref
-            method, kcv = export.check_value(token, key_type, label)
             want = entry["check_value"]
             if method != want["method"] or kcv.hex() != want["value"]:
                 raise ImportRefused(f"{path.name}: the key check value of {entry['name']} does "
@@ -144,7 +143,8 @@ def _import_one(token: Token, path: Path, der: bytes, manifest: dict, *, region:
                    refs[SEED_TYPE], refs[WRAPPING_TYPE])
 
 
-def _unwrap(token: Token, entry: dict, key_type: str, caps: str, label: str) -> KeyRef:
+def _unwrap(token: Token, entry: dict, key_type: str, caps: str, label: str
+            ) -> tuple[KeyRef, str, bytes]:
     wrap = entry["wrap"]
     if wrap.get("mechanism") != "RSA_PKCS_OAEP":
         raise ImportRefused(f"unsupported wrap mechanism {wrap.get('mechanism')!r}")

@@ -111,6 +111,11 @@ class Kms:
             raise ReleaseNotHeld("this KMS holds no release", hint="check `kms import` output "
                                  "for refused bundles")
         newest = max(self.releases, key=importer.release_key)
+        recorded = max(self.store.releases(), key=importer.release_key, default=newest)
+        if importer.release_key(recorded) > importer.release_key(newest):
+            raise ReleaseNotHeld(f"release {recorded} was imported before but is not held now; "
+                                 f"refusing to wrap new secrets under the older release {newest}",
+                                 hint="restore its bundle (see `kms import`) and restart")
         return self.releases[newest]
 
     def _release(self, name: str | None) -> importer.Release:
@@ -170,14 +175,17 @@ class Kms:
                                    aad=_aad(row.org_id, row.key_type, row.version))
 
     # ------------------------------------------------------------------------- DEKs
-    def _dek(self, row: SecretRow, fragment: str | None) -> bytes:
+    def _dek(self, row: SecretRow, fragment: str | None, generation: int) -> bytes:
+        """``generation`` was read *before* ``row`` came from the store: a destroy committed
+        after that read bumps the cache generation, and put() then drops our DEK."""
+        if row.state == "DESTROYED":
+            raise KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
+                               f"{row.version}", hint="data under a destroyed key cannot be "
+                               "decrypted (crypto-shredding)")
         key_id = (row.key_type, row.version, fragment)
         cached = self.cache.get(row.org_id, key_id)
         if cached is not None:
             return cached
-        # A destroy landing while we derive must not let the DEK back in: put() drops an entry
-        # whose derivation started before the last invalidation.
-        generation = self.cache.generation()
         secret = self._tenant_secret(row)
         if row.derivation == "NONE":
             dek = secret
@@ -191,21 +199,20 @@ class Kms:
 
     def dek_for_encrypt(self, org_id: str, key_type: str = "field",
                         fragment: str | None = None) -> tuple[int, str, bytes]:
+        generation = self.cache.generation()
         row = self.store.active(org_id, key_type, now=self.clock())
         if row is None:
             self.store.org_type(org_id)  # UnknownTenant if it does not exist
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
                            hint="`kms tenant rotate` generates one (database secrets become "
                                 "usable 24 h after upload)")
-        return row.version, row.derivation, self._dek(row, fragment)
+        return row.version, row.derivation, self._dek(row, fragment, generation)
 
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
                         fragment: str | None = None) -> bytes:
-        try:
-            row = self.store.get(org_id, key_type, version)
-        except UnknownTenant:
-            raise
-        return self._dek(row, fragment)
+        generation = self.cache.generation()
+        row = self.store.get(org_id, key_type, version)
+        return self._dek(row, fragment, generation)
 
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:

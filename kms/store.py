@@ -902,8 +902,13 @@ class Store:
             return None
         for raw in rows:
             row = _secret_from_db(raw)
-            if row.state in ("ACTIVE", "ARCHIVED") and row.usable_from <= now:
+            if row.state == "DESTROYED":
+                # Destroying the newest secret must not quietly revive an older (perhaps
+                # rotated-out-for-compromise) one: the org needs a new secret.
+                return None
+            if row.usable_from <= now:
                 return row
+            # else: a secret inside its activation delay - the previous one keeps serving
         return None
 
     def secrets(self, org_id: str) -> list[SecretRow]:

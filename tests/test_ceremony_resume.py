@@ -166,7 +166,8 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
     with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
         for name in SECRETS:
             label = runner.secret_label(plan, name)
-            assert _ids_of(token, label) == [runner.secret_id(plan, name)], label
+            nonce = bytes.fromhex(Transcript(plan.output_dir).find("open")["data"]["nonce"])
+            assert _ids_of(token, label) == [runner.secret_id(plan, name, nonce)], label
         for name in RECIPIENTS:
             assert _count_label(token, runner.recipient_label(name)) == 1, name
         assert export.read_states(token) == [plan.release]

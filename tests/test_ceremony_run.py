@@ -26,6 +26,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from ceremony import bundle as bundles
 from ceremony import certificates, runner
 from ceremony import plan as plans
+from ceremony.transcript import Transcript
 from ceremony.certificates import as_asn1
 from ceremony.certificates import load as load_cert
 from ceremony.transcript import FILE as TRANSCRIPT
@@ -178,7 +179,8 @@ def test_full_ceremony_journals_every_step_and_leaves_policy_conforming_secrets(
             assert a[Attribute.SENSITIVE] is True
             assert a[Attribute.EXTRACTABLE] is True
             assert a[Attribute.TOKEN] is True
-            assert a[Attribute.ID] == runner.secret_id(p, s.name)
+            nonce = bytes.fromhex(Transcript(p.output_dir).find("open")["data"]["nonce"])
+            assert a[Attribute.ID] == runner.secret_id(p, s.name, nonce)
         assert p.release in export.read_states(token)
     finally:
         token.close()

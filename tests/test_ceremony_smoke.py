@@ -133,3 +133,37 @@ def test_confirm_words_stops_when_the_typed_words_differ(kit):
                            str(kit.env_file()), "--confirm-words"], input=right + "\n",
                           capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_escrow_must_go_to_this_primarys_own_encryption_key(kit):
+    """The escrow recipient is not pinned in the plan: a certificate path pointing at another
+    certified key (here a regional one) must not receive every secret."""
+    text = kit.plan_text(regions=["eu"])
+    regional = str(kit.pki / f"{kit.regionals['us'].label}.pem")
+    text = text.replace(str(kit.pki / f"{kit.primary.label}-encryption.pem"), regional)
+    plan_path = kit.write_plan(text)
+    kit.open_and_approve(plan_path)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 2 and "escrow bundle would go to another key" in proc.stderr
+    assert not list(plans.load(plan_path).output_dir.glob("bundle-*"))
+
+
+def test_a_later_run_with_the_same_ceremony_id_never_adopts_earlier_secrets(kit):
+    """Secrets are tied to a run (its nonce), not to a reusable ceremony id: a production run
+    after a practice run of the same id and release generates its own secrets."""
+    practice = kit.write_plan(kit.plan_text(ceremony_id="same-id", release="7777",
+                                            regions=["eu"], practice=True,
+                                            output_dir="out-same-practice"))
+    kit.open_and_approve(practice)
+    assert kit.cli("run", practice, "--env", kit.env_file()).returncode == 0
+    production = kit.write_plan(kit.plan_text(ceremony_id="same-id", release="7777",
+                                              regions=["eu"], output_dir="out-same-prod"))
+    kit.open_and_approve(production)
+    proc = kit.cli("run", production, "--env", kit.env_file())
+    assert proc.returncode == 2 and "was not made by this ceremony" in proc.stderr
+
+
+def test_a_region_cannot_be_called_escrow(kit):
+    text = kit.plan_text(regions=["eu"]).replace('name = "eu"', 'name = "escrow"')
+    with pytest.raises(Exception, match="reserved for the escrow bundle"):
+        plans.load(kit.write_plan(text))

@@ -184,3 +184,31 @@ _INHERITED: dict = {}
 
 def _child_mac(ref):
     return ops.hmac_sha256(_INHERITED["token"], ref, b"x")
+
+
+def test_a_forked_child_cannot_open_the_token_with_a_wrong_pin(softhsm_token):
+    from hsm.errors import PinError
+    from hsm.pin import Pin
+    from hsm.token import Token
+    token = softhsm_token.token
+    ops.hmac_sha256(token, _make_token_key(token), b"x")
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            try:
+                Token.open(softhsm_token.label, pin=Pin("definitely-wrong"))
+                status = 3  # accepted: the bug
+            except PinError:
+                status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _make_token_key(token):
+    with token.anchor() as anchor:
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="fork-pin-mac",
+                                    store=True, capabilities=MechanismFlag.SIGN)
+    return KeyRef("fork-pin-mac", ObjectClass.SECRET_KEY)

@@ -210,7 +210,7 @@ def test_unknown_tenant_and_a_release_not_held(node):
     node.create_tenant("old-rel", "developer")
     row = node.generate_secret("old-rel")
     with pytest.raises(ReleaseNotHeld):
-        node._dek(dataclasses.replace(row, release="999"), None)
+        node._dek(dataclasses.replace(row, release="999"), None, node.cache.generation())
 
 
 def test_uploaded_dek_without_derivation_is_used_as_is(node):
@@ -227,6 +227,18 @@ def test_backup_round_trip_and_tamper_detection(node, tmp_path):
     blob = FieldEncryptor(node).encrypt("backed", b"payload")
     path = node.export_backup("backed", tmp_path / "backed.json")
     assert b"payload" not in path.read_bytes()
+    # Restored into another node's empty store, the old data decrypts there.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    cfg = node.config
+    other_cfg = dataclasses.replace(cfg, store=f"sqlite:///{other_dir / 'other.db'}")
+    other = Kms(other_cfg, pin=node._pin)
+    other.start()
+    try:
+        assert other.import_backup(path) == "backed"
+        assert FieldEncryptor(other).decrypt("backed", blob) == b"payload"
+    finally:
+        other.close()
     tampered = tmp_path / "tampered.json"
     text = path.read_text()
     i = text.index('"ciphertext": "') + 20
@@ -278,3 +290,10 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
 
 def test_import_refused_is_a_kms_error():
     assert issubclass(ImportRefused, HsmError)
+
+
+def test_no_new_wraps_under_an_older_release_when_a_newer_one_is_missing(node):
+    node.store.record_release("99999", "a-later-ceremony", "ab" * 32, node.clock())
+    node.create_tenant("late", "production")
+    with pytest.raises(ReleaseNotHeld, match="refusing to wrap new secrets"):
+        node.generate_secret("late")

@@ -395,14 +395,18 @@ def test_destroy_database_secret_minimum_lifespan(store):
     assert store.destroy_secret("acme", "database", 1, now=earliest).state == "DESTROYED"
 
 
-def test_active_prefers_newest_usable_and_skips_destroyed(store):
+def test_active_is_the_newest_and_destroying_it_revives_no_older_secret(store):
     store.create_org("acme", "sandbox")
     for i in range(3):
         add(store, "acme", now=T0 + i * 5 * H)
-    store.destroy_secret("acme", "field", 3, now=T0 + 11 * H)
-    assert store.active("acme", "field", now=T0 + 11 * H).version == 2
+    assert store.active("acme", "field", now=T0 + 11 * H).version == 3
+    # Destroying an archived secret leaves the active one serving...
     store.destroy_secret("acme", "field", 2, now=T0 + 11 * H)
-    assert store.active("acme", "field", now=T0 + 11 * H).version == 1
+    assert store.active("acme", "field", now=T0 + 11 * H).version == 3
+    # ...but destroying the newest (say, rotated out for compromise) must not quietly bring
+    # back an older one for new data: the org needs a new secret.
+    store.destroy_secret("acme", "field", 3, now=T0 + 11 * H)
+    assert store.active("acme", "field", now=T0 + 11 * H) is None
     # Before a secret existed, nothing was usable.
     assert store.active("acme", "field", now=T0 - 1) is None
 

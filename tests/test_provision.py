@@ -175,3 +175,13 @@ def test_nss_keys_fail_the_local_check_and_are_destroyed(nss_token, tmp_path):
         {Attribute.LABEL: f"{token.label}-signing"})))
     assert left == []
     assert not any(tmp_path.iterdir())  # no certificate written for a refused key
+
+
+def test_request_names_cannot_steer_the_output_path(provisioned, tmp_path):
+    req = json.loads(provisioned["request"].request.read_text())
+    for field, value in (("token_label", "../../outside"), ("region", "eu/../x")):
+        bad = dict(req, **{field: value})
+        path = tmp_path / f"bad-{field}.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(UsageError, match="not a plain name"):
+            provision.read_request(path)

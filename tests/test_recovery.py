@@ -128,3 +128,21 @@ def test_oaep_sha256_is_refused_on_softhsm_and_sha1_is_chosen(softhsm_token):
     assert prof.oaep_choice()[0] == "sha1"
     assert prof.trusted_wrap_enforced is True
     assert prof.aes_kwp == 0x210A and prof.aes_wrap_choice()[0] == "AES_KEY_WRAP_KWP"
+
+
+def test_a_warm_pool_of_dead_sessions_recovers_in_one_call(softhsm_token):
+    import threading
+    token = softhsm_token.token
+    ref = _token_key(token, "warm-mac")
+    expected = ops.hmac_sha256(token, ref, b"x")
+    barrier = threading.Barrier(token.pool_size)
+    threads = [threading.Thread(target=lambda: token.run(
+        "hold", lambda lease: barrier.wait(5))) for _ in range(token.pool_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(_idle_handles(token)) == token.pool_size  # a warm pool
+    assert token.module.raw.close_all_sessions(token.slot_id) == 0
+    assert ops.hmac_sha256(token, ref, b"x") == expected  # not SessionLost after N retries
+    assert ops.hmac_sha256(token, ref, b"x") == expected
