@@ -38,7 +38,9 @@ PRACTICE_MARK = "PRACTICE"
 
 
 def secret_label(plan: Plan, name: str) -> str:
-    return f"rel-{plan.release}-{name}"
+    # Practice secrets get their own labels: a practice run must never block (or be mistaken
+    # for) the production run of the same release.
+    return f"{'practice-' if plan.practice else ''}rel-{plan.release}-{name}"
 
 
 def secret_id(plan: Plan, name: str, nonce: bytes) -> bytes:
