@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hsm import export, ops
 from hsm import pin as pins
-from hsm.errors import HsmError
+from hsm.errors import HsmError, ObjectNotFound
 from hsm.token import Token
 
 from . import derive, importer, policy
@@ -59,6 +59,16 @@ class Kms:
         self.token = Token.open(self.config.token, module=self.config.module,
                                 parameters=self.config.module_params, pin=pin)
         self.store = Store.open(self.config.store)
+        self._load_session_keys()
+        self.cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
+                              flush_after=self.config.cache_flush_hours * policy.HOUR)
+        return self.report
+
+    def _load_session_keys(self) -> None:
+        """Import the releases and make the cache master: all session objects, which die with
+        the token's login. ``_ensure_session_keys`` redoes this after the layer recovered a
+        lost session or login (C_CloseAllSessions, a dropped link)."""
+        self._recoveries_seen = self.token.recoveries
         self.report = importer.import_bundles(
             self.token, region=self.config.region,
             primary_cert_path=self.config.primary_certificate,
@@ -68,9 +78,25 @@ class Kms:
         self._cache_master = ops.generate_session_secret(
             self.token, kind="generic-secret", usage="sign",
             label=f"kms-cache-master-{os.getpid()}-{os.urandom(4).hex()}")
-        self.cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
-                              flush_after=self.config.cache_flush_hours * policy.HOUR)
-        return self.report
+
+    def _ensure_session_keys(self, *, flush: bool = True) -> None:
+        if self.token.recoveries != self._recoveries_seen:
+            with self._lock:
+                if self.token.recoveries != self._recoveries_seen:
+                    self._load_session_keys()
+                    if flush:  # its cache keys came from the lost cache master
+                        self.cache.flush()
+
+    def _in_hsm(self, fn):
+        """Run a token operation on session keys. If the layer had to recover a lost login
+        while running it, the session keys are gone: reload them once and retry."""
+        try:
+            return fn()
+        except ObjectNotFound:
+            if self.token.recoveries == self._recoveries_seen:
+                raise
+            self._ensure_session_keys()
+            return fn()
 
     def close(self) -> None:
         if self.cache is not None:
@@ -98,12 +124,23 @@ class Kms:
         self.close()
 
     def _cache_key(self, org_id: str, epoch: int) -> bytes:
+        # Called by the cache under its lock: reload lost session keys, never flush from here
+        # (entries under a lost master fail their integrity check and count as misses).
+        self._ensure_session_keys(flush=False)
         msg = b"hsm-suite cache key v1\x00" + org_id.encode() + b"\x00" + str(epoch).encode()
-        return ops.hmac_sha256(self.token, self._cache_master, msg)
+        try:
+            return ops.hmac_sha256(self.token, self._cache_master, msg)
+        except ObjectNotFound:
+            if self.token.recoveries == self._recoveries_seen:
+                raise
+            self._ensure_session_keys(flush=False)
+            return ops.hmac_sha256(self.token, self._cache_master, msg)
 
     # ------------------------------------------------------------------------- releases
     @property
     def releases(self) -> dict[str, importer.Release]:
+        if self.token is not None and self.report is not None:
+            self._ensure_session_keys()
         return self.report.held if self.report else {}
 
     def current_release(self) -> importer.Release:
@@ -151,8 +188,9 @@ class Kms:
 
         def wrap(version: int) -> bytes:
             nonce = os.urandom(12)
-            return nonce + ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, material,
-                                               aad=_aad(org_id, key_type, version))
+            return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
+                self.token, rel.wrapping_key, nonce, material, aad=_aad(org_id, key_type,
+                                                                        version)))
         row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
                                     release=rel.release, iterations=self.config.pbkdf2_iterations,
                                     now=self.clock(), wrap=wrap)
@@ -171,8 +209,9 @@ class Kms:
                                "decrypted (crypto-shredding)")
         rel = self._release(row.release)
         nonce, blob = row.wrapped[:12], row.wrapped[12:]
-        return ops.aes_gcm_decrypt(self.token, rel.wrapping_key, nonce, blob,
-                                   aad=_aad(row.org_id, row.key_type, row.version))
+        return self._in_hsm(lambda: ops.aes_gcm_decrypt(
+            self.token, rel.wrapping_key, nonce, blob,
+            aad=_aad(row.org_id, row.key_type, row.version)))
 
     # ------------------------------------------------------------------------- DEKs
     def _dek(self, row: SecretRow, fragment: str | None, generation: int) -> bytes:
@@ -192,8 +231,8 @@ class Kms:
         else:
             rel = self._release(row.release)
             ctx = derive.KeyContext(row.org_id, row.key_type, row.version, fragment)
-            dek = derive.derive_dek(self.token, rel.seed, rel.kdf_salt, secret, ctx,
-                                    row.iterations)
+            dek = self._in_hsm(lambda: derive.derive_dek(self.token, rel.seed, rel.kdf_salt,
+                                                         secret, ctx, row.iterations))
         self.cache.put(row.org_id, key_id, dek, since=generation)
         return dek
 

@@ -297,3 +297,16 @@ def test_no_new_wraps_under_an_older_release_when_a_newer_one_is_missing(node):
     node.create_tenant("late", "production")
     with pytest.raises(ReleaseNotHeld, match="refusing to wrap new secrets"):
         node.generate_secret("late")
+
+
+def test_node_reimports_after_its_sessions_are_closed_behind_its_back(node):
+    node.create_tenant("survivor", "production")
+    node.generate_secret("survivor")
+    sdk = FieldEncryptor(node)
+    blob = sdk.encrypt("survivor", b"still here")
+    node.cache.flush()
+    # Someone closes every session of the application: the login and all session objects
+    # (release secrets, cache master) are gone.
+    assert node.token.module.raw.close_all_sessions(node.token.slot_id) == 0
+    assert sdk.decrypt("survivor", blob) == b"still here"
+    assert sdk.decrypt("survivor", sdk.encrypt("survivor", b"new")) == b"new"
