@@ -6,8 +6,10 @@ import itertools
 import json
 import os
 import statistics
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from time import perf_counter
 
 # HSM_BENCH_SCALE=0.2 for a quick smoke run, 3 for a steadier (slower) one.
 SCALE = float(os.environ.get("HSM_BENCH_SCALE", "1"))
@@ -108,3 +110,33 @@ def package_version(dist: str) -> str | None:
         return version(dist)
     except Exception:  # noqa: BLE001 - metadata only
         return None
+
+
+class Buckets:
+    """Exclusive wall time per named bucket: a wrapped call pauses the bucket it was called from."""
+
+    def __init__(self):
+        self.excl: dict[str, float] = defaultdict(float)
+        self.calls: Counter = Counter()
+        self._stack: list[list] = []
+
+    def wrap(self, name, fn):
+        stack, excl, calls = self._stack, self.excl, self.calls
+
+        def wrapper(*args, **kwargs):
+            label = name(*args, **kwargs) if callable(name) else name
+            now = perf_counter()
+            if stack:
+                excl[stack[-1][0]] += now - stack[-1][1]
+            stack.append([label, now])
+            calls[label] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                end = perf_counter()
+                lab, start = stack.pop()
+                excl[lab] += end - start
+                if stack:
+                    stack[-1][1] = end
+        wrapper.__wrapped__ = fn
+        return wrapper

@@ -60,7 +60,7 @@ from ceremony import environment, plan as plans, runner as runner_mod
 from ceremony.runner import Runner, recipient_label, secret_label
 from ceremony.transcript import HEAD_CONTEXT, SIGNATURE_FILE, Transcript
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Buckets, Interleaved, median, ratio, scaled
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
@@ -92,36 +92,6 @@ def _quiet(_msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- instrumentation
-class Buckets:
-    """Exclusive wall time per named bucket: a wrapped call pauses the bucket it was called from."""
-
-    def __init__(self):
-        self.excl: dict[str, float] = defaultdict(float)
-        self.calls: Counter = Counter()
-        self._stack: list[list] = []
-
-    def wrap(self, name, fn):
-        stack, excl, calls = self._stack, self.excl, self.calls
-
-        def wrapper(*args, **kwargs):
-            label = name(*args, **kwargs) if callable(name) else name
-            now = perf_counter()
-            if stack:
-                excl[stack[-1][0]] += now - stack[-1][1]
-            stack.append([label, now])
-            calls[label] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                end = perf_counter()
-                lab, start = stack.pop()
-                excl[lab] += end - start
-                if stack:
-                    stack[-1][1] = end
-        wrapper.__wrapped__ = fn
-        return wrapper
-
-
 def _login_name(mod, session, pin, label, user_type=_cryptoki.CKU_USER):
     return "C_Login (SO)" if user_type == _cryptoki.CKU_SO else "C_Login (user)"
 

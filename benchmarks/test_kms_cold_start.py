@@ -39,7 +39,7 @@ import pstats
 import shutil
 import statistics
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +59,7 @@ from kms import config as configs, importer
 from kms.service import Kms
 from kms.store import Store
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Buckets, Interleaved, median, ratio, scaled
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
@@ -92,35 +92,6 @@ def _quiet(_msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- instrumentation
-class Buckets:
-    """Exclusive wall time per named bucket: a wrapped call pauses the bucket it was called from."""
-
-    def __init__(self):
-        self.excl: dict[str, float] = defaultdict(float)
-        self.calls: Counter = Counter()
-        self._stack: list[list] = []
-
-    def wrap(self, name: str, fn):
-        stack, excl, calls = self._stack, self.excl, self.calls
-
-        def wrapper(*args, **kwargs):
-            now = perf_counter()
-            if stack:
-                excl[stack[-1][0]] += now - stack[-1][1]
-            stack.append([name, now])
-            calls[name] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                end = perf_counter()
-                lab, start = stack.pop()
-                excl[lab] += end - start
-                if stack:
-                    stack[-1][1] = end
-        wrapper.__wrapped__ = fn
-        return wrapper
-
-
 B_OPEN = "token open: slot scan, sessions, C_Login (Token.open)"
 B_STORE_OPEN = "store open: connect, pragmas, migrations (Store.open)"
 B_HISTORY = "store read: release history (Store.releases)"

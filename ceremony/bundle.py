@@ -19,24 +19,18 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
+from hsm import ops
+
 from .errors import VerificationError
+from .transcript import canonical
 
 FORMAT = "hsm-suite-release-bundle"
 VERSION = 1
-_SIG_ALGOS = {
-    "ecdsa-sha384": {"algorithm": "sha384_ecdsa"},
-    "rsa-pss-sha384": {"algorithm": "rsassa_pss", "parameters": {
-        "hash_algorithm": {"algorithm": "sha384"},
-        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha384"}},
-        "salt_length": 48, "trailer_field": "trailer_field_bc"}},
-}
+# The signature AlgorithmIdentifiers are the ones certificates use (hsm.ops).
+_SIG_ALGOS = ops.SIGNATURE_ALGORITHMS
 MANIFEST_KEYS = {"format", "version", "ceremony_id", "release", "region", "recipient",
                  "created", "practice", "kdf_salt", "secrets"}
 SECRET_KEYS = {"name", "type", "key_type", "bits", "wrap", "wrapped", "check_value"}
-
-
-def canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def build(manifest: dict, signer_cert: x509.Certificate, signature: str,

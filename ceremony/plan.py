@@ -151,6 +151,28 @@ class _Checker:
             raise self.fail(full, f"must be {kind.__name__}, got {type(value).__name__}")
         return value
 
+    def required_table(self, top: dict, key: str) -> dict:
+        if key not in top:
+            raise self.fail(key, f"missing required table [{key}]")
+        return self.table(top.pop(key), key)
+
+    def entries(self, top: dict, key: str) -> list[tuple[str, dict]]:
+        """The entries of a required, non-empty [[key]] array, each with its key path."""
+        items = top.pop(key, None)
+        if not isinstance(items, list) or not items:
+            raise self.fail(key, f"at least one [[{key}]] entry is required")
+        return [(f"{key}[{i}]", self.table(item, f"{key}[{i}]")) for i, item in enumerate(items)]
+
+    def name(self, table: dict, keypath: str) -> str:
+        value = self.take(table, "name", str, keypath)
+        if not _ID.fullmatch(value):
+            raise self.fail(f"{keypath}.name", "letters, digits, '.', '_' and '-' only")
+        return value
+
+    def unique(self, key: str, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            raise self.fail(key, f"{key[:-1]} names must be unique")
+
     def done(self, table: dict, keypath: str) -> None:
         if table:
             key = sorted(table)[0]
@@ -175,8 +197,7 @@ def load(path: str | Path) -> Plan:
     base = path.parent
     top = dict(data)
 
-    cer = chk.table(top.pop("ceremony", None) if "ceremony" in top else
-                    _missing(chk, "ceremony"), "ceremony")
+    cer = chk.required_table(top, "ceremony")
     cid = chk.take(cer, "id", str, "ceremony")
     if not _ID.fullmatch(cid):
         raise chk.fail("ceremony.id", "letters, digits, '.', '_' and '-' only (max 63)")
@@ -191,27 +212,18 @@ def load(path: str | Path) -> Plan:
                        "'2026.11' (releases are ordered by these numbers)")
     chk.done(cer, "ceremony")
 
-    prim = chk.table(top.pop("primary", None) if "primary" in top else
-                     _missing(chk, "primary"), "primary")
+    prim = chk.required_table(top, "primary")
     sign_cert = base / chk.take(prim, "signing_certificate", str, "primary")
     enc_cert = base / chk.take(prim, "encryption_certificate", str, "primary")
     chk.done(prim, "primary")
 
-    quorum_t = chk.table(top.pop("quorum", None) if "quorum" in top else
-                         _missing(chk, "quorum"), "quorum")
+    quorum_t = chk.required_table(top, "quorum")
     m = chk.take(quorum_t, "m", int, "quorum")
     chk.done(quorum_t, "quorum")
 
-    officers_raw = top.pop("officers", None)
-    if not isinstance(officers_raw, list) or not officers_raw:
-        raise chk.fail("officers", "at least one [[officers]] entry is required")
     officers = []
-    for i, item in enumerate(officers_raw):
-        kp = f"officers[{i}]"
-        t = chk.table(item, kp)
-        name = chk.take(t, "name", str, kp)
-        if not _ID.fullmatch(name):
-            raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+    for kp, t in chk.entries(top, "officers"):
+        name = chk.name(t, kp)
         role = chk.take(t, "role", str, kp)
         if role not in ROLES:
             raise chk.fail(f"{kp}.role", f"must be one of {', '.join(ROLES)}")
@@ -219,9 +231,7 @@ def load(path: str | Path) -> Plan:
         _check_approval_key(chk, f"{kp}.approval_key", key)
         chk.done(t, kp)
         officers.append(Officer(name, role, key))
-    names = [o.name for o in officers]
-    if len(set(names)) != len(names):
-        raise chk.fail("officers", "officer names must be unique")
+    chk.unique("officers", [o.name for o in officers])
     seen_keys: dict[bytes, int] = {}
     for i, o in enumerate(officers):
         raw_key = _raw_key(o.approval_key)
@@ -239,42 +249,25 @@ def load(path: str | Path) -> Plan:
     secrets: list[Secret] = []
     enrollment_request = enrollment_fp = None
     if ctype == "release-secrets":
-        regions_raw = top.pop("regions", None)
-        if not isinstance(regions_raw, list) or not regions_raw:
-            raise chk.fail("regions", "at least one [[regions]] entry is required")
-        for i, item in enumerate(regions_raw):
-            kp = f"regions[{i}]"
-            t = chk.table(item, kp)
-            name = chk.take(t, "name", str, kp)
-            if not _ID.fullmatch(name):
-                raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+        for kp, t in chk.entries(top, "regions"):
+            name = chk.name(t, kp)
             if name == "escrow":
                 raise chk.fail(f"{kp}.name", "'escrow' is reserved for the escrow bundle")
             cert = base / chk.take(t, "certificate", str, kp)
             fpr = _fingerprint(chk, f"{kp}.fingerprint", chk.take(t, "fingerprint", str, kp))
             chk.done(t, kp)
             regions.append(Region(name, cert, fpr))
-        if len({r.name for r in regions}) != len(regions):
-            raise chk.fail("regions", "region names must be unique")
-        secrets_raw = top.pop("secrets", None)
-        if not isinstance(secrets_raw, list) or not secrets_raw:
-            raise chk.fail("secrets", "at least one [[secrets]] entry is required")
-        for i, item in enumerate(secrets_raw):
-            kp = f"secrets[{i}]"
-            t = chk.table(item, kp)
-            name = chk.take(t, "name", str, kp)
-            if not _ID.fullmatch(name):
-                raise chk.fail(f"{kp}.name", "letters, digits, '.', '_' and '-' only")
+        chk.unique("regions", [r.name for r in regions])
+        for kp, t in chk.entries(top, "secrets"):
+            name = chk.name(t, kp)
             stype = chk.take(t, "type", str, kp)
             if stype not in SECRET_TYPES:
                 raise chk.fail(f"{kp}.type", f"must be one of {', '.join(SECRET_TYPES)}")
             chk.done(t, kp)
             secrets.append(Secret(name, stype))
-        if len({s.name for s in secrets}) != len(secrets):
-            raise chk.fail("secrets", "secret names must be unique")
+        chk.unique("secrets", [x.name for x in secrets])
     else:
-        enr = chk.table(top.pop("enrollment", None) if "enrollment" in top else
-                        _missing(chk, "enrollment"), "enrollment")
+        enr = chk.required_table(top, "enrollment")
         enrollment_request = base / chk.take(enr, "request", str, "enrollment")
         enrollment_fp = _fingerprint(chk, "enrollment.fingerprint",
                                      chk.take(enr, "fingerprint", str, "enrollment"))
@@ -286,10 +279,6 @@ def load(path: str | Path) -> Plan:
                 release=release, regions=tuple(regions), secrets=tuple(secrets),
                 enrollment_request=enrollment_request, enrollment_fingerprint=enrollment_fp,
                 raw=data)
-
-
-def _missing(chk: _Checker, key: str):
-    raise chk.fail(key, f"missing required table [{key}]")
 
 
 def _fingerprint(chk: _Checker, keypath: str, value: str) -> bytes:

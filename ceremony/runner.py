@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hsm import export, ops
+from hsm import x509 as hx
 from hsm import pin as pins
 from hsm.files import write_new
 from hsm.token import KeyRef, Token
@@ -221,7 +223,6 @@ class Runner:
         with self._so_token() as so:
             # The escrow recipient is not pinned in the plan: it must be this primary's own
             # encryption key, or an edited certificate path could send every secret elsewhere.
-            from hsm import x509 as hx
             own = hx.public_key_info(so, ops.public(f"{so.label}-encryption")).dump()
             escrow_cert = certs.load(self.plan.primary_encryption_certificate, "escrow")
             if certs.as_asn1(escrow_cert).public_key.dump() != own:
@@ -267,8 +268,7 @@ class Runner:
 
     def step_export(self, recipient: str) -> None:
         path = self.out / bundle_name(self.plan, recipient)
-        primary_cert = certs.as_asn1(certs.load(self.plan.primary_signing_certificate,
-                                                "primary signing"))
+        primary_cert = self._primary_asn1
         if path.exists():  # written by a run killed before it could journal the step
             verified = bundles.verify(path.read_bytes(), primary_cert, where=str(path))
             manifest = verified.manifest
@@ -305,8 +305,7 @@ class Runner:
             "wraps": [{"secret": e["name"], **e["wrap"]} for e in entries]})
 
     def step_verify_bundles(self) -> None:
-        primary_cert = certs.as_asn1(certs.load(self.plan.primary_signing_certificate,
-                                                "primary signing"))
+        primary_cert = self._primary_asn1
         results = {}
         for name, _, _ in self._recipients():
             path = self.out / bundle_name(self.plan, name)
@@ -353,6 +352,15 @@ class Runner:
         self._journal("close", summary)
 
     # ------------------------------------------------------------------------- signing
+    @functools.cached_property
+    def _primary(self):
+        """The primary signing certificate, read once per run."""
+        return certs.load(self.plan.primary_signing_certificate, "primary signing")
+
+    @functools.cached_property
+    def _primary_asn1(self):
+        return certs.as_asn1(self._primary)
+
     def _signing_ref(self, token: Token) -> KeyRef:
         return ops.private(f"{token.label}-signing")
 
@@ -360,8 +368,7 @@ class Runner:
         """Checked once per run: the token's signing key is the certificate's key."""
         if self._scheme is not None:
             return self._scheme
-        cert = certs.load(self.plan.primary_signing_certificate, "primary signing")
-        from hsm import x509 as hx
+        cert = self._primary
         spki = hx.public_key_info(token, ops.public(f"{token.label}-signing"))
         if spki.dump() != certs.as_asn1(cert).public_key.dump():
             raise CeremonyError("the primary token's signing key is not the key of the plan's "
@@ -378,7 +385,7 @@ class Runner:
         with self._user_token() as token:
             scheme = self._signature_scheme(token)
             sig = self._sign(token, head_message(head))
-        cert = certs.load(self.plan.primary_signing_certificate, "primary signing")
+        cert = self._primary
         doc = {"head": head, "records": len(self.tr.records), "algorithm": scheme,
                "signature": sig.hex(), "signer_spki_sha256": certs.spki_fingerprint(cert).hex()}
         write_new(self.out / SIGNATURE_FILE, (json.dumps(doc, indent=2) + "\n").encode())

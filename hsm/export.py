@@ -89,13 +89,14 @@ def check_secret(token: Token, label: str) -> dict:
 def check_value(token: Token, kind: str, label: str) -> tuple[str, bytes]:
     """A key check value: lets the receiver confirm the unwrapped key without revealing it."""
     ref = KeyRef(label, ObjectClass.SECRET_KEY)
+    return token.run("key check value", lambda lease: check_value_of(lease.key(ref), kind), label)
+
+
+def check_value_of(key, kind: str) -> tuple[str, bytes]:
+    """The check value computed on a python-pkcs11 key object (one token call)."""
     if kind == "generic-secret":
-        mac = token.run("C_Sign(SHA256_HMAC)", lambda lease: lease.key(ref).sign(
-            KCV_LABEL, mechanism=Mechanism.SHA256_HMAC), label)
-        return "hmac-sha256-8", mac[:8]
-    block = token.run("C_Encrypt(AES_ECB)", lambda lease: lease.key(ref).encrypt(
-        bytes(16), mechanism=Mechanism.AES_ECB), label)
-    return "aes-ecb-zero-block-8", block[:8]
+        return "hmac-sha256-8", key.sign(KCV_LABEL, mechanism=Mechanism.SHA256_HMAC)[:8]
+    return "aes-ecb-zero-block-8", key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:8]
 
 
 def host_check_value(method: str, key: bytes) -> bytes:

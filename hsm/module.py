@@ -56,7 +56,6 @@ class LoadedModule:
 
 _lock = threading.RLock()
 _modules: dict[str, LoadedModule] = {}
-_fork_listeners: list = []
 fork_epoch = 0  # incremented in every forked child; objects compare it to notice a fork
 
 
@@ -124,11 +123,6 @@ def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedMod
         return mod
 
 
-def on_fork_in_child(callback) -> None:
-    """Register ``callback()`` to run in a forked child, before any module is used again."""
-    _fork_listeners.append(callback)
-
-
 def _after_fork_in_child() -> None:
     # Runs in the child only. Locks may have been held by other parent threads at fork time,
     # so replace them rather than acquire them.
@@ -137,8 +131,6 @@ def _after_fork_in_child() -> None:
     fork_epoch += 1
     for mod in _modules.values():
         mod.pid = -1  # forces re-initialisation on the next load()
-    for callback in list(_fork_listeners):
-        callback()
 
 
 def _finalize_at_exit() -> None:

@@ -211,7 +211,7 @@ def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped
     """RSA-OAEP unwrap into a sensitive, non-extractable session object on the anchor (it must
     outlive the call) with exactly ``usage``; one private-key operation. Returns the key's
     reference and its check value, computed on the handle the unwrap returned (no lookup)."""
-    from .export import KCV_LABEL
+    from .export import check_value_of
     params = _oaep_params(wrapped.parameters.get("hash", "sha1"))
     tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, **_only(_USAGES[usage])}
     ref = secret(label)
@@ -222,9 +222,7 @@ def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped
             mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params, store=False,
             capabilities=_USAGES[usage], template=tpl)
         lease.objects[ref] = obj
-        if kind == "generic-secret":
-            return "hmac-sha256-8", obj.sign(KCV_LABEL, mechanism=Mechanism.SHA256_HMAC)[:8]
-        return "aes-ecb-zero-block-8", obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:8]
+        return check_value_of(obj, kind)
     method, kcv = token.run_on_anchor("C_UnwrapKey(RSA_PKCS_OAEP)", unwrap, label)
     return ref, method, kcv
 

@@ -40,15 +40,17 @@ _MECHANISMS = {code: Mechanism(code) for code in (CKM_AES_KEY_WRAP, CKM_AES_KEY_
                                                   CKM_AES_KEY_WRAP_KWP)}
 
 
+_EXTRA_NAMES = {CKM_AES_KEY_WRAP_KWP: "AES_KEY_WRAP_KWP", CKM_RSA_AES_KEY_WRAP: "RSA_AES_KEY_WRAP",
+                CKM_HKDF_DERIVE: "HKDF_DERIVE", CKM_SP800_108_COUNTER_KDF: "SP800_108_COUNTER_KDF",
+                CKM_SP800_108_FEEDBACK_KDF: "SP800_108_FEEDBACK_KDF",
+                CKM_SP800_108_DOUBLE_PIPELINE_KDF: "SP800_108_DOUBLE_PIPELINE_KDF"}
+
+
 def mechanism_name(mech: int) -> str:
     try:
         return Mechanism(mech).name
     except ValueError:
-        names = {CKM_AES_KEY_WRAP_KWP: "AES_KEY_WRAP_KWP", CKM_RSA_AES_KEY_WRAP: "RSA_AES_KEY_WRAP",
-                 CKM_HKDF_DERIVE: "HKDF_DERIVE", CKM_SP800_108_COUNTER_KDF: "SP800_108_COUNTER_KDF",
-                 CKM_SP800_108_FEEDBACK_KDF: "SP800_108_FEEDBACK_KDF",
-                 CKM_SP800_108_DOUBLE_PIPELINE_KDF: "SP800_108_DOUBLE_PIPELINE_KDF"}
-        return names.get(mech, f"0x{mech:08x}")
+        return _EXTRA_NAMES.get(mech, f"0x{mech:08x}")
 
 
 @dataclass

@@ -113,15 +113,8 @@ class Token:
         self.validate_after = validate_after
         self.retries = retries
         self.acquire_timeout = acquire_timeout
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._anchor_lock = threading.RLock()
-        self._idle: collections.deque[Lease] = collections.deque()
-        self._open = 0
-        self._waiters = 0
         self._generation = 0
-        self._pid = os.getpid()
-        self._epoch = modules.fork_epoch  # bumped in a forked child: cheaper than getpid()
+        self._fresh_pool()
         self._anchor: Lease | None = None
         self._closed = False
         self._profile = None
@@ -182,19 +175,22 @@ class Token:
     def _reset_after_fork(self) -> None:
         """In a forked child: forget the parent's sessions (never close them) and log in anew."""
         self._module = modules.load(self._module.path, self._module.parameters)
+        self._generation += 1
+        self._fresh_pool()
+        self._p11token = find_token(self._module, label=self.label, serial=self.serial)
+        self.slot_id = self._p11token.slot.slot_id
+        self._login()
+
+    def _fresh_pool(self) -> None:
+        """New locks and an empty pool, owned by this process (at start and after a fork)."""
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._anchor_lock = threading.RLock()
-        self._idle = collections.deque()
+        self._idle: collections.deque[Lease] = collections.deque()
         self._open = 0
         self._waiters = 0
-        self._generation += 1
-        self._profile = None
-        self._p11token = find_token(self._module, label=self.label, serial=self.serial)
-        self.slot_id = self._p11token.slot.slot_id
         self._pid = os.getpid()
-        self._epoch = modules.fork_epoch
-        self._login()
+        self._epoch = modules.fork_epoch  # bumped in a forked child: cheaper than getpid()
 
     def _session_alive(self, session: pkcs11.Session, need_login: bool) -> bool:
         rv, info = self._module.raw.session_info(session.handle)
@@ -390,9 +386,6 @@ class Token:
                                       object_label=object_label) from exc
         raise SessionLost(f"{operation}: the anchor session kept being lost", operation=operation,
                           token=self.label, object_label=object_label)
-
-    def key(self, lease: Lease, ref: KeyRef):
-        return lease.key(ref)
 
     # ----------------------------------------------------------------- information
     @property

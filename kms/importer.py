@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ceremony import bundle as bundles
 from ceremony import certificates as certs
+from ceremony.plan import release_key
 from hsm import ops
 from hsm import x509 as hx
 from hsm.errors import HsmError
@@ -52,13 +53,8 @@ class ImportReport:
         return out
 
 
-def release_key(release: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in release.split("."))
-
-
 def own_key_fingerprint(token: Token) -> str:
-    spki = hx.public_key_info(token, ops.public(f"{token.label}-encryption"))
-    return hashlib.sha256(spki.dump()).hexdigest()
+    return hx.fingerprint(hx.public_key_info(token, ops.public(f"{token.label}-encryption"))).hex()
 
 
 def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle_dir: Path,

@@ -87,7 +87,7 @@ class Kms:
                     if flush:  # its cache keys came from the lost cache master
                         self.cache.flush()
 
-    def _in_hsm(self, fn):
+    def _in_hsm(self, fn, *, flush: bool = True):
         """Run a token operation on session keys. If the layer had to recover a lost login
         while running it, the session keys are gone: reload them once and retry."""
         try:
@@ -95,7 +95,7 @@ class Kms:
         except ObjectNotFound:
             if self.token.recoveries == self._recoveries_seen:
                 raise
-            self._ensure_session_keys()
+            self._ensure_session_keys(flush=flush)
             return fn()
 
     def close(self) -> None:
@@ -128,13 +128,8 @@ class Kms:
         # (entries under a lost master fail their integrity check and count as misses).
         self._ensure_session_keys(flush=False)
         msg = b"hsm-suite cache key v1\x00" + org_id.encode() + b"\x00" + str(epoch).encode()
-        try:
-            return ops.hmac_sha256(self.token, self._cache_master, msg)
-        except ObjectNotFound:
-            if self.token.recoveries == self._recoveries_seen:
-                raise
-            self._ensure_session_keys(flush=False)
-            return ops.hmac_sha256(self.token, self._cache_master, msg)
+        return self._in_hsm(lambda: ops.hmac_sha256(self.token, self._cache_master, msg),
+                            flush=False)
 
     # ------------------------------------------------------------------------- releases
     @property
@@ -204,9 +199,7 @@ class Kms:
 
     def _tenant_secret(self, row: SecretRow) -> bytes:
         if row.state == "DESTROYED" or row.wrapped is None:
-            raise KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
-                               f"{row.version}", hint="data under a destroyed key cannot be "
-                               "decrypted (crypto-shredding)")
+            raise _destroyed(row)
         rel = self._release(row.release)
         nonce, blob = row.wrapped[:12], row.wrapped[12:]
         return self._in_hsm(lambda: ops.aes_gcm_decrypt(
@@ -218,9 +211,7 @@ class Kms:
         """``generation`` was read *before* ``row`` came from the store: a destroy committed
         after that read bumps the cache generation, and put() then drops our DEK."""
         if row.state == "DESTROYED":
-            raise KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
-                               f"{row.version}", hint="data under a destroyed key cannot be "
-                               "decrypted (crypto-shredding)")
+            raise _destroyed(row)
         key_id = (row.key_type, row.version, fragment)
         cached = self.cache.get(row.org_id, key_id)
         if cached is not None:
@@ -300,6 +291,12 @@ class Kms:
         self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
         self.cache.invalidate(org_id)
         return org_id
+
+
+def _destroyed(row: SecretRow) -> KeyDestroyed:
+    return KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
+                        f"{row.version}", hint="data under a destroyed key cannot be "
+                        "decrypted (crypto-shredding)")
 
 
 def _jsonable(value):

@@ -156,15 +156,24 @@ def _bytes_or_none(v):
     return bytes(v) if isinstance(v, (bytearray, memoryview)) else v
 
 
-def _corrupt_secret(org_id, key_type, version) -> CorruptRecord:
-    exc = CorruptRecord(
-        f"store row of org {org_id!r}, {key_type} secret v{version} failed its integrity check "
-        "(checksum mismatch)",
-        hint="the row was altered outside the KMS or the database is damaged; restore it from a "
-             "backup (kms tenant export/import); other rows are unaffected")
-    exc.table, exc.org_id, exc.key_type, exc.version = "tenant_secrets", org_id, key_type, version
-    exc.records, exc.intact = [("tenant_secrets", org_id, key_type, version)], None
+def _corrupt(record: tuple, message: str, hint: str) -> CorruptRecord:
+    """One failed row: ``record`` is ("tenant_secrets", org, key type, version), ("orgs", org)
+    or ("releases", release), as ``Store.verify`` reports them."""
+    exc = CorruptRecord(message, hint=hint)
+    table, *key = record
+    key += [None] * (3 - len(key))
+    exc.table = table
+    exc.org_id, exc.key_type, exc.version = (None, None, None) if table == "releases" else key
+    exc.records, exc.intact = [record], None
     return exc
+
+
+def _corrupt_secret(org_id, key_type, version) -> CorruptRecord:
+    return _corrupt(("tenant_secrets", org_id, key_type, version),
+                    f"store row of org {org_id!r}, {key_type} secret v{version} failed its "
+                    "integrity check (checksum mismatch)",
+                    "the row was altered outside the KMS or the database is damaged; restore it "
+                    "from a backup (kms tenant export/import); other rows are unaffected")
 
 
 def _corrupt_many(what: str, records: list[tuple], intact: list) -> CorruptRecord:
@@ -191,11 +200,9 @@ def _record_name(record: tuple) -> str:
 
 
 def _corrupt_org(org_id) -> CorruptRecord:
-    exc = CorruptRecord(f"store row of org {org_id!r} (orgs table) failed its integrity check",
-                        hint="restore the org's row from a backup; other orgs are unaffected")
-    exc.table, exc.org_id, exc.key_type, exc.version = "orgs", org_id, None, None
-    exc.records, exc.intact = [("orgs", org_id)], None
-    return exc
+    return _corrupt(("orgs", org_id),
+                    f"store row of org {org_id!r} (orgs table) failed its integrity check",
+                    "restore the org's row from a backup; other orgs are unaffected")
 
 
 def _secret_from_db(row: Sequence[Any]) -> SecretRow:
@@ -990,11 +997,9 @@ class Store:
 
     @staticmethod
     def _corrupt_release(release) -> CorruptRecord:
-        exc = CorruptRecord(f"store row of release {release!r} failed its integrity check",
-                            hint="re-import the release's bundle after investigating")
-        exc.table, exc.org_id, exc.key_type, exc.version = "releases", None, None, None
-        exc.records, exc.intact = [("releases", release)], None
-        return exc
+        return _corrupt(("releases", release),
+                        f"store row of release {release!r} failed its integrity check",
+                        "re-import the release's bundle after investigating")
 
     def releases(self) -> dict[str, tuple[str, str]]:
         good, bad = {}, []
