@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import random
 import re
 import signal
 import sqlite3
@@ -297,11 +298,22 @@ class _SQLite(_Backend):
             except OSError as exc:
                 raise KmsError(f"cannot create the store database {self.path}: {exc.strerror}",
                                hint="the directory must exist and be writable") from None
-        try:
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise KmsError(f"cannot open the store database {self.path}: {exc}") from None
+        # Switching a new database to WAL while other connections open it can answer
+        # SQLITE_BUSY without ever calling the busy handler (seen with 6 threads opening a fresh
+        # store at once), so the set-up is retried for as long as a busy wait would last.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                return self._connect_once()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise KmsError(f"cannot open the store database {self.path}: {exc}") \
+                        from None
+                time.sleep(0.01 + random.random() * 0.04)
+
+    def _connect_once(self):
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                               check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
