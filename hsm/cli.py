@@ -19,7 +19,7 @@ from . import module as modules
 from . import pin as pins
 from . import cliutil, provision, softhsm, uri
 from . import x509 as certs
-from .errors import HsmError, UsageError
+from .errors import HsmError, TokenNotFound, UsageError
 from .roles import DEFAULT_SIGNING, SIGNING_ROLES
 from .token import KeyRef, Token
 
@@ -55,7 +55,7 @@ def _open_token(args, *, login: bool = True) -> Token:
         pin_source = pin_source or parsed.pin_source
     user_pin = None
     if login:
-        user_pin = pins.resolve(pin_source, default_env="HSM_PIN",
+        user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
                                 prompt=f"User PIN for token {label or serial}: ")
     return Token.open(label, serial=serial, module=module, parameters=args.module_params,
                       pin=user_pin)
@@ -68,51 +68,57 @@ def _print_outcomes(outcomes) -> None:
 
 # ------------------------------------------------------------------------------ commands
 def cmd_init_token(args) -> int:
+    """C_InitToken and C_InitPIN in this process, on every module: the PINs never appear on a
+    command line (``softhsm2-util --pin`` would show them in /proc/PID/cmdline)."""
+    label = args.label
+    if not label.strip() or len(label.encode("utf-8")) > 32 or label != label.strip():
+        raise UsageError(f"bad token label {label!r}",
+                         hint="1 to 32 bytes, no leading or trailing blanks")
     module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
-    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN",
-                          prompt=f"New SO PIN for token {args.label}: ")
-    user_pin = pins.resolve(args.pin_source, default_env="HSM_PIN",
-                            prompt=f"New user PIN for token {args.label}: ")
     real = modules.resolve(module)
-    if real == modules.resolve(modules.DEFAULT_MODULE):
-        if args.label in softhsm.token_labels_on_disk():
-            print(f"token {args.label!r} already exists; nothing done "
-                  "(`make clean` removes the demo tokens)")
-            return 0
-        softhsm.init_token_with_util(args.label, so_pin, user_pin)
-        print(f"token {args.label!r} initialised (SoftHSM2, {os.environ.get('SOFTHSM2_CONF')})")
-        return 0
     mod = modules.load(module, args.module_params)
+    from .token import find_token
     try:
-        from .token import find_token
-        find_token(mod, label=args.label)
-        print(f"token {args.label!r} already exists; nothing done")
+        find_token(mod, label=label)
+        print(f"token {label!r} already exists; nothing done"
+              + (" (`make clean` removes the demo tokens)"
+                 if real == modules.resolve(modules.DEFAULT_MODULE) else ""))
         return 0
-    except HsmError:
+    except TokenNotFound:
         pass
-    # Other modules: C_InitToken on their single uninitialised slot, if they offer one. A
-    # hardware HSM is normally initialised with its vendor's tool; say so if there is no slot.
+    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
+                          prompt=f"New SO PIN for token {label}: ")
+    user_pin = pins.resolve(args.pin_source, default_env="HSM_PIN", token_label=label,
+                            prompt=f"New user PIN for token {label}: ")
+    # SoftHSM2 always offers a spare slot; other modules only if they have an uninitialised
+    # one. A hardware HSM is normally initialised with its vendor's tool: say so.
     try:
-        softhsm.init_token_in_process(mod, args.label, so_pin, user_pin)
+        softhsm.init_token_in_process(mod, label, so_pin, user_pin)
     except HsmError as exc:
+        if real == modules.resolve(modules.DEFAULT_MODULE):
+            raise
         raise HsmError(f"cannot initialise a token with {real}: {exc}",
                        hint="initialise it with the vendor's tool (NSS: certutil -N -d sql:DIR; "
                             "hardware HSMs: their admin utility), then use --token LABEL") from exc
-    print(f"token {args.label!r} initialised with C_InitToken on {real}")
+    where = (f"SoftHSM2, {os.environ.get('SOFTHSM2_CONF')}"
+             if real == modules.resolve(modules.DEFAULT_MODULE) else real)
+    print(f"token {label!r} initialised with C_InitToken ({where})")
     return 0
 
 
 def cmd_init_primary(args) -> int:
     with _open_token(args) as token:
         outcomes = provision.init_primary(token, Path(args.out), signing=args.signing,
-                                          organization=args.org)
+                                          organization=args.org,
+                                          allow_weak_token=args.allow_weak_token)
     _print_outcomes(outcomes)
     return 0
 
 
 def cmd_init_regional(args) -> int:
     with _open_token(args) as token:
-        outcome = provision.init_regional(token, args.region, Path(args.out))
+        outcome = provision.init_regional(token, args.region, Path(args.out),
+                                          allow_weak_token=args.allow_weak_token)
     _print_outcomes([outcome])
     print("Read the fingerprint above to the primary officer; they type it into "
           "`hsm certify-regional`.")
@@ -181,6 +187,14 @@ def cmd_info(args) -> int:
     print(f"KDFs       HKDF: {_yn(prof.hkdf)}   SP800-108: {_yn(prof.sp800_108)}   "
           f"PBKDF2: {_yn(prof.pbkdf2)}")
     print(f"Trusted    CKA_WRAP_WITH_TRUSTED enforced: {_yn(prof.trusted_wrap_enforced)}")
+    print(f"Policy     enforced: CKA_UNWRAP_TEMPLATE {_yn(prof.unwrap_template_enforced)}   "
+          f"CKA_ALLOWED_MECHANISMS {_yn(prof.allowed_mechanisms_enforced)}   "
+          f"CKA_MODIFIABLE {_yn(prof.modifiable_enforced)}   "
+          f"CKA_DESTROYABLE {_yn(prof.destroyable_enforced)}")
+    missing = prof.missing_enforcement()
+    print("           " + ("production keys may be provisioned here" if not missing else
+                           "production keys are refused here (not enforced: "
+                           + ", ".join(missing) + ")"))
     print(f"ECDSA      with hash on token: {_yn(prof.ecdsa_with_hash)}")
     for note in prof.notes:
         print(f"Note       {note}")
@@ -193,6 +207,30 @@ def cmd_info(args) -> int:
         for obj in objects:
             print(f"{obj['class']:<12} {obj['label']:<32} {obj['id']}")
     return 0
+
+
+def cmd_audit(args) -> int:
+    """Every token object, its attributes, and each deviation from its role's policy; exit 1
+    when there is one (so a script or a monitoring job can alert on it)."""
+    from . import audit
+    with _open_token(args) as token:
+        rows = audit.audit(token)
+        label = token.label
+    bad = sum(1 for r in rows if r.deviations)
+    if args.json:
+        print(json.dumps({"token": label, "objects": audit.as_json(rows),
+                          "deviations": bad}, indent=2))
+        return 1 if bad else 0
+    print(f"{'class':<12} {'label':<36} {'role':<28} status")
+    for r in rows:
+        status = "ok" if r.role != "unrecognised" and not r.deviations else (
+            f"{len(r.deviations)} deviation(s)" if r.deviations else "-")
+        print(f"{r.object_class:<12} {r.label:<36} {r.role:<28} {status}")
+        for d in r.deviations:
+            print(f"    ! {d}")
+    print(f"\n{len(rows)} object(s), {bad} with deviations from policy"
+          + ("" if not bad else " - keys cannot be fixed in place: re-provision them"))
+    return 1 if bad else 0
 
 
 def _yn(value) -> str:
@@ -213,13 +251,19 @@ def _list_objects(token: Token) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ parser
+def _add_weak_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-weak-token", action="store_true",
+                   help="rehearsal only: provision even if the token does not enforce the key "
+                        "policy (a loud warning is printed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hsm", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each token operation")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("init-token", help="create a token (SoftHSM2: softhsm2-util)")
+    p = sub.add_parser("init-token", help="create a token (C_InitToken in-process)")
     p.add_argument("--label", required=True)
     p.add_argument("--module", default=None)
     p.add_argument("--module-params", default=None)
@@ -234,12 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for the certificates")
     p.add_argument("--signing", default=DEFAULT_SIGNING, choices=sorted(SIGNING_ROLES))
     p.add_argument("--org", default=provision.DEFAULT_ORG, help="organisation in the subjects")
+    _add_weak_arg(p)
     p.set_defaults(func=cmd_init_primary)
 
     p = sub.add_parser("init-regional", help="regional encryption key pair + certification request")
     _add_token_args(p)
     p.add_argument("--region", required=True)
     p.add_argument("--out", required=True, help="directory for the request file")
+    _add_weak_arg(p)
     p.set_defaults(func=cmd_init_regional)
 
     p = sub.add_parser("certify-regional", help="issue a regional certificate from a request")
@@ -264,6 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objects", action="store_true", help="also list the token objects")
     p.add_argument("--no-login", action="store_true", help="do not log in (public view)")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("audit", help="every object, its attributes and deviations from policy")
+    _add_token_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 
@@ -273,6 +324,3 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return cliutil.run("hsm", args.func, args, debug=args.debug)
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -107,6 +107,10 @@ _HINTS = {
     "CKR_KEY_UNEXTRACTABLE": "the key is not extractable",
     "CKR_TOKEN_WRITE_PROTECTED": "the token is write-protected",
     "CKR_SESSION_READ_ONLY": "a read-write session is needed",
+    "CKR_ACTION_PROHIBITED": "the object's policy forbids this (CKA_MODIFIABLE, CKA_COPYABLE or "
+                             "CKA_DESTROYABLE is false)",
+    "CKR_TEMPLATE_INCONSISTENT": "the template contradicts the key's policy (for an unwrap: the "
+                                 "unwrapping key's CKA_UNWRAP_TEMPLATE)",
 }
 
 
@@ -167,6 +171,11 @@ class KeyPolicyViolation(HsmError):
     """A key read back from the token does not have the attributes its role requires."""
 
 
+class DecryptionFailed(HsmError):
+    """An authenticated decryption (AES-GCM) was refused: wrong key, altered ciphertext, tag or
+    associated data."""
+
+
 class SessionLost(HsmError):
     """The token kept reporting the session invalid after the bounded number of retries."""
 
@@ -186,7 +195,27 @@ def _class_for(ckr: str) -> type[HsmError]:
     return HsmError
 
 
-CKR_BY_VALUE = {value: name for name, value in CKR_BY_EXCEPTION.values()}
+# Codes python-pkcs11 0.10 has no exception class for (PKCS#11 v2.40 values).
+_EXTRA_CKR = {"CKR_ACTION_PROHIBITED": 0x1B, "CKR_KEY_FUNCTION_NOT_PERMITTED": 0x68}
+CKR_BY_VALUE = {value: name for name, value in [*CKR_BY_EXCEPTION.values(), *_EXTRA_CKR.items()]}
+_EXCEPTION_BY_VALUE = {value: klass for klass, (_, value) in CKR_BY_EXCEPTION.items()}
+
+
+class RawCallFailed(p11x.PKCS11Error):
+    """A ctypes Cryptoki call (hsm._cryptoki) returned a code python-pkcs11 has no class for."""
+
+    def __init__(self, rv: int):
+        super().__init__(CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}"))
+        self.rv = rv
+
+
+def check_rv(rv: int) -> None:
+    """Raise for a failed ctypes call the way python-pkcs11 would, so :meth:`Token.run` retries
+    a lost session and :func:`from_pkcs11` names the code, whichever route made the call."""
+    if rv == 0:
+        return
+    klass = _EXCEPTION_BY_VALUE.get(rv)
+    raise klass() if klass is not None else RawCallFailed(rv)
 
 
 def from_rv(rv: int, *, operation: str, token: str | None = None,
@@ -202,7 +231,14 @@ def from_pkcs11(exc: BaseException, *, operation: str, token: str | None = None,
                 object_label: str | None = None, hint: str | None = None) -> HsmError:
     """Turn a python-pkcs11 exception into the project exception with its CKR code and a hint."""
     ckr, value = None, None
-    for klass in type(exc).__mro__:
+    if isinstance(exc, RawCallFailed):
+        ckr, value = CKR_BY_VALUE.get(exc.rv, f"CKR 0x{exc.rv:x}"), exc.rv
+    elif type(exc) is p11x.PKCS11Error and str(exc).startswith("Unmapped error code 0x"):
+        # python-pkcs11 0.10 has no class for some codes (CKR_ACTION_PROHIBITED among them).
+        value = int(str(exc).rsplit("0x", 1)[1], 16)
+        ckr = CKR_BY_VALUE.get(value, f"CKR 0x{value:x}")
+        exc = p11x.PKCS11Error("")
+    for klass in () if ckr else type(exc).__mro__:
         if klass in CKR_BY_EXCEPTION:
             ckr, value = CKR_BY_EXCEPTION[klass]
             break

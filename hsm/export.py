@@ -12,47 +12,45 @@ adopted after its attributes are re-checked; an object with the label but anothe
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-
 from asn1crypto import keys
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from .errors import KeyPolicyViolation, ObjectExists, translated
+from . import policy as policies
+from .errors import KeyPolicyViolation, ObjectExists, check_rv
 from .token import KeyRef, Token
 
 KCV_LABEL = b"hsm-suite key check value"
-STATE_LABEL = "hsm-suite-release-state"
+RECORD_PREFIX = "hsm-suite-release-"
+LEGACY_STATE_LABEL = "hsm-suite-release-state"  # one destroyable record (before key policy)
+APPLICATION = "hsm-suite"
 
-SECRET_REQUIRED = {
-    Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True, Attribute.LOCAL: True,
-    Attribute.ALWAYS_SENSITIVE: True,
-}
+SECRET_POLICIES = {"generic-secret": policies.RELEASE_SEED, "aes": policies.RELEASE_AES}
+_GENERATE = {"generic-secret": (KeyType.GENERIC_SECRET, Mechanism.GENERIC_SECRET_KEY_GEN),
+             "aes": (KeyType.AES, Mechanism.AES_KEY_GEN)}
 
 
 def _find(lease, template: dict) -> list:
     return list(lease.session.get_objects(template))
 
 
+def _policy(kind: str) -> policies.KeyPolicy:
+    if kind not in SECRET_POLICIES:
+        raise ValueError(f"unknown secret kind {kind!r}")
+    return SECRET_POLICIES[kind]
+
+
 def secret_template(kind: str, label: str, key_id: bytes) -> tuple[KeyType, int, dict]:
-    """Template for a release secret: 'generic-secret' (HMAC seed) or 'aes'. Each gets the
-    single usage its key check value needs (SIGN for HMAC, ENCRYPT for AES-ECB) and no other."""
-    base = {Attribute.LABEL: label, Attribute.ID: key_id, **SECRET_REQUIRED}
-    del base[Attribute.LOCAL], base[Attribute.ALWAYS_SENSITIVE]  # read back, not requested
-    usages = {a: False for a in (Attribute.ENCRYPT, Attribute.DECRYPT, Attribute.SIGN,
-                                 Attribute.VERIFY, Attribute.WRAP, Attribute.UNWRAP,
-                                 Attribute.DERIVE)}
-    if kind == "generic-secret":
-        usages[Attribute.SIGN] = True
-        return KeyType.GENERIC_SECRET, 256, {**base, **usages}
-    if kind == "aes":
-        usages[Attribute.ENCRYPT] = True
-        return KeyType.AES, 256, {**base, **usages}
-    raise ValueError(f"unknown secret kind {kind!r}")
+    """Template for a release secret: 'generic-secret' (HMAC seed) or 'aes'. Each may only SIGN,
+    with the single mechanism its key check value needs (HMAC-SHA256, AES-CMAC): no AES-ECB
+    oracle, no encryption, nothing else (CKA_ALLOWED_MECHANISMS, non-modifiable)."""
+    pol = _policy(kind)
+    key_type = _GENERATE[kind][0]
+    return key_type, 256, {**pol.creation_attributes(), Attribute.KEY_TYPE: key_type,
+                           Attribute.LABEL: label, Attribute.ID: key_id, Attribute.VALUE_LEN: 32}
 
 
-def ensure_secret(token: Token, kind: str, label: str, key_id: bytes) -> str:
+def ensure_secret(token: Token, kind: str, label: str, key_id: bytes, *,
+                  allow_weak_token: bool = False) -> str:
     """Generate the secret as a token object unless an earlier run of this ceremony did.
     Returns 'created' or 'adopted'."""
     key_type, bits, template = secret_template(kind, label, key_id)
@@ -64,26 +62,41 @@ def ensure_secret(token: Token, kind: str, label: str, key_id: bytes) -> str:
                                object_label=label, hint="release labels are never reused")
         status = "adopted"
     else:
+        from .profile import require_enforcement
+        require_enforcement(token, f"generate release secret {label}",
+                            allow_weak=allow_weak_token)
+        raw = token.module.raw
+
         def generate(lease):
-            with translated("C_GenerateKey", token.label, label):
-                return lease.session.generate_key(key_type, bits, store=True, template=template)
+            rv, _ = raw.generate_key(lease.session.handle, _GENERATE[kind][1], template)
+            check_rv(rv)
         token.run_on_anchor("C_GenerateKey", generate, label)
         status = "created"
-    check_secret(token, label)
+    check_secret(token, kind, label)
     return status
 
 
-def check_secret(token: Token, label: str) -> dict:
-    ref = KeyRef(label, ObjectClass.SECRET_KEY)
-    values = token.run("C_GetAttributeValue",
-                       lambda lease: lease.key(ref).get_attributes(list(SECRET_REQUIRED)), label)
-    wrong = {a.name: values.get(a) for a, want in SECRET_REQUIRED.items() if values.get(a) != want}
-    if wrong:
-        raise KeyPolicyViolation("release secret attributes differ from the policy: "
-                                 + ", ".join(f"{k}={v}" for k, v in sorted(wrong.items())),
-                                 token=token.label, object_label=label,
-                                 hint="do not export this secret; destroy it and rerun")
-    return {a.name: values[a] for a in SECRET_REQUIRED}
+def check_secret(token: Token, kind: str, label: str) -> dict:
+    """Read the secret back against its policy; returns the attributes it was checked for."""
+    pol = _policy(kind)
+    found = policies.check(token, KeyRef(label, ObjectClass.SECRET_KEY), pol)
+    if found:
+        raise KeyPolicyViolation("release secret is weaker than its policy: " + "; ".join(found),
+                                 token=token.label, object_label=label, hint=pol.hint)
+    return {**{Attribute(a).name: v for a, v in {**pol.attributes, **pol.read_back}.items()},
+            "ALLOWED_MECHANISMS": policies.describe_template(
+                {Attribute.ALLOWED_MECHANISMS: sorted(pol.mechanisms)}).split("=", 1)[1]}
+
+
+def applied_template(kind: str) -> str:
+    """The release-secret template as the transcript and ``ceremony plan`` show it."""
+    return policies.describe_template({Attribute.KEY_TYPE: 0, **_policy(kind).creation_attributes()}
+                                      ).replace("CKA_KEY_TYPE=0", f"CKA_KEY_TYPE={kind}")
+
+
+def applied_trusted_template() -> str:
+    """The trusted-recipient template as the transcript and ``ceremony plan`` show it."""
+    return policies.describe_template(policies.TRUSTED_RECIPIENT.creation_attributes())
 
 
 def check_value(token: Token, kind: str, label: str) -> tuple[str, bytes]:
@@ -93,19 +106,28 @@ def check_value(token: Token, kind: str, label: str) -> tuple[str, bytes]:
 
 
 def check_value_of(key, kind: str) -> tuple[str, bytes]:
-    """The check value computed on a python-pkcs11 key object (one token call)."""
+    """The check value computed on a python-pkcs11 key object (one token call): a MAC of a fixed
+    label, never an AES-ECB block (E_K(0) is the GCM hash key H of the very key)."""
     if kind == "generic-secret":
         return "hmac-sha256-8", key.sign(KCV_LABEL, mechanism=Mechanism.SHA256_HMAC)[:8]
-    return "aes-ecb-zero-block-8", key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:8]
+    return "aes-cmac-8", key.sign(KCV_LABEL, mechanism=Mechanism.AES_CMAC)[:8]
 
 
-def host_check_value(method: str, key: bytes) -> bytes:
-    """The same check value computed on the host from known key bytes (tests, verifiers)."""
-    if method == "hmac-sha256-8":
-        return hmac.new(key, KCV_LABEL, hashlib.sha256).digest()[:8]
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
-    return (enc.update(bytes(16)) + enc.finalize())[:8]
+def destroy_secret(token: Token, label: str, key_id: bytes) -> str:
+    """Destroy a release secret on the primary after its bundles are verified: the escrow bundle
+    is the backup, and no usable copy stays behind. Returns 'destroyed' or 'absent' (a resumed
+    run whose earlier attempt destroyed it)."""
+    def destroy(lease):
+        found = _find(lease, {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.SECRET_KEY})
+        mine = [o for o in found if o[Attribute.ID] == key_id]
+        if len(mine) != len(found):
+            raise ObjectExists(f"an object labelled {label!r} was not made by this ceremony",
+                               token=token.label, object_label=label)
+        for obj in mine:
+            obj.destroy()
+        lease.objects.clear()
+        return "destroyed" if mine else "absent"
+    return token.run_on_anchor("C_DestroyObject", destroy, label)
 
 
 def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
@@ -133,20 +155,28 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
             raise ObjectExists(f"a public key labelled {label!r} exists but is another key",
                                token=so_token.label, object_label=label,
                                hint="trusted keys are never replaced; investigate the token")
-        if not (attrs[Attribute.TRUSTED] and attrs[Attribute.WRAP]):
-            raise KeyPolicyViolation(f"{label!r} is not a trusted wrapping key",
-                                     token=so_token.label, object_label=label)
+        found = policies.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY),
+                               policies.TRUSTED_RECIPIENT)
+        if found:
+            raise KeyPolicyViolation(f"{label!r} is weaker than a trusted wrapping key must be: "
+                                     + "; ".join(found), token=so_token.label,
+                                     object_label=label, hint=policies.TRUSTED_RECIPIENT.hint)
         return "adopted"
-    template = {
-        Attribute.CLASS: ObjectClass.PUBLIC_KEY, Attribute.KEY_TYPE: KeyType.RSA,
-        Attribute.TOKEN: True, Attribute.PRIVATE: False, Attribute.LABEL: label,
-        Attribute.ID: key_id, Attribute.MODULUS: modulus, Attribute.PUBLIC_EXPONENT: exponent,
-        Attribute.TRUSTED: True, Attribute.WRAP: True, Attribute.ENCRYPT: False,
-        Attribute.VERIFY: False, Attribute.MODIFIABLE: False,
-    }
-    so_token.run_on_anchor("C_CreateObject",
-                           lambda lease: lease.session.create_object(template), label)
+    template = trusted_key_template(label, key_id, modulus, exponent)
+    raw = so_token.module.raw
+
+    def create(lease):
+        rv, _ = raw.create_object(lease.session.handle, template)
+        check_rv(rv)
+    so_token.run_on_anchor("C_CreateObject", create, label)
     return "created"
+
+
+def trusted_key_template(label: str, key_id: bytes, modulus: bytes, exponent: bytes) -> dict:
+    """An SO-trusted RSA wrapping key: may only wrap, only with RSA-OAEP, never modified."""
+    return {**policies.TRUSTED_RECIPIENT.creation_attributes(), Attribute.KEY_TYPE: KeyType.RSA,
+            Attribute.LABEL: label, Attribute.ID: key_id, Attribute.MODULUS: modulus,
+            Attribute.PUBLIC_EXPONENT: exponent}
 
 
 def random_bytes(token: Token, n: int) -> bytes:
@@ -154,26 +184,34 @@ def random_bytes(token: Token, n: int) -> bytes:
 
 
 def read_states(token: Token) -> list[str]:
-    """The release ids recorded in the token (CKO_DATA objects). Normally one; two after a crash
-    inside :func:`write_state` - the caller takes the newest."""
+    """The release ids recorded in the token: one record per release (and a legacy record
+    written before the key policy, which ``hsm audit`` flags)."""
     def read(lease):
-        found = _find(lease, {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: STATE_LABEL})
-        return [obj[Attribute.VALUE].decode() for obj in found]
-    return token.run("C_GetAttributeValue", read, STATE_LABEL)
+        found = _find(lease, {Attribute.CLASS: ObjectClass.DATA,
+                              Attribute.APPLICATION: APPLICATION})
+        return [obj[Attribute.VALUE].decode() for obj in found
+                if str(obj[Attribute.LABEL]).startswith(RECORD_PREFIX)]
+    return token.run("C_GetAttributeValue", read, RECORD_PREFIX)
 
 
-def write_state(token: Token, release: str) -> None:
-    """Record ``release`` as the last release, replacing the previous record."""
+def record_label(release: str) -> str:
+    return RECORD_PREFIX + release
+
+
+def write_state(token: Token, release: str) -> str:
+    """Record ``release`` in a data object of its own that the token refuses to destroy,
+    modify or copy (CKA_DESTROYABLE/MODIFIABLE/COPYABLE false): a user-PIN holder can add a
+    record but never remove or lower one, so release ids only move forward. Returns 'recorded'
+    or 'adopted' (a record for this release exists)."""
+    label = record_label(release)
+    template = {**policies.RELEASE_RECORD.creation_attributes(), Attribute.LABEL: label,
+                Attribute.APPLICATION: APPLICATION, Attribute.VALUE: release.encode()}
+    raw = token.module.raw
+
     def write(lease):
-        old = _find(lease, {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: STATE_LABEL})
-        lease.session.create_object({
-            Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: True, Attribute.PRIVATE: True,
-            Attribute.LABEL: STATE_LABEL, Attribute.APPLICATION: "hsm-suite",
-            Attribute.VALUE: release.encode()})
-        # Create before destroy: a crash in between leaves two records, and the reader below
-        # takes the newest; never zero.
-        for obj in old:
-            obj.destroy()
-    token.run_on_anchor("C_CreateObject", write, STATE_LABEL)
-
-
+        if _find(lease, {Attribute.CLASS: ObjectClass.DATA, Attribute.LABEL: label}):
+            return "adopted"
+        rv, _ = raw.create_object(lease.session.handle, template)
+        check_rv(rv)
+        return "recorded"
+    return token.run_on_anchor("C_CreateObject", write, label)

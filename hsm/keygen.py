@@ -1,9 +1,12 @@
 """Generate a role's key pair inside the token, then prove it has the attributes the role requires.
 
-A template is a request, not a guarantee: a token may ignore or override attributes. So after
-generation we read CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE, CKA_EXTRACTABLE (and the
-rest of REQUIRED_PRIVATE) back; a key that fails is destroyed before the error is raised, so no
-half-trusted key is left on the token under a role's label.
+The key pair is generated through ctypes (:mod:`hsm._cryptoki`) because its policy includes
+attribute arrays (``CKA_ALLOWED_MECHANISMS``, ``CKA_UNWRAP_TEMPLATE``) that python-pkcs11 0.10
+cannot encode and that can only be set at generation. A template is a request, not a guarantee: a
+token may ignore or override attributes. So after generation the private key is read back against
+its :class:`hsm.policy.KeyPolicy` (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
+CKA_MODIFIABLE, the allowed mechanisms, the unwrap template...); a key that fails is destroyed
+before the error is raised, so no half-trusted key is left on the token under a role's label.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import pkcs11
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from .errors import KeyPolicyViolation, ObjectExists, translated
-from .roles import REQUIRED_PRIVATE, KeyRole
+from . import policy as policies
+from .errors import KeyPolicyViolation, ObjectExists, check_rv, translated
+from .roles import KeyRole
 from .token import KeyRef, Token
+
+
+_UNSTORABLE = (Attribute.COPYABLE, Attribute.ALLOWED_MECHANISMS, Attribute.UNWRAP_TEMPLATE)
 
 
 @dataclass(frozen=True)
@@ -41,58 +47,64 @@ def label_in_use(token: Token, label: str) -> bool:
     return token.run("C_FindObjects", find, object_label=label)
 
 
-def check_private_attributes(token: Token, label: str) -> dict:
-    """Read the private key's security attributes back; raise if any differs from the policy."""
-    ref = KeyRef(label, ObjectClass.PRIVATE_KEY)
-
-    def read(lease):
-        return lease.key(ref).get_attributes(list(REQUIRED_PRIVATE))
-    values = token.run("C_GetAttributeValue", read, object_label=label)
-    wrong = {attr.name: values.get(attr) for attr, want in REQUIRED_PRIVATE.items()
-             if values.get(attr) != want}
-    if wrong:
+def check_private_attributes(token: Token, role: KeyRole, label: str) -> None:
+    """Read the private and public keys back; raise naming each attribute weaker than policy."""
+    found = policies.check(token, KeyRef(label, ObjectClass.PRIVATE_KEY), role.policy)
+    found += [f"public key {d}" for d in policies.check(
+        token, KeyRef(label, ObjectClass.PUBLIC_KEY), policies.PUBLIC_KEY)]
+    if found:
         raise KeyPolicyViolation(
-            "private key attributes differ from the role's policy: "
-            + ", ".join(f"{k}={v}" for k, v in sorted(wrong.items())),
+            f"{label!r} is weaker than the {role.policy.name} policy: " + "; ".join(found),
             operation="attribute read-back", token=token.label, object_label=label,
-            hint="the token did not honour the template; do not use this key")
-    return {attr.name: values[attr] for attr in REQUIRED_PRIVATE}
+            hint=role.policy.hint)
 
 
-def generate_keypair(token: Token, role: KeyRole, label: str) -> KeyPairInfo:
-    """Generate ``role``'s key pair as token objects under ``label``; refuse an existing label."""
+def generate_keypair(token: Token, role: KeyRole, label: str, *,
+                     allow_weak_token: bool = False) -> KeyPairInfo:
+    """Generate ``role``'s key pair as token objects under ``label``; refuse an existing label
+    and a token that does not enforce the key policy (unless ``allow_weak_token``)."""
+    from .profile import require_enforcement
+    require_enforcement(token, f"generate the {role.name} key", allow_weak=allow_weak_token)
     if label_in_use(token, label):
         raise ObjectExists(f"an object labelled {label!r} already exists", token=token.label,
                            object_label=label, hint="choose another label; keys are never "
                            "replaced (delete the old one deliberately if you must)")
     key_id = os.urandom(16)  # unique CKA_ID linking the private key, public key and certificate
     pub_tpl = role.public_template(label, key_id)
-    priv_tpl = role.private_template(label, key_id)
-    with token.anchor() as anchor, translated("C_GenerateKeyPair", token.label, label):
-        session = anchor.session
-        if role.key_type is KeyType.RSA:
-            pub, priv = session.generate_keypair(
-                KeyType.RSA, role.bits, store=True, mechanism=role.generation_mechanism,
-                public_template=pub_tpl, private_template=priv_tpl)
-        else:
-            params = session.create_domain_parameters(
-                KeyType.EC, {Attribute.EC_PARAMS: encode_named_curve_parameters(role.curve)},
-                local=True)
-            pub, priv = params.generate_keypair(
-                store=True, mechanism=role.generation_mechanism,
-                public_template=pub_tpl, private_template=priv_tpl)
+    if role.key_type is KeyType.EC:
+        pub_tpl[Attribute.EC_PARAMS] = encode_named_curve_parameters(role.curve)
+    priv_tpl = role.private_template(label, key_id, token.profile)
+    raw = token.module.raw
+
+    def generate(lease):
+        rv, pub, priv = raw.generate_key_pair(lease.session.handle, role.generation_mechanism,
+                                              pub_tpl, priv_tpl)
+        if rv != 0 and allow_weak_token:
+            # A weak token may not even store the policy (NSS softokn 3.87: CKR_GENERAL_ERROR
+            # for a token key with CKA_COPYABLE and CKA_ALLOWED_MECHANISMS). For a rehearsal,
+            # try without them; the read-back below still names every missing attribute.
+            weak = {k: v for k, v in priv_tpl.items() if k not in _UNSTORABLE}
+            rv, pub, priv = raw.generate_key_pair(lease.session.handle,
+                                                  role.generation_mechanism, pub_tpl, weak)
+        check_rv(rv)
+        return pub, priv
+    with translated("C_GenerateKeyPair", token.label, label):
+        pub, priv = token.run_on_anchor("C_GenerateKeyPair", generate, label)
     try:
-        check_private_attributes(token, label)
-    except (KeyPolicyViolation, pkcs11.PKCS11Error):
-        with token.anchor():
-            priv.destroy()
-            pub.destroy()
+        check_private_attributes(token, role, label)
+    except KeyPolicyViolation:
+        def destroy(lease):
+            raw.destroy_object(lease.session.handle, priv)
+            raw.destroy_object(lease.session.handle, pub)
+        token.run_on_anchor("C_DestroyObject", destroy, label)
         raise
     return KeyPairInfo(label, key_id, role)
 
 
-def existing_keypair(token: Token, role: KeyRole, label: str) -> KeyPairInfo | None:
-    """The role's key pair if present (its private-key attributes re-checked), else None."""
+def existing_keypair(token: Token, role: KeyRole, label: str, *,
+                     check: bool = True) -> KeyPairInfo | None:
+    """The role's key pair if present (its attributes re-checked against policy unless
+    ``check`` is false: the caller still has to find out which role it is), else None."""
     def find(lease):
         found = list(lease.session.get_objects({Attribute.LABEL: label,
                                                 Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
@@ -100,5 +112,6 @@ def existing_keypair(token: Token, role: KeyRole, label: str) -> KeyPairInfo | N
     key_id = token.run("C_FindObjects", find, object_label=label)
     if key_id is None:
         return None
-    check_private_attributes(token, label)
+    if check:
+        check_private_attributes(token, role, label)
     return KeyPairInfo(label, key_id, role)

@@ -69,10 +69,29 @@ def aes_gcm_encrypt(token: Token, key: KeyRef, nonce: bytes, plaintext: bytes,
                      GCMParams(nonce, aad))
 
 
+# What a token answers when an AES-GCM tag does not verify: SoftHSM2 2.6.1 says
+# CKR_GENERAL_ERROR (measured), the standard says CKR_ENCRYPTED_DATA_INVALID.
+_GCM_TAG_FAILURES = ("CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE",
+                     "CKR_GENERAL_ERROR")
+
+
 def aes_gcm_decrypt(token: Token, key: KeyRef, nonce: bytes, ciphertext: bytes,
                     aad: bytes | None = None) -> bytes:
-    return token.run("C_Decrypt(AES_GCM)", _gcm_decrypt, key.label, key, ciphertext,
-                     GCMParams(nonce, aad))
+    """AES-GCM decryption inside the token; a tag that does not verify raises
+    :class:`hsm.errors.DecryptionFailed` (a lost session still raises what it did)."""
+    from .errors import DecryptionFailed, HsmError
+    try:
+        return token.run("C_Decrypt(AES_GCM)", _gcm_decrypt, key.label, key, ciphertext,
+                         GCMParams(nonce, aad))
+    except DecryptionFailed:
+        raise
+    except HsmError as exc:
+        if exc.ckr not in _GCM_TAG_FAILURES:
+            raise
+        raise DecryptionFailed("AES-GCM authentication failed: wrong key, or the ciphertext, "
+                               "tag or associated data was altered", operation=exc.operation,
+                               token=exc.token, object_label=exc.object_label, ckr=exc.ckr,
+                               ckr_value=exc.ckr_value) from None
 
 
 def generate_session_key(token: Token, key_type: KeyType, bits: int | None, label: str,
@@ -207,22 +226,34 @@ _USAGES = {"sign": MechanismFlag.SIGN,
 
 
 def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped, *, kind: str,
-                          usage: str, label: str) -> tuple[KeyRef, str, bytes]:
-    """RSA-OAEP unwrap into a sensitive, non-extractable session object on the anchor (it must
-    outlive the call) with exactly ``usage``; one private-key operation. Returns the key's
-    reference and its check value, computed on the handle the unwrap returned (no lookup)."""
+                          usage: str, label: str, escrow: bool = False
+                          ) -> tuple[KeyRef, str, bytes]:
+    """RSA-OAEP unwrap into a session object on the anchor (it must outlive the call) with
+    exactly ``usage`` plus SIGN for its check value; one private-key operation. Returns the
+    key's reference and its check value, computed on the handle the unwrap returned.
+
+    The template is the unwrapping key's own CKA_UNWRAP_TEMPLATE (hsm.policy): sensitive,
+    non-extractable and limited to the KMS's mechanisms on a regional token; with ``escrow``, the
+    primary's escrow template (extractable only under CKA_WRAP_WITH_TRUSTED). The token refuses
+    any other template, so asking for less here would fail, and asking for more is impossible."""
+    from . import policy as policies
+    from ._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
+    from .errors import check_rv
     from .export import check_value_of
-    params = _oaep_params(wrapped.parameters.get("hash", "sha1"))
-    tpl = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, **_only(_USAGES[usage])}
+    hash_mech, mgf, _ = _oaep_params(wrapped.parameters.get("hash", "sha1"))
+    params = CK_RSA_PKCS_OAEP_PARAMS(int(hash_mech), int(mgf), 1, None, 0)  # CKZ_DATA_SPECIFIED
+    forced = policies.ESCROW_UNWRAP_TEMPLATE if escrow else policies.REGIONAL_UNWRAP_TEMPLATE
+    tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: _KINDS[kind],
+           Attribute.LABEL: label, **_only(_USAGES[usage] | MechanismFlag.SIGN), **forced}
     ref = secret(label)
+    raw = token.module.raw
 
     def unwrap(lease):
-        obj = lease.key(unwrapping_key).unwrap_key(
-            ObjectClass.SECRET_KEY, _KINDS[kind], wrapped.data, label=label,
-            mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=params, store=False,
-            capabilities=_USAGES[usage], template=tpl)
-        lease.objects[ref] = obj
-        return check_value_of(obj, kind)
+        rv, _ = raw.unwrap_key(lease.session.handle, Mechanism.RSA_PKCS_OAEP, params,
+                               lease.key(unwrapping_key).handle, wrapped.data, tpl)
+        check_rv(rv)
+        lease.objects.pop(ref, None)
+        return check_value_of(lease.key(ref), kind)
     method, kcv = token.run_on_anchor("C_UnwrapKey(RSA_PKCS_OAEP)", unwrap, label)
     return ref, method, kcv
 
@@ -241,10 +272,27 @@ def destroy_session_secrets(token: Token, label_prefix: str) -> int:
     return token.run_on_anchor("C_DestroyObject", sweep, label_prefix)
 
 
+_SESSION_SECRET_MECHANISMS = {"sign": {"generic-secret": (Mechanism.SHA256_HMAC,)},
+                              "encrypt-decrypt": {"aes": (Mechanism.AES_GCM,)}}
+_KEYGEN = {"generic-secret": Mechanism.GENERIC_SECRET_KEY_GEN, "aes": Mechanism.AES_KEY_GEN}
+
+
 def generate_session_secret(token: Token, *, kind: str, usage: str, label: str) -> KeyRef:
-    """A fresh sensitive, non-extractable session key on the anchor, with exactly ``usage``."""
-    generate_session_key(token, _KINDS[kind], 256, label, _USAGES[usage],
-                         template=_only(_USAGES[usage]))
+    """A fresh session key on the anchor: sensitive, non-extractable, non-modifiable, with
+    exactly ``usage`` and only the one mechanism the KMS uses it with (HMAC-SHA256 for a
+    generic secret that signs, AES-GCM for an AES key)."""
+    from .errors import check_rv
+    mechanisms = _SESSION_SECRET_MECHANISMS[usage][kind]
+    tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: _KINDS[kind],
+           Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.LABEL: label,
+           Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.MODIFIABLE: False,
+           Attribute.COPYABLE: False, Attribute.ALLOWED_MECHANISMS: list(mechanisms),
+           **_only(_USAGES[usage])}
+    raw = token.module.raw
+
+    def gen(lease):
+        check_rv(raw.generate_key(lease.session.handle, _KEYGEN[kind], tpl)[0])
+    token.run_on_anchor("C_GenerateKey", gen, label)
     return secret(label)
 
 

@@ -65,18 +65,29 @@ def from_source(source: str) -> Pin:
     raise UsageError(f"unknown PIN source kind {kind!r}", hint="use env:VARIABLE or file:PATH")
 
 
-def resolve(source: str | None, *, default_env: str, prompt: str) -> Pin:
-    """A PIN from ``source``, else from ``$default_env``, else a terminal prompt.
+def token_env(default_env: str, label: str) -> str:
+    """The per-token variable for ``label``: ``HSM_PIN_REGIONAL_EU`` for ``regional-eu`` (the
+    label upper-cased, every character that cannot be in a variable name turned into ``_``)."""
+    return default_env + "_" + "".join(c if c.isascii() and c.isalnum() else "_"
+                                       for c in label.upper())
+
+
+def resolve(source: str | None, *, default_env: str, prompt: str,
+            token_label: str | None = None) -> Pin:
+    """A PIN from ``source``, else ``$<default_env>_<LABEL>`` (each token its own PIN), else
+    ``$default_env``, else a terminal prompt.
 
     With no source, no variable and no terminal (CI, a pipe) we fail rather than block: an
     unattended run waiting on a prompt nobody sees is a silent hang.
     """
     if source:
         return from_source(source)
-    value = os.environ.get(default_env)
-    if value:
-        return Pin(value)
+    names = ([token_env(default_env, token_label)] if token_label else []) + [default_env]
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return Pin(value)
     if sys.stdin is not None and sys.stdin.isatty():
         return Pin(getpass.getpass(prompt))
     raise PinError(f"no PIN available for: {prompt.rstrip(': ')}",
-                   hint=f"give --pin-source env:VAR|file:PATH or set {default_env}")
+                   hint="give --pin-source env:VAR|file:PATH or set " + " or ".join(names))

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from .errors import MechanismUnsupported
+from .errors import KeyPolicyViolation, MechanismUnsupported
 
 # Mechanisms python-pkcs11 0.10 has no member for (PKCS#11 v3.0 values).
 CKM_AES_KEY_WRAP = 0x2109
@@ -78,6 +78,11 @@ class Profile:
     sp800_108: bool = False
     pbkdf2: bool = False
     trusted_wrap_enforced: bool | None = None
+    # Key policy enforcement, each probed on throw-away session objects (see _probe_policy).
+    unwrap_template_enforced: bool | None = None
+    allowed_mechanisms_enforced: bool | None = None
+    modifiable_enforced: bool | None = None
+    destroyable_enforced: bool | None = None
     ecdsa_with_hash: bool = False          # CKM_ECDSA_SHA384 on the token, else hash on the host
     kwp_length_query_short: bool = False   # NSS: C_WrapKey(KWP) size query is too small
     notes: list[str] = field(default_factory=list)
@@ -115,6 +120,15 @@ class Profile:
             return "AES_KEY_WRAP", _MECHANISMS[CKM_AES_KEY_WRAP]
         raise MechanismUnsupported("no AES key-wrap mechanism (RFC 5649 / RFC 3394) on the token",
                                    token=self.token_label, hint=self.offer_hint("wrap"))
+
+    def missing_enforcement(self) -> list[str]:
+        """What the key policy relies on that this token was not seen to enforce."""
+        checks = {"CKA_UNWRAP_TEMPLATE": self.unwrap_template_enforced,
+                  "CKA_ALLOWED_MECHANISMS": self.allowed_mechanisms_enforced,
+                  "CKA_MODIFIABLE": self.modifiable_enforced,
+                  "CKA_DESTROYABLE": self.destroyable_enforced,
+                  "CKA_WRAP_WITH_TRUSTED": self.trusted_wrap_enforced}
+        return [name for name, enforced in checks.items() if enforced is not True]
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -165,7 +179,92 @@ def probe(token) -> Profile:
             prof.oaep_hashes = _probe_oaep(lease.session, prof)
         if prof.aes_kwp or prof.aes_key_wrap:
             prof.trusted_wrap_enforced = _probe_trusted_wrap(lease.session, prof)
+    _probe_policy(token, prof)
     return prof
+
+
+def require_enforcement(token, purpose: str, *, allow_weak: bool = False) -> None:
+    """Refuse to create production keys on a token that does not enforce the key policy: there
+    the policy would only be a promise of this code. ``allow_weak`` (rehearsals, tests of other
+    tokens) proceeds with a loud warning on stderr."""
+    missing = token.profile.missing_enforcement()
+    if not missing:
+        return
+    what = ", ".join(missing)
+    if allow_weak:
+        import sys
+        print(f"WARNING: token {token.label!r} does not enforce {what}; a user-PIN holder can "
+              f"defeat the key policy of what this run creates ({purpose}). Rehearsal only.",
+              file=sys.stderr)
+        return
+    raise KeyPolicyViolation(
+        f"token {token.label!r} does not enforce {what}, which the key policy relies on; "
+        f"refusing to {purpose}", operation="key policy check", token=token.label,
+        hint="use a token that enforces them (`hsm info` shows what this one does); a "
+             "rehearsal may pass --allow-weak-token")
+
+
+# Throw-away objects of the policy probe: session objects on a session of their own, which the
+# probe closes (a non-destroyable session object still dies with its session).
+_PROBE_LABEL = "hsm-suite-policy-probe"
+
+
+def _probe_policy(token, prof: Profile) -> None:
+    raw = token.module.raw
+    session = token.p11token.open(rw=True)  # shares the login of the token's anchor
+    h = session.handle
+    try:
+        def find(label):
+            return next(iter(session.get_objects({Attribute.LABEL: label})))
+        aes = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+               Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.SENSITIVE: True}
+        # CKA_MODIFIABLE and CKA_ALLOWED_MECHANISMS: a key allowed only AES-CMAC, asked for ECB.
+        rv, _ = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            **aes, Attribute.LABEL: _PROBE_LABEL + "-m", Attribute.ENCRYPT: True,
+            Attribute.SIGN: True, Attribute.EXTRACTABLE: True, Attribute.MODIFIABLE: False,
+            Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_CMAC]})
+        if rv == 0:
+            key = find(_PROBE_LABEL + "-m")
+            try:
+                key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)
+                prof.allowed_mechanisms_enforced = False
+            except pkcs11.MechanismInvalid:
+                prof.allowed_mechanisms_enforced = True
+            except pkcs11.PKCS11Error:
+                prof.allowed_mechanisms_enforced = None
+            prof.modifiable_enforced = raw.set_attributes(
+                h, key.handle, {Attribute.ENCRYPT: False}) != 0
+        # CKA_UNWRAP_TEMPLATE: a wrapping key whose template forbids extractable results.
+        if prof.aes_kwp or prof.aes_key_wrap:
+            _, mech = prof.aes_wrap_choice(32)
+            rv, _ = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+                **aes, Attribute.LABEL: _PROBE_LABEL + "-w", Attribute.WRAP: True,
+                Attribute.UNWRAP: True, Attribute.EXTRACTABLE: False,
+                Attribute.UNWRAP_TEMPLATE: {Attribute.SENSITIVE: True,
+                                            Attribute.EXTRACTABLE: False}})
+            if rv == 0:
+                wrapper = find(_PROBE_LABEL + "-w")
+                target = session.generate_key(KeyType.AES, 256, store=False, template={
+                    Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True})
+                try:
+                    wrapped = wrapper.wrap_key(target, mechanism=mech)
+                    wrapper.unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped,
+                                       mechanism=mech, store=False, template={
+                                           Attribute.SENSITIVE: False,
+                                           Attribute.EXTRACTABLE: True})
+                    prof.unwrap_template_enforced = False
+                except pkcs11.TemplateInconsistent:
+                    prof.unwrap_template_enforced = True
+                except pkcs11.PKCS11Error:
+                    prof.unwrap_template_enforced = None
+        # CKA_DESTROYABLE: a data object that must not be destroyable.
+        rv, obj = raw.create_object(h, {
+            Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: False,
+            Attribute.LABEL: _PROBE_LABEL + "-d", Attribute.DESTROYABLE: False})
+        if rv == 0:  # a token that rejects the attribute (NSS: 0x13) leaves it unknown
+            prof.destroyable_enforced = raw.destroy_object(h, obj) != 0
+    finally:
+        raw.close_session(h)  # never session.close(): that would C_Logout every session
 
 
 # A fixed odd 2048-bit number: RSA encryption is defined for any modulus, and a token checks

@@ -25,7 +25,7 @@ from . import fingerprint as fp
 from . import x509 as certs
 from .errors import HsmError, UsageError
 from .files import write_new
-from .keygen import KeyPairInfo, existing_keypair, generate_keypair
+from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
 from .token import Token
 
@@ -58,11 +58,12 @@ class Outcome:
         return out
 
 
-def _ensure_keypair(token: Token, role: KeyRole, label: str) -> tuple[KeyPairInfo, str]:
+def _ensure_keypair(token: Token, role: KeyRole, label: str, *,
+                    allow_weak_token: bool = False) -> tuple[KeyPairInfo, str]:
     info = existing_keypair(token, role, label)
     if info is not None:
         return info, "exists"
-    return generate_keypair(token, role, label), "created"
+    return generate_keypair(token, role, label, allow_weak_token=allow_weak_token), "created"
 
 
 def _cert_matches(path: Path, spki: keys.PublicKeyInfo) -> bool:
@@ -85,18 +86,21 @@ def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo) -> Path:
 
 
 def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
-                 organization: str = DEFAULT_ORG) -> list[Outcome]:
+                 organization: str = DEFAULT_ORG, allow_weak_token: bool = False
+                 ) -> list[Outcome]:
     """Signing key pair + self-signed certificate, encryption key pair + certificate."""
+    _check_out_dir(out_dir)
     if signing not in SIGNING_ROLES:
         raise UsageError(f"unknown signing algorithm {signing!r}",
                          hint="choose one of " + ", ".join(SIGNING_ROLES))
     role = SIGNING_ROLES[signing]
     sign_label = f"{token.label}-signing"
     enc_label = f"{token.label}-encryption"
-    existing = existing_keypair(token, role, sign_label)
+    existing = existing_keypair(token, role, sign_label, check=False)
     if existing is not None:
         role = _signing_role_of(token, existing)
-    sig_info, sig_status = _ensure_keypair(token, role, sign_label)
+    sig_info, sig_status = _ensure_keypair(token, role, sign_label,
+                                           allow_weak_token=allow_weak_token)
     sig_spki = certs.public_key_info(token, sig_info.public)
     root_name = certs.names(role="signing", token_label=token.label, organization=organization,
                             serial=token.serial)
@@ -109,7 +113,8 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
                             days=CERT_DAYS["primary-signing"]),
         sig_spki)
     issuer_name = certs.load_pem(sig_cert.read_bytes()).subject
-    enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label)
+    enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label,
+                                           allow_weak_token=allow_weak_token)
     enc_spki = certs.public_key_info(token, enc_info.public)
     enc_cert = _write_cert_once(
         out_dir / f"{enc_label}.pem",
@@ -134,12 +139,29 @@ def _signing_role_of(token: Token, info: KeyPairInfo) -> KeyRole:
     return SIGNING_ROLES["rsa-pss-4096" if spki.bit_size > 3072 else "rsa-pss-3072"]
 
 
-def init_regional(token: Token, region: str, out_dir: Path) -> Outcome:
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an output directory whose parent does not exist: a typo must not silently create
+    a tree somewhere else (the directory itself is created if its parent is there)."""
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        return
+    if out_dir.exists():
+        raise UsageError(f"--out {out_dir} exists and is not a directory")
+    if not out_dir.parent.is_dir():
+        raise UsageError(f"--out {out_dir}: its parent directory {out_dir.parent} does not exist",
+                         hint="create it first, or give an existing directory")
+    out_dir.mkdir(mode=0o755)
+
+
+def init_regional(token: Token, region: str, out_dir: Path, *,
+                  allow_weak_token: bool = False) -> Outcome:
     """Regional encryption key pair and its certification request file."""
     if not region or not region.replace("-", "").isalnum():
         raise UsageError(f"bad region name {region!r}", hint="use letters, digits and '-'")
+    _check_out_dir(out_dir)
     label = f"{token.label}-encryption"
-    info, status = _ensure_keypair(token, REGIONAL_ENCRYPTION, label)
+    info, status = _ensure_keypair(token, REGIONAL_ENCRYPTION, label,
+                                   allow_weak_token=allow_weak_token)
     spki = certs.public_key_info(token, info.public)
     digest = certs.fingerprint(spki)
     request = {
@@ -212,11 +234,12 @@ def certify_regional(token: Token, request_path: Path, out_dir: Path, *,
                        hint="do not certify: the request did not come from the regional token "
                             "the officer read, or was altered")
     sign_label = f"{token.label}-signing"
-    info = existing_keypair(token, SIGNING_ROLES[DEFAULT_SIGNING], sign_label)
+    info = existing_keypair(token, SIGNING_ROLES[DEFAULT_SIGNING], sign_label, check=False)
     if info is None:
         raise HsmError(f"no signing key {sign_label!r} on token {token.label!r}",
                        hint="run `hsm init-primary` first")
     role = _signing_role_of(token, info)
+    check_private_attributes(token, role, sign_label)
     issuer_cert_path = out_dir / f"{sign_label}.pem"
     if not issuer_cert_path.exists():
         raise UsageError(f"the primary signing certificate {issuer_cert_path} is missing",

@@ -11,17 +11,7 @@ from dataclasses import dataclass
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-# Attributes every long-term private key must read back with, after generation.
-REQUIRED_PRIVATE = {
-    Attribute.TOKEN: True,
-    Attribute.PRIVATE: True,
-    Attribute.SENSITIVE: True,
-    Attribute.EXTRACTABLE: False,
-    Attribute.LOCAL: True,
-    Attribute.ALWAYS_SENSITIVE: True,
-    Attribute.NEVER_EXTRACTABLE: True,
-}
-
+from . import policy as policies
 
 @dataclass(frozen=True)
 class KeyRole:
@@ -41,26 +31,32 @@ class KeyRole:
         return (Mechanism.RSA_PKCS_KEY_PAIR_GEN if self.algorithm == "rsa"
                 else Mechanism.EC_KEY_PAIR_GEN)
 
+    @property
+    def policy(self) -> policies.KeyPolicy:
+        """The private key's policy (hsm.policy): what the token must refuse for this role."""
+        if self.purpose == "signing":
+            return policies.SIGNING_ECDSA if self.algorithm == "ec" else policies.SIGNING_RSA_PSS
+        return (policies.PRIMARY_ENCRYPTION if self.name == "primary-encryption"
+                else policies.REGIONAL_ENCRYPTION)
+
+    def mechanisms_for(self, profile) -> tuple[int, ...]:
+        """The CKA_ALLOWED_MECHANISMS to generate with on this token: exactly the mechanism the
+        layer will use for the role (hsm.ops.sign picks ECDSA_SHA384 where the token has it)."""
+        if self.signature == "ecdsa-sha384":
+            return (Mechanism.ECDSA_SHA384,) if profile.ecdsa_with_hash else (Mechanism.ECDSA,)
+        if self.signature == "rsa-pss-sha384":
+            return (Mechanism.SHA384_RSA_PKCS_PSS,)
+        return (Mechanism.RSA_PKCS_OAEP,)
+
     def describe(self) -> str:
         size = f"RSA-{self.bits}" if self.algorithm == "rsa" else f"EC {self.curve}"
         return f"{self.name}: {size}, {self.purpose}" + (f", {self.signature}" if self.signature
                                                          else "")
 
-    def private_template(self, label: str, key_id: bytes) -> dict:
-        signing = self.purpose == "signing"
-        return {
-            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-            Attribute.LABEL: label,
-            Attribute.ID: key_id,
-            Attribute.TOKEN: True,
-            Attribute.PRIVATE: True,
-            Attribute.SENSITIVE: True,
-            Attribute.EXTRACTABLE: False,
-            Attribute.SIGN: signing,
-            Attribute.DECRYPT: False,
-            Attribute.UNWRAP: not signing,
-            Attribute.DERIVE: False,
-        }
+    def private_template(self, label: str, key_id: bytes, profile) -> dict:
+        """The policy's attributes (non-modifiable, allowed mechanisms, unwrap template)."""
+        return {**self.policy.creation_attributes(self.mechanisms_for(profile)),
+                Attribute.KEY_TYPE: self.key_type, Attribute.LABEL: label, Attribute.ID: key_id}
 
     def public_template(self, label: str, key_id: bytes) -> dict:
         signing = self.purpose == "signing"
@@ -73,6 +69,7 @@ class KeyRole:
             Attribute.VERIFY: signing,
             Attribute.ENCRYPT: False,
             Attribute.WRAP: not signing,
+            Attribute.MODIFIABLE: False,
         }
         if self.algorithm == "rsa":
             tpl[Attribute.MODULUS_BITS] = self.bits

@@ -9,14 +9,12 @@ the module. Inside such a process, create tokens with :func:`init_token_in_proce
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pkcs11
 
 from . import module as modules
-from .errors import HsmError, TokenNotFound, from_rv
+from .errors import TokenNotFound, from_rv
 from .pin import Pin
 
 
@@ -49,52 +47,6 @@ def render_config(template: Path, conf_path: Path, root: Path) -> Path:
     conf_path.parent.mkdir(parents=True, exist_ok=True)
     conf_path.write_text("\n".join(lines) + "\n")
     return conf_path
-
-
-def util_path() -> str:
-    found = shutil.which("softhsm2-util")
-    if not found:
-        raise HsmError("softhsm2-util not found", hint="apt-get install softhsm2 (or `make demo`)")
-    return found
-
-
-def init_token_with_util(label: str, so_pin: Pin, user_pin: Pin) -> str:
-    """``softhsm2-util --init-token --free``; returns the new token's serial.
-
-    PINs go through the environment-free ``--so-pin``/``--pin`` arguments of softhsm2-util,
-    which are visible in /proc to the same user only for the life of that short process; the
-    tool offers no other non-interactive route.
-    """
-    proc = subprocess.run(
-        [util_path(), "--init-token", "--free", "--label", label,
-         "--so-pin", so_pin.reveal(), "--pin", user_pin.reveal()],
-        capture_output=True, text=True)
-    if proc.returncode != 0:
-        # softhsm2-util never echoes PINs in its messages; pass its first line on.
-        first = (proc.stderr or proc.stdout).strip().splitlines()[:1]
-        raise HsmError(f"softhsm2-util could not initialise token {label!r}: "
-                       f"{first[0] if first else 'exit ' + str(proc.returncode)}",
-                       operation="C_InitToken", token=label)
-    for word in proc.stdout.split():
-        if word.isdigit():
-            return word  # "...reassigned to slot N" - slot, not serial; serial read later
-    return ""
-
-
-def token_labels_on_disk(conf_path: Path | None = None) -> list[str]:
-    """Labels of the tokens the SoftHSM2 configuration points at, via a fresh util process."""
-    env = dict(os.environ)
-    if conf_path is not None:
-        env["SOFTHSM2_CONF"] = str(conf_path)
-    proc = subprocess.run([util_path(), "--show-slots"], capture_output=True, text=True, env=env)
-    labels = []
-    for line in proc.stdout.splitlines():
-        line = line.strip()
-        if line.startswith("Label:"):
-            value = line.split(":", 1)[1].strip()
-            if value:
-                labels.append(value)
-    return labels
 
 
 def init_token_in_process(mod: modules.LoadedModule, label: str, so_pin: Pin,

@@ -532,3 +532,73 @@ def test_certify_with_the_right_fingerprint_issues_a_certificate(primary, region
     assert again.returncode == 0, again.stderr
     assert outcome_status(again.stdout, regional.data["key_label"]) == "exists"
     assert issued.read_bytes() == pem  # never re-issued or overwritten
+
+
+def test_audit_is_clean_after_provisioning_and_flags_a_weaker_key(regional):
+    tt = regional.tt
+    clean = run_hsm(tt, "audit", "--token", tt.label, "--json", env=pin_env(tt))
+    assert clean.returncode == 0, clean.stderr
+    doc = json.loads(clean.stdout)
+    roles = {(o["object_class"], o["label"]): o for o in doc["objects"]}
+    priv = roles[("private_key", f"{tt.label}-encryption")]
+    assert priv["role"] == "regional-encryption" and priv["deviations"] == []
+    assert priv["allowed_mechanisms"] == ["RSA_PKCS_OAEP"]
+    assert priv["attributes"]["MODIFIABLE"] is False and doc["deviations"] == 0
+    # A release secret made the way this suite made them before the key policy (python-pkcs11
+    # defaults: modifiable, any mechanism): audit names each missing attribute and fails.
+    from pkcs11 import Attribute, KeyType, MechanismFlag
+    label = f"rel-legacy-{secrets.token_hex(3)}"
+    token = tt.token
+    token.run_on_anchor("gen", lambda lease: lease.session.generate_key(
+        KeyType.AES, 256, label=label, store=True, capabilities=MechanismFlag.ENCRYPT,
+        template={Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True,
+                  Attribute.WRAP_WITH_TRUSTED: True}))
+    try:
+        flagged = run_hsm(tt, "audit", "--token", tt.label, "--json", env=pin_env(tt))
+        assert flagged.returncode == 1, flagged.stderr
+        weak = next(o for o in json.loads(flagged.stdout)["objects"] if o["label"] == label)
+        text = " ".join(weak["deviations"])
+        assert "CKA_MODIFIABLE: got True, want False" in text
+        assert "CKA_ALLOWED_MECHANISMS: missing" in text
+        assert "CKA_ENCRYPT: got True, want False" in text
+        table = run_hsm(tt, "audit", "--token", tt.label, env=pin_env(tt))
+        assert table.returncode == 1 and f"{label}" in table.stdout
+        assert "re-provision" in table.stdout
+    finally:
+        token.run_on_anchor("destroy", lambda lease: [
+            o.destroy() for o in lease.session.get_objects({Attribute.LABEL: label})])
+        tt.close()
+
+
+def test_init_token_in_process_with_per_token_pins_and_idempotent(softhsm_token):
+    """`hsm init-token` runs C_InitToken/C_InitPIN in its own process: the PINs come from
+    HSM_SO_PIN_<LABEL>/HSM_PIN_<LABEL> and never appear on any command line."""
+    from hsm.pin import token_env
+    label = f"cli-new-{secrets.token_hex(3)}"
+    so, user = secrets.token_hex(8), secrets.token_hex(6)
+    env = {token_env("HSM_SO_PIN", label): so, token_env("HSM_PIN", label): user}
+    first = run_hsm(softhsm_token, "init-token", "--label", label, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "initialised with C_InitToken" in first.stdout
+    assert_no_secrets(first, so, user)
+    # The user PIN works (found through the per-token variable alone), a second run does nothing.
+    info = run_hsm(softhsm_token, "info", "--token", label, "--json",
+                   env={token_env("HSM_PIN", label): user})
+    assert info.returncode == 0, info.stderr
+    again = run_hsm(softhsm_token, "init-token", "--label", label, env=env)
+    assert again.returncode == 0 and "already exists; nothing done" in again.stdout
+
+
+@pytest.mark.parametrize("label", ["", "   ", "x" * 33, " padded"])
+def test_init_token_refuses_a_bad_label_before_touching_anything(softhsm_token, label):
+    result = run_hsm(softhsm_token, "init-token", "--label", label,
+                     env={"HSM_SO_PIN": "12345678", "HSM_PIN": "123456"})
+    assert "bad token label" in assert_one_line_error(result)
+
+
+def test_init_regional_refuses_an_out_dir_whose_parent_is_missing(softhsm_token, tmp_path):
+    out = tmp_path / "no" / "such" / "dir"
+    result = run_hsm(softhsm_token, "init-regional", "--token", softhsm_token.label,
+                     "--region", "eu", "--out", str(out), env=pin_env(softhsm_token))
+    assert "does not exist" in assert_one_line_error(result)
+    assert not (tmp_path / "no").exists()

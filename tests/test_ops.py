@@ -136,3 +136,25 @@ def test_profile_records_the_backend_differences(hsm_token):
         assert prof.pbkdf2 and prof.kwp_length_query_short
     assert prof.oaep_choice()[0] == ("sha1" if hsm_token.backend == "softhsm2" else "sha256")
     assert padding  # host OAEP module imported for interop checks elsewhere
+
+
+def test_profile_reports_key_policy_enforcement(hsm_token):
+    """Probed on throw-away session objects: SoftHSM2 2.6.1 enforces every part of the key
+    policy; NSS softokn 3.87 keeps CKA_MODIFIABLE but not CKA_ALLOWED_MECHANISMS or
+    CKA_DESTROYABLE, so it is refused for production keys."""
+    prof = hsm_token.token.profile
+    if hsm_token.backend == "softhsm2":
+        assert (prof.unwrap_template_enforced, prof.allowed_mechanisms_enforced,
+                prof.modifiable_enforced, prof.destroyable_enforced,
+                prof.trusted_wrap_enforced) == (True, True, True, True, True)
+        assert prof.missing_enforcement() == []
+    else:
+        assert prof.modifiable_enforced is True
+        assert prof.allowed_mechanisms_enforced is False
+        assert prof.destroyable_enforced is not True
+        assert {"CKA_ALLOWED_MECHANISMS", "CKA_DESTROYABLE"} <= set(prof.missing_enforcement())
+    # The probe leaves nothing behind, not even its non-destroyable data object.
+    left = hsm_token.token.run("find", lambda lease: [
+        o for o in lease.session.get_objects({}) if
+        str(o[Attribute.LABEL]).startswith("hsm-suite-policy-probe")])
+    assert left == []

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from asn1crypto import x509 as asn1x509
-from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsm import fingerprint as fp
 from hsm import provision
@@ -19,12 +19,50 @@ from hsm.roles import PRIMARY_ENCRYPTION, SIGNING_ROLES
 from hsm.token import KeyRef
 
 
+def _raw_attrs(token, ref):
+    """The key's policy attributes as the token reports them (raw reads, not our checker)."""
+    raw = token.module.raw
+
+    def read(lease):
+        h, o = lease.session.handle, lease.key(ref).handle
+        bools = {a.name: raw.get_attribute(h, o, a)[1] for a in (
+            Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
+            Attribute.LOCAL, Attribute.ALWAYS_SENSITIVE, Attribute.NEVER_EXTRACTABLE,
+            Attribute.MODIFIABLE, Attribute.COPYABLE)}
+        return ({k: v == b"\x01" for k, v in bools.items()},
+                raw.get_mechanism_list(h, o, Attribute.ALLOWED_MECHANISMS)[1],
+                raw.get_template(h, o, Attribute.UNWRAP_TEMPLATE)[1])
+    return token.run("read", read)
+
+
 def test_primary_keys_have_the_required_attributes(provisioned):
     token = provisioned["primary"].token
     for label in (f"{token.label}-signing", f"{token.label}-encryption"):
-        attrs = check_private_attributes(token, label)
-        assert attrs == {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "EXTRACTABLE": False,
-                         "LOCAL": True, "ALWAYS_SENSITIVE": True, "NEVER_EXTRACTABLE": True}
+        check_private_attributes(token, PRIMARY_ENCRYPTION if label.endswith("encryption")
+                                 else SIGNING_ROLES["ecdsa-p384"], label)  # raises if weaker
+        bools, mechs, unwrap_tpl = _raw_attrs(token, KeyRef(label, ObjectClass.PRIVATE_KEY))
+        assert bools == {"TOKEN": True, "PRIVATE": True, "SENSITIVE": True, "EXTRACTABLE": False,
+                         "LOCAL": True, "ALWAYS_SENSITIVE": True, "NEVER_EXTRACTABLE": True,
+                         "MODIFIABLE": False, "COPYABLE": False}
+        if label.endswith("encryption"):
+            assert mechs == [Mechanism.RSA_PKCS_OAEP]
+            # The escrow key may only produce session objects extractable under trusted wrap.
+            assert unwrap_tpl[Attribute.EXTRACTABLE] == b"\x01"
+            assert unwrap_tpl[Attribute.WRAP_WITH_TRUSTED] == b"\x01"
+            assert unwrap_tpl[Attribute.SENSITIVE] == b"\x01"
+            assert unwrap_tpl[Attribute.TOKEN] == b"\x00"
+        else:
+            assert mechs == [Mechanism.ECDSA] and unwrap_tpl == {}
+
+
+def test_regional_key_forces_non_extractable_session_objects(provisioned):
+    token = provisioned["regional"].token
+    ref = KeyRef(f"{token.label}-encryption", ObjectClass.PRIVATE_KEY)
+    bools, mechs, unwrap_tpl = _raw_attrs(token, ref)
+    assert bools["MODIFIABLE"] is False and mechs == [Mechanism.RSA_PKCS_OAEP]
+    assert (unwrap_tpl[Attribute.SENSITIVE], unwrap_tpl[Attribute.EXTRACTABLE],
+            unwrap_tpl[Attribute.TOKEN]) == (b"\x01", b"\x00", b"\x00")
+    assert Attribute.ALLOWED_MECHANISMS in unwrap_tpl
 
 
 def test_key_usages_follow_the_role(provisioned):
@@ -162,15 +200,34 @@ def _count_objects(token) -> int:
         {Attribute.TOKEN: True})))
 
 
-def test_nss_keys_fail_the_local_check_and_are_destroyed(nss_token, tmp_path):
-    """NSS softokn reads CKA_LOCAL back as false even for keys it generated: the policy check
-    refuses them rather than trusting the template, and leaves no key behind."""
+def test_nss_is_refused_for_production_keys_naming_what_it_does_not_enforce(nss_token,
+                                                                           tmp_path):
+    """NSS softokn 3.87 stores CKA_ALLOWED_MECHANISMS but does not enforce it, and has no
+    CKA_DESTROYABLE: provisioning production keys there is refused before any key is made."""
+    from hsm.errors import KeyPolicyViolation
+
+    token = nss_token.token
+    before = _count_objects(token)
+    with pytest.raises(KeyPolicyViolation) as err:
+        provision.init_primary(token, tmp_path)
+    assert "does not enforce" in str(err.value)
+    assert "CKA_ALLOWED_MECHANISMS" in str(err.value) and "CKA_DESTROYABLE" in str(err.value)
+    assert "--allow-weak-token" in str(err.value)
+    assert _count_objects(token) == before and not any(tmp_path.iterdir())
+
+
+def test_nss_keys_fail_the_local_check_and_are_destroyed(nss_token, tmp_path, capsys):
+    """With the rehearsal override, NSS softokn still reads CKA_LOCAL back as false even for
+    keys it generated: the policy check refuses them rather than trusting the template, and
+    leaves no key behind."""
     from hsm.errors import KeyPolicyViolation
 
     token = nss_token.token
     with pytest.raises(KeyPolicyViolation) as err:
-        provision.init_primary(token, tmp_path)
-    assert "LOCAL=False" in str(err.value) and "NSS Certificate DB-signing" in str(err.value)
+        provision.init_primary(token, tmp_path, allow_weak_token=True)
+    assert "WARNING" in capsys.readouterr().err
+    assert "CKA_LOCAL: got False" in str(err.value)
+    assert "NSS Certificate DB-signing" in str(err.value)
     left = token.run("find", lambda lease: list(lease.session.get_objects(
         {Attribute.LABEL: f"{token.label}-signing"})))
     assert left == []

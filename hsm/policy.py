@@ -1,0 +1,228 @@
+"""Key policy: what each kind of object the suite creates may do, stated in the token.
+
+A property that holds only because our code never asks for the wrong thing is not a property: a
+user-PIN holder with a shell will ask. So every key carries its policy *in the token*, set when it
+is created (SoftHSM2 2.6.1 refuses to add ``CKA_ALLOWED_MECHANISMS`` or ``CKA_UNWRAP_TEMPLATE``
+later), and the token refuses the rest:
+
+- ``CKA_MODIFIABLE=false``: no usage can be switched on afterwards (``CKA_DECRYPT`` on an
+  unwrapping key would let ``C_Decrypt`` read a wrapped secret);
+- ``CKA_COPYABLE=false``: no ``C_CopyObject`` with other attributes;
+- ``CKA_ALLOWED_MECHANISMS``: exactly the mechanisms of the key's job (no AES-ECB oracle on a key
+  whose job is a check value or AES-GCM);
+- ``CKA_UNWRAP_TEMPLATE`` on unwrapping keys: whatever they unwrap comes out sensitive and
+  non-extractable (regional), or at most extractable under ``CKA_WRAP_WITH_TRUSTED`` (the
+  primary's escrow key), with its own allowed mechanisms.
+
+:func:`deviations` reads a key back and names each attribute that is weaker than its policy; it
+runs at provisioning, at every ceremony and KMS start, and in ``hsm audit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pkcs11 import Attribute as A
+from pkcs11 import Mechanism as M
+from pkcs11 import ObjectClass
+
+from . import _cryptoki
+
+_USAGES = (A.SIGN, A.VERIFY, A.ENCRYPT, A.DECRYPT, A.WRAP, A.UNWRAP, A.DERIVE)
+# A private key has only the private half of the usages (SoftHSM2 refuses CKA_VERIFY on one
+# with CKR_ATTRIBUTE_TYPE_INVALID), a public key only the public half.
+_PRIVATE_USAGES = (A.SIGN, A.DECRYPT, A.UNWRAP, A.DERIVE)
+_PUBLIC_USAGES = (A.VERIFY, A.ENCRYPT, A.WRAP)
+
+
+def usages(*granted: int, among: tuple = _USAGES) -> dict:
+    """Every usage attribute explicitly: true for ``granted``, false for the rest (tokens'
+    defaults differ, and an unwrap template must be matched attribute for attribute)."""
+    return {attr: attr in granted for attr in among}
+
+
+def private_usages(*granted: int) -> dict:
+    return usages(*granted, among=_PRIVATE_USAGES)
+
+
+# What the regional KMS may unwrap a release secret into: a sensitive, non-extractable session
+# object that can only do AES-GCM (tenant secrets), AES-CMAC (its check value) or HMAC-SHA256
+# (the KDF seed). The token refuses any unwrap that asks for more (CKR_TEMPLATE_INCONSISTENT).
+KMS_SECRET_MECHANISMS = (M.AES_GCM, M.AES_CMAC, M.SHA256_HMAC)
+REGIONAL_UNWRAP_TEMPLATE = {A.SENSITIVE: True, A.EXTRACTABLE: False, A.TOKEN: False,
+                            A.ALLOWED_MECHANISMS: KMS_SECRET_MECHANISMS}
+# What the primary may unwrap an escrow bundle into (restore): a session object that can leave
+# the token again only under a key the SO trusted, and otherwise only compute its check value.
+ESCROW_SECRET_MECHANISMS = (M.AES_CMAC, M.SHA256_HMAC)
+ESCROW_UNWRAP_TEMPLATE = {A.SENSITIVE: True, A.EXTRACTABLE: True, A.WRAP_WITH_TRUSTED: True,
+                          A.TOKEN: False, A.ALLOWED_MECHANISMS: ESCROW_SECRET_MECHANISMS}
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """The attributes a kind of object must have. ``attributes`` are requested at creation and
+    read back; ``read_back`` are set by the token itself (CKA_LOCAL...) and only read back;
+    ``mechanisms`` is the permitted set (the key's CKA_ALLOWED_MECHANISMS must be a non-empty
+    subset of it); ``unwrap_template`` must be present exactly."""
+
+    name: str
+    object_class: ObjectClass
+    attributes: dict
+    read_back: dict = field(default_factory=dict)
+    mechanisms: frozenset[int] | None = None
+    unwrap_template: dict | None = None
+    hint: str = ""
+
+    def creation_attributes(self, mechanisms: tuple[int, ...] | None = None) -> dict:
+        """The attributes to create the object with (without label, id and key size)."""
+        tpl = {A.CLASS: self.object_class, **self.attributes}
+        if self.mechanisms is not None:
+            chosen = tuple(mechanisms) if mechanisms is not None else tuple(sorted(self.mechanisms))
+            if not chosen or not set(chosen) <= self.mechanisms:
+                raise ValueError(f"{self.name}: mechanisms {chosen} outside the policy")
+            tpl[A.ALLOWED_MECHANISMS] = list(chosen)
+        if self.unwrap_template is not None:
+            tpl[A.UNWRAP_TEMPLATE] = dict(self.unwrap_template)
+        return tpl
+
+
+_LONG_TERM_PRIVATE = {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
+                      A.MODIFIABLE: False, A.COPYABLE: False}
+_GENERATED_INSIDE = {A.LOCAL: True, A.ALWAYS_SENSITIVE: True, A.NEVER_EXTRACTABLE: True}
+_REPROVISION = ("key attributes cannot be changed after creation: provision a new token "
+                "(`hsm init-token`, then `hsm init-primary`/`hsm init-regional`) and move to it")
+
+PRIMARY_ENCRYPTION = KeyPolicy(
+    "primary-encryption", ObjectClass.PRIVATE_KEY,
+    {**_LONG_TERM_PRIVATE, **private_usages(A.UNWRAP)}, _GENERATED_INSIDE,
+    frozenset({M.RSA_PKCS_OAEP}), ESCROW_UNWRAP_TEMPLATE, _REPROVISION)
+REGIONAL_ENCRYPTION = KeyPolicy(
+    "regional-encryption", ObjectClass.PRIVATE_KEY,
+    {**_LONG_TERM_PRIVATE, **private_usages(A.UNWRAP)}, _GENERATED_INSIDE,
+    frozenset({M.RSA_PKCS_OAEP}), REGIONAL_UNWRAP_TEMPLATE, _REPROVISION)
+SIGNING_ECDSA = KeyPolicy(
+    "primary-signing", ObjectClass.PRIVATE_KEY,
+    {**_LONG_TERM_PRIVATE, **private_usages(A.SIGN)}, _GENERATED_INSIDE,
+    frozenset({M.ECDSA, M.ECDSA_SHA384}), None, _REPROVISION)
+SIGNING_RSA_PSS = KeyPolicy(
+    "primary-signing", ObjectClass.PRIVATE_KEY,
+    {**_LONG_TERM_PRIVATE, **private_usages(A.SIGN)}, _GENERATED_INSIDE,
+    frozenset({M.SHA384_RSA_PKCS_PSS}), None, _REPROVISION)
+PUBLIC_KEY = KeyPolicy("public key", ObjectClass.PUBLIC_KEY,
+                       {A.TOKEN: True, A.MODIFIABLE: False}, hint=_REPROVISION)
+TRUSTED_RECIPIENT = KeyPolicy(
+    "trusted recipient", ObjectClass.PUBLIC_KEY,
+    {A.TOKEN: True, A.PRIVATE: False, A.TRUSTED: True, A.MODIFIABLE: False,
+     **usages(A.WRAP, among=_PUBLIC_USAGES)}, mechanisms=frozenset({M.RSA_PKCS_OAEP}),
+    hint="trusted keys are created by the SO; a weaker one must be replaced by a new token "
+         "or by the SO destroying it and re-running the ceremony's trust step")
+_SECRET_READ_BACK = {A.LOCAL: True, A.ALWAYS_SENSITIVE: True}
+RELEASE_SEED = KeyPolicy(
+    "release secret (KDF seed)", ObjectClass.SECRET_KEY,
+    {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: True,
+     A.WRAP_WITH_TRUSTED: True, A.MODIFIABLE: False, A.COPYABLE: False, **usages(A.SIGN)},
+    _SECRET_READ_BACK, frozenset({M.SHA256_HMAC}),
+    hint="do not export this secret; it was not made by this suite's ceremony")
+RELEASE_AES = KeyPolicy(
+    "release secret (AES)", ObjectClass.SECRET_KEY, RELEASE_SEED.attributes, _SECRET_READ_BACK,
+    frozenset({M.AES_CMAC}), hint=RELEASE_SEED.hint)
+RELEASE_RECORD = KeyPolicy(
+    "release record", ObjectClass.DATA,
+    {A.TOKEN: True, A.PRIVATE: True, A.MODIFIABLE: False, A.DESTROYABLE: False,
+     A.COPYABLE: False},
+    hint="a release record the user PIN can destroy or rewrite does not keep release ids "
+         "moving forward; the next ceremony writes a protected one")
+
+
+# ------------------------------------------------------------------------------ checking
+def check(token, ref, policy: KeyPolicy) -> list[str]:
+    """:func:`deviations` of the object ``ref`` (an hsm.token.KeyRef) on ``token``."""
+    def read(lease):
+        return deviations(token.module.raw, lease.session.handle, lease.key(ref).handle, policy)
+    return token.run("C_GetAttributeValue", read, ref.label)
+
+
+def require(token, ref, policy: KeyPolicy, *, purpose: str) -> None:
+    """Refuse to use ``ref`` for ``purpose`` unless it meets ``policy``; the error names each
+    weaker attribute and how to re-provision."""
+    from .errors import KeyPolicyViolation
+    found = check(token, ref, policy)
+    if found:
+        raise KeyPolicyViolation(
+            f"{ref.label!r} is weaker than the {policy.name} policy, refusing to {purpose}: "
+            + "; ".join(found), operation="key policy check", token=token.label,
+            object_label=ref.label, hint=policy.hint or _REPROVISION)
+
+
+def _decode_bool(raw: bytes | None):
+    return None if raw is None else raw != b"\x00" * len(raw)
+
+
+def deviations(raw: _cryptoki.RawModule, session: int, obj: int, policy: KeyPolicy) -> list[str]:
+    """Each way the object is weaker than ``policy``, as ``ATTRIBUTE: got X, want Y``."""
+    found = []
+    for attr, want in {**policy.attributes, **policy.read_back}.items():
+        _, value = raw.get_attribute(session, obj, attr)
+        if value is None:
+            got = None
+        elif isinstance(want, bool):
+            got = _decode_bool(value)
+        elif isinstance(want, int):
+            got = _cryptoki.decode_ulong(value)
+        else:
+            got = value
+        if got != want:
+            shown = "unavailable" if value is None else got
+            found.append(f"CKA_{A(attr).name}: got {shown}, want {want}")
+    if policy.mechanisms is not None:
+        _, mechs = raw.get_mechanism_list(session, obj, A.ALLOWED_MECHANISMS)
+        if not mechs:
+            found.append("CKA_ALLOWED_MECHANISMS: missing (any mechanism allowed), want a subset "
+                         f"of {_names(policy.mechanisms)}")
+        elif not set(mechs) <= policy.mechanisms:
+            found.append(f"CKA_ALLOWED_MECHANISMS: got {_names(mechs)}, want a subset of "
+                         f"{_names(policy.mechanisms)}")
+    if policy.unwrap_template is not None:
+        _, tpl = raw.get_template(session, obj, A.UNWRAP_TEMPLATE)
+        want_tpl = {int(k): _cryptoki.encode_value(v) for k, v in policy.unwrap_template.items()}
+        if not tpl:
+            found.append("CKA_UNWRAP_TEMPLATE: missing (anything may be unwrapped as extractable)"
+                         f", want {describe_template(policy.unwrap_template)}")
+        elif tpl != want_tpl:
+            found.append(f"CKA_UNWRAP_TEMPLATE: got {_describe_raw(tpl)}, want "
+                         f"{describe_template(policy.unwrap_template)}")
+    return found
+
+
+def _names(mechs) -> str:
+    from .profile import mechanism_name
+    return "[" + ", ".join(mechanism_name(int(m)) for m in sorted(mechs)) + "]"
+
+
+def describe_template(template: dict) -> str:
+    """A template as the transcript and ``ceremony plan`` show it: ``CKA_X=true ...``."""
+    parts = []
+    for attr, value in template.items():
+        name = "CKA_" + A(attr).name
+        if isinstance(value, bool):
+            parts.append(f"{name}={'true' if value else 'false'}")
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{name}={_names(value)}")
+        elif isinstance(value, dict):
+            parts.append(f"{name}={{{describe_template(value)}}}")
+        elif attr in (A.CLASS,):
+            parts.append(f"{name}={ObjectClass(value).name}")
+        elif isinstance(value, int):
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
+def _describe_raw(tpl: dict) -> str:
+    out = []
+    for attr, raw in tpl.items():
+        try:
+            name = "CKA_" + A(attr).name
+        except ValueError:
+            name = f"0x{attr:x}"
+        out.append(f"{name}={raw.hex()}")
+    return "{" + " ".join(out) + "}"
