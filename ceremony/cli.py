@@ -18,6 +18,8 @@ from hsm import cliutil
 from hsm.errors import UsageError
 from hsm.files import write_new
 
+from hsm import export, policy
+
 from . import approvals, environment, plan as plans, runner
 from .transcript import Transcript
 
@@ -27,16 +29,21 @@ STEP_DETAILS = {
     "check-certificates": "each recipient certificate: issued by the primary signing "
                           "certificate, valid now, keyEncipherment, RSA >= 3072, SHA-256(SPKI) "
                           "equals the pinned fingerprint",
-    "check-release": "user session: the release id is newer than the one recorded in the "
-                     "primary HSM (CKO_DATA 'hsm-suite-release-state')",
-    "trust-recipients": "SO session: C_CreateObject CKO_PUBLIC_KEY/CKK_RSA {CKA_TOKEN, "
-                        "CKA_TRUSTED=true, CKA_WRAP=true, CKA_ENCRYPT=false, "
-                        "CKA_MODIFIABLE=false} per recipient",
+    "check-release": "user session: the release id is newer than every release recorded in "
+                     "the primary HSM (CKO_DATA 'hsm-suite-release-<id>', non-destroyable)",
+    "trust-recipients": "SO session: C_CreateObject per recipient {"
+                        + export.applied_trusted_template() + "}",
     "kdf-salt": "C_GenerateRandom 32 bytes (public; goes into every manifest)",
     "check-values": "key check values: HMAC-SHA256(seed, label)[:8] via CKM_SHA256_HMAC; "
-                    "AES-ECB(key, 0^128)[:8] via CKM_AES_ECB",
+                    "AES-CMAC(key, label)[:8] via CKM_AES_CMAC (never an AES-ECB block)",
     "verify-bundles": "read every bundle back and verify it against the primary certificate",
-    "record-release": "write the release id to the primary HSM (not in practice runs)",
+    "check-escrow": "verify the escrow bundle against the primary certificate: region escrow, "
+                    "the plan's release, addressed to this primary's key, a release it recorded",
+    "destroy-secrets": "C_DestroyObject each release secret on the primary: the escrow bundle "
+                       "is the only backup; no usable copy stays on the primary",
+    "record-release": "C_CreateObject CKO_DATA 'hsm-suite-release-<id>' {"
+                      + policy.describe_template(policy.RELEASE_RECORD.attributes)
+                      + "} (not in practice runs)",
     "close": "journal the summary; the primary signing key signs the transcript head",
     "certify-regional": "issue the regional certificate after the pinned fingerprint matched",
 }
@@ -48,11 +55,15 @@ def _detail(p: plans.Plan, step: str) -> str:
         s = next(x for x in p.secrets if x.name == arg)
         kind = "CKM_GENERIC_SECRET_KEY_GEN" if s.key_type == "generic-secret" else \
             "CKM_AES_KEY_GEN"
-        use = "CKA_SIGN" if s.key_type == "generic-secret" else "CKA_ENCRYPT"
         return (f"{kind} {s.bits} bits, label {runner.secret_label(p, arg)!r}, id "
-                "sha256(id, name, practice, run nonce)[:16]: CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE, "
-                f"CKA_EXTRACTABLE, CKA_WRAP_WITH_TRUSTED, {use} only; read back LOCAL, "
-                "ALWAYS_SENSITIVE")
+                "sha256(id, name, practice, run nonce)[:16]: {"
+                + export.applied_template(s.key_type) + "}; read back against it")
+    if name == "export" and p.type == "escrow-export":
+        return ("C_UnwrapKey of each escrow secret with the primary encryption key into a "
+                "session object {" + policy.describe_template(policy.ESCROW_UNWRAP_TEMPLATE)
+                + "}, check value compared, then C_WrapKey CKM_RSA_PKCS_OAEP with "
+                f"{runner.recipient_label(arg)!r} -> {runner.bundle_name(p, arg)} (O_EXCL); "
+                "the session objects are destroyed when the run ends")
     if name == "export":
         return (f"C_WrapKey CKM_RSA_PKCS_OAEP (strongest hash the token accepts, recorded) with "
                 f"{runner.recipient_label(arg)!r}; CMS SignedData signed by the primary "
@@ -62,6 +73,10 @@ def _detail(p: plans.Plan, step: str) -> str:
 
 def cmd_plan(args) -> int:
     p = plans.load(args.plan)
+    missing = [str(f) for f in p.input_files() if not f.is_file()]
+    if missing:
+        raise UsageError(f"plan {p.path} names files that do not exist: {', '.join(missing)}",
+                         hint="paths are relative to the plan file's directory")
     print(f"Plan {p.path}: ceremony {p.id!r} ({p.type})"
           + (f", release {p.release}" if p.release else "")
           + (" - PRACTICE" if p.practice else ""))
@@ -126,6 +141,10 @@ def cmd_run(args) -> int:
                                      "fingerprint", hint="stop the ceremony and investigate")
             except ValueError as exc:
                 raise UsageError(f"cannot read the words for {r.name}: {exc}") from None
+    if Transcript(p.output_dir).find("open") is None:
+        raise UsageError(f"ceremony {p.id} was never opened in {p.output_dir}",
+                         hint="run `ceremony open PLAN`, collect the officers' approvals of its "
+                              "nonce, then `ceremony run PLAN`")
     run = runner.Runner(p, environment.load(args.env), interactive=True)
     run.open()
     tr = run.run()

@@ -18,7 +18,11 @@ from hsm import fingerprint as fp
 
 from .errors import PlanError
 
-CEREMONY_TYPES = ("release-secrets", "regional-enrollment")
+# release-secrets: make a release's secrets and export them to regions (and escrow).
+# regional-enrollment: certify a regional HSM's encryption key.
+# escrow-export: restore an existing release from its escrow bundle into session objects of the
+#   primary and export it to regions enrolled later; the primary keeps no copy afterwards.
+CEREMONY_TYPES = ("release-secrets", "regional-enrollment", "escrow-export")
 ROLES = ("administrator", "crypto-officer", "witness")
 SECRET_TYPES = {
     # name: (PKCS#11 key type, bits, usages in the regional token)
@@ -76,11 +80,24 @@ class Plan:
     secrets: tuple[Secret, ...] = ()
     enrollment_request: Path | None = None
     enrollment_fingerprint: bytes | None = None
+    escrow_bundle: Path | None = None
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def crypto_officers(self) -> tuple[Officer, ...]:
         return tuple(o for o in self.officers if o.role == "crypto-officer")
+
+    def input_files(self) -> list[Path]:
+        """Every file the plan names as an input (certificates, the enrollment request)."""
+        files = [self.primary_signing_certificate]
+        if self.type != "regional-enrollment":
+            files.append(self.primary_encryption_certificate)
+        files += [r.certificate for r in self.regions]
+        if self.enrollment_request is not None:
+            files.append(self.enrollment_request)
+        if self.escrow_bundle is not None:
+            files.append(self.escrow_bundle)
+        return files
 
     def release_tuple(self) -> tuple[int, ...]:
         return release_key(self.release or "0")
@@ -206,7 +223,7 @@ def load(path: str | Path) -> Plan:
         raise chk.fail("ceremony.type", f"must be one of {', '.join(CEREMONY_TYPES)}")
     practice = chk.take(cer, "practice", bool, "ceremony")
     output_dir = base / chk.take(cer, "output_dir", str, "ceremony")
-    release = chk.take(cer, "release", str, "ceremony", required=ctype == "release-secrets")
+    release = chk.take(cer, "release", str, "ceremony", required=ctype != "regional-enrollment")
     if release is not None and not _RELEASE.fullmatch(release):
         raise chk.fail("ceremony.release", "a release id is dotted numbers, e.g. '42' or "
                        "'2026.11' (releases are ordered by these numbers)")
@@ -247,8 +264,8 @@ def load(path: str | Path) -> Plan:
 
     regions: list[Region] = []
     secrets: list[Secret] = []
-    enrollment_request = enrollment_fp = None
-    if ctype == "release-secrets":
+    enrollment_request = enrollment_fp = escrow_bundle = None
+    if ctype in ("release-secrets", "escrow-export"):
         for kp, t in chk.entries(top, "regions"):
             name = chk.name(t, kp)
             if name == "escrow":
@@ -258,6 +275,12 @@ def load(path: str | Path) -> Plan:
             chk.done(t, kp)
             regions.append(Region(name, cert, fpr))
         chk.unique("regions", [r.name for r in regions])
+    if ctype == "escrow-export":
+        # The secrets are the escrow bundle's: the plan names the bundle, not the secrets.
+        esc = chk.required_table(top, "escrow")
+        escrow_bundle = base / chk.take(esc, "bundle", str, "escrow")
+        chk.done(esc, "escrow")
+    elif ctype == "release-secrets":
         for kp, t in chk.entries(top, "secrets"):
             name = chk.name(t, kp)
             stype = chk.take(t, "type", str, kp)
@@ -278,7 +301,7 @@ def load(path: str | Path) -> Plan:
                 primary_encryption_certificate=enc_cert, quorum=m, officers=tuple(officers),
                 release=release, regions=tuple(regions), secrets=tuple(secrets),
                 enrollment_request=enrollment_request, enrollment_fingerprint=enrollment_fp,
-                raw=data)
+                escrow_bundle=escrow_bundle, raw=data)
 
 
 def _fingerprint(chk: _Checker, keypath: str, value: str) -> bytes:

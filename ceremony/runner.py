@@ -66,12 +66,15 @@ def steps(plan: Plan) -> list[str]:
     """The journaled steps of a plan, in order."""
     if plan.type == "regional-enrollment":
         return ["open", "approvals", "certify-regional", "close"]
+    if plan.type == "escrow-export":
+        return (["open", "approvals", "check-certificates", "check-escrow", "trust-recipients"]
+                + [f"export:{r.name}" for r in plan.regions] + ["verify-bundles", "close"])
     out = ["open", "approvals", "check-certificates", "check-release", "trust-recipients",
            "kdf-salt"]
     out += [f"generate:{s.name}" for s in plan.secrets]
     out += ["check-values"]
     out += [f"export:{r.name}" for r in plan.regions] + ["export:escrow"]
-    out += ["verify-bundles", "record-release", "close"]
+    out += ["verify-bundles", "destroy-secrets", "record-release", "close"]
     return out
 
 
@@ -86,6 +89,7 @@ class Runner:
         self._user_pin: pins.Pin | None = None
         self._token: Token | None = None
         self._scheme: str | None = None
+        self._restored: dict[str, KeyRef] = {}  # escrow-export: secret name -> session object
 
     # ------------------------------------------------------------------------- open
     def open(self) -> bytes:
@@ -140,6 +144,7 @@ class Runner:
             if not (self.out / SIGNATURE_FILE).exists():
                 self._sign_head()
         finally:
+            self._destroy_restored()
             self._close_user_token()
         return tr
 
@@ -162,12 +167,27 @@ class Runner:
         if self._token is None:
             if self._user_pin is None:
                 self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
+                                              token_label=self.env.primary_token,
                                               prompt="Primary HSM user PIN: ")
             self._token = Token.open(self.env.primary_token, module=self.env.module,
                                      parameters=self.env.module_params, pin=self._user_pin)
+            self._check_primary_keys(self._token)
         return contextlib.nullcontext(self._token)
 
+    def _check_primary_keys(self, token: Token) -> None:
+        """Every run re-checks the primary's keys against their policy before using them (a
+        key provisioned before the policy, or on a token that does not keep it, is refused)."""
+        from hsm import policy
+        sign = f"{token.label}-signing"
+        spki = hx.public_key_info(token, ops.public(sign))
+        signing = policy.SIGNING_ECDSA if spki.algorithm == "ec" else policy.SIGNING_RSA_PSS
+        policy.require(token, ops.private(sign), signing, purpose="sign ceremony outputs")
+        if self.plan.type != "regional-enrollment":
+            policy.require(token, ops.private(f"{token.label}-encryption"),
+                           policy.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
+
     def _close_user_token(self) -> None:
+        self._destroy_restored()
         if self._token is not None:
             self._token.close()  # logs the user out: the SO cannot log in while we are
             self._token = None
@@ -175,6 +195,7 @@ class Runner:
     def _so_token(self) -> Token:
         self._close_user_token()
         so_pin = pins.resolve(self.env.so_pin_source, default_env="HSM_SO_PIN",
+                              token_label=self.env.primary_token,
                               prompt="Primary HSM security officer PIN: ")
         return Token.open(self.env.primary_token, module=self.env.module,
                           parameters=self.env.module_params, pin=so_pin, so=True)
@@ -193,7 +214,8 @@ class Runner:
     def _recipients(self) -> list[tuple[str, Path, bytes | None]]:
         rows: list[tuple[str, Path, bytes | None]] = [
             (r.name, r.certificate, r.fingerprint) for r in self.plan.regions]
-        rows.append(("escrow", self.plan.primary_encryption_certificate, None))
+        if self.plan.type != "escrow-export":  # its escrow bundle exists already
+            rows.append(("escrow", self.plan.primary_encryption_certificate, None))
         return rows
 
     def step_check_certificates(self) -> None:
@@ -235,8 +257,8 @@ class Runner:
                 key_id = bytes.fromhex(checked[name]["spki_sha256"])[:16]
                 status = export.ensure_trusted_public_key(so, recipient_label(name), key_id, spki)
                 result[name] = {"label": recipient_label(name), "id": key_id.hex(),
-                                "status": status, "template": "CKO_PUBLIC_KEY RSA CKA_TOKEN "
-                                "CKA_TRUSTED CKA_WRAP !CKA_ENCRYPT !CKA_MODIFIABLE"}
+                                "status": status,
+                                "template": export.applied_trusted_template()}
         self._journal("trust-recipients", {"recipients": result}, officer="security officer")
 
     def step_kdf_salt(self) -> None:
@@ -249,13 +271,13 @@ class Runner:
         nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
         label, key_id = secret_label(self.plan, name), secret_id(self.plan, name, nonce)
         with self._user_token() as token:
-            status = export.ensure_secret(token, secret.key_type, label, key_id)
-            attrs = export.check_secret(token, label)
+            status = export.ensure_secret(token, secret.key_type, label, key_id,
+                                          allow_weak_token=self.plan.practice)
+            attrs = export.check_secret(token, secret.key_type, label)
         self._journal(f"generate:{name}", {
             "label": label, "id": key_id.hex(), "type": secret.type, "bits": secret.bits,
             "status": status, "attributes_read_back": attrs,
-            "template": f"{secret.key_type} {secret.bits} bits CKA_TOKEN CKA_PRIVATE "
-                        "CKA_SENSITIVE CKA_EXTRACTABLE CKA_WRAP_WITH_TRUSTED"})
+            "template": export.applied_template(secret.key_type)})
 
     def step_check_values(self) -> None:
         values = {}
@@ -278,18 +300,17 @@ class Runner:
                                                   "sha256": sha256_hex(path.read_bytes())})
             return
         checked = self.tr.find("check-certificates")["data"]["recipients"][recipient]
-        salt = self.tr.find("kdf-salt")["data"]["kdf_salt"]
-        kcvs = self.tr.find("check-values")["data"]["check_values"]
         wrap_ref = ops.public(recipient_label(recipient))
         entries = []
         with self._user_token() as token:
-            for s in self.plan.secrets:
-                wrapped = ops.rsa_oaep_wrap(token, wrap_ref, ops.secret(
-                    secret_label(self.plan, s.name)))
-                entries.append({"name": s.name, "type": s.type, "key_type": s.key_type,
-                                "bits": s.bits,
+            salt, sources = self._export_sources(token)
+            for src in sources:
+                wrapped = ops.rsa_oaep_wrap(token, wrap_ref, src["ref"])
+                entries.append({"name": src["name"], "type": src["type"],
+                                "key_type": src["key_type"], "bits": src["bits"],
                                 "wrap": {"mechanism": wrapped.mechanism, **wrapped.parameters},
-                                "wrapped": wrapped.data.hex(), "check_value": kcvs[s.name]})
+                                "wrapped": wrapped.data.hex(),
+                                "check_value": src["check_value"]})
             manifest = {
                 "format": bundles.FORMAT, "version": bundles.VERSION,
                 "ceremony_id": self.plan.id, "release": self.plan.release, "region": recipient,
@@ -304,6 +325,78 @@ class Runner:
             "bundle": path.name, "status": "created", "sha256": sha256_hex(der),
             "wraps": [{"secret": e["name"], **e["wrap"]} for e in entries]})
 
+    def _export_sources(self, token: Token) -> tuple[str, list[dict]]:
+        """What an export wraps: the release's token secrets (release-secrets), or the escrow
+        bundle's secrets restored into session objects (escrow-export)."""
+        if self.plan.type != "escrow-export":
+            kcvs = self.tr.find("check-values")["data"]["check_values"]
+            return self.tr.find("kdf-salt")["data"]["kdf_salt"], [
+                {"name": s.name, "type": s.type, "key_type": s.key_type, "bits": s.bits,
+                 "ref": ops.secret(secret_label(self.plan, s.name)),
+                 "check_value": kcvs[s.name]} for s in self.plan.secrets]
+        escrow = self.tr.find("check-escrow")["data"]
+        return escrow["kdf_salt"], [
+            {**{k: e[k] for k in ("name", "type", "key_type", "bits", "check_value")},
+             "ref": self._restore(token, e)} for e in escrow["secrets"]]
+
+    def _restore(self, token: Token, entry: dict) -> KeyRef:
+        """Unwrap one escrow secret with the primary's encryption key into a session object.
+        The key's CKA_UNWRAP_TEMPLATE makes it sensitive, extractable only to SO-trusted keys
+        and able only to compute its check value; it dies with this run's session at the
+        latest. The check value must equal the one the original ceremony recorded."""
+        if entry["name"] in self._restored:
+            return self._restored[entry["name"]]
+        usage = "sign"
+        wrapped = ops.Wrapped(bytes.fromhex(entry["wrapped"]), entry["wrap"]["mechanism"],
+                              {"hash": entry["wrap"]["hash"]})
+        label = f"restore-{self.plan.id}-{entry['name']}-{os.urandom(4).hex()}"
+        ref, method, kcv = ops.unwrap_release_secret(
+            token, ops.private(f"{token.label}-encryption"), wrapped, kind=entry["key_type"],
+            usage=usage, label=label, escrow=True)
+        self._restored[entry["name"]] = ref
+        want = entry["check_value"]
+        if (method, kcv.hex()) != (want["method"], want["value"]):
+            raise CeremonyError(f"the escrow secret {entry['name']!r} does not match its check "
+                                "value: the escrow bundle is not the one its ceremony made")
+        return ref
+
+    def _destroy_restored(self) -> None:
+        if self._restored and self._token is not None:
+            for ref in self._restored.values():
+                ops.destroy_session_object(self._token, ref)
+        self._restored = {}
+
+    def step_check_escrow(self) -> None:
+        """The escrow bundle: signed by this primary, of the plan's release and practice flag,
+        addressed to this primary's own encryption key, and of a release the primary recorded."""
+        path = self.plan.escrow_bundle
+        der = path.read_bytes()
+        manifest = bundles.verify(der, self._primary_asn1, where=str(path)).manifest
+        if manifest["region"] != "escrow":
+            raise CeremonyError(f"{path} is the bundle of region {manifest['region']!r}, not the "
+                                "escrow bundle", hint="give [escrow] bundle = the original "
+                                "ceremony's bundle-RELEASE-escrow.p7")
+        if manifest["release"] != self.plan.release or \
+                manifest["practice"] != self.plan.practice:
+            raise CeremonyError(f"{path} holds release {manifest['release']} (practice "
+                                f"{manifest['practice']}), not the plan's {self.plan.release}")
+        with self._user_token() as token:
+            own = hx.fingerprint(hx.public_key_info(
+                token, ops.public(f"{token.label}-encryption"))).hex()
+            recorded = export.read_states(token)
+        if manifest["recipient"]["spki_sha256"] != own:
+            raise CeremonyError(f"{path} is addressed to another key than this primary's "
+                                "encryption key")
+        if not self.plan.practice and self.plan.release not in recorded:
+            raise CeremonyError(f"release {self.plan.release} was never recorded by this "
+                                "primary HSM; only a release it made can be exported from escrow")
+        self._journal("check-escrow", {
+            "bundle": path.name, "sha256": sha256_hex(der),
+            "source_ceremony": manifest["ceremony_id"], "kdf_salt": manifest["kdf_salt"],
+            "secrets": [{k: e[k] for k in ("name", "type", "key_type", "bits", "wrap",
+                                           "wrapped", "check_value")}
+                        for e in manifest["secrets"]]})
+
     def step_verify_bundles(self) -> None:
         primary_cert = self._primary_asn1
         results = {}
@@ -317,17 +410,22 @@ class Runner:
             results[name] = {"bundle": path.name, "sha256": sha256_hex(der), "verified": True}
         self._journal("verify-bundles", {"bundles": results})
 
+    def step_destroy_secrets(self) -> None:
+        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        destroyed = {}
+        with self._user_token() as token:
+            for s in self.plan.secrets:
+                destroyed[s.name] = export.destroy_secret(
+                    token, secret_label(self.plan, s.name), secret_id(self.plan, s.name, nonce))
+        self._journal("destroy-secrets", {"secrets": destroyed,
+                                          "backup": bundle_name(self.plan, "escrow")})
+
     def step_record_release(self) -> None:
         with self._user_token() as token:
-            recorded = export.read_states(token)
             if self.plan.practice:
                 status = "skipped (practice)"
-            elif self.plan.release in recorded and \
-                    max(recorded, key=release_key) == self.plan.release:
-                status = "adopted"
             else:
-                export.write_state(token, self.plan.release)
-                status = "recorded"
+                status = export.write_state(token, self.plan.release)
         self._journal("record-release", {"release": self.plan.release, "status": status})
 
     def step_certify_regional(self) -> None:

@@ -34,6 +34,8 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
         if set(sig_doc) != {"head", "records", "algorithm", "signature", "signer_spki_sha256"}:
             raise ValueError("unexpected fields")
         head, signature = sig_doc["head"], bytes.fromhex(sig_doc["signature"])
+        if sig_doc["signature"] != signature.hex():  # bytes.fromhex accepts upper case, blanks
+            raise ValueError("the signature is not canonical lowercase hex")
         count = sig_doc["records"]
         signer = sig_doc["signer_spki_sha256"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -44,10 +46,12 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
                                 "record (records were added or removed after closing)")
     if records[-1]["step"] != "close":
         raise VerificationError(f"{path}: the transcript does not end with 'close'")
-    _verify_head(cert, sig_doc.get("algorithm"), signature, head, sig_path)
     if signer != certs.spki_fingerprint(cert).hex():
-        raise VerificationError(f"{sig_path}: names another signer key than the pinned "
-                                "certificate's (signer_spki_sha256 does not verify)")
+        raise VerificationError(f"{sig_path}: the ceremony was signed by another key than the "
+                                f"certificate {primary_cert_path} holds",
+                                hint="give --cert the primary signing certificate of the HSM "
+                                     "that ran this ceremony")
+    _verify_head(cert, sig_doc.get("algorithm"), signature, head, sig_path)
     opened = records[0]
     if opened["step"] != "open":
         raise VerificationError(f"{path}: the transcript does not start with 'open'")

@@ -96,6 +96,14 @@ class Kit:
                               capture_output=True, text=True, env=env or self.environ(),
                               stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.root)
 
+    def run_release(self, **plan_kwargs) -> plans.Plan:
+        """One closed release ceremony (opened, approved by alice and bob, run); its plan."""
+        plan_path = self.write_plan(**plan_kwargs)
+        self.open_and_approve(plan_path)
+        proc = self.cli("run", plan_path, "--env", self.env_file())
+        assert proc.returncode == 0, proc.stderr
+        return plans.load(plan_path)
+
     def open_and_approve(self, plan_path: Path, officers=("alice", "bob")) -> bytes:
         proc = self.cli("open", plan_path)
         assert proc.returncode == 0, proc.stderr

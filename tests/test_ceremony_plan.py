@@ -225,7 +225,8 @@ def test_release_secrets_steps_follow_the_plan(pubs, tmp_path):
     assert runner.steps(p) == [
         "open", "approvals", "check-certificates", "check-release", "trust-recipients",
         "kdf-salt", "generate:kdf-seed", "generate:tenant-wrapping-key", "check-values",
-        "export:eu", "export:us", "export:escrow", "verify-bundles", "record-release", "close"]
+        "export:eu", "export:us", "export:escrow", "verify-bundles", "destroy-secrets",
+        "record-release", "close"]
 
 
 # --------------------------------------------------------------------- refusals with key + line
@@ -652,10 +653,28 @@ def ceremony(*args, cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, env=env, timeout=120, check=False)
 
 
+def with_input_files(p: plans.Plan) -> plans.Plan:
+    """Create the files a plan names (`ceremony plan` refuses a plan whose inputs are missing;
+    their content is checked by the run, not by `plan`)."""
+    for f in p.input_files():
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.touch()
+    return p
+
+
+@pytest.mark.slow
+def test_cli_plan_refuses_a_plan_whose_files_do_not_exist(pubs, tmp_path):
+    path = write(tmp_path, plan_text(pubs))
+    proc = ceremony("plan", path, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "names files that do not exist" in proc.stderr
+    assert "primary-signing.pem" in proc.stderr and "eu.pem" in proc.stderr
+
+
 @pytest.mark.slow
 def test_cli_plan_prints_digest_words_steps_and_templates(pubs, tmp_path):
     path = write(tmp_path, plan_text(pubs))
-    p = plans.load(path)
+    p = with_input_files(plans.load(path))
     proc = ceremony("plan", path, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
@@ -673,7 +692,9 @@ def test_cli_plan_prints_digest_words_steps_and_templates(pubs, tmp_path):
         found = out.find(f" {step} ", pos + 1)
         assert found > pos, (step, out)
         pos = found
-    for word in ("CKA_WRAP_WITH_TRUSTED", "CKA_TRUSTED", "CKM_RSA_PKCS_OAEP"):
+    for word in ("CKA_WRAP_WITH_TRUSTED", "CKA_TRUSTED", "CKM_RSA_PKCS_OAEP",
+                 "CKA_ALLOWED_MECHANISMS=[AES_CMAC]", "CKA_ALLOWED_MECHANISMS=[SHA256_HMAC]",
+                 "CKA_MODIFIABLE=false", "CKA_DESTROYABLE=false", "destroy-secrets"):
         assert word in out
     assert "PRACTICE" in out and "release 42" in out
     assert "2 of 3 crypto officers: alice, bob, carol" in out
@@ -683,14 +704,16 @@ def test_cli_plan_prints_digest_words_steps_and_templates(pubs, tmp_path):
 @pytest.mark.slow
 def test_cli_run_dry_run_touches_nothing(pubs, tmp_path):
     path = write(tmp_path, plan_text(pubs))
-    p = plans.load(path)
+    p = with_input_files(plans.load(path))
     proc = ceremony("run", path, "--dry-run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Dry run" in proc.stdout
     assert fp.to_hex(p.digest) in proc.stdout
     assert all(step in proc.stdout for step in runner.steps(p))
     assert not p.output_dir.exists()
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["plan.toml"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["pki", "plan.toml"]
+    assert sorted(x.name for x in (tmp_path / "pki").iterdir()) == sorted(
+        f.name for f in p.input_files())  # only the inputs the test made
 
 
 @pytest.mark.slow

@@ -120,6 +120,10 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
         elif step == "record-release":
             with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
                 assert plan.release in export.read_states(token)
+        elif step == "destroy-secrets":
+            with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
+                for name in SECRETS:
+                    assert _count_label(token, runner.secret_label(plan, name)) == 0, name
 
     # 2. The resumed run finishes the ceremony.
     resumed = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit))
@@ -157,20 +161,24 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
         assert status[f"export:{name}"]["status"] == ("adopted" if adopted else "created")
     assert status["record-release"]["status"] == \
         ("adopted" if effect_done and step == "record-release" else "recorded")
+    assert status["destroy-secrets"]["secrets"] == {
+        name: "absent" if effect_done and step == "destroy-secrets" else "destroyed"
+        for name in SECRETS}
     if step == "trust-recipients":
         assert {r["status"] for r in status["trust-recipients"]["recipients"].values()} == \
             {"adopted" if effect_done else "created"}
 
-    # 5. The token: each secret once (with this ceremony's CKA_ID), each trusted key once, the
-    #    release recorded once.
+    # 5. The token: no secret left (destroyed after the bundles were verified), each trusted
+    #    key once, the release recorded once. Each secret was made once: every bundle carries
+    #    the same check value for it (a second generation would differ).
     with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
         for name in SECRETS:
-            label = runner.secret_label(plan, name)
-            nonce = bytes.fromhex(Transcript(plan.output_dir).find("open")["data"]["nonce"])
-            assert _ids_of(token, label) == [runner.secret_id(plan, name, nonce)], label
+            assert _ids_of(token, runner.secret_label(plan, name)) == [], name
         for name in RECIPIENTS:
             assert _count_label(token, runner.recipient_label(name)) == 1, name
-        assert export.read_states(token) == [plan.release]
+        states = export.read_states(token)  # one record per release, never destroyed
+        assert states.count(plan.release) == 1, states
+        assert max(states, key=int) == plan.release, states
 
     # 6. The files: no temporaries, exactly the expected bundles, each journaled once, each
     #    listed in the transcript, each carrying the journaled KDF salt.
@@ -185,10 +193,14 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
     salts = [r["data"]["kdf_salt"] for r in records if r["step"] == "kdf-salt"]
     assert len(salts) == 1
     primary_cert = certs.as_asn1(certs.load(cert_path, "primary signing"))
+    kcvs: dict[str, set] = {}
     for name in sorted(expected_bundles):
         manifest = bundles.verify((out / name).read_bytes(), primary_cert, where=name).manifest
         assert manifest["kdf_salt"] == salts[0], name
         assert manifest["ceremony_id"] == plan.id
+        for entry in manifest["secrets"]:
+            kcvs.setdefault(entry["name"], set()).add(entry["check_value"]["value"])
+    assert {k: len(v) for k, v in kcvs.items()} == {name: 1 for name in SECRETS}
 
 
 def test_killed_between_close_record_and_head_signature_resumes(kit):

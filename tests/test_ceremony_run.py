@@ -129,17 +129,18 @@ def kcv_in_token(token: Token, key_type: str, label: str) -> bytes:
     ref = ops.secret(label)
     if key_type == "generic-secret":
         return ops.hmac_sha256(token, ref, export.KCV_LABEL)[:8]
-    return token.run("C_Encrypt(AES_ECB)", lambda lease: lease.key(ref).encrypt(
-        bytes(16), mechanism=Mechanism.AES_ECB), label)[:8]
+    return token.run("C_Sign(AES_CMAC)", lambda lease: lease.key(ref).sign(
+        export.KCV_LABEL, mechanism=Mechanism.AES_CMAC), label)[:8]
 
 
-def unwrap_entry(token: Token, key_label: str, entry: dict, label: str):
-    return ops.rsa_oaep_unwrap(
+def unwrap_entry(token: Token, key_label: str, entry: dict, label: str, *, escrow=False):
+    """Unwrap the way the key's CKA_UNWRAP_TEMPLATE allows (the only way the token accepts)."""
+    return ops.unwrap_release_secret(
         token, ops.private(key_label),
         ops.Wrapped(bytes.fromhex(entry["wrapped"]), entry["wrap"]["mechanism"],
                     {"hash": entry["wrap"]["hash"]}),
-        key_type=KEY_TYPES[entry["key_type"]], label=label,
-        capabilities=CAPABILITY[entry["key_type"]], on_anchor=True)
+        kind=entry["key_type"], usage="sign" if entry["key_type"] == "generic-secret"
+        else "encrypt-decrypt", label=label, escrow=escrow)
 
 
 def destroy_session_objects(token: Token, labels: list[str]) -> None:
@@ -167,20 +168,20 @@ def test_full_ceremony_journals_every_step_and_leaves_policy_conforming_secrets(
     assert [r["step"] for r in records(out)] == runner.steps(p)
     assert sorted(x.name for x in out.glob("bundle-*")) == sorted(
         runner.bundle_name(p, r) for r in [*kit.regionals, "escrow"])
+    rec = {r["step"]: r["data"] for r in records(out)}
+    for s in p.secrets:
+        gen = rec[f"generate:{s.name}"]
+        assert gen["attributes_read_back"]["WRAP_WITH_TRUSTED"] is True
+        assert gen["attributes_read_back"]["MODIFIABLE"] is False
+        assert "CKA_ALLOWED_MECHANISMS=" in gen["template"]
+        nonce = bytes.fromhex(Transcript(p.output_dir).find("open")["data"]["nonce"])
+        assert gen["id"] == runner.secret_id(p, s.name, nonce).hex()
+    # After the bundles were verified, the primary keeps no copy: the escrow bundle is the backup.
+    assert rec["destroy-secrets"]["secrets"] == {s.name: "destroyed" for s in p.secrets}
+    assert rec["destroy-secrets"]["backup"] == runner.bundle_name(p, "escrow")
     token = open_primary(kit)
     try:
-        found = secret_objects(token, f"rel-{p.release}-")
-        assert sorted(found) == sorted(f"rel-{p.release}-{s.name}" for s in p.secrets)
-        for s in p.secrets:
-            objs = found[runner.secret_label(p, s.name)]
-            assert len(objs) == 1, objs
-            a = objs[0]
-            assert a[Attribute.WRAP_WITH_TRUSTED] is True
-            assert a[Attribute.SENSITIVE] is True
-            assert a[Attribute.EXTRACTABLE] is True
-            assert a[Attribute.TOKEN] is True
-            nonce = bytes.fromhex(Transcript(p.output_dir).find("open")["data"]["nonce"])
-            assert a[Attribute.ID] == runner.secret_id(p, s.name, nonce)
+        assert secret_objects(token, f"rel-{p.release}-") == {}
         assert p.release in export.read_states(token)
     finally:
         token.close()
@@ -215,7 +216,7 @@ def test_regional_tokens_unwrap_their_bundle_and_reproduce_the_check_values(kit)
                 assert got.hex() == entry["check_value"]["value"], (region, entry["name"])
                 assert entry["check_value"]["method"] == (
                     "hmac-sha256-8" if entry["key_type"] == "generic-secret"
-                    else "aes-ecb-zero-block-8")
+                    else "aes-cmac-8")
         finally:
             destroy_session_objects(token, made)
 
@@ -235,7 +236,7 @@ def test_regional_tokens_unwrap_their_bundle_and_reproduce_the_check_values(kit)
     try:
         for entry in manifests["escrow"]["secrets"]:
             label = f"rx-escrow-{entry['name']}-{next(_label)}"
-            unwrap_entry(token, f"{kit.primary.label}-encryption", entry, label)
+            unwrap_entry(token, f"{kit.primary.label}-encryption", entry, label, escrow=True)
             made.append(label)
             assert kcv_in_token(token, entry["key_type"], label).hex() == \
                 entry["check_value"]["value"]
@@ -245,8 +246,8 @@ def test_regional_tokens_unwrap_their_bundle_and_reproduce_the_check_values(kit)
 
 
 def test_token_refuses_to_wrap_a_release_secret_with_a_key_the_so_did_not_trust(kit):
-    p = run_ok(kit)
-    seed = runner.secret_label(p, p.secrets[0].name)
+    run_ok(kit)  # the trusted recipient keys exist; the ceremony destroyed its own secrets
+    seed = f"rel-test-{next(_label)}-seed"
     eu = kit.regionals["eu"]
     spki = hx509.public_key_info(eu.token, ops.public(f"{eu.label}-encryption"))
     rsa_pub = spki["public_key"].parsed
@@ -260,6 +261,7 @@ def test_token_refuses_to_wrap_a_release_secret_with_a_key_the_so_did_not_trust(
         Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01",
     }
     token = open_primary(kit)
+    export.ensure_secret(token, "generic-secret", seed, os.urandom(16))  # the release policy
     try:
         # The very same regional public key, but created by the user: not CKA_TRUSTED.
         token.run_on_anchor("C_CreateObject", lambda lease: lease.session.create_object(template))
@@ -278,7 +280,8 @@ def test_token_refuses_to_wrap_a_release_secret_with_a_key_the_so_did_not_trust(
         with pytest.raises(HsmError) as info:
             token.run("C_SetAttributeValue", lambda lease: lease.key(ops.secret(seed)).__setitem__(
                 Attribute.WRAP_WITH_TRUSTED, False))
-        assert info.value.ckr == "CKR_ATTRIBUTE_READ_ONLY", str(info.value)
+        # The secret is non-modifiable: the token refuses any attribute change outright.
+        assert info.value.ckr == "CKR_ACTION_PROHIBITED", str(info.value)
         assert secret_objects(token, seed)[seed][0][Attribute.WRAP_WITH_TRUSTED] is True
 
         # Control: the SO-trusted key of the same region does wrap it.
@@ -286,7 +289,7 @@ def test_token_refuses_to_wrap_a_release_secret_with_a_key_the_so_did_not_trust(
                                     ops.secret(seed))
         assert len(wrapped.data) == 512
     finally:
-        destroy_session_objects(token, [label, label + "-t"])
+        destroy_session_objects(token, [label, label + "-t", seed])
         token.close()
 
 
@@ -430,3 +433,11 @@ def test_release_not_newer_than_the_recorded_one_is_refused(kit):
         assert count_labelled(token, f"rel-{lo}-kdf-seed") == 0
     finally:
         token.close()
+
+
+def test_run_of_a_plan_never_opened_is_refused_and_opens_nothing(kit):
+    plan_path = new_plan(kit)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "was never opened" in proc.stderr and "ceremony open" in proc.stderr
+    assert not plans.load(plan_path).output_dir.exists()

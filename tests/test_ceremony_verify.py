@@ -142,7 +142,8 @@ def test_another_primarys_certificate_does_not_verify(copy, tmp_path):
              .sign(key, hashes.SHA384()))
     path = tmp_path / "other.pem"
     path.write_bytes(other.public_bytes(serialization.Encoding.PEM))
-    assert_rejected(copy, path, "does not verify")
+    # Named for what it is: the wrong certificate, not a broken signature.
+    assert_rejected(copy, path, "signed by another key than the certificate", "give --cert")
 
 
 # ------------------------------------------------------------------------------------ bit flips
