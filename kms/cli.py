@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import datetime as dt
 import json
 import sys
 from pathlib import Path
 
 from hsm import cliutil
+from hsm.errors import UsageError
 
 from . import config as configs
 from .sdk import FieldEncryptor
@@ -38,7 +40,12 @@ def cmd_import(args) -> int:
     with _kms(args) as kms:
         for line in kms.report.lines():
             print(line)
-        return 0 if kms.releases and not kms.report.refused else (4 if kms.report.refused else 5)
+        if not kms.releases and not kms.report.refused:
+            print(f"kms: error: no release bundle (bundle-*.p7) for region "
+                  f"{kms.config.region!r} under {kms.config.bundle_dir}",
+                  file=sys.stderr)
+            return 5
+        return 0 if kms.releases and not kms.report.refused else 4
 
 
 def cmd_status(args) -> int:
@@ -62,7 +69,15 @@ def _when(ts: float | None) -> str:
         timespec="seconds")
 
 
+_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "destroy": ("org", "version"),
+                 "list": ("org",), "export": ("org", "file"), "import": ("file",)}
+
+
 def cmd_tenant(args) -> int:
+    missing = [f"--{name}" for name in _TENANT_NEEDS[args.action]
+               if getattr(args, name) is None]
+    if missing:
+        raise UsageError(f"`kms tenant {args.action}` needs {' and '.join(missing)}")
     with _kms(args) as kms:
         if args.action == "create":
             kms.create_tenant(args.org, args.type)
@@ -101,7 +116,11 @@ def cmd_encrypt(args) -> int:
 def cmd_decrypt(args) -> int:
     with _kms(args) as kms:
         sdk = FieldEncryptor(kms)
-        blob = base64.b64decode(args.blob if args.blob is not None else sys.stdin.read())
+        text = args.blob if args.blob is not None else sys.stdin.read()
+        try:
+            blob = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise UsageError("the ciphertext is not base64 (what `kms encrypt` prints)") from None
         sys.stdout.buffer.write(sdk.decrypt(args.org, blob) + b"\n")
     return 0
 
@@ -141,6 +160,3 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     return cliutil.run("kms", args.func, args, debug=args.debug)
-
-if __name__ == "__main__":
-    sys.exit(main())

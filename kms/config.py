@@ -58,6 +58,11 @@ def load(path: str | Path) -> KmsConfig:
         raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
     if data.get("pbkdf2_iterations", 1) < 1:
         raise ConfigError(f"{path}: pbkdf2_iterations must be >= 1")
+    if data.get("cache_max_entries", 1) < 1:
+        raise ConfigError(f"{path}: cache_max_entries must be >= 1 (the cache holds the DEKs "
+                          "being served)")
+    if data.get("cache_flush_hours", 1) <= 0:
+        raise ConfigError(f"{path}: cache_flush_hours must be > 0")
     base = path.parent
     store = data["store"]
     if "://" not in store:

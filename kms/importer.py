@@ -18,7 +18,7 @@ from pathlib import Path
 from ceremony import bundle as bundles
 from ceremony import certificates as certs
 from ceremony.plan import release_key
-from hsm import ops
+from hsm import ops, policy
 from hsm import x509 as hx
 from hsm.errors import HsmError
 from hsm.token import KeyRef, Token
@@ -45,10 +45,12 @@ class Release:
 class ImportReport:
     held: dict[str, Release] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)   # bundle file -> reason
+    skipped: dict[str, str] = field(default_factory=dict)   # valid, but not for this KMS
 
     def lines(self) -> list[str]:
         out = [f"imported release {r.release} (ceremony {r.ceremony_id})"
                for r in self.held.values()]
+        out += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         out += [f"REFUSED {name}: {why}" for name, why in self.refused.items()]
         return out
 
@@ -66,6 +68,14 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
     ``record(release, ceremony_id, sha256)`` is called after a first successful import.
     """
     report = ImportReport()
+    if not Path(bundle_dir).is_dir():
+        raise ImportRefused(f"the bundle directory {bundle_dir} does not exist",
+                            hint="set bundle_dir in the KMS configuration to the directory "
+                                 "holding the ceremony's bundle-*.p7 files")
+    # Every start re-checks the regional key's policy: a key that lets a PIN holder unwrap a
+    # release secret as extractable (provisioned before the policy) is refused, not used.
+    policy.require(token, ops.private(f"{token.label}-encryption"), policy.REGIONAL_ENCRYPTION,
+                   purpose="import release bundles")
     # Session copies left by a node started earlier in this process: one sweep, not per key.
     ops.destroy_session_secrets(token, "release-")
     primary = certs.as_asn1(certs.check_primary(primary_cert_path))
@@ -86,8 +96,12 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
         except (ImportRefused, HsmError) as exc:
             report.refused[path.name] = str(exc)
             continue
-        if rel is None:
-            continue  # another region's or the escrow bundle: not for this KMS, not an error
+        if rel is None:  # another region's or the escrow bundle: not for this KMS, not an error
+            report.skipped[path.name] = (
+                "the escrow bundle (for the primary HSM, not a KMS)"
+                if manifest["region"] == "escrow" else
+                f"a bundle for region {manifest['region']!r}, not this KMS's {region!r}")
+            continue
         report.held[rel.release] = rel
         if rel.release not in history and record is not None:
             record(rel.release, rel.ceremony_id, rel.bundle_sha256)

@@ -14,6 +14,18 @@ KEY_TYPES = ("field", "database")
 DATABASE_MIN_LIFESPAN = 90 * DAY
 DATABASE_ACTIVATION_DELAY = 24 * HOUR
 
+
+# A tenant backup restores only into the store (and region) it came from, and only this long:
+# an old backup is how a destroyed key would come back, so none lives forever.
+BACKUP_VALIDITY = 30 * DAY
+
+
+def usable_from(key_type: str, now: float) -> float:
+    """When a new secret of ``key_type`` created at ``now`` may first serve new DEKs (database
+    keys wait a day). One definition for the store that records it and the KMS that binds it
+    into the secret's AES-GCM associated data."""
+    return now + (DATABASE_ACTIVATION_DELAY if key_type == "database" else 0.0)
+
 STATES = ("ACTIVE", "ARCHIVED", "DESTROYED")
 SOURCES = ("HSM", "UPLOADED", "REMOTE")
 DERIVATIONS = ("PBKDF2", "NONE")

@@ -22,22 +22,39 @@ from pathlib import Path
 
 from hsm import export, ops
 from hsm import pin as pins
-from hsm.errors import HsmError, ObjectNotFound
+from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import Token
 
 from . import derive, importer, policy
 from .cache import KeyCache
 from .config import KmsConfig
-from .errors import KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld, UnknownTenant
+from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
+                     UnknownTenant)
 from .store import SecretRow, Store
 
-WRAP_AAD = b"hsm-suite tenant secret v1"
-BACKUP_AAD = b"hsm-suite tenant backup v1"
+WRAP_AAD = b"hsm-suite tenant secret v2"
+BACKUP_AAD = b"hsm-suite tenant backup v2"
 
 
-def _aad(org_id: str, key_type: str, version: int) -> bytes:
-    parts = [WRAP_AAD, org_id.encode(), key_type.encode(), str(version).encode()]
+def _lp(parts: list[bytes]) -> bytes:
     return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def _aad(org_id: str, key_type: str, version: int, *, source: str, derivation: str,
+         release: str | None, iterations: int, usable_from: float) -> bytes:
+    """The associated data of a wrapped tenant secret: who it belongs to *and* every column that
+    changes how it is used. A database writer who flips derivation to NONE, lowers the
+    iterations, moves the release or shortens the 24 h activation delay makes the AES-GCM tag
+    fail inside the HSM, so the row is refused instead of used."""
+    return _lp([WRAP_AAD, org_id.encode(), key_type.encode(), str(version).encode(),
+                source.encode(), derivation.encode(), (release or "").encode(),
+                str(iterations).encode(), repr(float(usable_from)).encode()])
+
+
+def _row_aad(row: SecretRow) -> bytes:
+    return _aad(row.org_id, row.key_type, row.version, source=row.source,
+                derivation=row.derivation, release=row.release, iterations=row.iterations,
+                usable_from=row.usable_from)
 
 
 class Kms:
@@ -55,6 +72,7 @@ class Kms:
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
+                                        token_label=self.config.token,
                                         prompt=f"User PIN for {self.config.token}: ")
         self.token = Token.open(self.config.token, module=self.config.module,
                                 parameters=self.config.module_params, pin=pin)
@@ -160,6 +178,9 @@ class Kms:
     def create_tenant(self, org_id: str, org_type: str) -> None:
         if org_type not in policy.ORG_TYPES:
             raise KmsError(f"org type must be one of {', '.join(policy.ORG_TYPES)}")
+        # A tenant's first secret needs a release: refuse now rather than leave an org row
+        # behind that has no secret and whose creation blocks a retry.
+        self.current_release()
         self.store.create_org(org_id, org_type)
 
     def generate_secret(self, org_id: str, key_type: str = "field") -> SecretRow:
@@ -180,15 +201,19 @@ class Kms:
 
     def _add(self, org_id, key_type, material, *, source, derivation) -> SecretRow:
         rel = self.current_release()
+        now = self.clock()
+        iterations = self.config.pbkdf2_iterations
 
         def wrap(version: int) -> bytes:
             nonce = os.urandom(12)
+            aad = _aad(org_id, key_type, version, source=source, derivation=derivation,
+                       release=rel.release, iterations=iterations,
+                       usable_from=policy.usable_from(key_type, now))
             return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
-                self.token, rel.wrapping_key, nonce, material, aad=_aad(org_id, key_type,
-                                                                        version)))
+                self.token, rel.wrapping_key, nonce, material, aad=aad))
         row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
-                                    release=rel.release, iterations=self.config.pbkdf2_iterations,
-                                    now=self.clock(), wrap=wrap)
+                                    release=rel.release, iterations=iterations, now=now,
+                                    wrap=wrap)
         self.cache.invalidate(org_id, key_type)
         return row
 
@@ -202,9 +227,16 @@ class Kms:
             raise _destroyed(row)
         rel = self._release(row.release)
         nonce, blob = row.wrapped[:12], row.wrapped[12:]
-        return self._in_hsm(lambda: ops.aes_gcm_decrypt(
-            self.token, rel.wrapping_key, nonce, blob,
-            aad=_aad(row.org_id, row.key_type, row.version)))
+        try:
+            return self._in_hsm(lambda: ops.aes_gcm_decrypt(
+                self.token, rel.wrapping_key, nonce, blob, aad=_row_aad(row)))
+        except DecryptionFailed:
+            raise CorruptRecord(
+                f"org {row.org_id}: {row.key_type} secret v{row.version} failed its "
+                "authentication in the HSM: the wrapped blob or a column bound to it "
+                "(source, derivation, release, iterations, usable-from) was altered",
+                hint="restore the row from a backup of this store; do not edit rows by hand"
+            ) from None
 
     # ------------------------------------------------------------------------- DEKs
     def _dek(self, row: SecretRow, fragment: str | None, generation: int) -> bytes:
@@ -253,44 +285,81 @@ class Kms:
                 "cache": self.cache.stats()}
 
     def export_backup(self, org_id: str, path: Path) -> Path:
-        """The tenant's rows (secrets stay wrapped), encrypted and authenticated inside the HSM
-        under the current release's tenant wrapping key."""
+        """The tenant's rows (secrets stay wrapped, destroyed versions as tombstones), encrypted
+        and authenticated inside the HSM under the current release's tenant wrapping key, bound
+        to this region and this store's record of the org, and valid for
+        policy.BACKUP_VALIDITY."""
         from hsm.files import write_new
         rel = self.current_release()
         rows = self.store.export_rows(org_id)
+        now = self.clock()
+        binding = {"org": org_id, "region": self.config.region,
+                   "org_created": self.store.org_created(org_id), "created": now,
+                   "expires": now + policy.BACKUP_VALIDITY, "release": rel.release}
         plain = json.dumps({"org": org_id, "org_type": self.store.org_type(org_id),
                             "rows": rows}, sort_keys=True, default=_jsonable).encode()
         nonce = os.urandom(12)
-        aad = BACKUP_AAD + org_id.encode()
-        blob = ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, plain, aad=aad)
-        doc = {"format": "hsm-suite-tenant-backup", "version": 1, "org": org_id,
-               "release": rel.release, "nonce": nonce.hex(), "ciphertext": blob.hex()}
+        blob = ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, plain,
+                                   aad=_backup_aad(binding))
+        doc = {"format": "hsm-suite-tenant-backup", "version": 2, **binding,
+               "nonce": nonce.hex(), "ciphertext": blob.hex()}
         return write_new(path, (json.dumps(doc) + "\n").encode(), mode=0o600)
 
     def import_backup(self, path: Path) -> str:
+        """Restore rows of a tenant into the store its backup came from. Refused: another region,
+        another store (the org missing, or created anew), an expired backup, a tampered file, and
+        any version this store already holds - a destroyed version stays destroyed."""
         try:
             doc = json.loads(Path(path).read_text())
-            org_id, release = doc["org"], doc["release"]
+            if doc.get("format") != "hsm-suite-tenant-backup" or doc.get("version") != 2:
+                raise ValueError("not a version-2 hsm-suite tenant backup")
+            binding = {k: doc[k] for k in ("org", "region", "org_created", "created",
+                                           "expires", "release")}
             nonce, blob = bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["ciphertext"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise KmsError(f"cannot read backup {path}: {exc}") from None
-        rel = self._release(release)
+        org_id = binding["org"]
+        if binding["region"] != self.config.region:
+            raise KmsError(f"backup {path} is of region {binding['region']!r}; this KMS serves "
+                           f"{self.config.region!r}", hint="a backup restores only into the "
+                           "store it came from, so a key destroyed there cannot come back "
+                           "anywhere else")
+        try:
+            created = self.store.org_created(org_id)
+        except UnknownTenant:
+            raise KmsError(f"backup {path}: org {org_id!r} does not exist in this store; a "
+                           "backup restores only into the store it was exported from",
+                           hint="recover a lost store from the database's own backups, which "
+                                "keep its tombstones") from None
+        if created != binding["org_created"]:
+            raise KmsError(f"backup {path} was exported from another store's org {org_id!r} "
+                           "(created at another time); refusing it",
+                           hint="a backup restores only into the store it came from")
+        if self.clock() > binding["expires"]:
+            raise KmsError(f"backup {path} expired at {_iso(binding['expires'])}",
+                           hint=f"backups are valid {policy.BACKUP_VALIDITY / policy.DAY:g} "
+                                "days; export a new one")
+        rel = self._release(binding["release"])
         try:
             plain = ops.aes_gcm_decrypt(self.token, rel.wrapping_key, nonce, blob,
-                                        aad=BACKUP_AAD + org_id.encode())
-        except KmsError:
-            raise
-        except Exception as exc:
+                                        aad=_backup_aad(binding))
+        except DecryptionFailed:  # a lost session or token is not a tampered file
             raise KmsError(f"backup {path} failed its integrity check", hint="the file was "
-                           "altered or belongs to another tenant") from exc
+                           "altered or belongs to another tenant") from None
         data = json.loads(plain)
-        try:
-            self.store.org_type(org_id)
-        except UnknownTenant:
-            self.store.create_org(org_id, data["org_type"])
         self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
         self.cache.invalidate(org_id)
         return org_id
+
+
+def _backup_aad(binding: dict) -> bytes:
+    return _lp([BACKUP_AAD] + [repr(binding[k]).encode() for k in (
+        "org", "region", "org_created", "created", "expires", "release")])
+
+
+def _iso(ts: float) -> str:
+    import datetime as dt
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _destroyed(row: SecretRow) -> KeyDestroyed:

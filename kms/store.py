@@ -750,6 +750,17 @@ class Store:
             raise _corrupt_org(org_id)
         return org_type
 
+    def org_created(self, org_id: str) -> float:
+        """When this store created the org: what binds a backup to the store it came from (an
+        org recreated elsewhere, or in a new store, has another creation time)."""
+        rows = self._read("SELECT org_type, created_at, checksum FROM orgs WHERE org_id = ?",
+                          (org_id,))
+        if not rows:
+            raise UnknownTenant(f"unknown tenant: no org {org_id!r} in this KMS's store",
+                                hint="create it with `kms tenant create`")
+        self._org_from_db(org_id, rows[0])
+        return float(rows[0][1])
+
     def org_type(self, org_id: str) -> str:
         rows = self._read("SELECT org_type, created_at, checksum FROM orgs WHERE org_id = ?",
                           (org_id,))
@@ -797,7 +808,7 @@ class Store:
         now = _check_time("now", now)
         if not callable(wrap):
             raise KmsError("wrap must be a callable taking the new version")
-        usable_from = now + (policy.DATABASE_ACTIVATION_DELAY if key_type == "database" else 0.0)
+        usable_from = policy.usable_from(key_type, now)
 
         def body(conn):
             org_type = self._lock_org(conn, org_id)

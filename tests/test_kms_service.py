@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from pkcs11 import Attribute
 from ceremony import plan as plans
 from hsm.errors import HsmError
 from kms import config as configs
-from kms.errors import (ImportRefused, KeyDestroyed, PolicyViolation, RateLimited,
+from kms.errors import (ImportRefused, KeyDestroyed, KmsError, PolicyViolation, RateLimited,
                         ReleaseNotHeld, UnknownTenant)
-from kms.policy import DAY, HOUR
+from kms.policy import BACKUP_VALIDITY, DAY, HOUR
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
 from tests.ceremony_kit import make_kit
@@ -40,11 +41,7 @@ def kit(tmp_path_factory, softhsm_session_token_factory):
 @pytest.fixture(scope="module")
 def release(kit):
     """One closed release ceremony; its output directory is the KMS bundle directory."""
-    plan_path = kit.write_plan()
-    kit.open_and_approve(plan_path)
-    proc = kit.cli("run", plan_path, "--env", kit.env_file())
-    assert proc.returncode == 0, proc.stderr
-    return plans.load(plan_path)
+    return kit.run_release()
 
 
 def _config(kit, tmp_path, bundle_dir, region="eu", **extra):
@@ -223,28 +220,77 @@ def test_uploaded_dek_without_derivation_is_used_as_is(node):
 
 def test_backup_round_trip_and_tamper_detection(node, tmp_path):
     node.create_tenant("backed", "production")
-    node.generate_secret("backed")
+    row = node.generate_secret("backed")
     blob = FieldEncryptor(node).encrypt("backed", b"payload")
     path = node.export_backup("backed", tmp_path / "backed.json")
     assert b"payload" not in path.read_bytes()
-    # Restored into another node's empty store, the old data decrypts there.
-    other_dir = tmp_path / "other"
-    other_dir.mkdir()
-    cfg = node.config
-    other_cfg = dataclasses.replace(cfg, store=f"sqlite:///{other_dir / 'other.db'}")
-    other = Kms(other_cfg, pin=node._pin)
-    other.start()
-    try:
-        assert other.import_backup(path) == "backed"
-        assert FieldEncryptor(other).decrypt("backed", blob) == b"payload"
-    finally:
-        other.close()
+    doc = json.loads(path.read_text())
+    assert doc["region"] == "eu" and doc["expires"] - doc["created"] == BACKUP_VALIDITY
+    # A row lost from this store comes back from the backup, and old data decrypts again.
+    _delete_row(node, "backed", row.version)
+    node.cache.flush()
+    assert node.import_backup(path) == "backed"
+    assert FieldEncryptor(node).decrypt("backed", blob) == b"payload"
     tampered = tmp_path / "tampered.json"
     text = path.read_text()
     i = text.index('"ciphertext": "') + 20
     tampered.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1:])
-    with pytest.raises(Exception, match="integrity"):
+    with pytest.raises(KmsError, match="integrity"):
         node.import_backup(tampered)
+
+
+def _delete_row(node, org, version):
+    import sqlite3
+    db = node.config.store.removeprefix("sqlite:///")
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM tenant_secrets WHERE org_id = ? AND version = ?",
+                     (org, version))
+
+
+def test_backup_never_revives_a_destroyed_key_here_or_in_another_store(node, tmp_path):
+    node.create_tenant("shred", "production")
+    row = node.generate_secret("shred")
+    blob = FieldEncryptor(node).encrypt("shred", b"gone for good")
+    path = node.export_backup("shred", tmp_path / "shred.json")
+    node.destroy("shred", "field", row.version)
+    # Same store: the tombstone (the DESTROYED row) blocks the import; nothing is revived.
+    with pytest.raises(KmsError, match="already holds field v1"):
+        node.import_backup(path)
+    with pytest.raises(KeyDestroyed):
+        FieldEncryptor(node).decrypt("shred", blob)
+    # Another region: refused before anything else.
+    doc = json.loads(path.read_text())
+    assert doc["region"] == "eu"
+    wrong = tmp_path / "us.json"
+    wrong.write_text(json.dumps({**doc, "region": "us"}))
+    with pytest.raises(KmsError, match="of region 'us'; this KMS serves 'eu'"):
+        node.import_backup(wrong)
+    # Rewriting the binding (region, expiry) in the file breaks its authentication.
+    node.test_clock.now += BACKUP_VALIDITY + 1
+    with pytest.raises(KmsError, match="expired"):
+        node.import_backup(path)
+    stretched = tmp_path / "stretched.json"
+    stretched.write_text(json.dumps({**doc, "expires": doc["expires"] + 10 * BACKUP_VALIDITY}))
+    _delete_row(node, "shred", row.version)  # even with the tombstone gone
+    with pytest.raises(KmsError, match="integrity"):
+        node.import_backup(stretched)
+    assert node.store.secrets("shred") == []
+    # (Last: a second node in this process destroys the first one's session keys on close.)
+    # Another store of the same region (a fresh database): refused, the org is not its own.
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other = Kms(dataclasses.replace(node.config, store=f"sqlite:///{other_dir / 'o.db'}"),
+                pin=node._pin)
+    other.start()
+    try:
+        with pytest.raises(KmsError, match="does not exist in this store"):
+            other.import_backup(path)
+        other.create_tenant("shred", "production")  # recreated: another creation record
+        with pytest.raises(KmsError, match="exported from another store"):
+            other.import_backup(path)
+        assert other.store.secrets("shred") == []
+    finally:
+        other.close()
 
 
 def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
@@ -288,15 +334,58 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
         proc.stderr
 
 
+def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp_path):
+    from hsm.pin import token_env
+    cfg = _config(kit, tmp_path, release.output_dir)
+    eu = kit.regionals["eu"]
+    # The per-token PIN variable alone is enough (no HSM_PIN): HSM_PIN_<LABEL>.
+    env = {k: v for k, v in kit.environ().items() if not k.startswith("HSM_")}
+    env[token_env("HSM_PIN", eu.label)] = eu.user_pin.reveal()
+
+    def kms(*args, config=cfg.path):
+        return subprocess.run([sys.executable, "-m", "kms", "--config", str(config), *args],
+                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+
+    def one_line(proc, needle):
+        assert proc.returncode != 0, proc.stdout
+        assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert needle in proc.stderr, proc.stderr
+    imported = kms("import")
+    assert imported.returncode == 0, imported.stderr
+    # Another region's bundle and the escrow bundle are reported, not silently skipped.
+    assert "skipped bundle-" in imported.stdout and "for region 'us'" in imported.stdout
+    assert "the escrow bundle" in imported.stdout
+    assert kms("tenant", "create", "--org", "bad-input").returncode == 0
+    one_line(kms("decrypt", "--org", "bad-input", "%%% not base64 %%%"), "not base64")
+    one_line(kms("tenant", "export", "--org", "bad-input"), "needs --file")
+    one_line(kms("tenant", "destroy", "--org", "bad-input"), "needs --version")
+    # A bundle directory that does not exist: said so, exit non-zero.
+    (tmp_path / "m").mkdir()
+    missing = _config(kit, tmp_path / "m", tmp_path / "no-such-dir")
+    one_line(kms("import", config=missing.path), "does not exist")
+    # cache_max_entries = 0 is refused before any store is created.
+    zero_dir = tmp_path / "zero"
+    zero_dir.mkdir()
+    text = cfg.path.read_text().replace(str(tmp_path / "kms-eu.db"), str(zero_dir / "z.db"))
+    (zero_dir / "z.toml").write_text(text + "cache_max_entries = 0\n")
+    one_line(kms("status", config=zero_dir / "z.toml"), "cache_max_entries must be >= 1")
+    assert not (zero_dir / "z.db").exists()
+
+
 def test_import_refused_is_a_kms_error():
     assert issubclass(ImportRefused, HsmError)
 
 
 def test_no_new_wraps_under_an_older_release_when_a_newer_one_is_missing(node):
-    node.store.record_release("99999", "a-later-ceremony", "ab" * 32, node.clock())
     node.create_tenant("late", "production")
+    node.store.record_release("99999", "a-later-ceremony", "ab" * 32, node.clock())
     with pytest.raises(ReleaseNotHeld, match="refusing to wrap new secrets"):
         node.generate_secret("late")
+    # Nor is a new tenant created (it could get no first secret): no org row is left behind.
+    with pytest.raises(ReleaseNotHeld):
+        node.create_tenant("later", "production")
+    assert "later" not in [org for org, _ in node.store.orgs()]
 
 
 def test_node_reimports_after_its_sessions_are_closed_behind_its_back(node):
