@@ -82,8 +82,8 @@ fi
 ENV=$VAR/ceremony-env.toml
 [ -f $ENV ] || cat > $ENV <<TOML
 primary_token = "primary"
-user_pin_source = "env:HSM_PIN"
-so_pin_source = "env:HSM_SO_PIN"
+user_pin_source = "env:HSM_PIN_PRIMARY"
+so_pin_source = "env:HSM_SO_PIN_PRIMARY"
 TOML
 
 OUT=$CER/release-$RELEASE

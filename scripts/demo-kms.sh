@@ -12,7 +12,7 @@ for region in eu us; do
     [ -f $CFG ] || cat > $CFG <<TOML
 region = "$region"
 token = "regional-$region"
-pin_source = "env:HSM_PIN"
+pin_source = "env:HSM_PIN_REGIONAL_${region^^}"
 primary_certificate = "../pki/primary-signing.pem"
 bundle_dir = "../ceremonies/release-1"
 store = "kms-$region.db"

@@ -8,9 +8,22 @@ VAR=var
 PKI=$VAR/pki
 mkdir -p "$PKI"
 umask 077
-# Demo PINs: random, made once, kept in a git-ignored 0600 file; never printed.
+# Demo PINs: random, a different SO/user pair per token, made once, kept in a git-ignored 0600
+# file and never printed or put on a command line. The CLIs look up HSM_PIN_<LABEL> and
+# HSM_SO_PIN_<LABEL> (label upper-cased, '-' -> '_'), so `set -a; . var/demo-pins.env` is all a
+# user needs to run the README's commands against the demo tokens.
+if [ -f $VAR/demo-pins.env ] && ! grep -q '^HSM_PIN_PRIMARY=' $VAR/demo-pins.env; then
+    echo "var/ was made by an older version of this demo (one PIN for every token, keys" >&2
+    echo "without the key policy): run 'make clean' and then 'make demo' again." >&2
+    exit 1
+fi
 if [ ! -f $VAR/demo-pins.env ]; then
-    python3 -c "import secrets; print(f'HSM_SO_PIN={secrets.token_hex(8)}'); print(f'HSM_PIN={secrets.token_hex(6)}')" > $VAR/demo-pins.env
+    python3 - > $VAR/demo-pins.env <<'PY'
+import secrets
+for label in ("PRIMARY", "REGIONAL_EU", "REGIONAL_US"):
+    print(f"HSM_SO_PIN_{label}={secrets.token_hex(8)}")
+    print(f"HSM_PIN_{label}={secrets.token_hex(6)}")
+PY
 fi
 set -a; . $VAR/demo-pins.env; set +a
 umask 022
@@ -40,12 +53,16 @@ step "openssl verify"
 openssl verify -CAfile "$PKI/primary-signing.pem" "$PKI/primary-encryption.pem" \
     "$PKI/regional-eu.pem" "$PKI/regional-us.pem"
 
-# Demo PINs only: pkcs11-tool takes the PIN on its command line (it has no other route).
-step "pkcs11-tool --list-objects (primary)"
-pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label primary --list-objects \
-    --pin "$HSM_PIN" 2>/dev/null | grep -E "Object|label|ID|Usage|Access" || true
+step "hsm info: does the token enforce the key policy?"
+hsm info --token primary | grep -E "^(Token|Trusted|Policy|  )"
 
 bash scripts/demo-ceremony.sh
+
+step "hsm audit (primary, after the ceremony): trusted recipients and the release record, no secret left"
+hsm audit --token primary
 bash scripts/demo-kms.sh
+
+step "hsm audit (regional-eu, after the KMS ran: no release secret was left on the token)"
+hsm audit --token regional-eu
 
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"

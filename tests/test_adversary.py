@@ -1,0 +1,401 @@
+"""The user-PIN holder as an adversary, after a real ceremony, on real tokens.
+
+Each test plays an insider with a shell and the *user* PIN (never the SO PIN) on the primary or a
+regional token, using plain python-pkcs11 and raw Cryptoki calls (hsm._cryptoki, i.e. what
+pkcs11-tool or a few lines of C could send), and tries to get a release secret out: extractable
+unwrap, persistent copy, attribute flips, C_CopyObject, decrypt instead of unwrap, wrap to a
+trusted key and unwrap again, key-check oracles, rewriting the release record. Each attempt must
+be refused *by the token*, asserted with its CKR code. Only the KMS's own unwrap template works,
+and what it yields cannot be read, wrapped out or used as an ECB oracle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pkcs11
+import pytest
+from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
+
+from ceremony import bundle as bundles
+from ceremony import runner
+from ceremony.certificates import as_asn1
+from ceremony.certificates import load as load_cert
+from hsm import _cryptoki, export, ops
+from hsm import policy as policies
+from hsm.errors import from_pkcs11
+from hsm.token import Token
+from tests.ceremony_kit import make_kit
+
+_label = itertools.count()
+OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
+KINDS = {"generic-secret": KeyType.GENERIC_SECRET, "aes": KeyType.AES}
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory, softhsm_session_token_factory):
+    root = tmp_path_factory.mktemp("adversary")
+    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
+                    regions=("eu",))
+
+
+@pytest.fixture(scope="module")
+def release(kit):
+    p = kit.run_release()
+    cert = as_asn1(load_cert(kit.pki / f"{kit.primary.label}-signing.pem", "primary signing"))
+    manifests = {r: bundles.verify((p.output_dir / runner.bundle_name(p, r)).read_bytes(),
+                                   cert).manifest for r in ("eu", "escrow")}
+    return p, manifests
+
+
+@pytest.fixture
+def primary(kit):
+    token = Token.open(kit.primary.label, pin=kit.primary.user_pin)
+    yield token
+    token.close()
+
+
+def ckr(fn) -> str:
+    """Run ``fn``; it must fail; return the CKR name the token answered."""
+    with pytest.raises(pkcs11.PKCS11Error) as info:
+        fn()
+    return from_pkcs11(info.value, operation="attack").ckr
+
+
+def raw_rv(rv_or_tuple) -> str:
+    rv = rv_or_tuple[0] if isinstance(rv_or_tuple, tuple) else rv_or_tuple
+    from hsm.errors import CKR_BY_VALUE
+    return CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}") if rv else "CKR_OK"
+
+
+def entries(manifest) -> list[dict]:
+    return manifest["secrets"]
+
+
+def unwrap_with(lease, key_label: str, entry: dict, template: dict):
+    key = lease.key(ops.private(key_label))
+    return key.unwrap_key(ObjectClass.SECRET_KEY, KINDS[entry["key_type"]],
+                          bytes.fromhex(entry["wrapped"]), label=f"atk-{next(_label)}",
+                          mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=OAEP_SHA1,
+                          store=False, template=template)
+
+
+def sweep(token: Token) -> None:
+    def destroy(lease):
+        for obj in list(lease.session.get_objects({Attribute.TOKEN: False})):
+            if str(obj[Attribute.LABEL]).startswith("atk-"):
+                obj.destroy()
+    token.run_on_anchor("sweep", destroy)
+
+
+def raw_handles(token: Token, ref):
+    with token.lease() as lease:
+        return lease.session.handle, lease.key(ref).handle
+
+
+# ================================================================ the regional token
+@pytest.mark.parametrize("template", [
+    {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+    {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True},
+    {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.TOKEN: True},
+    {},
+], ids=["readable", "extractable", "persistent-copy", "token-defaults"])
+def test_regional_unwrap_as_anything_but_the_kms_template_is_refused(kit, release, template):
+    _, manifests = release
+    eu = kit.regionals["eu"]
+    for entry in entries(manifests["eu"]):
+        with eu.token.lease() as lease:
+            assert ckr(lambda: unwrap_with(lease, f"{eu.label}-encryption", entry,
+                                           template)) == "CKR_TEMPLATE_INCONSISTENT"
+
+
+def test_regional_unwrap_cannot_widen_the_allowed_mechanisms(kit, release):
+    """Asking the KMS template but with AES-ECB allowed (the E_K(0) = GCM H oracle): refused."""
+    _, manifests = release
+    eu = kit.regionals["eu"]
+    raw = eu.token.module.raw
+    entry = next(e for e in entries(manifests["eu"]) if e["key_type"] == "aes")
+    h, priv = raw_handles(eu.token, ops.private(f"{eu.label}-encryption"))
+    oaep = _cryptoki.CK_RSA_PKCS_OAEP_PARAMS(int(Mechanism.SHA_1), int(MGF.SHA1), 1, None, 0)
+    tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+           Attribute.LABEL: f"atk-{next(_label)}", Attribute.ENCRYPT: True,
+           **policies.REGIONAL_UNWRAP_TEMPLATE,
+           Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_ECB, *policies.KMS_SECRET_MECHANISMS]}
+    got = raw.unwrap_key(h, Mechanism.RSA_PKCS_OAEP, oaep, priv, bytes.fromhex(entry["wrapped"]),
+                         tpl)
+    assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
+
+
+def test_what_the_kms_template_yields_cannot_be_read_wrapped_out_or_used_as_ecb(kit, release):
+    _, manifests = release
+    eu = kit.regionals["eu"]
+    entry = next(e for e in entries(manifests["eu"]) if e["key_type"] == "aes")
+    label = f"atk-{next(_label)}"
+    ops.unwrap_release_secret(eu.token, ops.private(f"{eu.label}-encryption"), ops.Wrapped(
+        bytes.fromhex(entry["wrapped"]), "RSA_PKCS_OAEP", {"hash": "sha1"}), kind="aes",
+        usage="encrypt-decrypt", label=label)
+    try:
+        with eu.token.anchor() as lease:
+            key = lease.key(ops.secret(label))
+            assert ckr(lambda: key[Attribute.VALUE]) == "CKR_ATTRIBUTE_SENSITIVE"
+            assert ckr(lambda: key.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)) == \
+                "CKR_MECHANISM_INVALID"
+            wrapper = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+                Attribute.WRAP: True, Attribute.LABEL: f"atk-{next(_label)}"})
+            assert ckr(lambda: wrapper.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)) \
+                == "CKR_KEY_UNEXTRACTABLE"
+            assert ckr(lambda: key.__setitem__(Attribute.EXTRACTABLE, True)) in (
+                "CKR_ATTRIBUTE_READ_ONLY", "CKR_ACTION_PROHIBITED")
+    finally:
+        sweep(eu.token)
+
+
+def test_regional_private_key_cannot_decrypt_be_flipped_copied_or_use_pkcs1(kit, release):
+    _, manifests = release
+    eu = kit.regionals["eu"]
+    raw = eu.token.module.raw
+    blob = bytes.fromhex(entries(manifests["eu"])[0]["wrapped"])
+    ref = ops.private(f"{eu.label}-encryption")
+    with eu.token.lease() as lease:
+        key = lease.key(ref)
+        h = lease.session.handle
+        # C_Decrypt of the bundle instead of C_UnwrapKey: the key has no CKA_DECRYPT...
+        oaep = _cryptoki.CK_RSA_PKCS_OAEP_PARAMS(int(Mechanism.SHA_1), int(MGF.SHA1), 1, None, 0)
+        assert raw_rv(raw.operation_init("C_DecryptInit", h, Mechanism.RSA_PKCS_OAEP, oaep,
+                                         key.handle)) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        # ...and cannot be given one, nor any other attribute change.
+        assert raw_rv(raw.set_attributes(h, key.handle, {Attribute.DECRYPT: True})) == \
+            "CKR_ACTION_PROHIBITED"
+        assert raw_rv(raw.set_attributes(h, key.handle, {Attribute.ALLOWED_MECHANISMS: [
+            Mechanism.RSA_PKCS]})) == "CKR_ACTION_PROHIBITED"
+        # No copy with weaker attributes (or any copy at all).
+        assert raw_rv(raw.copy_object(h, key.handle, {Attribute.DECRYPT: True,
+                                                      Attribute.TOKEN: False})) == \
+            "CKR_ACTION_PROHIBITED"
+        # Unwrap with PKCS#1 v1.5 (not the key's one allowed mechanism), template matched.
+        tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+               Attribute.LABEL: f"atk-{next(_label)}", **policies.REGIONAL_UNWRAP_TEMPLATE}
+        assert raw_rv(raw.unwrap_key(h, Mechanism.RSA_PKCS, None, key.handle, blob, tpl)) == \
+            "CKR_MECHANISM_INVALID"
+
+
+# ================================================================ the primary token
+def test_the_primary_keeps_no_release_secret_after_the_ceremony(primary, release):
+    p, _ = release
+    found = primary.run("find", lambda lease: [
+        str(o[Attribute.LABEL]) for o in lease.session.get_objects(
+            {Attribute.CLASS: ObjectClass.SECRET_KEY})])
+    assert [f for f in found if f.startswith(f"rel-{p.release}-")] == []
+
+
+@pytest.mark.parametrize("template", [
+    {Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+    {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: False},
+    {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: True,
+     Attribute.TOKEN: True},
+], ids=["readable", "without-trusted-wrap", "persistent-copy"])
+def test_escrow_unwrap_as_anything_but_the_escrow_template_is_refused(kit, primary, release,
+                                                                     template):
+    _, manifests = release
+    for entry in entries(manifests["escrow"]):
+        with primary.lease() as lease:
+            assert ckr(lambda: unwrap_with(lease, f"{kit.primary.label}-encryption", entry,
+                                           template)) == "CKR_TEMPLATE_INCONSISTENT"
+
+
+def test_escrow_copy_leaves_only_to_trusted_keys_and_comes_back_just_as_protected(
+        kit, primary, release):
+    """Unwrap the escrow bundle the only way allowed, then try to get it out: an untrusted
+    wrapping key is refused; wrapping to the SO-trusted escrow key and unwrapping again cannot
+    strip CKA_WRAP_WITH_TRUSTED; and the copy is no ECB oracle."""
+    _, manifests = release
+    entry = next(e for e in entries(manifests["escrow"]) if e["key_type"] == "aes")
+    label = f"atk-{next(_label)}"
+    enc = f"{kit.primary.label}-encryption"
+    ops.unwrap_release_secret(primary, ops.private(enc), ops.Wrapped(
+        bytes.fromhex(entry["wrapped"]), "RSA_PKCS_OAEP", {"hash": "sha1"}), kind="aes",
+        usage="sign", label=label, escrow=True)
+    try:
+        with primary.anchor() as lease:
+            key = lease.key(ops.secret(label))
+            assert key[Attribute.WRAP_WITH_TRUSTED] is True
+            assert ckr(lambda: key[Attribute.VALUE]) == "CKR_ATTRIBUTE_SENSITIVE"
+            raw = primary.module.raw
+            for fn, mech in (("C_EncryptInit", Mechanism.AES_ECB),
+                             ("C_SignInit", Mechanism.AES_MAC)):
+                assert raw_rv(raw.operation_init(fn, lease.session.handle, mech, None,
+                                                 key.handle)) in (
+                    "CKR_MECHANISM_INVALID", "CKR_KEY_FUNCTION_NOT_PERMITTED"), fn
+            mine = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+                Attribute.WRAP: True, Attribute.LABEL: f"atk-{next(_label)}"})
+            assert ckr(lambda: mine.wrap_key(key, mechanism=Mechanism.AES_KEY_WRAP_PAD)) == \
+                "CKR_KEY_NOT_WRAPPABLE"
+            escrow = lease.key(ops.public(runner.recipient_label("escrow")))
+            wrapped = escrow.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                      mechanism_param=OAEP_SHA1)
+            assert ckr(lambda: lease.key(ops.private(enc)).unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=OAEP_SHA1, store=False, template={
+                    Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})) == \
+                "CKR_TEMPLATE_INCONSISTENT"
+    finally:
+        sweep(primary)
+
+
+def test_a_release_secret_is_no_ecb_oracle_and_cannot_be_changed_or_copied(primary):
+    """While it exists (between generation and destruction), a release secret may only compute
+    its check value."""
+    label = f"rel-atk-{next(_label)}"
+    export.ensure_secret(primary, "aes", label, os.urandom(16))
+    raw = primary.module.raw
+    try:
+        with primary.lease() as lease:
+            key = lease.key(ops.secret(label))
+            h = lease.session.handle
+            # No CKA_ENCRYPT (so no ECB), and SIGN only with AES-CMAC (no AES-MAC = CBC-MAC,
+            # whose first block is an ECB block).
+            assert raw_rv(raw.operation_init("C_EncryptInit", h, Mechanism.AES_ECB, None,
+                                             key.handle)) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
+            assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.AES_MAC, None,
+                                             key.handle)) == "CKR_MECHANISM_INVALID"
+            for change in ({Attribute.ENCRYPT: True}, {Attribute.WRAP_WITH_TRUSTED: False},
+                           {Attribute.EXTRACTABLE: False}):
+                assert raw_rv(raw.set_attributes(h, key.handle, change)) == \
+                    "CKR_ACTION_PROHIBITED", change
+            assert raw_rv(raw.copy_object(h, key.handle, {Attribute.TOKEN: False})) == \
+                "CKR_ACTION_PROHIBITED"
+            assert len(key.sign(export.KCV_LABEL, mechanism=Mechanism.AES_CMAC)) == 16  # its job
+    finally:
+        primary.run_on_anchor("destroy", lambda lease: [o.destroy() for o in
+                                                        lease.session.get_objects(
+                                                            {Attribute.LABEL: label})])
+
+
+def test_the_release_record_cannot_be_destroyed_rewritten_or_copied(primary, release):
+    p, _ = release
+    raw = primary.module.raw
+
+    def find(lease):
+        found = list(lease.session.get_objects({Attribute.CLASS: ObjectClass.DATA,
+                                                Attribute.LABEL: export.record_label(p.release)}))
+        assert len(found) == 1
+        return lease.session.handle, found[0].handle
+    with primary.anchor() as lease:
+        h, obj = find(lease)
+        assert raw_rv(raw.destroy_object(h, obj)) == "CKR_ACTION_PROHIBITED"
+        assert raw_rv(raw.set_attributes(h, obj, {Attribute.VALUE: b"1"})) == \
+            "CKR_ACTION_PROHIBITED"
+        assert raw_rv(raw.copy_object(h, obj, {Attribute.VALUE: b"1"})) == \
+            "CKR_ACTION_PROHIBITED"
+    assert p.release in export.read_states(primary)
+
+
+def test_the_user_cannot_create_a_trusted_key(primary, kit):
+    raw = primary.module.raw
+    with primary.anchor() as lease:
+        rv, _ = raw.create_object(lease.session.handle, {
+            **export.trusted_key_template(f"atk-{next(_label)}", b"x", b"\xc5" * 256,
+                                          b"\x01\x00\x01"), Attribute.TOKEN: False})
+    assert raw_rv(rv) == "CKR_ATTRIBUTE_READ_ONLY"
+
+
+# ================================================================ the KMS database
+def _node(kit, release, tmp_path):
+    from kms import config as configs
+    from kms.service import Kms
+    p, _ = release
+    cfg = tmp_path / "kms-eu.toml"
+    cfg.write_text(f'region = "eu"\ntoken = "{kit.regionals["eu"].label}"\n'
+                   f'primary_certificate = "{kit.pki / (kit.primary.label + "-signing.pem")}"\n'
+                   f'bundle_dir = "{p.output_dir}"\nstore = "{tmp_path / "kms.db"}"\n'
+                   "pbkdf2_iterations = 50\n")
+    clock = [1_900_000_000.0]
+    node = Kms(configs.load(cfg), pin=kit.regionals["eu"].user_pin, clock=lambda: clock[0])
+    node.start()
+    return node, clock
+
+
+def _rewrite(node, org, key_type, **changes):
+    """What someone with write access to the database does: change columns and recompute the
+    row's (unkeyed) checksum so the store's own integrity check passes."""
+    import dataclasses
+    import sqlite3
+
+    from kms import store as stores
+    row = node.store.active(org, key_type, now=1e12) or node.store.get(org, key_type, 1)
+    new = dataclasses.replace(row, **changes)
+    values = stores._secret_values(new)
+    with sqlite3.connect(node.config.store.removeprefix("sqlite:///")) as conn:
+        conn.execute("UPDATE tenant_secrets SET source = ?, derivation = ?, release_id = ?, "
+                     "iterations = ?, usable_from = ?, checksum = ? WHERE org_id = ? AND "
+                     "key_type = ? AND version = ?",
+                     (new.source, new.derivation, new.release, new.iterations, new.usable_from,
+                      stores._secret_digest(values), org, key_type, row.version))
+    return new
+
+
+@pytest.mark.parametrize("changes", [
+    {"derivation": "NONE"}, {"iterations": 1}, {"source": "UPLOADED"}],
+    ids=["pbkdf2-to-none", "fewer-iterations", "source"])
+def test_a_database_writer_cannot_change_how_a_field_key_is_used(kit, release, tmp_path,
+                                                               changes):
+    from kms.errors import CorruptRecord
+    node, _ = _node(kit, release, tmp_path)
+    try:
+        node.create_tenant("victim", "production")
+        node.generate_secret("victim", "field")
+        _rewrite(node, "victim", "field", **changes)
+        node.cache.flush()
+        with pytest.raises(CorruptRecord, match="failed its authentication in the HSM"):
+            node.dek_for_encrypt("victim", "field")
+    finally:
+        node.close()
+
+
+def test_a_database_writer_cannot_shorten_the_database_key_delay(kit, release, tmp_path):
+    from kms.errors import CorruptRecord, KmsError
+    node, clock = _node(kit, release, tmp_path)
+    try:
+        node.create_tenant("dbvictim", "production")
+        node.generate_secret("dbvictim", "database")
+        with pytest.raises(KmsError, match="no usable database secret"):
+            node.dek_for_encrypt("dbvictim", "database")
+        _rewrite(node, "dbvictim", "database", usable_from=clock[0] - 1)
+        with pytest.raises(CorruptRecord, match="failed its authentication in the HSM"):
+            node.dek_for_encrypt("dbvictim", "database")
+    finally:
+        node.close()
+
+
+def test_kms_and_ceremony_refuse_a_key_provisioned_without_the_policy(softhsm_token, tmp_path):
+    """A token provisioned the old way (python-pkcs11 defaults: modifiable, no allowed
+    mechanisms, no unwrap template): the KMS import and the ceremony refuse to use its keys."""
+    from hsm.errors import KeyPolicyViolation
+    from kms import importer
+    token = softhsm_token.token
+    label = token.label
+    with token.anchor() as lease:
+        lease.session.generate_keypair(KeyType.RSA, 2048, store=True, label=f"{label}-encryption",
+                                       public_template={Attribute.WRAP: True},
+                                       private_template={Attribute.UNWRAP: True,
+                                                         Attribute.DECRYPT: False,
+                                                         Attribute.SENSITIVE: True,
+                                                         Attribute.EXTRACTABLE: False})
+        lease.session.create_domain_parameters(KeyType.EC, {
+            Attribute.EC_PARAMS: __import__("pkcs11.util.ec", fromlist=["x"])
+            .encode_named_curve_parameters("secp384r1")}, local=True).generate_keypair(
+                store=True, label=f"{label}-signing")
+    (tmp_path / "bundles").mkdir()
+    with pytest.raises(KeyPolicyViolation) as info:
+        importer.import_bundles(token, region="eu", primary_cert_path=tmp_path / "none.pem",
+                                bundle_dir=tmp_path / "bundles", allow_practice=False,
+                                history={})
+    text = str(info.value)
+    assert "CKA_UNWRAP_TEMPLATE: missing" in text and "CKA_MODIFIABLE" in text
+    assert "provision a new token" in text
+    from types import SimpleNamespace
+    run = runner.Runner.__new__(runner.Runner)
+    run.plan = SimpleNamespace(type="release-secrets")
+    with pytest.raises(KeyPolicyViolation, match="refusing to sign ceremony outputs"):
+        run._check_primary_keys(token)
