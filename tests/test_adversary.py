@@ -399,3 +399,38 @@ def test_kms_and_ceremony_refuse_a_key_provisioned_without_the_policy(softhsm_to
     run.plan = SimpleNamespace(type="release-secrets")
     with pytest.raises(KeyPolicyViolation, match="refusing to sign ceremony outputs"):
         run._check_primary_keys(token)
+
+
+# ================================================================ both backends
+def test_policy_attributes_are_refused_changes_on_each_backend(hsm_token):
+    """What applies to any token: a key made non-modifiable with one allowed mechanism. Both
+    backends refuse the attribute change; only a token that enforces CKA_ALLOWED_MECHANISMS
+    refuses the other mechanism (NSS softokn 3.87 does not, which is why provisioning refuses
+    production keys there, see test_provision)."""
+    token = hsm_token.token
+    raw = token.module.raw
+    label = f"atk-{next(_label)}"
+    # A session of its own: an operation the token wrongly lets start (NSS) stays active in
+    # it, and closing the session ends it (never session.close(): that logs everyone out).
+    h = token.p11token.open(rw=True).handle
+    try:
+        rv, key = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.LABEL: label,
+            Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: True,
+            Attribute.ENCRYPT: True, Attribute.MODIFIABLE: False,
+            Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_CMAC]})
+        assert rv == 0, hex(rv)
+        try:
+            assert raw_rv(raw.set_attributes(h, key, {Attribute.ENCRYPT: False})) in (
+                "CKR_ACTION_PROHIBITED", "CKR_ATTRIBUTE_READ_ONLY")
+            ecb = raw_rv(raw.operation_init("C_EncryptInit", h, Mechanism.AES_ECB, None, key))
+            if hsm_token.backend == "nss":
+                assert token.profile.allowed_mechanisms_enforced is False
+                pytest.skip("NSS softokn 3.87 does not enforce CKA_ALLOWED_MECHANISMS (AES-ECB "
+                            f"init answered {ecb}); the suite refuses production keys there")
+            assert ecb == "CKR_MECHANISM_INVALID"
+        finally:
+            raw.destroy_object(h, key)
+    finally:
+        raw.close_session(h)
