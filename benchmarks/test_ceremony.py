@@ -10,7 +10,9 @@ sample per round:
 * ``raw``: the token operations the ceremony cannot avoid, done directly with python-pkcs11 objects
   from a single ``Token.lease()`` of a user-logged-in primary (opened, objects looked up and closed
   outside the timed region): per secret one ``C_GenerateKey`` token object with
-  ``hsm.export.secret_template`` (destroyed untimed) and one key-check-value op; per recipient
+  ``hsm.export.secret_template`` (through ctypes, as the ceremony: the template holds
+  CKA_ALLOWED_MECHANISMS), one key-check-value op (HMAC / AES-CMAC) and, at the end, its
+  ``C_DestroyObject`` (the ceremony's destroy-secrets step); per recipient
   (10 regions + escrow) and secret one RSA-OAEP ``C_WrapKey`` with the profile's OAEP parameters
   under the trusted public keys the ceremony made; per bundle one raw ``CKM_ECDSA`` P-384 sign of a
   SHA-384 digest, plus one for the transcript head; one ``C_GenerateRandom(32)``. No SO-side
@@ -25,8 +27,9 @@ rounds the fixture runs a few instrumented ceremony rounds (wrapped functions, e
 bucket: logins, slot scans, probe, fsyncs, certificate checks, CMS build/verify, ...) and one under
 cProfile; both go into ``extra_info`` and ``var/bench/ceremony.json``.
 
-The ceremony's two secrets are destroyed after each round (untimed) so the token's object count
-stays the same from round to round; the release-state record replaces itself.
+The ceremony destroys its own two secrets (destroy-secrets); each round adds one non-destroyable
+release record to the primary (the token refuses to destroy it), so the object count grows by
+one per round.
 
 Setup generates 11 RSA-4096 key pairs (10 regional tokens + the primary's escrow key) once per
 session: ~10-60 s on a 2-core machine.
@@ -48,7 +51,7 @@ from pathlib import Path
 from time import perf_counter
 
 import pytest
-from pkcs11 import Attribute, Mechanism, ObjectClass
+from pkcs11 import Attribute, Mechanism
 
 from hsm import _cryptoki, export, ops
 from hsm import profile as profiles
@@ -57,7 +60,7 @@ from hsm.token import Token
 
 from ceremony import approvals, bundle as bundles, certificates as certs
 from ceremony import environment, plan as plans, runner as runner_mod
-from ceremony.runner import Runner, recipient_label, secret_label
+from ceremony.runner import Runner, recipient_label
 from ceremony.transcript import HEAD_CONTEXT, SIGNATURE_FILE, Transcript
 
 from _benchlib import Buckets, Interleaved, median, ratio, scaled
@@ -74,8 +77,10 @@ VARIANTS = ["ceremony", "raw"]
 BREAKDOWN_ROUNDS = 3
 # Work the ceremony does per round that the raw op set (as specified) leaves out.
 NOT_IN_RAW = [
-    ("record-release: a token CKO_DATA object created and the previous one destroyed "
-     "(export.write_state) - a token-object write like C_GenerateKey(store=True)"),
+    ("record-release: a non-destroyable token CKO_DATA object per release "
+     "(export.write_state) - a token-object write like C_GenerateKey(store=True); the records "
+     "accumulate, one per round, by design"),
+    "key policy checks: the primary's two keys and each secret read back (C_GetAttributeValue)",
     ("trust-recipients: SO login and 11 adoptions of existing trusted keys "
      "(C_FindObjects + C_GetAttributeValue each); C_CreateObject only in the first round"),
     "2 user logins + 1 SO login (C_Login), 3 logouts, 3 slot scans (find_token)",
@@ -176,7 +181,6 @@ class Bench:
     recipients: list[str]
     secrets: list[tuple[str, str]]          # (name, key kind)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    pending_destroy: list[str] = field(default_factory=list)
     per_round: list[dict] = field(default_factory=list)   # ceremony round facts
     raw_parts: list[dict] = field(default_factory=list)   # raw per-category seconds
     counts_checked: Counter = field(default_factory=Counter)
@@ -215,7 +219,8 @@ class Bench:
         wraps = sum(len(r["data"]["wraps"]) for r in tr.records
                     if r["step"].startswith("export:"))
         bundles_made = sum(1 for r in tr.records if r["step"].startswith("export:"))
-        self.pending_destroy += [secret_label(plan, s.name) for s in plan.secrets]
+        destroyed = tr.find("destroy-secrets")["data"]["secrets"]
+        assert set(destroyed.values()) == {"destroyed"}, destroyed
         facts = {"trusted_keys": dict(trust), "secrets": dict(gen), "wraps": wraps,
                  "bundles": bundles_made, "transcript_records": len(tr.records)}
         return facts
@@ -240,19 +245,23 @@ class Bench:
                 cms_inputs = [os.urandom(160) for _ in self.recipients]
                 head = HEAD_CONTEXT + os.urandom(32)
                 oaep, params = Mechanism.RSA_PKCS_OAEP, self.oaep_params
-                ecdsa, hmac_mech, ecb = Mechanism.ECDSA, Mechanism.SHA256_HMAC, Mechanism.AES_ECB
+                ecdsa, hmac_mech, cmac = Mechanism.ECDSA, Mechanism.SHA256_HMAC, Mechanism.AES_CMAC
+                gen_mech = {"generic-secret": Mechanism.GENERIC_SECRET_KEY_GEN,
+                            "aes": Mechanism.AES_KEY_GEN}
+                raw, h = token.module.raw, session.handle
                 keys = []
                 try:
                     t0 = perf_counter()
-                    for _kind, (key_type, bits, tpl) in templates:
-                        keys.append(session.generate_key(key_type, bits, store=True,
-                                                         template=tpl))
+                    # The policy's template holds an attribute array: ctypes, as the ceremony.
+                    for kind, (_key_type, _bits, tpl) in templates:
+                        rv, _ = raw.generate_key(h, gen_mech[kind], tpl)
+                        assert rv == 0, hex(rv)
+                        keys.append(next(iter(session.get_objects(
+                            {Attribute.LABEL: tpl[Attribute.LABEL]}))))
                     t1 = perf_counter()
                     for (kind, _), key in zip(templates, keys):
-                        if kind == "generic-secret":
-                            key.sign(export.KCV_LABEL, mechanism=hmac_mech)
-                        else:
-                            key.encrypt(bytes(16), mechanism=ecb)
+                        key.sign(export.KCV_LABEL,
+                                 mechanism=hmac_mech if kind == "generic-secret" else cmac)
                     t2 = perf_counter()
                     session.generate_random(256)
                     t3 = perf_counter()
@@ -264,18 +273,24 @@ class Bench:
                         signer.sign(hashlib.sha384(data).digest(), mechanism=ecdsa)
                     signer.sign(hashlib.sha384(head).digest(), mechanism=ecdsa)
                     t5 = perf_counter()
+                    # destroy-secrets: the ceremony destroys its secrets on the primary too.
+                    for key in keys:
+                        key.destroy()
+                    keys = []
+                    t6 = perf_counter()
                 finally:
-                    for key in keys:  # untimed
+                    for key in keys:  # only after a failure
                         key.destroy()
         finally:
             token.close()
-        parts = {f"C_GenerateKey (token object) x{len(keys)}": t1 - t0,
-                 f"key check value x{len(keys)}": t2 - t1,
+        parts = {f"C_GenerateKey (token object, ctypes) x{len(templates)}": t1 - t0,
+                 f"key check value x{len(templates)}": t2 - t1,
                  "C_GenerateRandom(32) x1": t3 - t2,
-                 f"RSA-OAEP C_WrapKey x{len(wrappers) * len(keys)}": t4 - t3,
-                 f"ECDSA P-384 C_Sign x{len(cms_inputs) + 1}": t5 - t4}
+                 f"RSA-OAEP C_WrapKey x{len(wrappers) * len(templates)}": t4 - t3,
+                 f"ECDSA P-384 C_Sign x{len(cms_inputs) + 1}": t5 - t4,
+                 f"C_DestroyObject x{len(templates)}": t6 - t5}
         self.raw_parts.append(parts)
-        return t5 - t0
+        return t6 - t0
 
     def measure_probe(self) -> float:
         token = self.open_user()
@@ -286,21 +301,6 @@ class Bench:
         finally:
             token.close()
 
-    def cleanup(self) -> None:
-        """Destroy the secrets of finished ceremony rounds (untimed; needs a user login)."""
-        if not self.pending_destroy:
-            return
-        token = self.open_user()
-        try:
-            with token.lease() as lease:
-                for label in self.pending_destroy:
-                    for obj in lease.session.get_objects({Attribute.LABEL: label,
-                                                          Attribute.CLASS:
-                                                              ObjectClass.SECRET_KEY}):
-                        obj.destroy()
-        finally:
-            token.close()
-        self.pending_destroy.clear()
 
 
 def _profile_top(prof: cProfile.Profile, sort: str, n: int = 15) -> list[dict]:
@@ -349,7 +349,6 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
     # First ceremony: creates the 11 trusted public keys, probes the profile (cached after).
     first_s = bench.ceremony_once(first_plan)
     first_facts = bench.after_ceremony(first_plan)
-    bench.cleanup()
     token = bench.open_user()
     try:
         bench.oaep_hash, bench.oaep_params = token.profile.oaep_choice()
@@ -360,7 +359,7 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
         "ceremony": bench.measure_ceremony,
         "raw": bench.measure_raw,
         "probe": bench.measure_probe,
-    }, cleanup=bench.cleanup)
+    })
     inter.warmup(rounds=1)
     bench.per_round.clear()
     bench.raw_parts.clear()
@@ -373,7 +372,6 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
         with instrumented(buckets):
             total = bench.ceremony_once(plan)
         bench.after_ceremony(plan)
-        bench.cleanup()
         breakdowns.append((total, dict(buckets.excl), dict(buckets.calls)))
     # One round under cProfile.
     prof = cProfile.Profile()
@@ -382,7 +380,6 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
     prof_total = bench.ceremony_once(plan)
     prof.disable()
     bench.after_ceremony(plan)
-    bench.cleanup()
     bench.per_round.clear()
 
     names = sorted({k for _, ex, _ in breakdowns for k in ex})

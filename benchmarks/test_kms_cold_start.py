@@ -17,9 +17,10 @@ Variants, interleaved block by block (``_benchlib.Interleaved``):
   usual restart: the history check accepts re-import of the same bundles, nothing is written).
 * ``raw``: the floor. From one ``Token.lease()`` of the regional token (opened and closed
   untimed, the private key ``<label>-encryption`` looked up untimed), the same 80 ``C_UnwrapKey``
-  calls (2 secrets x 40 bundles) made directly on the python-pkcs11 key object:
-  ``Mechanism.RSA_PKCS_OAEP`` with each bundle's hash parameters, ``store=False``, sensitive, not
-  extractable, the importer's usage template. The unwrapped objects are destroyed untimed.
+  calls (2 secrets x 40 bundles) made directly through ctypes (``RawModule.unwrap_key``):
+  ``CKM_RSA_PKCS_OAEP`` with each bundle's hash parameters and the importer's template (its
+  usages plus the regional key's forced CKA_UNWRAP_TEMPLATE, which python-pkcs11 cannot encode).
+  The unwrapped objects are destroyed untimed.
 
 Ratio = cold median / raw median (target <= 1.2, recorded, not asserted); ``ratio_restart`` is the
 same for ``restart``. A few instrumented starts (wrapped functions, exclusive time per bucket:
@@ -48,7 +49,8 @@ from time import perf_counter
 import pytest
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import export, ops
+from hsm import export, ops, policy
+from hsm._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
 from hsm.token import Token
 
 from ceremony import approvals, bundle as bundles, certificates as certs
@@ -150,7 +152,8 @@ def instrumented(buckets: Buckets):
 class RawJob:
     key_type: KeyType
     data: bytes
-    params: tuple
+    params: object  # CK_RSA_PKCS_OAEP_PARAMS
+    hash_name: str
     capabilities: MechanismFlag
     template: dict
     label: str
@@ -215,29 +218,36 @@ class Bench:
                           pin=self.pin)
 
     def raw_unwraps(self, keep: bool = False):
-        """The 80 unwraps on one lease; returns (seconds, objects if ``keep`` else None)."""
+        """The 80 unwraps on one lease; returns (seconds, objects if ``keep`` else None).
+
+        Raw ``C_UnwrapKey`` through ctypes, because the regional key's CKA_UNWRAP_TEMPLATE makes
+        the token refuse any template but its own (which holds an attribute array python-pkcs11
+        cannot encode): the same call the importer makes, minus the layer around it."""
         token = self.open_token()
         made = []
+        raw = token.module.raw
         try:
             with token.lease() as lease:
-                priv = lease.key(ops.private(f"{self.label}-encryption"))
-                unwrap = priv.unwrap_key
-                secret, oaep = ObjectClass.SECRET_KEY, Mechanism.RSA_PKCS_OAEP
+                priv = lease.key(ops.private(f"{self.label}-encryption")).handle
+                h = lease.session.handle
+                unwrap, oaep = raw.unwrap_key, Mechanism.RSA_PKCS_OAEP
                 try:
                     t0 = perf_counter()
                     for job in self.jobs:
-                        made.append(unwrap(secret, job.key_type, job.data, label=job.label,
-                                           mechanism=oaep, mechanism_param=job.params,
-                                           store=False, capabilities=job.capabilities,
-                                           template=job.template))
+                        rv, handle = unwrap(h, oaep, job.params, priv, job.data, job.template)
+                        if rv:
+                            raise AssertionError(f"raw unwrap failed: 0x{rv:x}")
+                        made.append(handle)
                     elapsed = perf_counter() - t0
                     if keep:
+                        objs = [next(iter(lease.session.get_objects({Attribute.LABEL: j.label})))
+                                for j in self.jobs]
                         return elapsed, [(job, obj, _kcv(obj, job))
-                                         for job, obj in zip(self.jobs, made)]
+                                         for job, obj in zip(self.jobs, objs)]
                     return elapsed, None
                 finally:
-                    for obj in made:  # untimed
-                        obj.destroy()
+                    for handle in made:  # untimed
+                        raw.destroy_object(h, handle)
         finally:
             token.close()
 
@@ -249,7 +259,7 @@ def _kcv(obj, job: RawJob) -> tuple[str, str]:
     if job.key_type == KeyType.GENERIC_SECRET:
         mac = obj.sign(export.KCV_LABEL, mechanism=Mechanism.SHA256_HMAC)
         return "hmac-sha256-8", mac[:8].hex()
-    return "aes-ecb-zero-block-8", obj.encrypt(bytes(16), mechanism=Mechanism.AES_ECB)[:8].hex()
+    return "aes-cmac-8", obj.sign(export.KCV_LABEL, mechanism=Mechanism.AES_CMAC)[:8].hex()
 
 
 def _raw_jobs(bundle_dir: Path, primary_cert_path: Path) -> tuple[list[RawJob], list[dict]]:
@@ -264,12 +274,19 @@ def _raw_jobs(bundle_dir: Path, primary_cert_path: Path) -> tuple[list[RawJob], 
         for stype in (importer.SEED_TYPE, importer.WRAPPING_TYPE):
             entry = by_type[stype]
             key_type, caps, granted = SECRET_SHAPES[stype]
-            template = {Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False,
-                        **{a: bool(granted.get(a, False)) for a in _USAGE_ATTRS}}
+            label = f"bench-raw-{m['release']}-{entry['name']}"
+            # The importer's template: its usages, SIGN for the check value, and the regional
+            # key's forced unwrap template (sensitive, non-extractable session object, three
+            # allowed mechanisms).
+            template = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: key_type,
+                        Attribute.LABEL: label,
+                        **{a: bool(granted.get(a, False)) for a in _USAGE_ATTRS},
+                        Attribute.SIGN: True, **policy.REGIONAL_UNWRAP_TEMPLATE}
             assert entry["wrap"]["mechanism"] == "RSA_PKCS_OAEP"
-            jobs.append(RawJob(key_type, bytes.fromhex(entry["wrapped"]),
-                               _OAEP[entry["wrap"].get("hash", "sha1")], caps, template,
-                               f"bench-raw-{m['release']}-{entry['name']}"))
+            hash_mech, mgf, _ = _OAEP[entry["wrap"].get("hash", "sha1")]
+            params = CK_RSA_PKCS_OAEP_PARAMS(int(hash_mech), int(mgf), 1, None, 0)
+            jobs.append(RawJob(key_type, bytes.fromhex(entry["wrapped"]), params,
+                               entry["wrap"].get("hash", "sha1"), caps, template, label))
             expected.append(entry["check_value"])
     return jobs, expected
 
@@ -419,8 +436,7 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
     info = {
         "region": REGION, "releases": RELEASES, "unwraps_per_start": len(jobs),
         "rsa_bits": 4096,
-        "oaep_hashes": sorted({next(k for k, v in _OAEP.items() if v == j.params)
-                               for j in jobs}),
+        "oaep_hashes": sorted({j.hash_name for j in jobs}),
         "kit_setup_seconds": round(kit_s, 1),
         "ceremonies_seconds": round(ceremonies_s, 1),
         "first_start_seconds": round(first_s, 3),

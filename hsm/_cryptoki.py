@@ -347,6 +347,22 @@ class RawModule:
         rv = int(self._f.C_GetAttributeValue(session, obj, probe, 1))
         return rv, buf.raw[:probe[0].ulValueLen] if rv == CKR_OK else None
 
+    def get_scalars(self, session: int, obj: int, attrs: list[int]) -> dict[int, bytes | None]:
+        """Several fixed-size attributes (booleans, CK_ULONGs) in ONE C_GetAttributeValue: each
+        gets a CK_ULONG-sized buffer. An attribute the object lacks (or keeps sensitive) comes
+        back as None; PKCS#11 v2.40 §5.7 has the token fill in all the others regardless of the
+        error it returns for that one."""
+        n = len(attrs)
+        arr = (CK_ATTRIBUTE * n)()
+        bufs = [ctypes.create_string_buffer(ctypes.sizeof(CK_ULONG)) for _ in attrs]
+        for slot, attr, buf in zip(arr, attrs, bufs):
+            slot.type, slot.pValue = attr, ctypes.cast(buf, CK_VOID_P)
+            slot.ulValueLen = ctypes.sizeof(CK_ULONG)
+        self._f.C_GetAttributeValue(session, obj, arr, n)
+        return {attr: (None if slot.ulValueLen == CK_UNAVAILABLE_INFORMATION
+                       else buf.raw[:slot.ulValueLen])
+                for attr, slot, buf in zip(attrs, arr, bufs)}
+
     def get_mechanism_list(self, session: int, obj: int, attr: int) -> tuple[int, list | None]:
         """A CK_MECHANISM_TYPE array attribute (CKA_ALLOWED_MECHANISMS) as a list of ints."""
         rv, raw = self.get_attribute(session, obj, attr)

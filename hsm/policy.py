@@ -161,8 +161,10 @@ def _decode_bool(raw: bytes | None):
 def deviations(raw: _cryptoki.RawModule, session: int, obj: int, policy: KeyPolicy) -> list[str]:
     """Each way the object is weaker than ``policy``, as ``ATTRIBUTE: got X, want Y``."""
     found = []
-    for attr, want in {**policy.attributes, **policy.read_back}.items():
-        _, value = raw.get_attribute(session, obj, attr)
+    wanted = {**policy.attributes, **policy.read_back}
+    values = raw.get_scalars(session, obj, list(wanted))  # one token call for all of them
+    for attr, want in wanted.items():
+        value = values[attr]
         if value is None:
             got = None
         elif isinstance(want, bool):
