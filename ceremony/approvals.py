@@ -89,6 +89,7 @@ def check_detailed(plan: Plan, nonce: bytes, approvals: list[Approval]) -> dict[
     officers = {o.name: o for o in plan.officers}
     valid: dict[str, bytes] = {}
     problems: list[str] = []
+    key_of: dict[bytes, str] = {}  # approval key -> the officer it already counted for
     for ap in approvals:
         officer = officers.get(ap.officer)
         if officer is None:
@@ -109,6 +110,13 @@ def check_detailed(plan: Plan, nonce: bytes, approvals: list[Approval]) -> dict[
             _load_pub(officer.approval_key).verify(ap.signature, message(plan.digest, nonce))
         except InvalidSignature:
             problems.append(f"{ap.officer!r}: the signature does not verify")
+            continue
+        # Defence in depth behind the plan parser: one key holder never counts twice.
+        raw_key = _load_pub(officer.approval_key).public_bytes(serialization.Encoding.Raw,
+                                                               serialization.PublicFormat.Raw)
+        if key_of.setdefault(raw_key, ap.officer) != ap.officer:
+            problems.append(f"{ap.officer!r} has the same approval key as "
+                            f"{key_of[raw_key]!r}; it counts once")
             continue
         valid.setdefault(ap.officer, ap.signature)
     if len(valid) < plan.quorum:

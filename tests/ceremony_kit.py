@@ -53,7 +53,7 @@ class Kit:
                   certificates: dict[str, str] | None = None, output_dir: str | None = None,
                   extra: str = "") -> str:
         n = next(_release)
-        release = release or str(1000 + n)
+        release = release or str(1000 + n)  # increasing, so any test order keeps ids moving up
         ceremony_id = ceremony_id or f"test-{os.getpid()}-{n}"
         regions = regions if regions is not None else sorted(self.regionals)
         fps = {**self.fingerprints, **(fingerprints or {})}
@@ -74,6 +74,12 @@ class Kit:
         out.append('[[secrets]]\nname = "kdf-seed"\ntype = "hmac-sha256-seed"\n\n'
                    '[[secrets]]\nname = "tenant-wrapping-key"\ntype = "aes-256"\n')
         return "".join(out)
+
+    @staticmethod
+    def next_release() -> str:
+        """A release id higher than every one this session used so far (one shared counter),
+        for a test that needs the same id in two plans."""
+        return str(1000 + next(_release))
 
     def write_plan(self, text: str | None = None, **kwargs) -> Path:
         text = text or self.plan_text(**kwargs)

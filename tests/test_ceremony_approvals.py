@@ -253,17 +253,23 @@ def test_every_reason_is_named_when_quorum_fails(plan, keys, pubs, nonce, tmp_pa
         assert reason in str(info.value)
 
 
-def test_one_key_holder_cannot_meet_quorum_alone(pubs, keys, tmp_path, nonce):
+def test_one_key_holder_cannot_meet_quorum_alone(plan, pubs, keys, tmp_path, nonce):
+    # First line: the plan parser refuses two officers sharing one key...
     path = tmp_path / "shared.toml"
     path.write_text(plan_text({**pubs, "bob": pubs["alice"]}))
-    try:
-        p = plans.load(path)
-    except plans.PlanError:
-        return  # refused at plan review: fixed
-    sig = raw_sign(keys, "alice", p.digest, nonce)
-    given = [Approval("alice", p.digest, nonce, sig), Approval("bob", p.digest, nonce, sig)]
-    with pytest.raises(ApprovalError):
-        approvals.check(p, nonce, given)
+    with pytest.raises(plans.PlanError, match="same approval key"):
+        plans.load(path)
+    # ...and behind it, approvals.check counts one key once even in a plan that got past it.
+    import dataclasses
+    officers = tuple(dataclasses.replace(o, approval_key=pubs["alice"]) if o.name == "bob"
+                     else o for o in plan.officers)
+    shared = dataclasses.replace(plan, officers=officers)
+    sig = raw_sign(keys, "alice", shared.digest, nonce)
+    given = [Approval("alice", shared.digest, nonce, sig),
+             Approval("bob", shared.digest, nonce, sig)]
+    with pytest.raises(ApprovalError, match="same approval key as 'alice'; it counts once"):
+        approvals.check(shared, nonce, given)
+    assert approvals.check(dataclasses.replace(shared, quorum=1), nonce, given) == ["alice"]
 
 
 # ---------------------------------------------------------------------------------- sign()

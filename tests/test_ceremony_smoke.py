@@ -151,12 +151,13 @@ def test_escrow_must_go_to_this_primarys_own_encryption_key(kit):
 def test_a_later_run_with_the_same_ceremony_id_never_adopts_earlier_secrets(kit):
     """Secrets are tied to a run (its nonce), not to a reusable ceremony id: a production run
     after a practice run of the same id and release generates its own secrets."""
-    practice = kit.write_plan(kit.plan_text(ceremony_id="same-id", release="7777",
+    release = kit.next_release()  # not a fixed id: other tests' releases must stay orderable
+    practice = kit.write_plan(kit.plan_text(ceremony_id="same-id", release=release,
                                             regions=["eu"], practice=True,
                                             output_dir="out-same-practice"))
     kit.open_and_approve(practice)
     assert kit.cli("run", practice, "--env", kit.env_file()).returncode == 0
-    production = kit.write_plan(kit.plan_text(ceremony_id="same-id", release="7777",
+    production = kit.write_plan(kit.plan_text(ceremony_id="same-id", release=release,
                                               regions=["eu"], output_dir="out-same-prod"))
     kit.open_and_approve(production)
     proc = kit.cli("run", production, "--env", kit.env_file())
@@ -167,7 +168,7 @@ def test_a_later_run_with_the_same_ceremony_id_never_adopts_earlier_secrets(kit)
         return [json.loads(line) for line in (out / "transcript.jsonl").read_text().splitlines()]
     made = [r["data"] for r in journal(production) if r["step"].startswith("generate:")]
     assert [m["status"] for m in made] == ["created", "created"]
-    assert all(m["label"].startswith("rel-7777-") for m in made)
+    assert all(m["label"].startswith(f"rel-{release}-") for m in made)
     kcv = {r["step"]: r["data"] for r in journal(production) if r["step"] == "check-values"}
     practice_kcv = {r["step"]: r["data"] for r in journal(practice) if r["step"] == "check-values"}
     assert kcv != practice_kcv  # other secrets than the practice run's
@@ -175,5 +176,5 @@ def test_a_later_run_with_the_same_ceremony_id_never_adopts_earlier_secrets(kit)
 
 def test_a_region_cannot_be_called_escrow(kit):
     text = kit.plan_text(regions=["eu"]).replace('name = "eu"', 'name = "escrow"')
-    with pytest.raises(Exception, match="reserved for the escrow bundle"):
+    with pytest.raises(plans.PlanError, match="reserved for the escrow bundle"):
         plans.load(kit.write_plan(text))
