@@ -60,7 +60,9 @@ def cmd_status(args) -> int:
             print(f"  refused {name}: {why}")
         for t in status["tenants"]:
             print(f"  tenant {t['org']} ({t['type']})")
-        print(f"  cache: {status['cache']}")
+        print("  cache: " + ", ".join(
+            f"{k.replace('_', ' ')} {round(v, 1) if isinstance(v, float) else v}"
+            for k, v in status["cache"].items()))
     return 0
 
 

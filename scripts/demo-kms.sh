@@ -41,9 +41,17 @@ kms --config $EU decrypt --org acme-prod "$OLD"
 step "rotate right away: refused by the rate limit"
 kms --config $EU tenant rotate --org acme-prod || true
 
-step "a day later (the demo drives the library with a clock 25 h ahead): rotate"
+# "A day later" runs against a copy of the store, so the real one keeps acme-prod's key usable
+# right now (a rotation made with a clock 25 h ahead is dated tomorrow, and would leave the
+# tenant without a usable key until then).
+LATER=$VAR/kms/eu-a-day-later.toml
+rm -f $VAR/kms/kms-eu-a-day-later.db*
+python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+    $VAR/kms/kms-eu.db $VAR/kms/kms-eu-a-day-later.db   # a consistent copy, WAL included
+sed 's/^store = .*/store = "kms-eu-a-day-later.db"/' $EU > $LATER
+step "a day later, on a copy of the store ($LATER; the demo drives the library with a clock 25 h ahead): rotate"
 # The kms command has no clock override, on purpose; only library callers can pass a clock.
-NEW=$(python3 - "$EU" <<'PY'
+NEW=$(python3 - "$LATER" <<'PY'
 import base64, sys, time
 from kms import config
 from kms.sdk import FieldEncryptor
@@ -57,12 +65,14 @@ with Kms(config.load(sys.argv[1]), clock=lambda: time.time() + 25 * 3600) as nod
 PY
 )
 step "the old record still decrypts, and so does the new one"
-kms --config $EU decrypt --org acme-prod "$OLD"
-kms --config $EU decrypt --org acme-prod "$NEW"
-kms --config $EU tenant list --org acme-prod
+kms --config $LATER decrypt --org acme-prod "$OLD"
+kms --config $LATER decrypt --org acme-prod "$NEW"
+kms --config $LATER tenant list --org acme-prod
 
 step "destroy version 1: records under it fail clearly, newer ones still decrypt"
-kms --config $EU tenant destroy --org acme-prod --version 1
-kms --config $EU decrypt --org acme-prod "$OLD" || true
-kms --config $EU decrypt --org acme-prod "$NEW"
+kms --config $LATER tenant destroy --org acme-prod --version 1
+kms --config $LATER decrypt --org acme-prod "$OLD" || true
+kms --config $LATER decrypt --org acme-prod "$NEW"
+
+step "back to today's store: every tenant is usable now"
 kms --config $EU status

@@ -25,6 +25,12 @@ for label in ("PRIMARY", "REGIONAL_EU", "REGIONAL_US"):
     print(f"HSM_PIN_{label}={secrets.token_hex(6)}")
 PY
 fi
+# ...and where the demo tokens are (and the .venv's commands, where the package went there),
+# so sourcing the one file is all a shell needs.
+if ! grep -q '^SOFTHSM2_CONF=' $VAR/demo-pins.env; then
+    echo "SOFTHSM2_CONF=$PWD/$VAR/softhsm2.conf" >> $VAR/demo-pins.env
+    [ -x .venv/bin/python ] && echo "PATH=$PWD/.venv/bin:\$PATH" >> $VAR/demo-pins.env
+fi
 set -a; . $VAR/demo-pins.env; set +a
 umask 022
 
@@ -66,3 +72,12 @@ step "hsm audit (regional-eu, after the KMS ran: no release secret was left on t
 hsm audit --token regional-eu
 
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"
+cat <<'NEXT'
+
+What to try next (in a shell at the repository root):
+  set -a; . var/demo-pins.env; set +a                 # the demo's token PINs and SOFTHSM2_CONF
+  hsm audit --token regional-eu                       # every object against its key policy
+  kms --config var/kms/eu.toml encrypt --org acme-prod "card 4111"      # prints a base64 blob
+  kms --config var/kms/eu.toml decrypt --org acme-prod BLOB
+  ceremony verify var/ceremonies/release-1 --cert var/pki/primary-signing.pem   # offline
+NEXT
