@@ -35,6 +35,8 @@ class Metrics:
         self.remote_invalidations = Counter(
             "kms_remote_invalidations", "cache invalidations received from other nodes",
             registry=r)
+        self.inflight = Gauge("kms_http_inflight", "requests being handled (data and admin)",
+                              registry=r)
         self.shed = Counter("kms_requests_shed", "requests refused: worker at max_concurrent",
                             registry=r)
         info = Gauge("kms_worker", "this worker process (value 1)", ["worker", "pid"],
