@@ -66,6 +66,8 @@ def _raise_for(status: int, body: dict, headers) -> None:
         raise PolicyViolation(msg)
     if status in (401, 403):
         raise Forbidden(msg, status=status, code=code)
+    if status in _RETRYABLE_STATUS:
+        raise Unavailable(f"{msg} (HTTP {status} {code})", status=status, code=code)
     raise ServiceError(f"{msg} (HTTP {status} {code})", status=status, code=code)
 
 
@@ -153,12 +155,13 @@ class KmsClient:
                     raise ServiceError(f"{method} {path}: the connection failed after the "
                                        f"request was sent ({type(exc).__name__}); it may or "
                                        "may not have been made") from exc
-                self.failovers += attempt > 0
                 continue
             if status in _RETRYABLE_STATUS and idempotent and attempt + 1 < attempts:
                 last = ServiceError(f"HTTP {status}", status=status)
                 continue
-            self._preferred = i
+            if i != self._preferred:
+                self.failovers += 1     # answered by another node than the one preferred
+                self._preferred = i
             try:
                 doc = json.loads(data) if data else {}
             except ValueError:
