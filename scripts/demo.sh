@@ -47,5 +47,6 @@ pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label primary --lis
 
 bash scripts/demo-ceremony.sh
 bash scripts/demo-kms.sh
+bash scripts/demo-kms-service.sh
 
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"

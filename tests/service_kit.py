@@ -9,6 +9,7 @@ from the first line the process prints and waits (bounded) until ``/readyz`` ans
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import http.client
 import itertools
@@ -123,8 +124,18 @@ class Node:
                 except OSError:
                     pass
             time.sleep(0.1)
+        self.dump_stacks()
         self.kill()
-        raise AssertionError(f"node not ready within {timeout} s:\n{self.stderr()}")
+        raise AssertionError(f"node not ready within {timeout} s (stdout: {self.lines}):\n"
+                             f"{self.stderr()}")
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1 to the node's process group: every process prints its threads' stacks."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1)
+        except ProcessLookupError:
+            pass
 
     def call(self, method: str, path: str, body=None, *, who: str | None = "data",
              raw: bytes | None = None, headers: dict | None = None, timeout: float = 30):
@@ -160,8 +171,12 @@ class Node:
         return self.proc.returncode
 
     def kill(self) -> None:
+        """SIGKILL to the node's whole process group (its workers die with it in any case)."""
         if self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             self.proc.wait(30)
 
 
@@ -194,6 +209,18 @@ class ServiceKit:
         path.write_text("\n".join(lines) + "\n")
         return path
 
+    @contextlib.contextmanager
+    def local_node(self, config: Path):
+        """An in-process node on the same token and store as ``config``: the expected DEKs."""
+        from kms import config as configs
+        from kms.service import Kms
+        kms = Kms(configs.load(config), pin=self.kit.regionals["eu"].user_pin)
+        kms.start()
+        try:
+            yield kms
+        finally:
+            kms.close()
+
     def env(self) -> dict:
         return {**os.environ, **self.kit.regionals["eu"].env,
                 "HSM_PIN": self.kit.regionals["eu"].user_pin.reveal()}
@@ -206,7 +233,7 @@ class ServiceKit:
         with open(log, "w") as err:
             proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True,
                                     env=self.env(), stdin=subprocess.DEVNULL,
-                                    cwd=config.parent)
+                                    cwd=config.parent, start_new_session=True)
         node = Node(proc, config, self.tls, log)
         self.nodes.append(node)
         node.wait_listening()

@@ -19,7 +19,6 @@ import pytest
 from kms import config as configs
 from kms.errors import ConfigError
 from kms.server import audit
-from kms.service import Kms
 from tests.service_kit import ACME_ID, DATA_ID
 
 
@@ -34,10 +33,8 @@ def node(service_kit):
 @pytest.fixture(scope="module")
 def local(service_kit, node):
     """An in-process node of the same region on the same store: the expected DEKs."""
-    kms = Kms(configs.load(node.config), pin=service_kit.kit.regionals["eu"].user_pin)
-    kms.start()
-    yield kms
-    kms.close()
+    with service_kit.local_node(node.config) as kms:
+        yield kms
 
 
 def _org(node, name, **kw):
@@ -405,10 +402,13 @@ def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_pat
     _dek(node, "audited", purpose="decrypt", version=5)        # 404
     log = node.config.parent / "audit" / "audit-w0.jsonl"
     deadline = time.monotonic() + 30
-    while '"unknown_version"' not in (log.read_text() if log.exists() else ""):
+    while True:   # the writer thread appends in batches: wait for the last of our records
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        if any(r.get("org") == "audited" and r.get("result") == "unknown_version"
+               for r in records):
+            break
         assert time.monotonic() < deadline, "audit batch never written"
         time.sleep(0.05)
-    records = [json.loads(line) for line in log.read_text().splitlines()]
     create = next(r for r in records if r["op"] == "tenant.create" and r["org"] == "audited")
     assert create["client"] == "spiffe://test/admin" and create["status"] == 201
     assert any(r["op"] == "authz" and r["client"] == ACME_ID and r["status"] == 403

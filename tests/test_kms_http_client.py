@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from kms import config as configs
 from kms.client import Forbidden, KmsClient, RemoteKeyProvider, ServiceError, Unavailable
 from kms.errors import KeyDestroyed, RateLimited, UnknownTenant
 from kms.sdk import FieldEncryptor
-from kms.service import Kms
 
 
 class Clock:
@@ -33,10 +31,9 @@ def node(service_kit):
 
 @pytest.fixture(scope="module")
 def local(service_kit, node):
-    kms = Kms(configs.load(node.config), pin=service_kit.kit.regionals["eu"].user_pin)
-    kms.start()
-    yield kms
-    kms.close()
+    """An in-process node of the same region on the same store: the expected DEKs."""
+    with service_kit.local_node(node.config) as kms:
+        yield kms
 
 
 def _client(kit, urls, who="data", **kw):

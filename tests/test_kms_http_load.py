@@ -11,10 +11,8 @@ import time
 
 import pytest
 
-from kms import config as configs
 from kms.client import KmsClient
 from kms.errors import KeyDestroyed
-from kms.service import Kms
 
 THREADS = 16
 OPS_PER_THREAD = 120
@@ -39,14 +37,10 @@ def test_16_threads_of_mixed_operations_against_2_workers(service_kit, two_worke
     admin = _client(service_kit, two_workers, "admin")
     for org in ORGS:
         admin.create_tenant(org)
-    local = Kms(configs.load(two_workers.config), pin=service_kit.kit.regionals["eu"].user_pin)
-    local.start()
-    try:
+    with service_kit.local_node(two_workers.config) as local:
         expected = {org: local.dek_for_decrypt(org, "field", 1) for org in ORGS}
         frags = {(org, f"frag-{j}"): local.dek_for_decrypt(org, "field", 1, f"frag-{j}")
                  for org in ORGS[:2] for j in range(4)}
-    finally:
-        local.close()
     errors, counts, lock = [], {}, threading.Lock()
     deadline = time.monotonic() + TIME_BOUND_S
 

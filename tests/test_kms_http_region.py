@@ -10,10 +10,8 @@ import time
 
 import pytest
 
-from kms import config as configs
 from kms.client import KmsClient, Unavailable
 from kms.errors import KeyDestroyed
-from kms.service import Kms
 
 BOUND_S = 60.0   # every wait below polls up to this and then fails; none asserts a latency
 
@@ -106,12 +104,8 @@ def _load(kit, urls, orgs, expected, stop, results, threads=4):
 
 
 def _expected(service_kit, node, orgs):
-    kms = Kms(configs.load(node.config), pin=service_kit.kit.regionals["eu"].user_pin)
-    kms.start()
-    try:
+    with service_kit.local_node(node.config) as kms:
         return {org: kms.dek_for_decrypt(org, "field", 1) for org in orgs}
-    finally:
-        kms.close()
 
 
 def test_kill_9_of_one_node_under_load_the_client_fails_over_with_no_wrong_answer(

@@ -335,7 +335,6 @@ async def tenant_upload(request):
     row = await _admin(request, "tenant.upload", org, key_type,
                        lambda: svc.kms.upload_secret(org, key_type, material,
                                                      derivation=derivation), status=201)
-    del material
     svc.announce("upload", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state},
                201)

@@ -14,6 +14,7 @@ process is the worker.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import socket
@@ -76,6 +77,7 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
         from . import worker as single
         return single.run(config, sock, 0)
     parent = os.getpid()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks to stderr, see worker
     children: dict[int, int] = {}   # pid -> worker id
     stopping = False
 

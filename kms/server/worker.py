@@ -10,6 +10,7 @@ re-reads the client policy from the configuration file; a bad file keeps the old
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import signal
 import ssl
@@ -97,6 +98,8 @@ def _reload(svc: apps.Service) -> None:
 def run(config, sock, worker: int = 0) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"kms[w{worker}] %(levelname)s %(message)s")
+    # SIGUSR1 dumps every thread's stack to stderr: how to see what a stuck worker waits for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     s = config.service
     tls = tls_context(s)
     kms = Kms(config)
