@@ -59,16 +59,17 @@ trap cleanup EXIT
 urls=()
 for cfg in $VAR/kms/eu.toml $EUB; do
     log=$VAR/kms/$(basename $cfg .toml)-serve.log
+    : > $log   # emptied here, before the background start, so no old "serving" is read
     kms --config $cfg serve --port 0 --workers 1 > $log 2>&1 &
     pids+=($!)
-    for _ in $(seq 300); do grep -q "serving" $log && break; sleep 0.1; done
-    grep -q "serving" $log || { cat $log; exit 1; }
+    for _ in $(seq 300); do grep -qs "serving" $log && break; sleep 0.1; done
+    grep -qs "serving" $log || { cat $log; exit 1; }
     url=$(sed -n 's/^kms: listening on \(https:[^ ]*\).*/\1/p' $log)
     urls+=("$url")
     echo "node $(basename $cfg .toml): $url"
 done
 
-step "an encryption service fetches acme-prod's DEK over mTLS (node list with failover)"
+step "an encryption service fetches acme-dev's DEK over mTLS (node list with failover)"
 python3 - "$TLS" "${urls[@]}" <<'PY'
 import sys
 from kms.client import Forbidden, KmsClient, RemoteKeyProvider
@@ -76,16 +77,16 @@ from kms.sdk import FieldEncryptor
 tls, urls = sys.argv[1], sys.argv[2:]
 svc = KmsClient(urls, cert=f"{tls}/encryption-service.pem", key=f"{tls}/encryption-service.key",
                 ca=f"{tls}/ca.pem")
-version, derivation, dek = svc.dek_for_encrypt("acme-prod")
-print(f"encryption-service: acme-prod field key v{version} ({derivation}), a {len(dek)}-byte DEK "
+version, derivation, dek = svc.dek_for_encrypt("acme-dev")
+print(f"encryption-service: acme-dev field key v{version} ({derivation}), a {len(dek)}-byte DEK "
       "(not printed)")
 sdk = FieldEncryptor(RemoteKeyProvider(svc))
-blob = sdk.encrypt("acme-prod", b"card 4111-1111-1111-1111")
-print(f"encrypted through the service, decrypted again: {sdk.decrypt('acme-prod', blob).decode()}")
+blob = sdk.encrypt("acme-dev", b"card 4111-1111-1111-1111")
+print(f"encrypted through the service, decrypted again: {sdk.decrypt('acme-dev', blob).decode()}")
 bad = KmsClient(urls, cert=f"{tls}/unauthorised.pem", key=f"{tls}/unauthorised.key",
                 ca=f"{tls}/ca.pem")
 try:
-    bad.dek_for_encrypt("acme-prod")
+    bad.dek_for_encrypt("acme-dev")
     sys.exit("the unauthorised client was served: the demo policy is wrong")
 except Forbidden as exc:
     print(f"unauthorised (CA-signed, named by no policy): refused, 403: {exc}")
