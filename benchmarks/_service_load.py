@@ -41,17 +41,48 @@ def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
         c.close()
 
 
-class LoadPool:
-    """``n`` client processes; ``run(url, method, path, body, seconds)`` runs them all at once
-    and returns (requests per second over the block, all latencies, non-200 count)."""
+def _kmip_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
+    """The same loop with PyKMIP's client: one kept connection, ``Get`` of one key id."""
+    import warnings
+    warnings.simplefilter("ignore")
+    from kmip.pie.client import ProxyKmipClient
+    clients = {}
+    while True:
+        msg = conn_pipe.recv()
+        if msg is None:
+            break
+        host, port, _method, uid, _body, seconds = msg
+        c = clients.get((host, port))
+        if c is None:
+            c = clients[(host, port)] = ProxyKmipClient(hostname=host, port=port, cert=cert,
+                                                        key=key, ca=ca, config_file="/dev/null")
+            c.open()
+        lat, bad = [], 0
+        end = time.perf_counter() + seconds
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= end:
+                break
+            if len(c.get(uid).value) != 32:
+                bad += 1
+            lat.append(time.perf_counter() - t0)
+        conn_pipe.send((lat, bad))
+    for c in clients.values():
+        c.close()
 
-    def __init__(self, n: int, cert, key, ca):
+
+class LoadPool:
+    """``n`` client processes; ``run(host, port, method, path, body, seconds)`` runs them all at
+    once and returns (requests per second over the block, all latencies, failed count).
+    ``kmip=True``: PyKMIP clients, ``path`` is the key's unique id."""
+
+    def __init__(self, n: int, cert, key, ca, *, kmip: bool = False):
         ctx = mp.get_context("spawn")
         self.pipes, self.procs = [], []
         for _ in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_client_loop, args=(child, str(cert), str(key), str(ca)),
-                            daemon=True)
+            p = ctx.Process(target=_kmip_loop if kmip else _client_loop,
+                            args=(child, str(cert), str(key), str(ca)), daemon=True)
             p.start()
             self.pipes.append(parent)
             self.procs.append(p)

@@ -6,6 +6,8 @@ one kept-alive mTLS connection, for BLOCK_S seconds; variants interleaved block 
 
 * ``floor_1w`` / ``floor_2w``: ``GET /healthz`` on a node with 1 / 2 worker processes - the same
   server stack (TLS, aiohttp, the middleware) answering a constant ~30-byte JSON body;
+* ``pykmip_get``: PyKMIP's server, ``Get`` of a 32-byte AES key by the same client processes
+  (one kept mTLS connection each). Target: dek_1w >= 10x its throughput (``ratio_vs_pykmip``);
 * ``dek_1w`` / ``dek_2w``: ``POST /v1/dek`` (purpose encrypt) for one of 8 orgs whose DEKs are in
   the node's cache: authorisation, audit record, the store read of the active row (SQLite), the
   cache hit. Target: dek / floor per request <= 1.3 (``ratio_vs_floor`` = floor rps / dek rps).
@@ -28,7 +30,7 @@ import time
 
 import pytest
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Interleaved, median, package_version, ratio, scaled
 from _service_load import LoadPool
 
 CLIENTS = 4
@@ -62,19 +64,64 @@ def _pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def test_dek_fetch_over_mtls_vs_floor(benchmark, kit, nodes, bench_reports):
+@pytest.fixture(scope="module")
+def pykmip(kit, tmp_path_factory):
+    """PyKMIP's server (mTLS on 127.0.0.1) holding one 32-byte AES key; yields (port, uid)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+    pytest.importorskip("kmip", reason="pykmip (test extra) is not installed")
+    from kmip import enums
+    from kmip.pie.client import ProxyKmipClient
+    work = tmp_path_factory.mktemp("pykmip")
+    tls = kit.tls.dir
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("_kmip_server.py")),
+                             str(tls), str(port), str(work)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "serving"
+        cert, key = kit.tls.clients["data"]
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c = ProxyKmipClient(hostname="127.0.0.1", port=port, cert=str(cert),
+                                    key=str(key), ca=str(kit.tls.ca), config_file="/dev/null")
+                c.open()
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "PyKMIP server not reachable"
+                time.sleep(0.2)
+        uid = c.create(enums.CryptographicAlgorithm.AES, 256)
+        assert len(c.get(uid).value) == 32
+        c.close()
+        yield port, uid
+    finally:
+        proc.send_signal(2)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, bench_reports):
     one, two = nodes
     cert, key = kit.tls.clients["data"]
     pool = LoadPool(CLIENTS, cert, key, kit.tls.ca)
+    kpool = LoadPool(CLIENTS, cert, key, kit.tls.ca, kmip=True)
     lat: dict[str, list[float]] = {}
     bodies = [json.dumps({"org": o, "purpose": "encrypt"}).encode() for o in ORGS]
     seconds = BLOCK_S * max(0.2, float(os.environ.get("HSM_BENCH_SCALE", "1")))
     rr = iter(range(10**9))
 
-    def variant(node, method, path, body_fn):
+    def variant(node, method, path, body_fn, via=pool):
         def measure():
-            rps, latencies, bad = pool.run("127.0.0.1", node.port, method, path, body_fn(),
-                                           seconds)
+            rps, latencies, bad = via.run("127.0.0.1", node.port, method, path, body_fn(),
+                                          seconds)
             assert bad == 0
             name = measure.__name__
             lat.setdefault(name, []).extend(latencies)
@@ -89,6 +136,12 @@ def test_dek_fetch_over_mtls_vs_floor(benchmark, kit, nodes, bench_reports):
         fn = variant(node, method, path, body_fn)
         fn.__name__ = name
         variants[name] = fn
+
+    class _Kmip:
+        port = pykmip[0]
+    fn = variant(_Kmip, "GET", pykmip[1], lambda: None, via=kpool)
+    fn.__name__ = "pykmip_get"
+    variants["pykmip_get"] = fn
     try:
         inter = Interleaved("kms-service-dek", variants)
         inter.warmup(1)
@@ -97,6 +150,7 @@ def test_dek_fetch_over_mtls_vs_floor(benchmark, kit, nodes, bench_reports):
         inter.run(benchmark, "dek_1w", rounds=scaled(5))
     finally:
         pool.close()
+        kpool.close()
     s = inter.samples
     result = {"clients": CLIENTS, "block_seconds": seconds,
               "note": "each client process one kept-alive mTLS connection (TLS 1.3)"}
@@ -110,6 +164,15 @@ def test_dek_fetch_over_mtls_vs_floor(benchmark, kit, nodes, bench_reports):
     result["ratio_vs_floor"] = result["ratio_vs_floor_1w"]
     result["scaling_2w_vs_1w_dek"] = ratio(median(s["dek_2w"]), median(s["dek_1w"]))
     result["target_ratio_vs_floor"] = 1.3
+    result["ratio_vs_pykmip"] = ratio(median(s["dek_1w"]), median(s["pykmip_get"]))
+    result["ratio_vs_pykmip_2w"] = ratio(median(s["dek_2w"]), median(s["pykmip_get"]))
+    result["ratio_vs_pykmip_paired_median"] = median(inter.paired_ratios("dek_1w",
+                                                                         "pykmip_get"))
+    result["target_ratio_vs_pykmip"] = 10
+    result["pykmip"] = {"version": package_version("pykmip"),
+                        "what": "Get of a 32-byte AES key, PyKMIP server, mTLS (TLS 1.2 suite), "
+                                "same client processes and concurrency, one kept connection "
+                                "each"}
     bench_reports("kms_service").record("dek_fetch_vs_floor", result)
 
 
