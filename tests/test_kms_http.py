@@ -433,3 +433,56 @@ def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_pat
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and f"line {k}" in proc.stdout
 
+
+
+def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connections(
+        service_kit):
+    """One worker allowed 1 request in flight and 4 connections: a second concurrent request
+    is answered 503 overloaded with Retry-After (not queued), a fifth connection is cut at once;
+    both recover when the first ones finish."""
+    cfg = service_kit.config(store=str(service_kit.root / "limits.db"), max_concurrent=1,
+                             max_connections=4)
+    cfg.write_text(cfg.read_text().replace("pbkdf2_iterations = 50",
+                                           "pbkdf2_iterations = 40000"))
+    n = service_kit.start(cfg)
+    try:
+        _org(n, "limits")
+        slow = []
+        th = threading.Thread(target=lambda: slow.append(
+            _dek(n, "limits", purpose="decrypt", version=1, fragment="slow")))
+        th.start()
+        deadline = time.monotonic() + 30
+        while _metric(n, "kms_http_inflight") < 1:
+            assert time.monotonic() < deadline and th.is_alive()
+            time.sleep(0.01)
+        status, body = _dek(n, "limits", purpose="encrypt")
+        assert (status, body["error"]) == (503, "overloaded")
+        assert n.last_headers["Retry-After"] == "1"
+        th.join(60)
+        assert slow[0][0] == 200
+        assert _dek(n, "limits", purpose="encrypt")[0] == 200
+        # four idle connections held open; the fifth is cut before it can say anything
+        ctx = n.tls.context("data")
+        held = []
+        try:
+            for _ in range(4):
+                raw = socket.create_connection(("127.0.0.1", n.port), timeout=10)
+                held.append(ctx.wrap_socket(raw, server_hostname="localhost"))
+            with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+                answer = _handshake(n, ctx)
+                assert answer == b"", answer
+                raise ConnectionResetError("cut")
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.monotonic() + 30
+        while True:   # the server notices the closed ones; then a new client is served
+            try:
+                if n.call("GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "connections never freed"
+            time.sleep(0.05)
+    finally:
+        assert n.stop() == 0

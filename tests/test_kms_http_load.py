@@ -102,3 +102,26 @@ def test_16_threads_of_mixed_operations_against_2_workers(service_kit, two_worke
             if (audit_dir / f"audit-w{w}.jsonl").exists() else []
         served[w] = sum(1 for line in lines if json.loads(line)["op"].startswith("dek."))
     assert served[0] > 0 and served[1] > 0, served
+
+
+def test_a_crashed_worker_is_restarted_and_the_node_keeps_serving(service_kit, two_workers):
+    """kill -9 of one worker process: the other keeps answering, and the supervisor starts a
+    new worker with the same id (its own login and session objects)."""
+    import os
+    import signal
+    children = [int(p) for p in open(f"/proc/{two_workers.proc.pid}/task/"
+                                     f"{two_workers.proc.pid}/children").read().split()]
+    assert len(children) == 2
+    admin = _client(service_kit, two_workers, "admin")
+    admin.create_tenant("survives-crash")
+    os.kill(children[0], signal.SIGKILL)
+    data = _client(service_kit, two_workers)
+    deadline = time.monotonic() + 90
+    while sum(1 for line in two_workers.lines if line.endswith(" serving")) < 3:
+        assert data.dek_for_encrypt("survives-crash")[0] == 1   # served throughout
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.05)
+    now = [int(p) for p in open(f"/proc/{two_workers.proc.pid}/task/"
+                                f"{two_workers.proc.pid}/children").read().split()]
+    assert len(now) == 2 and children[0] not in now and children[1] in now
+    assert "restarting" in two_workers.stderr()

@@ -16,12 +16,14 @@ from __future__ import annotations
 import ctypes
 import faulthandler
 import os
+import select
 import signal
 import socket
 import sys
 import time
 
 _MAX_RESTARTS = 5
+_START_TIMEOUT_S = 120.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -45,9 +47,19 @@ def _die_with_parent() -> None:
 
 
 def _spawn(config, sock, worker: int, parent: int) -> int:
+    """Fork worker ``worker`` and wait (bounded) until it has logged in and imported its
+    releases: workers start one after another, so no two log in to the token at once (SoftHSM2
+    answers concurrent C_Login from two processes with CKR_GENERAL_ERROR)."""
+    ready_r, ready_w = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(ready_w)
+        try:
+            select.select([ready_r], [], [], _START_TIMEOUT_S)  # a byte, EOF (it died) or time
+        finally:
+            os.close(ready_r)
         return pid
+    os.close(ready_r)
     code = 1
     try:
         _die_with_parent()
@@ -56,7 +68,8 @@ def _spawn(config, sock, worker: int, parent: int) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         from . import worker as workers
-        code = workers.run(config, sock, worker)
+        code = workers.run(config, sock, worker,
+                           started=lambda: (os.write(ready_w, b"1"), os.close(ready_w)))
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # one line, like the CLI; the parent decides what next
@@ -92,8 +105,15 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
                 pass
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+
+    def start(w: int) -> None:
+        pid = _spawn(config, sock, w, parent)
+        children[pid] = w
+        if stopping:      # SIGTERM arrived while it was starting: it stops too
+            os.kill(pid, signal.SIGTERM)
     for w in range(workers):
-        children[_spawn(config, sock, w, parent)] = w
+        if not stopping:
+            start(w)
     restarts: list[float] = []
     worst = 0
     while children:
@@ -118,6 +138,6 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
             worst = max(worst, 1)
             forward(signal.SIGTERM, None)
             continue
-        children[_spawn(config, sock, w, parent)] = w
+        start(w)
     sock.close()
     return worst

@@ -95,7 +95,7 @@ def _reload(svc: apps.Service) -> None:
                          detail=f"{len(clients)} clients")
 
 
-def run(config, sock, worker: int = 0) -> int:
+def run(config, sock, worker: int = 0, started=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"kms[w{worker}] %(levelname)s %(message)s")
     # SIGUSR1 dumps every thread's stack to stderr: how to see what a stuck worker waits for.
@@ -104,6 +104,8 @@ def run(config, sock, worker: int = 0) -> int:
     tls = tls_context(s)
     kms = Kms(config)
     kms.start()
+    if started is not None:
+        started()      # the supervisor starts the next worker once this one is logged in
     audit = metrics = notifier = svc = None
     try:
         metrics = Metrics(worker)
