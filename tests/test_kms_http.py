@@ -353,7 +353,8 @@ def test_sighup_reloads_the_client_policy(service_kit):
 def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verifies(
         service_kit):
     """Eight slow cache misses (20,000 PBKDF2 iterations each) are in flight when SIGTERM
-    arrives: all eight are answered 200, then the node exits 0 and its audit log verifies."""
+    arrives: all eight are answered 200, then the node exits 0 and its audit log verifies. Neither
+    the audit log nor the node's stdout/stderr holds a DEK or the PIN."""
     cfg = service_kit.config(store=str(service_kit.root / "drain.db"))
     cfg.write_text(cfg.read_text().replace("pbkdf2_iterations = 50",
                                            "pbkdf2_iterations = 20000"))
@@ -392,8 +393,12 @@ def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verif
     assert all(r["org"] == "drain" and r["version"] == 1 and r["result"] == "ok"
                for r in fetches)
     assert records[-1]["op"] == "worker.stop"
-    for dek in deks:   # never any key material
-        assert dek not in text and base64.b64decode(dek).hex() not in text
+    logs = n.stderr() + "\n".join(n.lines)
+    pin = service_kit.kit.regionals["eu"].user_pin.reveal()
+    assert "drain" in text and pin not in text and pin not in logs
+    for dek in deks:   # never any key material, in the audit log or the node's output
+        for form in (dek, base64.b64decode(dek).hex()):
+            assert form not in text and form not in logs
 
 
 def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_path):
@@ -486,3 +491,18 @@ def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connect
             time.sleep(0.05)
     finally:
         assert n.stop() == 0
+
+
+def test_cli_audit_verify_needs_no_config_and_other_commands_do(tmp_path):
+    def kms(*args):
+        return subprocess.run([sys.executable, "-m", "kms", *args], capture_output=True,
+                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+    proc = kms("audit", "verify", str(tmp_path / "missing.jsonl"))
+    assert proc.returncode == 2 and "cannot read audit log" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = kms("status")
+    assert proc.returncode == 2 and "--config NODE.toml is required" in proc.stderr
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    proc = kms("audit", "verify", str(empty))
+    assert proc.returncode == 0 and "0 records" in proc.stdout
