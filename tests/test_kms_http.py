@@ -444,9 +444,9 @@ def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connect
         service_kit):
     """One worker allowed 1 request in flight and 4 connections: a second concurrent request
     is answered 503 overloaded with Retry-After (not queued), a fifth connection is cut at once;
-    both recover when the first ones finish."""
+    both recover when the first ones finish. An idle kept-alive connection is closed."""
     cfg = service_kit.config(store=str(service_kit.root / "limits.db"), max_concurrent=1,
-                             max_connections=4)
+                             max_connections=4, idle_timeout_seconds=1.0)
     cfg.write_text(cfg.read_text().replace("pbkdf2_iterations = 50",
                                            "pbkdf2_iterations = 40000"))
     n = service_kit.start(cfg)
@@ -489,6 +489,19 @@ def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connect
                 pass
             assert time.monotonic() < deadline, "connections never freed"
             time.sleep(0.05)
+        # a kept-alive connection left idle is closed by the node (idle timeout 1 s here)
+        with socket.create_connection(("127.0.0.1", n.port), timeout=15) as raw:
+            with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                first = s.recv(4096)
+                assert first.startswith(b"HTTP/1.1 200")
+                rest = b""
+                try:
+                    while chunk := s.recv(4096):   # until the node closes (socket timeout 15 s)
+                        rest += chunk
+                except (ConnectionError, ssl.SSLError):
+                    pass
+                assert b"HTTP/1.1" not in rest
     finally:
         assert n.stop() == 0
 
