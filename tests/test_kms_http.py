@@ -285,6 +285,10 @@ def test_metrics_count_requests_cache_hsm_and_refusals(node):
     assert any(line.startswith("kms_hsm_operation_seconds_bucket") for line in lines)
     assert any(line.startswith('kms_worker{pid=') and 'worker="0"' in line for line in lines)
     assert any(line.startswith("kms_import_refusals 0") for line in lines)
+    # cache hits on this SQLite node were answered on the event loop, without the pool hop
+    inline = next(float(line.split()[-1]) for line in lines
+                  if line.startswith("kms_dek_inline_total"))
+    assert inline >= 2
 
 
 def test_openapi_document_covers_every_route(node):

@@ -23,7 +23,7 @@ class ConnectionBudget:
 
 class GuardedHandler(RequestHandler):
     __slots__ = ("_kms_timer", "_kms_header_timeout", "_kms_busy", "_kms_budget",
-                 "_kms_counted")
+                 "_kms_counted", "peer_names")
 
     def __init__(self, manager, *, header_timeout: float, budget: ConnectionBudget, **kw):
         super().__init__(manager, **kw)
@@ -32,6 +32,7 @@ class GuardedHandler(RequestHandler):
         self._kms_busy = False
         self._kms_budget = budget
         self._kms_counted = False
+        self.peer_names = None   # the verified client certificate's names (kms.server.app)
 
     def connection_made(self, transport) -> None:
         budget = self._kms_budget

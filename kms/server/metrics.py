@@ -37,6 +37,8 @@ class Metrics:
             registry=r)
         self.inflight = Gauge("kms_http_inflight", "requests being handled (data and admin)",
                               registry=r)
+        self.inline = Counter("kms_dek_inline", "DEK fetches answered on the event loop "
+                              "(cache hit, SQLite store)", registry=r)
         self.shed = Counter("kms_requests_shed", "requests refused: worker at max_concurrent",
                             registry=r)
         info = Gauge("kms_worker", "this worker process (value 1)", ["worker", "pid"],
