@@ -523,3 +523,16 @@ def test_cli_audit_verify_needs_no_config_and_other_commands_do(tmp_path):
     empty.write_text("")
     proc = kms("audit", "verify", str(empty))
     assert proc.returncode == 0 and "0 records" in proc.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_wrong_pin_stops_serve_with_one_clear_line_and_no_pin(service_kit, workers):
+    cfg = service_kit.config()
+    env = {**service_kit.env(), "HSM_PIN": "not-the-pin-1234"}
+    proc = subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg), "serve",
+                           "--port", "0", "--workers", str(workers)], capture_output=True,
+                          text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2, proc.stderr
+    assert "CKR_PIN_INCORRECT" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not-the-pin-1234" not in proc.stderr + proc.stdout
+    assert service_kit.kit.regionals["eu"].user_pin.reveal() not in proc.stderr + proc.stdout

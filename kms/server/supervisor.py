@@ -46,7 +46,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: a killed parent may leave workers that finish their connections
 
 
-def _spawn(config, sock, worker: int, parent: int) -> int:
+def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
     """Fork worker ``worker`` and wait (bounded) until it has logged in and imported its
     releases: workers start one after another, so no two log in to the token at once (SoftHSM2
     answers concurrent C_Login from two processes with CKR_GENERAL_ERROR)."""
@@ -55,10 +55,12 @@ def _spawn(config, sock, worker: int, parent: int) -> int:
     if pid:
         os.close(ready_w)
         try:
-            select.select([ready_r], [], [], _START_TIMEOUT_S)  # a byte, EOF (it died) or time
+            # a byte (started), EOF (it died first) or nothing within the bound
+            readable, _, _ = select.select([ready_r], [], [], _START_TIMEOUT_S)
+            started = bool(readable) and os.read(ready_r, 1) == b"1"
         finally:
             os.close(ready_r)
-        return pid
+        return pid, started
     os.close(ready_r)
     code = 1
     try:
@@ -93,6 +95,7 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks to stderr, see worker
     children: dict[int, int] = {}   # pid -> worker id
     stopping = False
+    worst = 0
 
     def forward(signum, _frame):
         nonlocal stopping
@@ -106,16 +109,21 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
 
-    def start(w: int) -> None:
-        pid = _spawn(config, sock, w, parent)
+    def start(w: int) -> bool:
+        pid, started = _spawn(config, sock, w, parent)
         children[pid] = w
         if stopping:      # SIGTERM arrived while it was starting: it stops too
             os.kill(pid, signal.SIGTERM)
+        return started
     for w in range(workers):
-        if not stopping:
-            start(w)
+        if not stopping and not start(w):
+            # A worker that cannot start (wrong PIN, no token, bad bundle...) said why on
+            # stderr; the others would fail the same way: stop now, do not retry.
+            print(f"kms: worker {w} did not start; stopping", file=sys.stderr, flush=True)
+            stopping = True
+            forward(signal.SIGTERM, None)
+            worst = 2
     restarts: list[float] = []
-    worst = 0
     while children:
         try:
             pid, status = os.wait()
