@@ -235,6 +235,11 @@ class KeyCache:
                 "seconds_since_flush": self._clock() - self._last_flush,
             }
 
+    def holds(self, org_id: str, key_id: tuple) -> bool:
+        """Whether a DEK is cached for the slot: a hint (no decrypt, no LRU or counter update)
+        for a caller deciding whether a lookup will need the HSM."""
+        return (org_id, key_id) in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

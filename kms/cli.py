@@ -23,14 +23,56 @@ from .service import Kms
 
 
 def _kms(args) -> Kms:
-    kms = Kms(configs.load(args.config))
+    kms = Kms(configs.load(_config_path(args)))
     kms.start()
     return kms
 
 
+def _config_path(args) -> str:
+    if not args.config:
+        raise configs.ConfigError(f"kms {args.command}: --config NODE.toml is required")
+    return args.config
+
+
+def _announce(kms, op: str, org: str, key_type: str, version: int | None = None) -> None:
+    """Nodes sharing a PostgreSQL store drop their cached DEKs of a key changed here."""
+    if kms.store.kind == "postgresql":
+        from .invalidation import Publisher
+        pub = Publisher(kms.config.store, name="cli")
+        pub.announce(op, org, key_type, version)
+        pub.close()
+
+
+def cmd_serve(args) -> int:
+    from .server import supervisor
+    cfg = configs.load(_config_path(args))
+    if cfg.service is None:
+        raise configs.ConfigError(f"{cfg.path}: no [service] section",
+                                  hint="see README, The KMS service")
+    s = cfg.service
+    workers = args.workers if args.workers is not None else s.workers
+    if not 1 <= workers <= 64:
+        raise configs.ConfigError("--workers must be 1-64")
+    return supervisor.serve(cfg, host=args.host or s.host,
+                            port=s.port if args.port is None else args.port, workers=workers)
+
+
+def cmd_audit(args) -> int:
+    from .server import audit
+    try:
+        count, why = audit.verify(Path(args.file))
+    except OSError as exc:
+        raise configs.ConfigError(f"cannot read audit log {args.file}: {exc.strerror}") from None
+    if why is not None:
+        print(f"{args.file}: chain broken at {why}")
+        return 1
+    print(f"{args.file}: {count} records, chain intact")
+    return 0
+
+
 def cmd_init(args) -> int:
     from .store import Store
-    cfg = configs.load(args.config)
+    cfg = configs.load(_config_path(args))
     Store.open(cfg.store).close()
     print(f"store ready: {cfg.store}")
     return 0
@@ -88,9 +130,11 @@ def cmd_tenant(args) -> int:
                   f"{row.state}")
         elif args.action == "rotate":
             row = kms.rotate(args.org, args.key_type)
+            _announce(kms, "rotate", args.org, args.key_type)
             print(f"{args.org}: {row.key_type} secret v{row.version} ACTIVE, previous archived")
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
+            _announce(kms, "destroy", args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
                   "(wrapped material erased; cached DEKs invalidated)")
         elif args.action == "list":
@@ -103,6 +147,7 @@ def cmd_tenant(args) -> int:
             print(f"backup of {args.org} written to {path} (encrypted in the HSM)")
         elif args.action == "import":
             org = kms.import_backup(Path(args.file))
+            _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
     return 0
 
@@ -130,7 +175,8 @@ def cmd_decrypt(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kms", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--config", required=True, help="the node's KMS configuration (TOML)")
+    parser.add_argument("--config", help="the node's KMS configuration (TOML); every command "
+                        "but `audit` needs it")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create or migrate the store").set_defaults(func=cmd_init)
     sub.add_parser("import", help="import the release bundles; report refusals").set_defaults(
@@ -155,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--org", required=True)
     p.add_argument("blob", nargs="?")
     p.set_defaults(func=cmd_decrypt)
+    p = sub.add_parser("serve", help="run the node as the mTLS JSON service ([service])")
+    p.add_argument("--host", help="listen address (default: service.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="listen port (default: service.port; 0 = any)")
+    p.add_argument("--workers", type=int, help="worker processes (default: service.workers)")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("audit", help="check an audit log's hash chain offline")
+    p.add_argument("action", choices=["verify"])
+    p.add_argument("file")
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -15,6 +15,7 @@ _FIELDS = {
     "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
     "primary_certificate": str, "bundle_dir": str, "store": str, "allow_practice": bool,
     "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
+    "service": dict,  # [service]: the network service (kms.server.settings, parsed strictly)
 }
 _REQUIRED = ("region", "token", "primary_certificate", "bundle_dir", "store")
 
@@ -34,6 +35,7 @@ class KmsConfig:
     pbkdf2_iterations: int = policy.DEFAULT_PBKDF2_ITERATIONS
     cache_max_entries: int = policy.CACHE_MAX_ENTRIES
     cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
+    service: object = None  # kms.server.settings.ServiceSettings when [service] is present
 
 
 def load(path: str | Path) -> KmsConfig:
@@ -64,6 +66,9 @@ def load(path: str | Path) -> KmsConfig:
     if data.get("cache_flush_hours", 1) <= 0:
         raise ConfigError(f"{path}: cache_flush_hours must be > 0")
     base = path.parent
+    if "service" in data:
+        from .server import settings
+        data["service"] = settings.parse(path, data["service"])
     store = data["store"]
     if "://" not in store:
         store = f"sqlite:///{(base / store).resolve()}"
@@ -72,5 +77,6 @@ def load(path: str | Path) -> KmsConfig:
                      bundle_dir=base / data["bundle_dir"], store=store,
                      **{k: data[k] for k in ("module", "module_params", "pin_source",
                                              "allow_practice", "pbkdf2_iterations",
-                                             "cache_max_entries", "cache_flush_hours")
+                                             "cache_max_entries", "cache_flush_hours",
+                                             "service")
                         if k in data})

@@ -23,7 +23,9 @@ TOML
 done
 
 EU=$VAR/kms/eu.toml
-if kms --config $EU status --json | grep -q '"org": "acme-prod"'; then
+# grep without -q reads to the end: with -q it may exit before kms's last write (SIGPIPE, exit
+# 141, and pipefail then takes the tenants for missing)
+if kms --config $EU status --json | grep '"org": "acme-prod"' >/dev/null; then
     step "tenants exist already (a second make demo): status only"
     kms --config $EU status
     exit 0

@@ -41,3 +41,17 @@ def postgresql_server():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def service_kit(tmp_path_factory, softhsm_session_token_factory):
+    """One eu release ceremony and TLS material for every service test module; the nodes they
+    start are real `kms serve` processes on 127.0.0.1 (tests/service_kit.py), all killed here
+    at the end if a test left one running."""
+    from tests.service_kit import make_service_kit
+    kit = make_service_kit(tmp_path_factory.mktemp("service"),
+                           lambda prefix: softhsm_session_token_factory(prefix=prefix))
+    try:
+        yield kit
+    finally:
+        kit.close()

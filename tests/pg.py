@@ -143,6 +143,13 @@ class PostgresServer:
         self.version = self._version()
         return self
 
+    def restart(self) -> None:
+        """Stop (fast: connections are cut, as in a failover) and start again on the same port
+        (pg_ctl reuses the options the server was started with)."""
+        self._check("pg_ctl restart", self._run(
+            self.bindir / "pg_ctl", "-D", self.root / "data", "-l", self.root / "server.log",
+            "-m", "fast", "-w", "-t", "60", "restart"))
+
     def _version(self) -> str:
         out = subprocess.run([str(self.bindir / "postgres"), "--version"], capture_output=True,
                              text=True, check=False).stdout

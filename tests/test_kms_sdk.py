@@ -83,7 +83,8 @@ def test_round_trip(sdk):
     for pt in (b"", b"x", os.urandom(100), os.urandom(5000)):
         blob = sdk.encrypt("org-a", pt)
         assert sdk.decrypt("org-a", blob) == pt
-        assert pt not in blob or not pt
+        # (a 1-byte plaintext turns up by chance in ~11% of random 29-byte tails: check >= 16 B)
+        assert pt not in blob or len(pt) < 16
 
 
 def test_round_trip_with_aad(sdk):

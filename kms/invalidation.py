@@ -1,0 +1,153 @@
+"""Cross-node DEK cache invalidation for nodes sharing one PostgreSQL store (LISTEN/NOTIFY).
+
+Every node already reads a secret's row from the store on every DEK request, so a destroy made
+on any node is refused by every node at once (the row says DESTROYED). What the other nodes do
+*not* see by themselves is their own encrypted DEK cache: entries of a destroyed or rotated key
+would stay (encrypted, unused) until evicted or flushed. So the node that makes a change
+announces it (``Publisher.announce`` → ``NOTIFY kms_invalidate, '{"op", "org", ...}'``), and
+each node's ``Listener`` thread drops the named entries from its cache as the notification
+arrives (milliseconds on one host; the benchmark measures it).
+
+Notifications are not queued for a listener that is not connected. After a lost connection the
+listener reconnects (bounded back-off) and then flushes its *whole* cache: whatever it missed,
+the next requests re-read from the store. The CLI announces its own changes too
+(``kms tenant destroy`` on a PostgreSQL store). The payload names only org, key type, version
+and operation: never key material.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+log = logging.getLogger("kms.invalidation")
+
+CHANNEL = "kms_invalidate"
+
+
+def _connect(url: str):
+    import psycopg
+    return psycopg.connect(url, autocommit=True, connect_timeout=5,
+                           application_name="hsm-suite-kms-invalidation")
+
+
+class Publisher:
+    """Sends NOTIFYs on one connection of its own (reconnects once on a lost one)."""
+
+    def __init__(self, url: str, *, name: str = ""):
+        self.url, self.name = url, name
+        self._conn = None
+        self._lock = threading.Lock()
+
+    def announce(self, op: str, org: str, key_type: str | None = None,
+                 version: int | None = None) -> None:
+        payload = json.dumps({"op": op, "org": org, "key_type": key_type, "version": version,
+                              "from": self.name}, separators=(",", ":"))
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    if self._conn is None or self._conn.closed:
+                        self._conn = _connect(self.url)
+                    self._conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                    return
+                except Exception as exc:
+                    self._close()
+                    if attempt:
+                        # The change is committed; other nodes still refuse a destroyed key
+                        # (they read the row), and their caches age out. Say so, do not fail.
+                        log.warning("invalidation not announced (%s): %s", type(exc).__name__,
+                                    op)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:
+                pass
+        self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+
+class Listener(Publisher):
+    """A daemon thread that LISTENs and invalidates ``cache``; also publishes (one object per
+    node). ``listening`` is false while disconnected (``/readyz`` reports it)."""
+
+    def __init__(self, url: str, cache, *, name: str = "", on_remote=None,
+                 backoff: tuple[float, float] = (0.1, 2.0)):
+        super().__init__(url, name=name)
+        self.cache = cache
+        self.on_remote = on_remote
+        self.listening = False
+        self.received = 0
+        self.reconnects = 0
+        self._backoff = backoff
+        self._stop = threading.Event()
+        self._listen_conn = None
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kms-invalidation", daemon=True)
+        self._thread.start()
+        self._connected.wait(5)
+
+    def _run(self) -> None:
+        delay = self._backoff[0]
+        first = True
+        while not self._stop.is_set():
+            try:
+                conn = self._listen_conn = _connect(self.url)
+                conn.execute(f"LISTEN {CHANNEL}")
+                self.listening = True
+                if not first:
+                    # Anything announced while we were away is lost: drop the whole cache.
+                    self.cache.flush()
+                    self.reconnects += 1
+                    log.info("invalidation listener reconnected; cache flushed")
+                first = False
+                delay = self._backoff[0]
+                self._connected.set()
+                while not self._stop.is_set():
+                    for note in conn.notifies(timeout=0.5):
+                        self._apply(note.payload)
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                if self.listening:
+                    log.warning("invalidation listener lost its connection (%s); "
+                                "reconnecting", type(exc).__name__)
+                self.listening = False
+                self._connected.set()
+                self._stop.wait(delay)
+                delay = min(delay * 2, self._backoff[1])
+            finally:
+                self.listening = False
+                c, self._listen_conn = self._listen_conn, None
+                if c is not None:
+                    try:
+                        c.close()
+                    except Exception:
+                        pass
+
+    def _apply(self, payload: str) -> None:
+        try:
+            msg = json.loads(payload)
+            org, key_type, version = msg["org"], msg.get("key_type"), msg.get("version")
+        except (ValueError, KeyError, TypeError):
+            log.warning("invalidation: ignored a malformed notification")
+            return
+        self.received += 1
+        if key_type is not None and version is not None:
+            self.cache.invalidate(org, key_type, version)
+        elif key_type is not None:
+            self.cache.invalidate(org, key_type)
+        else:
+            self.cache.invalidate(org)
+        if msg.get("from") != self.name and self.on_remote is not None:
+            self.on_remote()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        super().close()

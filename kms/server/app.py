@@ -1,0 +1,430 @@
+"""Routes and handlers: the JSON API over one started ``kms.service.Kms`` node.
+
+Every route but the probes and ``/openapi.json`` is authorised from the client certificate the
+TLS layer verified (``request.transport.get_extra_info("ssl_object").getpeercert()``); no header
+is ever read as an identity. Node calls block (token, store), so they run on a small thread pool;
+the event loop only parses, authorises, audits and answers. Inputs are checked strictly (unknown
+fields, wrong types, bad base64 → 400) before the node sees them. Every key operation and admin
+action is audited (client, operation, org, key type, version, result, request id), never a key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import re
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from kms import policy
+
+from . import authz
+from .errors import HttpError, classify
+from .metrics import CONTENT_TYPE
+
+log = logging.getLogger("kms.server")
+
+OPENAPI = Path(__file__).with_name("openapi.json")
+_ORG = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------- input checks
+def _field(body: dict, name: str, kind, *, default=_MISSING, choices=None):
+    value = body.get(name, default)
+    if value is _MISSING:
+        raise HttpError(400, "bad_request", f"missing field {name!r}")
+    if value is default and default is not _MISSING:
+        return value
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise HttpError(400, "bad_request", f"field {name!r} must be {kind.__name__}")
+    if choices is not None and value not in choices:
+        raise HttpError(400, "bad_request", f"field {name!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def _org(value) -> str:
+    if not isinstance(value, str) or not _ORG.match(value):
+        raise HttpError(400, "bad_request", "org must be 1-255 characters, no control characters")
+    return value
+
+
+def _version(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 0xFFFFFFFF:
+        raise HttpError(400, "bad_request", "version must be an integer >= 1")
+    return value
+
+
+async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise HttpError(413, "body_too_large",
+                        f"request body over {request.app['limits']['max_body_bytes']} bytes")
+    try:
+        body = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        raise HttpError(400, "malformed_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "the request body must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise HttpError(400, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    return body
+
+
+def _peer_names(request: web.Request) -> tuple[str, ...]:
+    """The verified peer's names, read once per TLS connection (its certificate cannot change:
+    renegotiation is off, see worker.tls_context) and kept on the connection's protocol."""
+    proto = request.protocol
+    names = getattr(proto, "peer_names", None)
+    if names is None:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport \
+            else None
+        names = authz.identities(ssl_object.getpeercert() if ssl_object is not None else None)
+        if hasattr(proto, "peer_names"):
+            proto.peer_names = names
+    return names
+
+
+# --------------------------------------------------------------------------- the service
+class Service:
+    """State shared by the handlers of one worker: node, policy, audit, metrics, pool."""
+
+    def __init__(self, kms, settings, *, worker: int, metrics, audit=None, notifier=None):
+        self.kms, self.settings, self.worker = kms, settings, worker
+        self.policy = authz.Policy(settings.clients)
+        self.metrics, self.audit, self.notifier = metrics, audit, notifier
+        self.pool = ThreadPoolExecutor(settings.limit("executor_threads"),
+                                       thread_name_prefix="kms-node")
+        self.inflight = 0
+        self.ready = True  # false once draining
+        # DEK fetches that will hit the node's cache run on the event loop itself when the store
+        # is a local SQLite file (a read of a few tens of µs): the hop to the pool and back costs
+        # more than the work (about a third of the worker's CPU per request, measured). Anything
+        # that may call the HSM or a network store goes to the pool.
+        self.inline_hits = getattr(kms.store, "kind", None) == "sqlite" if kms else False
+        self._current: dict[tuple, int] = {}   # (org, key_type, fragment) -> version last served
+
+    async def call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def dek_call(self, org: str, key_type: str, version, fragment, fn, *args):
+        """``fn(*args)`` inline if the DEK it needs is in the node's cache, else on the pool."""
+        if version is None:
+            version = self._current.get((org, key_type, fragment))
+        if self.inline_hits and version is not None and \
+                self.kms.cache.holds(org, (key_type, version, fragment)):
+            self.metrics.inline.inc()
+            return fn(*args)
+        return await self.call(fn, *args)
+
+    def served(self, org: str, key_type: str, fragment, version: int) -> None:
+        if len(self._current) > 100_000:
+            self._current.clear()
+        self._current[(org, key_type, fragment)] = version
+
+    def authorise(self, request, role: str, org=None, key_type=None) -> str:
+        names = _peer_names(request)
+        decision = self.policy.decide(names, role, org, key_type)
+        request["client"] = decision.identity
+        if not decision.allowed:
+            self.metrics.refused.labels(role).inc()
+            self.record(request, "authz", org=org, key_type=key_type, result="forbidden",
+                        status=403, detail=f"role {role}")
+            raise HttpError(403, "forbidden", decision.reason)
+        return decision.identity
+
+    def record(self, request, op: str, *, org=None, key_type=None, version=None,
+               result="ok", status=200, detail=None) -> None:
+        if self.audit is not None:
+            self.audit.append(client=request.get("client"), op=op, org=org, key_type=key_type,
+                              version=version, result=result, status=status,
+                              request_id=request["request_id"], worker=self.worker,
+                              detail=detail)
+
+    def announce(self, op: str, org: str, key_type=None, version=None) -> None:
+        if self.notifier is not None:
+            self.notifier.announce(op, org, key_type, version)
+
+
+def _ok(data: dict, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+def _error_response(err: HttpError, request_id: str) -> web.Response:
+    return web.json_response({"error": err.code, "message": err.message,
+                              "request_id": request_id}, status=err.status,
+                             headers={**err.headers, "X-Request-Id": request_id})
+
+
+# --------------------------------------------------------------------------- middleware
+@web.middleware
+async def _frame(request: web.Request, handler):
+    """Request id, slow-client guard, load shedding, timeout, error JSON, metrics."""
+    svc: Service = request.app["svc"]
+    given = request.headers.get("X-Request-Id", "")
+    request["request_id"] = rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+    route = request.match_info.route.resource.canonical if request.match_info.route.resource \
+        else "unmatched"
+    guard = request.protocol
+    if hasattr(guard, "request_started"):
+        guard.request_started()
+    t0 = time.perf_counter()
+    limited = route.startswith("/v1/")
+    try:
+        if limited and svc.inflight >= svc.settings.limit("max_concurrent"):
+            svc.metrics.shed.inc()
+            raise HttpError(503, "overloaded", "this worker is at its concurrent-request limit",
+                            {"Retry-After": "1"})
+        if limited:
+            svc.inflight += 1
+            svc.metrics.inflight.inc()
+        try:
+            resp = await asyncio.wait_for(handler(request),
+                                          svc.settings.limit("request_timeout_seconds"))
+        finally:
+            if limited:
+                svc.inflight -= 1
+                svc.metrics.inflight.dec()
+        resp.headers["X-Request-Id"] = rid
+    except web.HTTPException as exc:   # routing: 404 / 405 / 413 from aiohttp itself
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
+            exc.status, "http_error")
+        resp = _error_response(HttpError(exc.status, code, exc.reason), rid)
+    except asyncio.TimeoutError:
+        resp = _error_response(HttpError(408, "timeout", "request took too long"), rid)
+    except Exception as exc:
+        err = classify(exc)
+        if err.status >= 500 and not isinstance(exc, HttpError):
+            log.error("request %s %s failed: %s", rid, route, type(exc).__name__,
+                      exc_info=err.code == "internal")
+        resp = _error_response(err, rid)
+    finally:
+        if hasattr(guard, "request_finished"):
+            guard.request_finished()
+    svc.metrics.requests.labels(route, request.method, str(resp.status)).inc()
+    svc.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    return resp
+
+
+# --------------------------------------------------------------------------- probes, docs
+async def healthz(request):
+    return _ok({"status": "ok", "worker": request.app["svc"].worker})
+
+
+async def readyz(request):
+    svc: Service = request.app["svc"]
+    checks = await svc.call(_readiness, svc)
+    ok = svc.ready and all(checks.values())
+    return _ok({"ready": ok, "worker": svc.worker, "checks": checks}, 200 if ok else 503)
+
+
+def _readiness(svc: Service) -> dict:
+    kms = svc.kms
+    checks = {"draining": not svc.ready}
+    try:
+        checks["token_logged_in"] = bool(kms.token._logged_in())
+    except Exception:
+        checks["token_logged_in"] = False
+    try:
+        kms.store.schema_version()
+        checks["store_reachable"] = True
+    except Exception:
+        checks["store_reachable"] = False
+    try:
+        checks["releases_held"] = bool(kms.releases)
+    except Exception:
+        checks["releases_held"] = False
+    if svc.notifier is not None:
+        checks["invalidation_listening"] = svc.notifier.listening
+    checks.pop("draining")
+    return checks
+
+
+async def openapi(request):
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
+
+
+async def metrics(request):
+    svc: Service = request.app["svc"]
+    svc.authorise(request, "status")
+    return web.Response(body=svc.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def status(request):
+    svc: Service = request.app["svc"]
+    svc.authorise(request, "status")
+    data = await svc.call(svc.kms.status)
+    data["worker"] = svc.worker
+    return _ok(data)
+
+
+# --------------------------------------------------------------------------- data plane
+async def dek(request):
+    svc: Service = request.app["svc"]
+    body = await _json(request, ("org", "key_type", "purpose", "version", "fragment"))
+    org = _org(_field(body, "org", str))
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    purpose = _field(body, "purpose", str, choices=("encrypt", "decrypt"))
+    fragment = _field(body, "fragment", str, default=None)
+    if fragment is not None and not 1 <= len(fragment) <= 255:
+        raise HttpError(400, "bad_request", "fragment must be 1-255 characters")
+    svc.authorise(request, "data", org, key_type)
+    op = f"dek.{purpose}"
+    version = None
+    try:
+        if purpose == "encrypt":
+            if "version" in body:
+                raise HttpError(400, "bad_request", "version is only for purpose decrypt")
+            version, derivation, key = await svc.dek_call(
+                org, key_type, None, fragment, svc.kms.dek_for_encrypt, org, key_type, fragment)
+            svc.served(org, key_type, fragment, version)
+            out = {"org": org, "key_type": key_type, "version": version,
+                   "derivation": derivation}
+        else:
+            version = _version(_field(body, "version", int))
+            key = await svc.dek_call(org, key_type, version, fragment, svc.kms.dek_for_decrypt,
+                                     org, key_type, version, fragment)
+            out = {"org": org, "key_type": key_type, "version": version}
+    except Exception as exc:
+        err = classify(exc)
+        svc.record(request, op, org=org, key_type=key_type, version=version, result=err.code,
+                   status=err.status)
+        raise err from None
+    svc.record(request, op, org=org, key_type=key_type, version=version)
+    out["dek"] = base64.b64encode(key).decode()
+    return _ok(out)
+
+
+# --------------------------------------------------------------------------- admin
+async def _admin(request, op: str, org: str, key_type, fn, *args, status: int = 200,
+                 version=None):
+    """Authorise, run ``fn`` on the pool, audit the outcome either way, announce changes."""
+    svc: Service = request.app["svc"]
+    svc.authorise(request, "admin", org, key_type)
+    try:
+        result = await svc.call(fn, *args)
+    except Exception as exc:
+        err = classify(exc)
+        svc.record(request, op, org=org, key_type=key_type, version=version, result=err.code,
+                   status=err.status)
+        raise err from None
+    row_version = getattr(result, "version", version)
+    svc.record(request, op, org=org, key_type=key_type, version=row_version, status=status)
+    return result
+
+
+async def tenant_create(request):
+    svc: Service = request.app["svc"]
+    body = await _json(request, ("org", "org_type", "key_type", "secret"))
+    org = _org(_field(body, "org", str))
+    org_type = _field(body, "org_type", str, default="production", choices=policy.ORG_TYPES)
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    secret = _field(body, "secret", bool, default=True)
+
+    def create():
+        svc.kms.create_tenant(org, org_type)
+        return svc.kms.generate_secret(org, key_type) if secret else None
+    row = await _admin(request, "tenant.create", org, key_type, create, status=201)
+    out = {"org": org, "org_type": org_type}
+    if row is not None:
+        out.update(key_type=row.key_type, version=row.version, state=row.state)
+    return _ok(out, 201)
+
+
+async def tenant_rotate(request):
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+    body = await _json(request, ("key_type",))
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    row = await _admin(request, "tenant.rotate", org, key_type, svc.kms.rotate, org, key_type)
+    svc.announce("rotate", org, key_type)
+    return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state})
+
+
+async def tenant_upload(request):
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+    body = await _json(request, ("key_type", "material", "derivation"))
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    derivation = _field(body, "derivation", str, default="PBKDF2", choices=policy.DERIVATIONS)
+    try:
+        material = base64.b64decode(_field(body, "material", str), validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "bad_request", "material must be base64") from None
+    if len(material) != 32:
+        raise HttpError(400, "bad_request", "material must be 32 bytes (base64 of 32 bytes)")
+    row = await _admin(request, "tenant.upload", org, key_type,
+                       lambda: svc.kms.upload_secret(org, key_type, material,
+                                                     derivation=derivation), status=201)
+    svc.announce("upload", org, key_type)
+    return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state},
+               201)
+
+
+async def tenant_destroy(request):
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+    body = await _json(request, ("key_type", "version"))
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    version = _version(_field(body, "version", int))
+    row = await _admin(request, "tenant.destroy", org, key_type, svc.kms.destroy, org,
+                       key_type, version, version=version)
+    svc.announce("destroy", org, key_type, version)
+    return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state})
+
+
+async def tenant_list(request):
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+    rows = await _admin(request, "tenant.list", org, None, svc.kms.store.secrets, org)
+    return _ok({"org": org, "secrets": [
+        {"key_type": r.key_type, "version": r.version, "state": r.state, "source": r.source,
+         "derivation": r.derivation, "release": r.release, "created_at": r.created_at,
+         "usable_from": r.usable_from, "destroyed_at": r.destroyed_at} for r in rows]})
+
+
+async def tenant_export(request):
+    """The tenant's backup (rows still wrapped, the whole encrypted in the HSM), as JSON."""
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+
+    def export():
+        with tempfile.TemporaryDirectory(prefix="kms-export-") as tmp:
+            path = svc.kms.export_backup(org, Path(tmp) / "backup.json")
+            return json.loads(path.read_text())
+    doc = await _admin(request, "tenant.export", org, None, export)
+    return _ok(doc)
+
+
+# Every route, once: the app is built from this table and a test compares it with openapi.json.
+ROUTES = (
+    ("GET", "/healthz", healthz), ("GET", "/readyz", readyz), ("GET", "/metrics", metrics),
+    ("GET", "/openapi.json", openapi), ("GET", "/v1/status", status),
+    ("POST", "/v1/dek", dek), ("POST", "/v1/tenants", tenant_create),
+    ("GET", "/v1/tenants/{org}", tenant_list),
+    ("POST", "/v1/tenants/{org}/rotate", tenant_rotate),
+    ("POST", "/v1/tenants/{org}/upload", tenant_upload),
+    ("POST", "/v1/tenants/{org}/destroy", tenant_destroy),
+    ("GET", "/v1/tenants/{org}/export", tenant_export),
+)
+
+
+def build(svc: Service) -> web.Application:
+    app = web.Application(middlewares=[_frame],
+                          client_max_size=svc.settings.limit("max_body_bytes"))
+    app["svc"] = svc
+    app["limits"] = svc.settings.limits
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    return app

@@ -1,0 +1,134 @@
+"""One worker process: its own node (token initialisation, login, session objects), on a socket.
+
+``run(config, sock, worker)`` starts a ``kms.service.Kms`` (one node per process is the
+supported model), serves the API on ``sock`` until SIGTERM, then drains: stop accepting, let
+in-flight requests finish (bounded by ``shutdown_timeout_seconds``), close the node (destroys
+its session objects, flushes its DEK cache), flush and close the audit log, return 0. SIGHUP
+re-reads the client policy from the configuration file; a bad file keeps the old policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import faulthandler
+import logging
+import signal
+import ssl
+import sys
+
+from aiohttp import web
+
+from kms.service import Kms
+
+from . import app as apps
+from . import settings as settings_mod
+from .audit import AuditLog
+from .guard import ConnectionBudget, GuardedHandler
+from .metrics import Metrics
+
+log = logging.getLogger("kms.server")
+
+
+def tls_context(s) -> ssl.SSLContext:
+    """Server side: TLS 1.2+, client certificate mandatory and verified against client_ca."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(s.certificate, s.private_key)
+    ctx.load_verify_locations(cafile=str(s.client_ca))
+    # No renegotiation: a connection's client certificate is fixed, so the app may read the
+    # verified identity once per connection.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    return ctx
+
+
+def _notifier(kms, worker: int, metrics):
+    if kms.store.kind != "postgresql":
+        return None
+    from kms import invalidation
+    import os
+    return invalidation.Listener(kms.config.store, kms.cache, name=f"{os.getpid()}-w{worker}",
+                                 on_remote=metrics.remote_invalidations.inc)
+
+
+async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
+    s = svc.settings
+    loop = asyncio.get_running_loop()
+    app = apps.build(svc)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=s.limit("shutdown_timeout_seconds"))
+    await runner.setup()
+    budget = ConnectionBudget(s.limit("max_connections"))
+    svc.budget = budget
+    manager = runner.server
+
+    def protocol():
+        return GuardedHandler(manager, loop=loop, header_timeout=s.limit("header_timeout_seconds"),
+                              budget=budget, keepalive_timeout=s.limit("idle_timeout_seconds"),
+                              access_log=None, max_line_size=8190, max_field_size=8190,
+                              max_headers=64)
+    server = await loop.create_server(protocol, sock=sock, ssl=tls, backlog=1024,
+                                      ssl_handshake_timeout=s.limit("handshake_timeout_seconds"))
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(svc))
+    print(f"kms: worker {svc.worker} serving", flush=True)
+    await stop.wait()
+    log.info("worker %d: SIGTERM, draining", svc.worker)
+    svc.ready = False
+    server.close()                   # stop accepting; established connections go on
+    await runner.cleanup()           # idle connections closed, in-flight requests finish
+    server.close()
+    await server.wait_closed()
+
+
+def _reload(svc: apps.Service) -> None:
+    from .authz import Policy
+    try:
+        clients = settings_mod.reload_policy(svc.kms.config.path)
+    except Exception as exc:  # keep serving with the old policy; say why once
+        log.error("worker %d: SIGHUP: policy not reloaded: %s", svc.worker, exc)
+        return
+    svc.policy = Policy(clients)
+    log.info("worker %d: SIGHUP: policy reloaded (%d clients)", svc.worker, len(clients))
+    if svc.audit is not None:
+        svc.audit.append(op="policy.reload", result="ok", worker=svc.worker,
+                         detail=f"{len(clients)} clients")
+
+
+def run(config, sock, worker: int = 0, started=None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"kms[w{worker}] %(levelname)s %(message)s")
+    # SIGUSR1 dumps every thread's stack to stderr: how to see what a stuck worker waits for.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    s = config.service
+    tls = tls_context(s)
+    kms = Kms(config)
+    kms.start()
+    if started is not None:
+        started()      # the supervisor starts the next worker once this one is logged in
+    audit = metrics = notifier = svc = None
+    try:
+        metrics = Metrics(worker)
+        metrics.watch(kms)
+        if s.audit_dir is not None:
+            audit = AuditLog(s.audit_dir / f"audit-w{worker}.jsonl",
+                             batch_ms=s.limit("audit_batch_ms"))
+            audit.append(op="worker.start", result="ok", worker=worker,
+                         detail=f"releases {','.join(sorted(kms.releases)) or 'none'}")
+        notifier = _notifier(kms, worker, metrics)
+        svc = apps.Service(kms, s, worker=worker, metrics=metrics, audit=audit,
+                           notifier=notifier)
+        asyncio.run(_serve(svc, sock, tls))
+    finally:
+        if svc is not None:
+            svc.pool.shutdown(wait=True)
+        if notifier is not None:
+            notifier.close()
+        kms.close()
+        if audit is not None:
+            audit.append(op="worker.stop", result="ok", worker=worker)
+            audit.close()
+    log.info("worker %d: stopped", worker)
+    return 0
