@@ -121,6 +121,7 @@ class Kit:
 
 def make_kit(root: Path, make_token, regions=("eu", "us", "ap")) -> Kit:
     """Provision a primary and certify one regional HSM per region (RSA-4096 everywhere)."""
+    root.mkdir(parents=True, exist_ok=True)  # provisioning refuses an --out with no parent
     pki = root / "pki"
     primary = make_token("primary")
     provision.init_primary(primary.token, pki)
