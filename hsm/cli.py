@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 from . import fingerprint as fp
@@ -130,20 +129,8 @@ def cmd_certify_regional(args) -> int:
     digest = bytes.fromhex(request["fingerprint_sha256"])
     print(f"Request for region {request['region']!r}, token {request['token_label']!r} "
           f"(serial {request['token_serial']}), key {request['key_label']!r}")
-    print(f"  SHA-256(SPKI) {fp.to_hex(digest)}")
-    words = fp.to_words(digest)
-    print("  words  " + " ".join(words[:16]) + "\n         " + " ".join(words[16:]))
-    if args.fingerprint:
-        typed = args.fingerprint
-    elif sys.stdin is not None and sys.stdin.isatty():
-        typed = input("Type the fingerprint read on the regional console (hex or words): ")
-    else:
-        raise UsageError("no fingerprint confirmation given",
-                         hint="pass --fingerprint HEX|WORDS as read on the regional console")
-    try:
-        confirmed = fp.parse_fingerprint(typed)
-    except ValueError as exc:
-        raise UsageError(f"cannot read the confirmed fingerprint: {exc}") from None
+    confirmed = cliutil.confirm_fingerprint(digest, args.fingerprint,
+                                            "read on the regional console")
     with _open_token(args) as token:
         outcome = provision.certify_regional(token, Path(args.request), Path(args.out),
                                              confirmed_fingerprint=confirmed,
@@ -315,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit)
+
+    from .cloud import cli as cloud_cli
+    cloud_cli.register(sub, _add_token_args, _add_weak_arg, _open_token)
     return parser
 
 
