@@ -23,7 +23,9 @@ TOML
 done
 
 EU=$VAR/kms/eu.toml
-if kms --config $EU status --json | grep -q '"org": "acme-prod"'; then
+# Not `kms ... | grep -q`: grep leaves at the first match, kms then gets SIGPIPE (exit 141) and
+# pipefail turns the match into a failure, so a second run tried to create the tenants again.
+if grep -q '"org": "acme-prod"' <<< "$(kms --config $EU status --json)"; then
     step "tenants exist already (a second make demo): status only"
     kms --config $EU status
     exit 0

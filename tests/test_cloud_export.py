@@ -217,11 +217,24 @@ def test_release_secrets_and_other_keys_are_never_exported(cloud):
         assert _no_outputs(out)
 
 
-def test_create_refuses_a_label_in_use_and_unsupported_sizes(cloud):
+def test_create_twice_reports_the_key_and_refuses_a_label_in_use_by_another_object(cloud):
     tt = cloud["tt"]
+    r = run_hsm(tt, "cloud-key", "create", "--token", tt.label, "--label", "ck",
+                env=ck.pins(tt))
+    assert r.returncode == 0, r.stderr
+    assert "'ck' exists" in r.stdout and ck.printed_check_value(r.stdout) == cloud["kcv"]
     line = assert_one_line_error(run_hsm(tt, "cloud-key", "create", "--token", tt.label,
-                                         "--label", "ck", env=ck.pins(tt)))
-    assert "exists" in line
+                                         "--label", "ck", "--bits", "128", env=ck.pins(tt)))
+    assert "is not an AES-128 cloud key" in line
+    with Token.open(tt.label, pin=tt.user_pin) as tok:
+        hsm_export.ensure_secret(tok, "aes", "rel-8-twk", os.urandom(16))
+    line = assert_one_line_error(run_hsm(tt, "cloud-key", "create", "--token", tt.label,
+                                         "--label", "rel-8-twk", env=ck.pins(tt)))
+    assert "exists and is not an AES-256 cloud key" in line
+
+
+def test_a_key_of_the_wrong_size_for_the_provider_is_refused(cloud):
+    tt = cloud["tt"]
     r = run_hsm(tt, "cloud-key", "create", "--token", tt.label, "--label", "ck128",
                 "--bits", "128", env=ck.pins(tt))
     assert r.returncode == 0, r.stderr

@@ -102,10 +102,10 @@ def _describe(spki, path) -> tuple[bytes, int]:
 # ------------------------------------------------------------------------------ commands
 def cmd_create(args, open_token) -> int:
     with open_token(args) as token:
-        key_id = keys.create(token, args.label, args.bits,
-                             allow_weak_token=args.allow_weak_token)
+        key_id, status = keys.create(token, args.label, args.bits,
+                                     allow_weak_token=args.allow_weak_token)
         kcv = keys.check_value(token, args.label)
-    print(f"cloud key {args.label!r} created: AES-{args.bits}, id {key_id.hex()}, "
+    print(f"cloud key {args.label!r} {status}: AES-{args.bits}, id {key_id.hex()}, "
           f"check value {kcv}")
     return 0
 
@@ -117,7 +117,9 @@ def cmd_trust(args, open_token) -> int:
     _confirm(args, digest)
     with _open_so(args) as so:
         label, status = keys.trust(so, prov.name, spki, digest)
-    print(f"{prov.name} import key {label!r} {status} as CKA_TRUSTED by the security officer")
+    print(f"{prov.name} import key {label!r} " + (
+        "created as CKA_TRUSTED by the security officer" if status == "created" else
+        "exists: CKA_TRUSTED, its policy re-checked"))
     return 0
 
 

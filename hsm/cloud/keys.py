@@ -52,16 +52,26 @@ def _find(lease, template: dict) -> list:
 
 
 # ------------------------------------------------------------------------------ cloud key
-def create(token: Token, label: str, bits: int = 256, *, allow_weak_token: bool = False) -> bytes:
-    """Generate the cloud key; returns its CKA_ID. Refuses a label in use (any class)."""
+def create(token: Token, label: str, bits: int = 256, *,
+           allow_weak_token: bool = False) -> tuple[bytes, str]:
+    """Generate the cloud key; returns (CKA_ID, 'created'|'exists'). A cloud key of that label
+    and size is reported, not made again (a second run creates nothing); any other object
+    with the label is refused."""
     if bits not in KEY_BITS:
         raise UsageError(f"--bits {bits}: an AES key has 128, 192 or 256 bits")
     if not label or label != label.strip():
         raise UsageError(f"bad key label {label!r}")
     require_enforcement(token, f"create cloud key {label}", allow_weak=allow_weak_token)
     if token.run("C_FindObjects", _find, label, {Attribute.LABEL: label}):
-        raise ObjectExists(f"an object labelled {label!r} exists", token=token.label,
-                           object_label=label, hint="choose another --label")
+        try:
+            info = require_cloud_key(token, label)
+        except (KeyPolicyViolation, ObjectNotFound):
+            info = None
+        if info is None or info["bytes"] * 8 != bits:
+            raise ObjectExists(f"an object labelled {label!r} exists and is not an AES-{bits} "
+                               "cloud key", token=token.label, object_label=label,
+                               hint="choose another --label")
+        return info["id"], "exists"
     pol = cloud_policy(token)
     key_id = ID_PREFIX + secrets.token_bytes(8)
     template = {**pol.creation_attributes(policies.cloud_mechanisms(kwp_code(token))),
@@ -73,7 +83,7 @@ def create(token: Token, label: str, bits: int = 256, *, allow_weak_token: bool 
         check_rv(raw.generate_key(lease.session.handle, Mechanism.AES_KEY_GEN, template)[0])
     token.run_on_anchor("C_GenerateKey", generate, label)
     require_cloud_key(token, label)  # read back like every provisioned key
-    return key_id
+    return key_id, "created"
 
 
 def require_cloud_key(token: Token, label: str) -> dict:
