@@ -64,10 +64,14 @@ def new_rsa(bits: int):
     return rsa.generate_private_key(public_exponent=65537, key_size=bits)
 
 
-def trust(tt: TestToken, provider: str, key_file: Path, private_key):
+def trust(tt: TestToken, provider: str, key_file: Path, private_key, *, words: bool = False):
+    """The officer confirms the fingerprint the provider shows: hex, or read as PGP words."""
+    confirmed = fingerprint(private_key)
+    if words:
+        from hsm.fingerprint import to_words
+        confirmed = " ".join(to_words(bytes.fromhex(confirmed)))
     return run_hsm(tt, "cloud-key", "trust", "--token", tt.label, "--provider", provider,
-                   "--wrapping-key", str(key_file), "--fingerprint", fingerprint(private_key),
-                   env=pins(tt))
+                   "--wrapping-key", str(key_file), "--fingerprint", confirmed, env=pins(tt))
 
 
 def export(tt: TestToken, key: str, provider: str, key_file: Path, out: Path, *extra: str):

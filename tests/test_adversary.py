@@ -418,7 +418,7 @@ def cloud_primary(kit, release, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     from hsm.cloud.keys import import_label
     return {"key": "cloud-atk", "import": import_label("aws", bytes.fromhex(
-        ck.fingerprint(provider)))}
+        ck.fingerprint(provider))), "key_file": root / "aws.pem", "root": root}
 
 
 def _oaep_wrap(primary, lease, wrapping, target) -> str:
@@ -530,6 +530,18 @@ def test_the_cloud_import_key_wraps_no_release_secret_and_no_long_term_key(
                     "CKR_KEY_UNEXTRACTABLE", "CKR_KEY_NOT_WRAPPABLE"), name
             assert _oaep_wrap(primary, lease, importer, lease.key(
                 ops.secret(cloud_primary["key"]))) == "CKR_OK"  # what it is for
+        # ...and the command refuses them before asking the token.
+        from tests import cloud_kit as ck
+        from tests.test_cli import assert_one_line_error
+        token_file = cloud_primary["root"] / "t.token"
+        token_file.write_bytes(b"t")
+        for name in (label, seed, f"{kit.primary.label}-encryption"):
+            line = assert_one_line_error(ck.export(
+                kit.primary, name, "aws", cloud_primary["key_file"],
+                cloud_primary["root"] / f"out-{name}", "--import-token", str(token_file),
+                "--algorithm", "RSAES_OAEP_SHA_1"))
+            assert ("was not made by `hsm cloud-key create`" in line
+                    or "no secret key labelled" in line), line
     finally:
         primary.run_on_anchor("destroy", lambda lease: [
             o.destroy() for lab in (label, seed)

@@ -16,13 +16,14 @@ from pathlib import Path
 from asn1crypto import keys as asn1keys
 from asn1crypto import pem
 from asn1crypto import x509 as asn1x509
+from pkcs11 import ObjectClass
 
 from .. import module as modules
 from .. import pin as pins
 from .. import cliutil, uri
 from ..errors import UsageError
 from ..files import write_new
-from ..token import Token
+from ..token import KeyRef, Token
 from . import keys, providers, wrap
 
 MAX_KEY_FILE = 64 * 1024
@@ -141,10 +142,11 @@ def cmd_export(args, open_token) -> int:
         providers.check_sizes(prov, alg, rsa_bits, info["bytes"])
         import_ref = keys.require_trusted(token, prov.name, spki, digest)
         kcv = keys.check_value(token, args.key)
-        wrapped_name, planned = providers.outputs(prov, alg, args.key, b"", import_token=
-                                                  import_token, kid=args.kid, generator="")
+        # The file names only (an empty payload): refuse an existing one before any wrap.
+        _, planned = providers.outputs(prov, alg, args.key, b"", import_token=import_token,
+                                       kid=args.kid, generator="")
         _refuse_existing(out, [*planned, "export.json"])
-        key_ref = keys.KeyRef(args.key, keys.ObjectClass.SECRET_KEY)
+        key_ref = KeyRef(args.key, ObjectClass.SECRET_KEY)
         if not alg.rsa_aes:
             wrapped, route = wrap.oaep(token, import_ref, key_ref, alg.hash), "C_WrapKey(OAEP)"
         elif token.profile.rsa_aes_key_wrap:
