@@ -546,3 +546,48 @@ def test_the_cloud_import_key_wraps_no_release_secret_and_no_long_term_key(
         primary.run_on_anchor("destroy", lambda lease: [
             o.destroy() for lab in (label, seed)
             for o in lease.session.get_objects({Attribute.LABEL: lab})])
+
+
+def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_inside(
+        softhsm_token):
+    """The ephemeral key as hsm.cloud.wrap makes it: only the SO can generate it, it survives
+    the SO's logout as a public session object, and the user then cannot read it, use it to
+    encrypt, wrap it with an untrusted key, or strip CKA_TRUSTED / CKA_WRAP_WITH_TRUSTED."""
+    from hsm import module as modules
+    from hsm.token import find_token
+    tt = softhsm_token  # its Token is never opened: this test logs in by hand
+    mod = modules.load(tt.module_path)
+    p11token = find_token(mod, label=tt.label)
+    raw = mod.raw
+    kwp = 0x210A  # SoftHSM2's RFC 5649 code (hsm.profile.kwp_mechanism)
+    template = {**policies.cloud_ephemeral(kwp).creation_attributes(
+        policies.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.VALUE_LEN: 32, Attribute.LABEL: "eph"}
+    session = p11token.open(rw=True)
+    h = session.handle
+    try:
+        assert raw_rv(raw.login(h, tt.user_pin.reveal().encode(), _cryptoki.CKU_USER)) == "CKR_OK"
+        assert raw_rv(raw.generate_key(h, Mechanism.AES_KEY_GEN, template)) == \
+            "CKR_ATTRIBUTE_READ_ONLY"  # the user cannot make it
+        raw.logout(h)
+        assert raw_rv(raw.login(h, tt.so_pin.reveal().encode(), _cryptoki.CKU_SO)) == "CKR_OK"
+        rv, eph = raw.generate_key(h, Mechanism.AES_KEY_GEN, template)
+        assert raw_rv(rv) == "CKR_OK"
+        raw.logout(h)
+        assert raw_rv(raw.login(h, tt.user_pin.reveal().encode(), _cryptoki.CKU_USER)) == "CKR_OK"
+        assert raw.get_attribute(h, eph, Attribute.TRUSTED)[1] == b"\x01"  # survived the logout
+        assert raw_rv(raw.get_attribute(h, eph, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
+        assert raw_rv(raw.operation_init("C_EncryptInit", h, Mechanism.AES_ECB, None, eph)) == \
+            "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        rv, mine = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True})
+        assert raw_rv(raw.wrap_key(h, kwp, None, mine, eph)) == "CKR_KEY_NOT_WRAPPABLE"
+        for change in ({Attribute.TRUSTED: False}, {Attribute.WRAP_WITH_TRUSTED: False},
+                       {Attribute.SENSITIVE: False}):
+            assert raw_rv(raw.set_attributes(h, eph, change)) == "CKR_ACTION_PROHIBITED", change
+        assert raw_rv(raw.copy_object(h, eph, {Attribute.TRUSTED: True})) == \
+            "CKR_ACTION_PROHIBITED"
+    finally:
+        raw.logout(h)
+        raw.close_session(h)
