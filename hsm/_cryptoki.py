@@ -93,6 +93,10 @@ class CK_RSA_PKCS_OAEP_PARAMS(ctypes.Structure):
                 ("pSourceData", CK_VOID_P), ("ulSourceDataLen", CK_ULONG)]
 
 
+class CK_RSA_AES_KEY_WRAP_PARAMS(ctypes.Structure):
+    _fields_ = [("ulAESKeyBits", CK_ULONG), ("pOAEPParams", ctypes.POINTER(CK_RSA_PKCS_OAEP_PARAMS))]
+
+
 _P_ATTR = ctypes.POINTER(CK_ATTRIBUTE)
 _P_MECH = ctypes.POINTER(CK_MECHANISM)
 _P_ULONG = ctypes.POINTER(CK_ULONG)
@@ -106,6 +110,8 @@ _C_GenerateKeyPair = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, _P_ATTR, CK_ULON
 _C_OperationInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG)
 _C_UnwrapKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG, ctypes.c_char_p, CK_ULONG,
                                 _P_ATTR, CK_ULONG, _P_ULONG)
+_C_WrapKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG, CK_ULONG, ctypes.c_char_p,
+                              _P_ULONG)
 
 # CK_FUNCTION_LIST: a CK_VERSION followed by function pointers in the order of the standard
 # (PKCS#11 v2.40). Functions we do not call are declared as opaque pointers to keep the layout.
@@ -143,6 +149,7 @@ _TYPED = {
     "C_GenerateKey": _C_GenerateKey,
     "C_GenerateKeyPair": _C_GenerateKeyPair,
     "C_UnwrapKey": _C_UnwrapKey,
+    "C_WrapKey": _C_WrapKey,
     "C_EncryptInit": _C_OperationInit,
     "C_DecryptInit": _C_OperationInit,
     "C_SignInit": _C_OperationInit,
@@ -321,6 +328,26 @@ class RawModule:
         rv = int(self._f.C_UnwrapKey(session, ctypes.byref(mech), unwrapping_key, wrapped,
                                      len(wrapped), tpl.array, tpl.count, ctypes.byref(handle)))
         return rv, handle.value
+
+    def wrap_key(self, session: int, mechanism: int, parameter: ctypes.Structure | None,
+                 wrapping_key: int, key: int) -> tuple[int, bytes | None]:
+        """C_WrapKey with a parameter struct python-pkcs11 0.10 cannot build (OAEP with a
+        chosen hash, CK_RSA_AES_KEY_WRAP_PARAMS). Size query first, then the real call; the
+        buffer gets 64 spare bytes because NSS under-reports some wrap lengths."""
+        mech = CK_MECHANISM(mechanism, None, 0)
+        if parameter is not None:
+            mech.pParameter = ctypes.cast(ctypes.pointer(parameter), CK_VOID_P)
+            mech.ulParameterLen = ctypes.sizeof(parameter)
+        size = CK_ULONG(0)
+        rv = int(self._f.C_WrapKey(session, ctypes.byref(mech), wrapping_key, key, None,
+                                   ctypes.byref(size)))
+        if rv != CKR_OK:
+            return rv, None
+        size.value += 64
+        buf = ctypes.create_string_buffer(size.value)
+        rv = int(self._f.C_WrapKey(session, ctypes.byref(mech), wrapping_key, key, buf,
+                                   ctypes.byref(size)))
+        return rv, buf.raw[:size.value] if rv == CKR_OK else None
 
     def operation_init(self, function: str, session: int, mechanism: int,
                        parameter: ctypes.Structure | None, key: int) -> int:

@@ -1,7 +1,8 @@
 """``hsm audit``: every object on a token, with its attributes and each deviation from its policy.
 
 Roles are recognised by the labels this suite gives (``<token>-signing``, ``<token>-encryption``,
-``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``). An object no role claims is
+``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, and cloud
+keys by their CKA_ID prefix). An object no role claims is
 listed as ``unrecognised``: it may belong to another application, so it is shown, not failed.
 """
 
@@ -36,7 +37,14 @@ class AuditedObject:
 
 
 def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
-          has_signing: bool) -> policies.KeyPolicy | None:
+          has_signing: bool, key_id: bytes = b"", kwp: int | None = None,
+          rsa_aes: bool = False) -> policies.KeyPolicy | None:
+    from .cloud.keys import ID_PREFIX, IMPORT_LABEL_PREFIX
+    if kwp is not None and cls is ObjectClass.SECRET_KEY and key_id.startswith(ID_PREFIX):
+        return policies.cloud_key(kwp)
+    if kwp is not None and cls is ObjectClass.PUBLIC_KEY and \
+            label.startswith(IMPORT_LABEL_PREFIX):
+        return policies.cloud_import_key(kwp, rsa_aes)
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-signing":
         return policies.SIGNING_ECDSA if key_type is KeyType.EC else policies.SIGNING_RSA_PSS
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-encryption":
@@ -57,6 +65,7 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
 
 def audit(token: Token) -> list[AuditedObject]:
     raw = token.module.raw
+    kwp, rsa_aes = token.profile.aes_kwp, token.profile.rsa_aes_key_wrap
 
     def scan(lease):
         from ._cryptoki import decode_ulong
@@ -78,7 +87,8 @@ def audit(token: Token) -> list[AuditedObject]:
                           for r in rows)
         out = []
         for obj, cls, label, key_id, key_type, app in rows:
-            pol = _role(token.label, cls, label, key_type, app, has_signing)
+            pol = _role(token.label, cls, label, key_type, app, has_signing,
+                        bytes.fromhex(key_id), kwp, rsa_aes)
             shown = {}
             for attr in SHOWN:
                 _, value = raw.get_attribute(h, obj.handle, attr)

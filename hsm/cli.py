@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 from . import fingerprint as fp
@@ -130,20 +129,8 @@ def cmd_certify_regional(args) -> int:
     digest = bytes.fromhex(request["fingerprint_sha256"])
     print(f"Request for region {request['region']!r}, token {request['token_label']!r} "
           f"(serial {request['token_serial']}), key {request['key_label']!r}")
-    print(f"  SHA-256(SPKI) {fp.to_hex(digest)}")
-    words = fp.to_words(digest)
-    print("  words  " + " ".join(words[:16]) + "\n         " + " ".join(words[16:]))
-    if args.fingerprint:
-        typed = args.fingerprint
-    elif sys.stdin is not None and sys.stdin.isatty():
-        typed = input("Type the fingerprint read on the regional console (hex or words): ")
-    else:
-        raise UsageError("no fingerprint confirmation given",
-                         hint="pass --fingerprint HEX|WORDS as read on the regional console")
-    try:
-        confirmed = fp.parse_fingerprint(typed)
-    except ValueError as exc:
-        raise UsageError(f"cannot read the confirmed fingerprint: {exc}") from None
+    confirmed = cliutil.confirm_fingerprint(digest, args.fingerprint,
+                                            "read on the regional console")
     with _open_token(args) as token:
         outcome = provision.certify_regional(token, Path(args.request), Path(args.out),
                                              confirmed_fingerprint=confirmed,
@@ -238,16 +225,11 @@ def _yn(value) -> str:
 
 
 def _list_objects(token: Token) -> list[dict]:
-    from pkcs11 import Attribute
-
-    def scan(lease):
-        out = []
-        for obj in lease.session.get_objects({Attribute.TOKEN: True}):
-            attrs = obj.get_attributes([Attribute.CLASS, Attribute.LABEL, Attribute.ID])
-            out.append({"class": attrs[Attribute.CLASS].name.lower(),
-                        "label": attrs[Attribute.LABEL], "id": attrs[Attribute.ID].hex()})
-        return out
-    return token.run("C_FindObjects", scan)
+    """Class, label and CKA_ID of every token object (the audit's reader: a data object, such as
+    a release record, has no CKA_ID)."""
+    from . import audit
+    return [{"class": r.object_class, "label": r.label, "id": r.id}
+            for r in audit.audit(token)]
 
 
 # ------------------------------------------------------------------------------ parser
@@ -315,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_token_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit)
+
+    from .cloud import cli as cloud_cli
+    cloud_cli.register(sub, _add_token_args, _add_weak_arg, _open_token)
     return parser
 
 

@@ -137,10 +137,7 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
     if spki.algorithm != "rsa":
         raise KeyPolicyViolation(f"trusted wrapping keys must be RSA, got {spki.algorithm}",
                                  object_label=label)
-    pub = spki["public_key"].parsed
-    modulus = pub["modulus"].native.to_bytes((pub["modulus"].native.bit_length() + 7) // 8, "big")
-    exponent = pub["public_exponent"].native.to_bytes(
-        (pub["public_exponent"].native.bit_length() + 7) // 8, "big")
+    modulus, exponent = rsa_numbers(spki)
     existing = so_token.run("C_FindObjects", _find, label,
                             {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY})
     if existing:
@@ -170,6 +167,15 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
         check_rv(rv)
     so_token.run_on_anchor("C_CreateObject", create, label)
     return "created"
+
+
+def rsa_numbers(spki: keys.PublicKeyInfo) -> tuple[bytes, bytes]:
+    """Modulus and public exponent of an RSA SPKI as the big-endian bytes a token stores."""
+    pub = spki["public_key"].parsed
+    modulus = pub["modulus"].native.to_bytes((pub["modulus"].native.bit_length() + 7) // 8, "big")
+    exponent = pub["public_exponent"].native.to_bytes(
+        (pub["public_exponent"].native.bit_length() + 7) // 8, "big")
+    return modulus, exponent
 
 
 def trusted_key_template(label: str, key_id: bytes, modulus: bytes, exponent: bytes) -> dict:

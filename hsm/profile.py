@@ -155,11 +155,8 @@ def probe(token) -> Profile:
         prof.mechanisms[code] = MechanismEntry(mechanism_name(code), code,
                                                info.ulMinKeySize or None,
                                                info.ulMaxKeySize or None, flags)
-    softhsm = "SoftHSM" in p11.manufacturer_id or "SoftHSM" in token.module.description
-    if prof.has(CKM_AES_KEY_WRAP_KWP):
-        prof.aes_kwp = CKM_AES_KEY_WRAP_KWP
-    elif prof.has(CKM_AES_KEY_WRAP_PAD) and softhsm:
-        prof.aes_kwp = CKM_AES_KEY_WRAP_PAD
+    prof.aes_kwp = kwp_mechanism(token, prof.mechanisms)
+    if prof.aes_kwp == CKM_AES_KEY_WRAP_PAD:
         prof.notes.append("SoftHSM2 implements RFC 5649 (KWP) under CKM_AES_KEY_WRAP_PAD 0x210a")
     if prof.aes_kwp == CKM_AES_KEY_WRAP_KWP and "Mozilla" in p11.manufacturer_id + \
             token.module.description:
@@ -181,6 +178,19 @@ def probe(token) -> Profile:
             prof.trusted_wrap_enforced = _probe_trusted_wrap(lease.session, prof)
     _probe_policy(token, prof)
     return prof
+
+
+def kwp_mechanism(token, mechanisms=None) -> int | None:
+    """The code that implements RFC 5649 KWP, from the mechanism list alone: usable on an SO
+    session, where the probe's private session objects cannot be made."""
+    p11 = token.p11token
+    codes = mechanisms if mechanisms is not None else {int(m) for m in p11.slot.get_mechanisms()}
+    softhsm = "SoftHSM" in p11.manufacturer_id or "SoftHSM" in token.module.description
+    if CKM_AES_KEY_WRAP_KWP in codes:
+        return CKM_AES_KEY_WRAP_KWP
+    if CKM_AES_KEY_WRAP_PAD in codes and softhsm:
+        return CKM_AES_KEY_WRAP_PAD
+    return None
 
 
 def require_enforcement(token, purpose: str, *, allow_weak: bool = False) -> None:

@@ -72,6 +72,11 @@ bash scripts/demo-kms-service.sh
 step "hsm audit (regional-eu, after the KMS ran: no release secret was left on the token)"
 hsm audit --token regional-eu
 
+bash scripts/demo-cloud.sh
+
+step "hsm audit (primary, after the cloud exports: the cloud key and the trusted import keys)"
+hsm audit --token primary
+
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"
 cat <<'NEXT'
 

@@ -434,3 +434,195 @@ def test_policy_attributes_are_refused_changes_on_each_backend(hsm_token):
             raw.destroy_object(h, key)
     finally:
         raw.close_session(h)
+
+
+# ------------------------------------------------------------------------------ cloud keys
+@pytest.fixture(scope="module")
+def cloud_primary(kit, release, tmp_path_factory):
+    """A cloud key on the primary after the ceremony, and an AWS import key the SO trusted,
+    both made by the real command in another process (the officers' route)."""
+    from tests import cloud_kit as ck
+    from tests.test_cli import run_hsm
+    root = tmp_path_factory.mktemp("cloud-adversary")
+    tt = kit.primary
+    r = run_hsm(tt, "cloud-key", "create", "--token", tt.label, "--label", "cloud-atk",
+                env=ck.pins(tt))
+    assert r.returncode == 0, r.stderr
+    provider = ck.new_rsa(2048)
+    r = ck.trust(tt, "aws", ck.write_key(provider, root / "aws.pem"), provider)
+    assert r.returncode == 0, r.stderr
+    from hsm.cloud.keys import import_label
+    return {"key": "cloud-atk", "import": import_label("aws", bytes.fromhex(
+        ck.fingerprint(provider))), "key_file": root / "aws.pem", "root": root}
+
+
+def _oaep_wrap(primary, lease, wrapping, target) -> str:
+    from hsm.cloud.wrap import oaep_params
+    raw = primary.module.raw
+    rv, _ = raw.wrap_key(lease.session.handle, Mechanism.RSA_PKCS_OAEP, oaep_params("sha1"),
+                         wrapping.handle, target.handle)
+    return raw_rv(rv)
+
+
+def test_the_cloud_key_cannot_be_read_flipped_copied_or_used_as_an_oracle(primary,
+                                                                         cloud_primary):
+    raw = primary.module.raw
+    with primary.lease() as lease:
+        key = lease.key(ops.secret(cloud_primary["key"]))
+        h = lease.session.handle
+        assert ckr(lambda: key[Attribute.VALUE]) == "CKR_ATTRIBUTE_SENSITIVE"
+        assert raw_rv(raw.operation_init("C_EncryptInit", h, Mechanism.AES_ECB, None,
+                                         key.handle)) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.AES_MAC, None,
+                                         key.handle)) == "CKR_MECHANISM_INVALID"
+        # Its mechanism list names the token's KWP (the wrap-template marker), but it has
+        # CKA_WRAP=false: it cannot wrap anything with it.
+        target = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+            Attribute.EXTRACTABLE: True, Attribute.LABEL: f"atk-{next(_label)}"})
+        assert raw_rv(raw.wrap_key(h, 0x210A, None, key.handle, target.handle)) == \
+            "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        for change in ({Attribute.WRAP_WITH_TRUSTED: False}, {Attribute.EXTRACTABLE: False},
+                       {Attribute.ENCRYPT: True}, {Attribute.SENSITIVE: False}):
+            assert raw_rv(raw.set_attributes(h, key.handle, change)) == \
+                "CKR_ACTION_PROHIBITED", change
+        assert raw_rv(raw.copy_object(h, key.handle, {Attribute.TOKEN: False})) == \
+            "CKR_ACTION_PROHIBITED"
+        assert len(key.sign(bytes(16), mechanism=Mechanism.AES_CMAC)) == 16  # its job
+
+
+def test_the_cloud_key_leaves_only_to_trusted_keys_and_the_user_cannot_make_one(
+        primary, cloud_primary):
+    """An untrusted AES or RSA key cannot wrap it; the user can make no trusted key - not by
+    generating, creating or unwrapping one (the composed RSA-AES route's ephemeral key needs
+    the SO for exactly this reason)."""
+    from hsm.cloud.keys import kwp_code
+    raw = primary.module.raw
+    kwp = kwp_code(primary)
+    with primary.lease() as lease:
+        h = lease.session.handle
+        key = lease.key(ops.secret(cloud_primary["key"]))
+        mine = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+            Attribute.WRAP: True, Attribute.UNWRAP: True, Attribute.LABEL: f"atk-{next(_label)}"})
+        assert raw_rv(raw.wrap_key(h, kwp, None, mine.handle, key.handle)) == \
+            "CKR_KEY_NOT_WRAPPABLE"
+        rv, pub = raw.create_object(h, {
+            **export.trusted_key_template(f"atk-{next(_label)}", b"x", b"\xc5" * 256,
+                                          b"\x01\x00\x01"), Attribute.TOKEN: False,
+            Attribute.TRUSTED: False})
+        assert raw_rv(rv) == "CKR_OK"
+        from hsm.cloud.wrap import oaep_params
+        assert raw_rv(raw.wrap_key(h, Mechanism.RSA_PKCS_OAEP, oaep_params("sha1"), pub,
+                                   key.handle)) == "CKR_KEY_NOT_WRAPPABLE"
+        ephemeral = {**policies.cloud_ephemeral(kwp).creation_attributes(
+            policies.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.LABEL: f"atk-{next(_label)}"}
+        assert raw_rv(raw.generate_key(h, Mechanism.AES_KEY_GEN, ephemeral)) == \
+            "CKR_ATTRIBUTE_READ_ONLY"
+        spare = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+            Attribute.EXTRACTABLE: True, Attribute.LABEL: f"atk-{next(_label)}"})
+        wrapped = mine.wrap_key(spare, mechanism=Mechanism(kwp))
+        assert raw_rv(raw.unwrap_key(h, kwp, None, mine.handle, wrapped, {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.TOKEN: False, Attribute.TRUSTED: True, Attribute.WRAP: True})) == \
+            "CKR_ATTRIBUTE_READ_ONLY"
+
+
+def test_a_trusted_ceremony_key_gives_no_readable_copy_of_the_cloud_key(
+        kit, primary, cloud_primary):
+    """The ceremony's trusted escrow key may wrap the cloud key (both are the SO's), but the
+    primary's encryption key unwraps it only under its unwrap template: no readable copy."""
+    enc = f"{kit.primary.label}-encryption"
+    with primary.lease() as lease:
+        key = lease.key(ops.secret(cloud_primary["key"]))
+        escrow = lease.key(ops.public(runner.recipient_label("escrow")))
+        wrapped = escrow.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                  mechanism_param=OAEP_SHA1)
+        for template in ({Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
+                         {Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: False}):
+            assert ckr(lambda: lease.key(ops.private(enc)).unwrap_key(
+                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
+                mechanism_param=OAEP_SHA1, store=False, template=template)) == \
+                "CKR_TEMPLATE_INCONSISTENT"
+
+
+def test_the_cloud_import_key_wraps_no_release_secret_and_no_long_term_key(
+        kit, primary, cloud_primary):
+    """The provider key's CKA_WRAP_TEMPLATE (enforced by SoftHSM2 2.6.1 on
+    CKA_ALLOWED_MECHANISMS) makes the token refuse to send a release secret to a cloud
+    provider, though both are trusted-wrap; private keys are never extractable at all."""
+    label = f"rel-atk-{next(_label)}"
+    export.ensure_secret(primary, "aes", label, os.urandom(16))
+    seed = f"rel-atk-{next(_label)}"
+    export.ensure_secret(primary, "generic-secret", seed, os.urandom(16))
+    try:
+        with primary.lease() as lease:
+            importer = lease.key(ops.public(cloud_primary["import"]))
+            for secret_label in (label, seed):
+                assert _oaep_wrap(primary, lease, importer,
+                                  lease.key(ops.secret(secret_label))) == "CKR_KEY_NOT_WRAPPABLE"
+            for name in (f"{kit.primary.label}-encryption", f"{kit.primary.label}-signing"):
+                assert _oaep_wrap(primary, lease, importer, lease.key(ops.private(name))) in (
+                    "CKR_KEY_UNEXTRACTABLE", "CKR_KEY_NOT_WRAPPABLE"), name
+            assert _oaep_wrap(primary, lease, importer, lease.key(
+                ops.secret(cloud_primary["key"]))) == "CKR_OK"  # what it is for
+        # ...and the command refuses them before asking the token.
+        from tests import cloud_kit as ck
+        from tests.test_cli import assert_one_line_error
+        token_file = cloud_primary["root"] / "t.token"
+        token_file.write_bytes(b"t")
+        for name in (label, seed, f"{kit.primary.label}-encryption"):
+            line = assert_one_line_error(ck.export(
+                kit.primary, name, "aws", cloud_primary["key_file"],
+                cloud_primary["root"] / f"out-{name}", "--import-token", str(token_file),
+                "--algorithm", "RSAES_OAEP_SHA_1"))
+            assert ("was not made by `hsm cloud-key create`" in line
+                    or "no secret key labelled" in line), line
+    finally:
+        primary.run_on_anchor("destroy", lambda lease: [
+            o.destroy() for lab in (label, seed)
+            for o in lease.session.get_objects({Attribute.LABEL: lab})])
+
+
+def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_inside(
+        softhsm_token):
+    """The ephemeral key as hsm.cloud.wrap makes it: only the SO can generate it, it survives
+    the SO's logout as a public session object, and the user then cannot read it, use it to
+    encrypt, wrap it with an untrusted key, or strip CKA_TRUSTED / CKA_WRAP_WITH_TRUSTED."""
+    from hsm import module as modules
+    from hsm.token import find_token
+    tt = softhsm_token  # its Token is never opened: this test logs in by hand
+    mod = modules.load(tt.module_path)
+    p11token = find_token(mod, label=tt.label)
+    raw = mod.raw
+    kwp = 0x210A  # SoftHSM2's RFC 5649 code (hsm.profile.kwp_mechanism)
+    template = {**policies.cloud_ephemeral(kwp).creation_attributes(
+        policies.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
+        Attribute.VALUE_LEN: 32, Attribute.LABEL: "eph"}
+    session = p11token.open(rw=True)
+    h = session.handle
+    try:
+        assert raw_rv(raw.login(h, tt.user_pin.reveal().encode(), _cryptoki.CKU_USER)) == "CKR_OK"
+        assert raw_rv(raw.generate_key(h, Mechanism.AES_KEY_GEN, template)) == \
+            "CKR_ATTRIBUTE_READ_ONLY"  # the user cannot make it
+        raw.logout(h)
+        assert raw_rv(raw.login(h, tt.so_pin.reveal().encode(), _cryptoki.CKU_SO)) == "CKR_OK"
+        rv, eph = raw.generate_key(h, Mechanism.AES_KEY_GEN, template)
+        assert raw_rv(rv) == "CKR_OK"
+        raw.logout(h)
+        assert raw_rv(raw.login(h, tt.user_pin.reveal().encode(), _cryptoki.CKU_USER)) == "CKR_OK"
+        assert raw.get_attribute(h, eph, Attribute.TRUSTED)[1] == b"\x01"  # survived the logout
+        assert raw_rv(raw.get_attribute(h, eph, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
+        assert raw_rv(raw.operation_init("C_EncryptInit", h, Mechanism.AES_ECB, None, eph)) == \
+            "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        rv, mine = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True})
+        assert raw_rv(raw.wrap_key(h, kwp, None, mine, eph)) == "CKR_KEY_NOT_WRAPPABLE"
+        for change in ({Attribute.TRUSTED: False}, {Attribute.WRAP_WITH_TRUSTED: False},
+                       {Attribute.SENSITIVE: False}):
+            assert raw_rv(raw.set_attributes(h, eph, change)) == "CKR_ACTION_PROHIBITED", change
+        assert raw_rv(raw.copy_object(h, eph, {Attribute.TRUSTED: True})) == \
+            "CKR_ACTION_PROHIBITED"
+    finally:
+        raw.logout(h)
+        raw.close_session(h)

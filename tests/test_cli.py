@@ -602,3 +602,12 @@ def test_init_regional_refuses_an_out_dir_whose_parent_is_missing(softhsm_token,
                      "--region", "eu", "--out", str(out), env=pin_env(softhsm_token))
     assert "does not exist" in assert_one_line_error(result)
     assert not (tmp_path / "no").exists()
+
+
+def test_info_objects_lists_data_objects_without_an_id(softhsm_token):
+    """A release record is a CKO_DATA object with no CKA_ID: `hsm info --objects` lists it."""
+    from hsm import export
+    export.write_state(softhsm_token.token, "4242")
+    softhsm_token.close()
+    objs = objects_on(softhsm_token)
+    assert {"class": "data", "label": "hsm-suite-release-4242", "id": ""} in objs
