@@ -123,6 +123,18 @@ def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedMod
         return mod
 
 
+def rescan(path: str) -> None:
+    """Finalise ``path`` so the next :func:`load` initialises it again, and with it re-reads
+    the token directory (SoftHSM2 reads it only in C_Initialize). Every session this process
+    had on the module is gone afterwards: callers use it only where none can exist yet."""
+    real = resolve(path)
+    with _lock:
+        mod = _modules.get(real)
+        if mod is not None and mod.pid == os.getpid():
+            mod.raw.finalize()
+            mod.pid = -1
+
+
 def _after_fork_in_child() -> None:
     # Runs in the child only. Locks may have been held by other parent threads at fork time,
     # so replace them rather than acquire them.

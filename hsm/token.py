@@ -174,10 +174,23 @@ class Token:
 
     def _reset_after_fork(self) -> None:
         """In a forked child: forget the parent's sessions (never close them) and log in anew."""
-        self._module = modules.load(self._module.path, self._module.parameters)
+        path, parameters = self._module.path, self._module.parameters
         self._generation += 1
         self._fresh_pool()
-        self._p11token = find_token(self._module, label=self.label, serial=self.serial)
+        for attempt in range(_FORK_SCAN_ATTEMPTS):
+            self._module = modules.load(path, parameters)
+            try:
+                self._p11token = find_token(self._module, label=self.label, serial=self.serial)
+                break
+            except TokenNotFound:
+                # SoftHSM2 2.6.1 reads the token directory once, in C_Initialize, and a read
+                # that meets a token file another process holds locked skips that token (seen:
+                # 1 in 3 when two forked children initialise at once). This child has no
+                # session yet, so it can finalise and read the directory again.
+                if attempt == _FORK_SCAN_ATTEMPTS - 1:
+                    raise
+                modules.rescan(path)
+                time.sleep(0.005 * (attempt + 1) + random.random() * 0.01)
         self.slot_id = self._p11token.slot.slot_id
         self._login()
 
@@ -459,6 +472,7 @@ def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, labe
 
 
 _LOGIN_ATTEMPTS = 6
+_FORK_SCAN_ATTEMPTS = 5
 
 
 def _close_quietly(mod: modules.LoadedModule, session: pkcs11.Session) -> None:
