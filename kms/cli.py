@@ -81,12 +81,21 @@ def cmd_tenant(args) -> int:
     with _kms(args) as kms:
         if args.action == "create":
             kms.create_tenant(args.org, args.type)
+            if args.no_secret:
+                print(f"tenant {args.org} ({args.type}): no secret yet (upload, register or "
+                      "rotate one)")
+                return 0
             row = kms.generate_secret(args.org, args.key_type)
             print(f"tenant {args.org} ({args.type}): {row.key_type} secret v{row.version} "
                   f"{row.state}")
         elif args.action == "rotate":
-            row = kms.rotate(args.org, args.key_type)
-            print(f"{args.org}: {row.key_type} secret v{row.version} ACTIVE, previous archived")
+            if args.source == "ekm":
+                from . import ekm
+                row = ekm.rotate(kms, args.org, args.key_type)
+            else:
+                row = kms.rotate(args.org, args.key_type)
+            print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source}), "
+                  "previous archived")
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
@@ -102,6 +111,26 @@ def cmd_tenant(args) -> int:
         elif args.action == "import":
             org = kms.import_backup(Path(args.file))
             print(f"backup of {org} imported")
+    return 0
+
+
+def cmd_ekm(args) -> int:
+    from . import ekm
+    if args.action == "policy":
+        # Needs no node: the document is computed from the arguments alone.
+        missing = [f"--{n.replace('_', '-')}" for n in ("org", "principal", "key_arn")
+                   if getattr(args, n) is None]
+        if missing:
+            raise UsageError(f"`kms ekm policy` needs {' and '.join(missing)}")
+        print(json.dumps(ekm.policy_document(args.org, args.principal, args.key_arn), indent=2))
+        return 0
+    if args.org is None or args.key_id is None:
+        raise UsageError("`kms ekm add` needs --org and --key-id")
+    with _kms(args) as kms:
+        spec = ekm.register(kms, args.org, args.key_id, endpoint_url=args.endpoint_url,
+                            aws_region=args.aws_region, ca_bundle=args.ca_bundle)
+    print(f"{args.org}: EKM root key {spec['key_id']} registered (region {spec['aws_region']}); "
+          "`kms tenant rotate --source ekm` makes a key under it")
     return 0
 
 
@@ -143,7 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-type", default="field", choices=["field", "database"])
     p.add_argument("--version", type=int)
     p.add_argument("--file", help="backup file (export/import)")
+    p.add_argument("--no-secret", action="store_true",
+                   help="create: no HSM secret (the first key comes from the customer)")
+    p.add_argument("--source", choices=["hsm", "ekm"], default="hsm",
+                   help="rotate: where the new key comes from")
     p.set_defaults(func=cmd_tenant)
+    p = sub.add_parser("ekm", help="External Key Management: the root key in the customer's "
+                                   "AWS KMS")
+    p.add_argument("action", choices=["policy", "add"])
+    p.add_argument("--org")
+    p.add_argument("--principal", help="policy: the regional KMS's IAM principal ARN")
+    p.add_argument("--key-arn", help="policy: the customer's key ARN")
+    p.add_argument("--key-id", help="add: the customer's key ARN")
+    p.add_argument("--endpoint-url", help="add: AWS KMS endpoint (default: AWS's own)")
+    p.add_argument("--aws-region", help="add: default the ARN's region")
+    p.add_argument("--ca-bundle", help="add: CA file to verify the endpoint's TLS certificate")
+    p.set_defaults(func=cmd_ekm)
     p = sub.add_parser("encrypt", help="encrypt a field for an org (prints base64)")
     p.add_argument("--org", required=True)
     p.add_argument("--key-type", default="field", choices=["field", "database"])
