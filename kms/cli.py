@@ -23,6 +23,8 @@ from .service import Kms
 
 
 def _kms(args) -> Kms:
+    if args.config is None:
+        raise UsageError(f"`kms {args.command}` needs --config (the node's configuration)")
     kms = Kms(configs.load(args.config))
     kms.start()
     return kms
@@ -30,6 +32,8 @@ def _kms(args) -> Kms:
 
 def cmd_init(args) -> int:
     from .store import Store
+    if args.config is None:
+        raise UsageError("`kms init` needs --config")
     cfg = configs.load(args.config)
     Store.open(cfg.store).close()
     print(f"store ready: {cfg.store}")
@@ -69,7 +73,7 @@ def _when(ts: float | None) -> str:
         timespec="seconds")
 
 
-_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "destroy": ("org", "version"),
+_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
                  "list": ("org",), "export": ("org", "file"), "import": ("file",)}
 
 
@@ -96,6 +100,12 @@ def cmd_tenant(args) -> int:
                 row = kms.rotate(args.org, args.key_type)
             print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source}), "
                   "previous archived")
+        elif args.action == "upload":
+            from . import byok
+            row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
+                              derivation=args.derivation, oaep=args.oaep)
+            print(f"{args.org}: uploaded {row.key_type} secret v{row.version} ({row.derivation})"
+                  f" ACTIVE, usable from {_when(row.usable_from)}; previous archived")
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
@@ -134,6 +144,25 @@ def cmd_ekm(args) -> int:
     return 0
 
 
+def cmd_byok(args) -> int:
+    from . import byok
+    if args.action == "wrap":      # the customer's side: no node, no HSM
+        if args.cert is None or args.out is None or (args.generate == (args.input is not None)):
+            raise UsageError("`kms byok wrap` needs --cert, --out and one of --generate / --in")
+        secret = None if args.generate else byok.read_secret_file(Path(args.input))
+        a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep)
+        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with `kms tenant upload`")
+        return 0
+    if args.org is None or args.out is None:
+        raise UsageError("`kms byok certificate` needs --org and --out")
+    with _kms(args) as kms:
+        info = byok.certificate(kms, args.org, Path(args.out), purpose=args.purpose)
+    print(f"{args.org}: BYOK {args.purpose} certificate written to {args.out} (key "
+          f"{info['label']}, SPKI SHA-256 {info['spki_sha256']}); signed by the regional "
+          f"issuer, SPKI SHA-256 {info['issuer_sha256']}")
+    return 0
+
+
 def cmd_encrypt(args) -> int:
     with _kms(args) as kms:
         sdk = FieldEncryptor(kms)
@@ -157,7 +186,8 @@ def cmd_decrypt(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kms", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true")
-    parser.add_argument("--config", required=True, help="the node's KMS configuration (TOML)")
+    parser.add_argument("--config", help="the node's KMS configuration (TOML); every command "
+                        "but `ekm policy` and `byok wrap` (customer side) needs it")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create or migrate the store").set_defaults(func=cmd_init)
     sub.add_parser("import", help="import the release bundles; report refusals").set_defaults(
@@ -166,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("tenant", help="tenant secrets")
-    p.add_argument("action", choices=["create", "rotate", "destroy", "list", "export", "import"])
+    p.add_argument("action", choices=["create", "rotate", "upload", "destroy", "list", "export",
+                                      "import"])
     p.add_argument("--org")
     p.add_argument("--type", default="production", help="org type (create)")
     p.add_argument("--key-type", default="field", choices=["field", "database"])
@@ -176,7 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create: no HSM secret (the first key comes from the customer)")
     p.add_argument("--source", choices=["hsm", "ekm"], default="hsm",
                    help="rotate: where the new key comes from")
+    p.add_argument("--secret", help="upload: secret.b64 from `kms byok wrap`")
+    p.add_argument("--hash", help="upload: secret.sha256.b64 from `kms byok wrap`")
+    p.add_argument("--derivation", choices=["PBKDF2", "NONE"], default="PBKDF2",
+                   help="upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
+    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+                   help="upload: the OAEP hash the secret was wrapped with")
     p.set_defaults(func=cmd_tenant)
+    p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
+    p.add_argument("action", choices=["certificate", "wrap"])
+    p.add_argument("--org")
+    p.add_argument("--purpose", choices=["seed", "dek"], default="seed",
+                   help="certificate: seed (PBKDF2 uploads, cache-only keys) or dek (NONE)")
+    p.add_argument("--out", help="certificate: the PEM file; wrap: the output directory")
+    p.add_argument("--cert", help="wrap: the org's BYOK certificate (PEM)")
+    p.add_argument("--generate", action="store_true", help="wrap: a fresh secret (OS CSPRNG)")
+    p.add_argument("--in", dest="input", help="wrap: a file with your 32-byte secret")
+    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+                   help="wrap: RSA-OAEP hash (MGF1 the same); default SHA-1")
+    p.set_defaults(func=cmd_byok)
     p = sub.add_parser("ekm", help="External Key Management: the root key in the customer's "
                                    "AWS KMS")
     p.add_argument("action", choices=["policy", "add"])
