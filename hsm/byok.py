@@ -213,3 +213,36 @@ def _hmac(raw, session: int, key: int, message: bytes) -> bytes:
     rv, mac = raw.one_shot("C_Sign", session, message)
     check_rv(rv)
     return mac
+
+
+def decrypt_jwe(token: Token, org_id: str, encrypted_key: bytes, iv: bytes, ciphertext: bytes,
+                tag: bytes, aad: bytes) -> bytes:
+    """A cache-only key's JWE (RSA-OAEP + A256GCM), opened inside the token: the CEK is
+    unwrapped with the org's seed key into a non-extractable AES session object (the seed
+    key's unwrap template forces it), the payload is AES-GCM-decrypted by the token, and the CEK
+    is destroyed. Only the payload (the DEK) comes back. ``ByokRefused`` names what failed."""
+    from ._cryptoki import gcm_params
+    ref = require(token, org_id, "seed")
+    raw = token.module.raw
+
+    def run(lease):
+        h = lease.session.handle
+        cek = _unwrap(token, lease, ref, encrypted_key, "sha1", _secret_template("seed",
+                                                                                 kind="aes"))
+        try:
+            params, _keep = gcm_params(iv, aad)
+            rv = raw.operation_init("C_DecryptInit", h, M.AES_GCM, params, cek)
+            if rv in (0x70, 0x71, 0x62):   # not an AES-256 CEK, or bad IV
+                raise ByokRefused("the JWE content-encryption key or IV is not AES-256-GCM")
+            check_rv(rv)
+            rv, plain = raw.one_shot("C_Decrypt", h, ciphertext + tag)
+            # SoftHSM2 2.6.1 answers a GCM tag that does not verify with CKR_GENERAL_ERROR.
+            if rv in (0x40, 0x41, 0xC0, 0x5):
+                raise ByokRefused("the JWE authentication tag does not verify (altered, or "
+                                  "another header)")
+            check_rv(rv)
+            return plain
+        finally:
+            raw.destroy_object(h, cek)
+    with translated("JWE decrypt", token.label, ref.label):
+        return token.run("C_UnwrapKey+C_Decrypt(AES_GCM)", run, ref.label)

@@ -163,6 +163,27 @@ def cmd_byok(args) -> int:
     return 0
 
 
+def cmd_cache_only(args) -> int:
+    from . import cacheonly
+    with _kms(args) as kms:
+        row = cacheonly.register(kms, args.org, args.key_type, args.url, args.kid,
+                                 client_cert=args.client_cert, client_key=args.client_key,
+                                 ca=args.ca, basic_auth_env=args.basic_auth_env)
+    print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE is cache-only (kid {args.kid} "
+          f"at {args.url}); previous archived")
+    return 0
+
+
+def cmd_keyservice(args) -> int:
+    from . import keyservice
+    for name in ("keys", "cert", "key"):
+        if not Path(getattr(args, name)).exists():
+            raise UsageError(f"--{name} {getattr(args, name)} does not exist")
+    keyservice.serve(Path(args.keys), Path(args.cert), Path(args.key), port=args.port,
+                     client_ca=Path(args.client_ca) if args.client_ca else None)
+    return 0
+
+
 def cmd_encrypt(args) -> int:
     with _kms(args) as kms:
         sdk = FieldEncryptor(kms)
@@ -226,6 +247,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
                    help="wrap: RSA-OAEP hash (MGF1 the same); default SHA-1")
     p.set_defaults(func=cmd_byok)
+    p = sub.add_parser("cache-only", help="cache-only keys: the DEK hosted by the customer")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("--org", required=True)
+    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--url", required=True, help="the key service's base URL (https://...)")
+    p.add_argument("--kid", required=True)
+    p.add_argument("--client-cert")
+    p.add_argument("--client-key")
+    p.add_argument("--ca", help="CA file to verify the key service's certificate")
+    p.add_argument("--basic-auth-env", help="environment variable holding USER:PASSWORD")
+    p.set_defaults(func=cmd_cache_only)
+    p = sub.add_parser("keyservice", help="the reference customer key service (cache-only)")
+    p.add_argument("action", choices=["serve"])
+    p.add_argument("--keys", required=True, help="directory of <kid>.dek and <kid>.pem")
+    p.add_argument("--cert", required=True, help="TLS server certificate (PEM)")
+    p.add_argument("--key", required=True, help="TLS server private key (PEM)")
+    p.add_argument("--client-ca", help="require client certificates issued by this CA")
+    p.add_argument("--port", type=int, default=8443)
+    p.set_defaults(func=cmd_keyservice)
     p = sub.add_parser("ekm", help="External Key Management: the root key in the customer's "
                                    "AWS KMS")
     p.add_argument("action", choices=["policy", "add"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import re
 
-from .errors import KmsError
+from .errors import KeyUnavailable, KmsError
 
 KIND = "ekm"
 CONTEXT_KEYS = ("org", "key_type", "version")
@@ -36,10 +36,6 @@ _CAUSES = {
     "UnrecognizedClientException": "AWS did not accept the node's credentials",
     "InvalidSignatureException": "AWS did not accept the node's credentials",
 }
-
-
-class KeyUnavailable(KmsError):
-    """The customer's key cannot serve now; operations under it fail closed."""
 
 
 def check_key_arn(arn: str) -> re.Match:

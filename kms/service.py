@@ -396,6 +396,9 @@ def _builtin_source(kind: str):
     if kind == "ekm":
         from . import ekm
         return ekm.dek
+    if kind == "cache-only":
+        from . import cacheonly
+        return cacheonly.dek
     raise KeyError(kind)
 
 

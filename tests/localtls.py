@@ -116,3 +116,21 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 def set_aws_env() -> None:
     os.environ.update(AWS_ENV)
+
+
+def start_keyservice(keys: Path, pki: Pki, *, client_ca: Path | None = None,
+                     log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """The reference key service (`kms keyservice serve`) as its own process on 127.0.0.1."""
+    port = free_port()
+    args = [sys.executable, "-m", "kms", "keyservice", "serve", "--keys", str(keys), "--cert",
+            str(pki.cert), "--key", str(pki.key), "--port", str(port)]
+    if client_ca is not None:
+        args += ["--client-ca", str(client_ca)]
+    err = open(log, "ab") if log else subprocess.PIPE
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=err)
+    if log:
+        err.close()
+        proc.stderr = open(log, "rb")
+    wait_listening(port, proc)
+    return proc, f"https://127.0.0.1:{port}"
