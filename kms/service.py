@@ -70,7 +70,7 @@ class Kms:
         self._lock = threading.Lock()
         # DEK sources other than HSM-generated or uploaded secrets (issue 9): a REMOTE row's
         # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
-        # fetches or unwraps its DEK on a cache miss (kms.ekm registers "ekm").
+        # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
 
     # ------------------------------------------------------------------------- life cycle

@@ -61,6 +61,7 @@ bash scripts/demo-ceremony.sh
 step "hsm audit (primary, after the ceremony): trusted recipients and the release record, no secret left"
 hsm audit --token primary
 bash scripts/demo-kms.sh
+bash scripts/demo-customer-keys.sh
 
 step "hsm audit (regional-eu, after the KMS ran: no release secret was left on the token)"
 hsm audit --token regional-eu
