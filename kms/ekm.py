@@ -135,6 +135,8 @@ def rotate(kms, org_id: str, key_type: str = "field"):
         raise KmsError(f"org {org_id} has no EKM root key", hint="register it with `kms ekm add`")
     client = _client(spec)
 
+    # Called inside the store's write transaction (the version is known only there): the AWS
+    # call is bounded by the 3 s timeouts, and a failure rolls the transaction back whole.
     def descriptor(version: int) -> dict:
         out = _call(org_id, "GenerateDataKeyWithoutPlaintext", lambda: (
             client.generate_data_key_without_plaintext(
