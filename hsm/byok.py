@@ -215,6 +215,23 @@ def _hmac(raw, session: int, key: int, message: bytes) -> bytes:
     return mac
 
 
+def _require_256_bit_cek(token, lease, ref: KeyRef, encrypted_key: bytes) -> None:
+    """A256GCM means a 256-bit CEK. AES-GCM already took it, so it is 16, 24 or 32 bytes; the
+    token's HMAC-SHA256 refuses keys under 32 (CKR_KEY_SIZE_RANGE): together, exactly 32, decided
+    inside the token (one more unwrap, as a generic secret, destroyed at once)."""
+    raw = token.module.raw
+    h = lease.session.handle
+    probe = _unwrap(token, lease, ref, encrypted_key, "sha1", _secret_template("seed"))
+    try:
+        rv = raw.operation_init("C_SignInit", h, M.SHA256_HMAC, None, probe)
+        if rv == 0x62:
+            raise ByokRefused("the JWE content-encryption key is not 256 bits (enc A256GCM)")
+        check_rv(rv)
+        check_rv(raw.one_shot("C_Sign", h, b"length probe")[0])
+    finally:
+        raw.destroy_object(h, probe)
+
+
 def decrypt_jwe(token: Token, org_id: str, encrypted_key: bytes, iv: bytes, ciphertext: bytes,
                 tag: bytes, aad: bytes) -> bytes:
     """A cache-only key's JWE (RSA-OAEP + A256GCM), opened inside the token: the CEK is
@@ -241,6 +258,7 @@ def decrypt_jwe(token: Token, org_id: str, encrypted_key: bytes, iv: bytes, ciph
                 raise ByokRefused("the JWE authentication tag does not verify (altered, or "
                                   "another header)")
             check_rv(rv)
+            _require_256_bit_cek(token, lease, ref, encrypted_key)
             return plain
         finally:
             raw.destroy_object(h, cek)

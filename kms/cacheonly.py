@@ -235,7 +235,10 @@ def dek(kms, row, descriptor: dict) -> bytes:
         try:
             plain = hbyok.decrypt_jwe(kms.token, row.org_id, **parts)
         except hbyok.ByokRefused as exc:
-            code = "TAG_MISMATCH" if "tag" in str(exc) else "ILLEGAL_JWE"
+            text = str(exc)
+            code = ("TAG_MISMATCH" if "tag does not verify" in text else
+                    "INCORRECT_ALGORITHM_IN_JWE_HEADER" if "not 256 bits" in text or
+                    "not AES-256-GCM" in text else "ILLEGAL_JWE")
             raise _refuse(code, f"the JWE does not open with org {row.org_id}'s BYOK key") \
                 from None
         if len(plain) != 32:

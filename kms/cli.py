@@ -98,14 +98,15 @@ def cmd_tenant(args) -> int:
                 row = ekm.rotate(kms, args.org, args.key_type)
             else:
                 row = kms.rotate(args.org, args.key_type)
-            print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source}), "
-                  "previous archived")
+            print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source})"
+                  + (", previous archived" if row.version > 1 else ""))
         elif args.action == "upload":
             from . import byok
             row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
                               derivation=args.derivation, oaep=args.oaep)
             print(f"{args.org}: uploaded {row.key_type} secret v{row.version} ({row.derivation})"
-                  f" ACTIVE, usable from {_when(row.usable_from)}; previous archived")
+                  f" ACTIVE, usable from {_when(row.usable_from)}"
+                  + ("; previous archived" if row.version > 1 else ""))
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
@@ -170,7 +171,7 @@ def cmd_cache_only(args) -> int:
                                  client_cert=args.client_cert, client_key=args.client_key,
                                  ca=args.ca, basic_auth_env=args.basic_auth_env)
     print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE is cache-only (kid {args.kid} "
-          f"at {args.url}); previous archived")
+          f"at {args.url})" + ("; previous archived" if row.version > 1 else ""))
     return 0
 
 

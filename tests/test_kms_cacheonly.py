@@ -207,6 +207,24 @@ def other_cert(env):
     return path
 
 
+def _jwe_with_cek(env, kid, nonce, cek: bytes) -> str:
+    """A JWE built by hand (jwcrypto will not make one that lies about its CEK size)."""
+    from cryptography import x509 as cx509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    def b64(b):
+        return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+    header = b64(json.dumps({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": kid,
+                             "jti": nonce}).encode())
+    pub = cx509.load_pem_x509_certificates(env.cert.read_bytes())[0].public_key()
+    ek = pub.encrypt(cek, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    iv = os.urandom(12)
+    ct = AESGCM(cek).encrypt(iv, os.urandom(32), header.encode())
+    return ".".join([header, b64(ek), b64(iv), b64(ct[:-16]), b64(ct[-16:])])
+
+
 CASES = {
     "ERROR_HTTP_CODE": lambda env, k, n: (500, b"{}"),
     "AUTHENTICATION_FAILURE_RESPONSE": lambda env, k, n: (401, b""),
@@ -226,6 +244,10 @@ CASES = {
     "INCORRECT_DATA_ENCRYPTION_KEY_SIZE": lambda env, k, n: _ok(k, n, _jwe(env, k, n,
                                                                           dek=os.urandom(16))),
     "TAG_MISMATCH": lambda env, k, n: _ok(k, n, _tamper_tag(_jwe(env, k, n))),
+    "INCORRECT_ALGORITHM_IN_JWE_HEADER cek-128": lambda env, k, n: _ok(k, n, _jwe_with_cek(
+        env, k, n, os.urandom(16))),
+    "INCORRECT_ALGORITHM_IN_JWE_HEADER cek-192": lambda env, k, n: _ok(k, n, _jwe_with_cek(
+        env, k, n, os.urandom(24))),
     "ILLEGAL_JWE": lambda env, k, n: _ok(k, n, "not.a.jwe"),
 }
 
@@ -240,6 +262,15 @@ def test_each_refusal_has_its_own_code(env, crafted, case):
                                        "ca": str(env.server.ca)})
     assert info.value.code == case.split()[0]
     assert "key unavailable" in str(info.value)
+
+
+def test_a_hand_made_jwe_with_a_256_bit_cek_opens(env, crafted):
+    """The control for the CEK-size cases: the same hand-made JWE with 32 bytes opens."""
+    _Crafted.respond = lambda kid, nonce: _ok(kid, nonce, _jwe_with_cek(env, kid, nonce,
+                                                                       os.urandom(32)))
+    env.node._cache_only_availability = None
+    assert len(cacheonly.dek(env.node, _Row("shop", "field", 996), {
+        "kind": "cache-only", "url": crafted, "kid": "shop-w", "ca": str(env.server.ca)})) == 32
 
 
 def test_a_jwe_for_another_orgs_key_does_not_open(env, crafted, other_cert):
