@@ -105,7 +105,8 @@ def test_seed_upload_secret_stays_in_the_hsm_and_serves_deks(node, tmp_path):
     assert sdk.decrypt("acme", blob) == b"seeded"
     version, mode, dek = node.dek_for_encrypt("acme")
     backup = node.export_backup("acme", tmp_path / "acme.json")
-    _assert_absent([secret, dek], [node.config.store.removeprefix("sqlite:///"), backup])
+    _assert_absent([secret, dek, node._pin.reveal().encode()],
+                   [node.config.store.removeprefix("sqlite:///"), backup])
 
 
 def test_dek_upload_is_the_customers_dek(node, tmp_path):

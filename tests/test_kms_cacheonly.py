@@ -115,7 +115,28 @@ def test_cache_only_end_to_end_with_the_reference_key_service(env, tmp_path):
     assert cacheonly.retry_due(node) == {("shop", "field", row.version): True}
     assert sdk.decrypt("shop", blob) == b"order 66"
     backup = node.export_backup("shop", tmp_path / "shop.json")
-    _assert_absent([dek], [node.config.store.removeprefix("sqlite:///"), backup, env.log])
+    pin = env.node._pin.reveal().encode()
+    _assert_absent([dek, pin], [node.config.store.removeprefix("sqlite:///"), backup, env.log])
+
+
+def test_rotate_to_a_new_kid_and_destroy_the_old_version(env):
+    node = env.node
+    old_dek = _add_key(env, "shop-r1")
+    old = _register(env, "shop-r1")
+    blob_old = FieldEncryptor(node).encrypt("shop", b"before rotation")
+    new_dek = _add_key(env, "shop-r2")
+    new = _register(env, "shop-r2")                  # a rotation: new version, old archived
+    assert new.version == old.version + 1
+    assert node.store.get("shop", "field", old.version).state == "ARCHIVED"
+    blob_new = FieldEncryptor(node).encrypt("shop", b"after rotation")
+    assert FieldEncryptor(_Provider(new_dek)).decrypt("shop", blob_new) == b"after rotation"
+    node.cache.flush()
+    assert FieldEncryptor(node).decrypt("shop", blob_old) == b"before rotation"
+    assert FieldEncryptor(_Provider(old_dek)).decrypt("shop", blob_old) == b"before rotation"
+    node.destroy("shop", "field", old.version)
+    with pytest.raises(KmsError, match="key destroyed"):
+        FieldEncryptor(node).decrypt("shop", blob_old)
+    assert FieldEncryptor(node).decrypt("shop", blob_new) == b"after rotation"
 
 
 def test_failure_policy_schedule():

@@ -139,7 +139,8 @@ def test_ekm_end_to_end_dek_is_the_customers(node, aws, kit, release, tmp_path):
     backup = node.export_backup("ekm-acme", tmp_path / "ekm-acme.json")
     # Nothing of either DEK in the store or the backup.
     dek2 = _customer_dek(client, "ekm-acme", row2, _descriptor(node, row2))
-    _assert_absent([dek, dek2], [node.config.store.removeprefix("sqlite:///"), backup])
+    _assert_absent([dek, dek2, node._pin.reveal().encode()],
+                   [node.config.store.removeprefix("sqlite:///"), backup])
 
 
 def _assert_absent(secrets: list[bytes], paths) -> None:
