@@ -101,7 +101,11 @@ def stop(proc: subprocess.Popen) -> None:
 def start_moto(pki: Pki, port: int | None = None) -> tuple[subprocess.Popen, str]:
     """A real moto server (AWS-KMS-compatible) over TLS on 127.0.0.1."""
     port = port or free_port()
+    # Beside this interpreter (a venv), else wherever pip put the script on PATH.
     exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        import shutil
+        exe = Path(shutil.which("moto_server") or "moto_server")
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port), "-c", str(pki.cert),
                              "-k", str(pki.key)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
