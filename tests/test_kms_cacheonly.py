@@ -179,6 +179,7 @@ class _Crafted(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         from urllib.parse import parse_qs, urlsplit
         u = urlsplit(self.path)
+        type(self).last_authorization = self.headers.get("Authorization")
         status, body = type(self).respond(u.path.rsplit("/", 1)[-1],
                                           parse_qs(u.query)["requestId"][0])
         self.send_response(status)
@@ -302,6 +303,30 @@ def test_a_jwe_for_another_orgs_key_does_not_open(env, crafted, other_cert):
         cacheonly.dek(env.node, _Row("shop", "field", 998), {
             "kind": "cache-only", "url": crafted, "kid": "shop-y", "ca": str(env.server.ca)})
     assert info.value.code == "ILLEGAL_JWE"
+
+
+def test_basic_auth_comes_from_the_named_environment_variable(env, crafted, monkeypatch):
+    def check(kid, nonce):
+        want = "Basic " + base64.b64encode(b"shop:s3cret").decode()
+        if _Crafted.last_authorization != want:
+            return 401, b""
+        return _ok(kid, nonce, _jwe(env, kid, nonce))
+    _Crafted.respond = check
+    d = {"kind": "cache-only", "url": crafted, "kid": "shop-b", "ca": str(env.server.ca),
+         "basic_auth_env": "SHOP_KEYSERVICE_AUTH"}
+    env.node._cache_only_availability = None
+    with pytest.raises(KeyUnavailable) as info:      # the variable is not set
+        cacheonly.dek(env.node, _Row("shop", "field", 995), d)
+    assert info.value.code == "AUTHENTICATION_FAILURE"
+    monkeypatch.setenv("SHOP_KEYSERVICE_AUTH", "shop:wrong")
+    env.node._cache_only_availability = None
+    with pytest.raises(KeyUnavailable) as info:
+        cacheonly.dek(env.node, _Row("shop", "field", 995), d)
+    assert info.value.code == "AUTHENTICATION_FAILURE_RESPONSE"
+    assert "wrong" not in str(info.value)
+    monkeypatch.setenv("SHOP_KEYSERVICE_AUTH", "shop:s3cret")
+    env.node._cache_only_availability = None
+    assert len(cacheonly.dek(env.node, _Row("shop", "field", 995), d)) == 32
 
 
 def test_a_slow_key_service_is_bounded_by_the_timeout(env, crafted):
