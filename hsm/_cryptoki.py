@@ -96,6 +96,20 @@ class CK_RSA_PKCS_OAEP_PARAMS(ctypes.Structure):
 class CK_RSA_AES_KEY_WRAP_PARAMS(ctypes.Structure):
     _fields_ = [("ulAESKeyBits", CK_ULONG), ("pOAEPParams", ctypes.POINTER(CK_RSA_PKCS_OAEP_PARAMS))]
 
+class CK_GCM_PARAMS(ctypes.Structure):
+    # PKCS#11 v2.40 layout (SoftHSM2 2.6.1 reads ulIvBits too).
+    _fields_ = [("pIv", CK_VOID_P), ("ulIvLen", CK_ULONG), ("ulIvBits", CK_ULONG),
+                ("pAAD", CK_VOID_P), ("ulAADLen", CK_ULONG), ("ulTagBits", CK_ULONG)]
+
+
+def gcm_params(iv: bytes, aad: bytes = b"") -> tuple[CK_GCM_PARAMS, list]:
+    """CK_GCM_PARAMS with a 128-bit tag; also the buffers that must outlive the call."""
+    iv_buf = ctypes.create_string_buffer(iv, len(iv))
+    aad_buf = ctypes.create_string_buffer(aad, max(len(aad), 1))
+    params = CK_GCM_PARAMS(ctypes.cast(iv_buf, CK_VOID_P), len(iv), 8 * len(iv),
+                           ctypes.cast(aad_buf, CK_VOID_P) if aad else None, len(aad), 128)
+    return params, [iv_buf, aad_buf]
+
 
 _P_ATTR = ctypes.POINTER(CK_ATTRIBUTE)
 _P_MECH = ctypes.POINTER(CK_MECHANISM)
@@ -108,10 +122,14 @@ _C_GenerateKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, _P_ATTR, CK_ULONG, _
 _C_GenerateKeyPair = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, _P_ATTR, CK_ULONG, _P_ATTR,
                                       CK_ULONG, _P_ULONG, _P_ULONG)
 _C_OperationInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG)
-_C_UnwrapKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG, ctypes.c_char_p, CK_ULONG,
-                                _P_ATTR, CK_ULONG, _P_ULONG)
+# One-shot data calls (C_Sign, C_Decrypt, C_Digest...): session, in, in-len, out, out-len*.
+_C_Data = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_char_p, _P_ULONG)
+_C_DigestInit = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH)
+_C_DigestFinal = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, _P_ULONG)
 _C_WrapKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG, CK_ULONG, ctypes.c_char_p,
                               _P_ULONG)
+_C_UnwrapKey = ctypes.CFUNCTYPE(CK_RV, CK_ULONG, _P_MECH, CK_ULONG, ctypes.c_char_p, CK_ULONG,
+                                _P_ATTR, CK_ULONG, _P_ULONG)
 
 # CK_FUNCTION_LIST: a CK_VERSION followed by function pointers in the order of the standard
 # (PKCS#11 v2.40). Functions we do not call are declared as opaque pointers to keep the layout.
@@ -153,6 +171,12 @@ _TYPED = {
     "C_EncryptInit": _C_OperationInit,
     "C_DecryptInit": _C_OperationInit,
     "C_SignInit": _C_OperationInit,
+    "C_Sign": _C_Data,
+    "C_Decrypt": _C_Data,
+    "C_Encrypt": _C_Data,
+    "C_DigestInit": _C_DigestInit,
+    "C_DigestKey": _C_ObjectCall,
+    "C_DigestFinal": _C_DigestFinal,
 }
 CKU_SO = 0
 CKU_USER = 1
@@ -361,6 +385,31 @@ class RawModule:
             mech.pParameter = ctypes.cast(ctypes.pointer(parameter), CK_VOID_P)
             mech.ulParameterLen = ctypes.sizeof(parameter)
         return int(getattr(self._f, function)(session, ctypes.byref(mech), key))
+
+    def one_shot(self, function: str, session: int, data: bytes,
+                 out_max: int = 8192) -> tuple[int, bytes | None]:
+        """``C_Sign``, ``C_Encrypt`` or ``C_Decrypt`` after its *Init: (CKR code, output)."""
+        if function not in ("C_Sign", "C_Encrypt", "C_Decrypt"):
+            raise ValueError(function)
+        out = ctypes.create_string_buffer(out_max)
+        n = CK_ULONG(out_max)
+        rv = int(getattr(self._f, function)(session, data, len(data), out, ctypes.byref(n)))
+        return rv, out.raw[:n.value] if rv == CKR_OK else None
+
+    def digest_key(self, session: int, mechanism: int, key: int) -> tuple[int, bytes | None]:
+        """C_DigestInit + C_DigestKey + C_DigestFinal: a hash of a key's value computed in the
+        token (the value itself is not returned)."""
+        mech = CK_MECHANISM(mechanism, None, 0)
+        rv = int(self._f.C_DigestInit(session, ctypes.byref(mech)))
+        if rv != CKR_OK:
+            return rv, None
+        rv = int(self._f.C_DigestKey(session, key))
+        out = ctypes.create_string_buffer(64)
+        n = CK_ULONG(64)
+        final = int(self._f.C_DigestFinal(session, out, ctypes.byref(n)))  # also ends the op
+        if rv != CKR_OK:
+            return rv, None
+        return final, out.raw[:n.value] if final == CKR_OK else None
 
     def get_attribute(self, session: int, obj: int, attr: int) -> tuple[int, bytes | None]:
         """One attribute's raw bytes (None if the token says it is unavailable)."""

@@ -58,6 +58,15 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
     if cls is ObjectClass.SECRET_KEY and label.startswith(("rel-", "practice-rel-")):
         return policies.RELEASE_SEED if key_type is KeyType.GENERIC_SECRET \
             else policies.RELEASE_AES
+    # BYOK keys (issue 9): byok-seed-<org>, byok-dek-<org>, and the regional byok-issuer.
+    if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-seed-"):
+        return policies.BYOK_SEED
+    if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-dek-"):
+        return policies.BYOK_DEK
+    if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-issuer-"):
+        return policies.SIGNING_ECDSA
+    if cls is ObjectClass.PUBLIC_KEY and label.startswith("byok-"):
+        return policies.PUBLIC_KEY
     if cls is ObjectClass.DATA and app == APPLICATION and label.startswith(RECORD_PREFIX):
         return policies.RELEASE_RECORD
     return None

@@ -185,6 +185,28 @@ def cloud_ephemeral(kwp: int) -> KeyPolicy:
          A.COPYABLE: False, **usages(A.WRAP)}, mechanisms=frozenset(cloud_mechanisms(kwp)))
 
 
+# BYOK (issue 9). The org's seed key (PBKDF2 uploads, cache-only JWE): whatever it unwraps is a
+# session object that never leaves the token (not readable, not wrappable, HMAC-SHA256 or
+# AES-GCM only); the KMS compares the customer's SHA-256 with C_DigestKey and keeps an HMAC image.
+BYOK_SEED_UNWRAP_TEMPLATE = {A.TOKEN: False, A.SENSITIVE: True, A.EXTRACTABLE: False,
+                             A.WRAP: False, A.UNWRAP: False, A.DERIVE: False,
+                             A.ALLOWED_MECHANISMS: (M.SHA256_HMAC, M.AES_GCM)}
+# The org's DEK key (derivation NONE): the uploaded value *is* the DEK the KMS serves to the
+# encryption services in the clear, so what it unwraps is readable (CKA_SENSITIVE=false, and
+# SoftHSM2 2.6.1 also wants CKA_EXTRACTABLE=true to return CKA_VALUE) - said here rather than
+# hidden behind a DECRYPT usage on the RSA key - but still never a token object, and only an
+# AES-GCM key.
+BYOK_DEK_UNWRAP_TEMPLATE = {A.TOKEN: False, A.SENSITIVE: False, A.EXTRACTABLE: True,
+                            A.WRAP: False, A.UNWRAP: False, A.DERIVE: False,
+                            A.ALLOWED_MECHANISMS: (M.AES_GCM,)}
+_BYOK_HINT = ("a BYOK key's policy cannot be changed after creation: make a new certificate "
+              "(`kms byok certificate`) and have the customer wrap to it")
+BYOK_SEED = KeyPolicy(
+    "byok-seed", ObjectClass.PRIVATE_KEY, {**_LONG_TERM_PRIVATE, **private_usages(A.UNWRAP)},
+    _GENERATED_INSIDE, frozenset({M.RSA_PKCS_OAEP}), BYOK_SEED_UNWRAP_TEMPLATE, _BYOK_HINT)
+BYOK_DEK = KeyPolicy(
+    "byok-dek", ObjectClass.PRIVATE_KEY, {**_LONG_TERM_PRIVATE, **private_usages(A.UNWRAP)},
+    _GENERATED_INSIDE, frozenset({M.RSA_PKCS_OAEP}), BYOK_DEK_UNWRAP_TEMPLATE, _BYOK_HINT)
 RELEASE_RECORD = KeyPolicy(
     "release record", ObjectClass.DATA,
     {A.TOKEN: True, A.PRIVATE: True, A.MODIFIABLE: False, A.DESTROYABLE: False,

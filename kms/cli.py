@@ -113,7 +113,7 @@ def _when(ts: float | None) -> str:
         timespec="seconds")
 
 
-_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "destroy": ("org", "version"),
+_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
                  "list": ("org",), "export": ("org", "file"), "import": ("file",)}
 
 
@@ -125,13 +125,30 @@ def cmd_tenant(args) -> int:
     with _kms(args) as kms:
         if args.action == "create":
             kms.create_tenant(args.org, args.type)
+            if args.no_secret:
+                print(f"tenant {args.org} ({args.type}): no secret yet (upload, register or "
+                      "rotate one)")
+                return 0
             row = kms.generate_secret(args.org, args.key_type)
             print(f"tenant {args.org} ({args.type}): {row.key_type} secret v{row.version} "
                   f"{row.state}")
         elif args.action == "rotate":
-            row = kms.rotate(args.org, args.key_type)
+            if args.source == "ekm":
+                from . import ekm
+                row = ekm.rotate(kms, args.org, args.key_type)
+            else:
+                row = kms.rotate(args.org, args.key_type)
             _announce(kms, "rotate", args.org, args.key_type)
-            print(f"{args.org}: {row.key_type} secret v{row.version} ACTIVE, previous archived")
+            print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source})"
+                  + (", previous archived" if row.version > 1 else ""))
+        elif args.action == "upload":
+            from . import byok
+            row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
+                              derivation=args.derivation, oaep=args.oaep)
+            _announce(kms, "upload", args.org, args.key_type)
+            print(f"{args.org}: uploaded {row.key_type} secret v{row.version} ({row.derivation})"
+                  f" ACTIVE, usable from {_when(row.usable_from)}"
+                  + ("; previous archived" if row.version > 1 else ""))
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
             _announce(kms, "destroy", args.org, args.key_type, args.version)
@@ -149,6 +166,66 @@ def cmd_tenant(args) -> int:
             org = kms.import_backup(Path(args.file))
             _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
+    return 0
+
+
+def cmd_ekm(args) -> int:
+    from . import ekm
+    if args.action == "policy":
+        # Needs no node: the document is computed from the arguments alone.
+        missing = [f"--{n.replace('_', '-')}" for n in ("org", "principal", "key_arn")
+                   if getattr(args, n) is None]
+        if missing:
+            raise UsageError(f"`kms ekm policy` needs {' and '.join(missing)}")
+        print(json.dumps(ekm.policy_document(args.org, args.principal, args.key_arn), indent=2))
+        return 0
+    if args.org is None or args.key_id is None:
+        raise UsageError("`kms ekm add` needs --org and --key-id")
+    with _kms(args) as kms:
+        spec = ekm.register(kms, args.org, args.key_id, endpoint_url=args.endpoint_url,
+                            aws_region=args.aws_region, ca_bundle=args.ca_bundle)
+    print(f"{args.org}: EKM root key {spec['key_id']} registered (region {spec['aws_region']}); "
+          "`kms tenant rotate --source ekm` makes a key under it")
+    return 0
+
+
+def cmd_byok(args) -> int:
+    from . import byok
+    if args.action == "wrap":      # the customer's side: no node, no HSM
+        if args.cert is None or args.out is None or (args.generate == (args.input is not None)):
+            raise UsageError("`kms byok wrap` needs --cert, --out and one of --generate / --in")
+        secret = None if args.generate else byok.read_secret_file(Path(args.input))
+        a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep)
+        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with `kms tenant upload`")
+        return 0
+    if args.org is None or args.out is None:
+        raise UsageError("`kms byok certificate` needs --org and --out")
+    with _kms(args) as kms:
+        info = byok.certificate(kms, args.org, Path(args.out), purpose=args.purpose)
+    print(f"{args.org}: BYOK {args.purpose} certificate written to {args.out} (key "
+          f"{info['label']}, SPKI SHA-256 {info['spki_sha256']}); signed by the regional "
+          f"issuer, SPKI SHA-256 {info['issuer_sha256']}")
+    return 0
+
+
+def cmd_cache_only(args) -> int:
+    from . import cacheonly
+    with _kms(args) as kms:
+        row = cacheonly.register(kms, args.org, args.key_type, args.url, args.kid,
+                                 client_cert=args.client_cert, client_key=args.client_key,
+                                 ca=args.ca, basic_auth_env=args.basic_auth_env)
+    print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE is cache-only (kid {args.kid} "
+          f"at {args.url})" + ("; previous archived" if row.version > 1 else ""))
+    return 0
+
+
+def cmd_keyservice(args) -> int:
+    from . import keyservice
+    for name in ("keys", "cert", "key"):
+        if not Path(getattr(args, name)).exists():
+            raise UsageError(f"--{name} {getattr(args, name)} does not exist")
+    keyservice.serve(Path(args.keys), Path(args.cert), Path(args.key), port=args.port,
+                     client_ca=Path(args.client_ca) if args.client_ca else None)
     return 0
 
 
@@ -176,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kms", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--config", help="the node's KMS configuration (TOML); every command "
-                        "but `audit` needs it")
+                        "but `audit`, `ekm policy` and `byok wrap` (customer side) need it")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("init", help="create or migrate the store").set_defaults(func=cmd_init)
     sub.add_parser("import", help="import the release bundles; report refusals").set_defaults(
@@ -185,13 +262,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("tenant", help="tenant secrets")
-    p.add_argument("action", choices=["create", "rotate", "destroy", "list", "export", "import"])
+    p.add_argument("action", choices=["create", "rotate", "upload", "destroy", "list", "export",
+                                      "import"])
     p.add_argument("--org")
     p.add_argument("--type", default="production", help="org type (create)")
     p.add_argument("--key-type", default="field", choices=["field", "database"])
     p.add_argument("--version", type=int)
     p.add_argument("--file", help="backup file (export/import)")
+    p.add_argument("--no-secret", action="store_true",
+                   help="create: no HSM secret (the first key comes from the customer)")
+    p.add_argument("--source", choices=["hsm", "ekm"], default="hsm",
+                   help="rotate: where the new key comes from")
+    p.add_argument("--secret", help="upload: secret.b64 from `kms byok wrap`")
+    p.add_argument("--hash", help="upload: secret.sha256.b64 from `kms byok wrap`")
+    p.add_argument("--derivation", choices=["PBKDF2", "NONE"], default="PBKDF2",
+                   help="upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
+    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+                   help="upload: the OAEP hash the secret was wrapped with")
     p.set_defaults(func=cmd_tenant)
+    p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
+    p.add_argument("action", choices=["certificate", "wrap"])
+    p.add_argument("--org")
+    p.add_argument("--purpose", choices=["seed", "dek"], default="seed",
+                   help="certificate: seed (PBKDF2 uploads, cache-only keys) or dek (NONE)")
+    p.add_argument("--out", help="certificate: the PEM file; wrap: the output directory")
+    p.add_argument("--cert", help="wrap: the org's BYOK certificate (PEM)")
+    p.add_argument("--generate", action="store_true", help="wrap: a fresh secret (OS CSPRNG)")
+    p.add_argument("--in", dest="input", help="wrap: a file with your 32-byte secret")
+    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+                   help="wrap: RSA-OAEP hash (MGF1 the same); default SHA-1")
+    p.set_defaults(func=cmd_byok)
+    p = sub.add_parser("cache-only", help="cache-only keys: the DEK hosted by the customer")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("--org", required=True)
+    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--url", required=True, help="the key service's base URL (https://...)")
+    p.add_argument("--kid", required=True)
+    p.add_argument("--client-cert")
+    p.add_argument("--client-key")
+    p.add_argument("--ca", help="CA file to verify the key service's certificate")
+    p.add_argument("--basic-auth-env", help="environment variable holding USER:PASSWORD")
+    p.set_defaults(func=cmd_cache_only)
+    p = sub.add_parser("keyservice", help="the reference customer key service (cache-only)")
+    p.add_argument("action", choices=["serve"])
+    p.add_argument("--keys", required=True, help="directory of <kid>.dek and <kid>.pem")
+    p.add_argument("--cert", required=True, help="TLS server certificate (PEM)")
+    p.add_argument("--key", required=True, help="TLS server private key (PEM)")
+    p.add_argument("--client-ca", help="require client certificates issued by this CA")
+    p.add_argument("--port", type=int, default=8443)
+    p.set_defaults(func=cmd_keyservice)
+    p = sub.add_parser("ekm", help="External Key Management: the root key in the customer's "
+                                   "AWS KMS")
+    p.add_argument("action", choices=["policy", "add"])
+    p.add_argument("--org")
+    p.add_argument("--principal", help="policy: the regional KMS's IAM principal ARN")
+    p.add_argument("--key-arn", help="policy: the customer's key ARN")
+    p.add_argument("--key-id", help="add: the customer's key ARN")
+    p.add_argument("--endpoint-url", help="add: AWS KMS endpoint (default: AWS's own)")
+    p.add_argument("--aws-region", help="add: default the ARN's region")
+    p.add_argument("--ca-bundle", help="add: CA file to verify the endpoint's TLS certificate")
+    p.set_defaults(func=cmd_ekm)
     p = sub.add_parser("encrypt", help="encrypt a field for an org (prints base64)")
     p.add_argument("--org", required=True)
     p.add_argument("--key-type", default="field", choices=["field", "database"])

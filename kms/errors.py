@@ -41,3 +41,12 @@ class PolicyViolation(KmsError):
 
 class CorruptRecord(KmsError):
     """A store row failed its integrity check; other rows are unaffected."""
+
+
+class KeyUnavailable(KmsError):
+    """A customer-held key (EKM, cache-only) cannot serve now; operations under it fail
+    closed. ``code`` names the cause where the protocol has one (cache-only event codes)."""
+
+    def __init__(self, message: str, *, code: str | None = None, **kw):
+        self.code = code
+        super().__init__(message, **kw)

@@ -68,6 +68,10 @@ class Kms:
         self.cache: KeyCache | None = None
         self._cache_master = None
         self._lock = threading.Lock()
+        # DEK sources other than HSM-generated or uploaded secrets (issue 9): a REMOTE row's
+        # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
+        # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
+        self.dek_sources: dict = {}
 
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
@@ -192,28 +196,45 @@ class Kms:
     rotate = generate_secret
 
     def upload_secret(self, org_id: str, key_type: str, material: bytes, *,
-                      derivation: str = "PBKDF2") -> SecretRow:
-        """A customer-supplied tenant secret (PBKDF2) or DEK (NONE), stored wrapped."""
+                      derivation: str = "PBKDF2", upload_sha256: str | None = None) -> SecretRow:
+        """A customer-supplied tenant secret (PBKDF2) or DEK (NONE), stored wrapped.
+        Database-encryption keys take seeds only: the DEK is always derived (PBKDF2)."""
         if len(material) != 32:
-            raise KmsError("an uploaded secret or DEK must be 32 bytes")
+            raise KmsError(f"an uploaded secret or DEK must be 32 bytes, not {len(material)}")
+        if key_type == "database" and derivation != "PBKDF2":
+            raise PolicyViolation("database-encryption uploads are seeds only: derivation NONE "
+                                  "is refused", hint="upload with --derivation PBKDF2")
         self.store.org_type(org_id)
-        return self._add(org_id, key_type, material, source="UPLOADED", derivation=derivation)
+        return self._add(org_id, key_type, material, source="UPLOADED", derivation=derivation,
+                         upload_sha256=upload_sha256)
 
-    def _add(self, org_id, key_type, material, *, source, derivation) -> SecretRow:
+    def add_remote(self, org_id: str, key_type: str, descriptor_for) -> SecretRow:
+        """A new version whose DEK lives outside this KMS (source REMOTE, derivation NONE).
+        ``descriptor_for(version)`` returns the JSON-able descriptor (e.g. the EKM ciphertext
+        blob and key id); it is stored AES-GCM-wrapped like any tenant secret, so its columns
+        stay bound to it."""
+        self.store.org_type(org_id)
+        return self._add(org_id, key_type,
+                         lambda version: json.dumps(descriptor_for(version)).encode(),
+                         source="REMOTE", derivation="NONE")
+
+    def _add(self, org_id, key_type, material, *, source, derivation,
+             upload_sha256=None) -> SecretRow:
         rel = self.current_release()
         now = self.clock()
         iterations = self.config.pbkdf2_iterations
 
         def wrap(version: int) -> bytes:
+            plain = material(version) if callable(material) else material
             nonce = os.urandom(12)
             aad = _aad(org_id, key_type, version, source=source, derivation=derivation,
                        release=rel.release, iterations=iterations,
                        usable_from=policy.usable_from(key_type, now))
             return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
-                self.token, rel.wrapping_key, nonce, material, aad=aad))
+                self.token, rel.wrapping_key, nonce, plain, aad=aad))
         row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
                                     release=rel.release, iterations=iterations, now=now,
-                                    wrap=wrap)
+                                    wrap=wrap, upload_sha256=upload_sha256)
         self.cache.invalidate(org_id, key_type)
         return row
 
@@ -249,7 +270,9 @@ class Kms:
         if cached is not None:
             return cached
         secret = self._tenant_secret(row)
-        if row.derivation == "NONE":
+        if row.source == "REMOTE":
+            dek = self._remote_dek(row, secret)
+        elif row.derivation == "NONE":
             dek = secret
         else:
             rel = self._release(row.release)
@@ -257,6 +280,21 @@ class Kms:
             dek = self._in_hsm(lambda: derive.derive_dek(self.token, rel.seed, rel.kdf_salt,
                                                          secret, ctx, row.iterations))
         self.cache.put(row.org_id, key_id, dek, since=generation)
+        return dek
+
+    def _remote_dek(self, row: SecretRow, blob: bytes) -> bytes:
+        try:
+            descriptor = json.loads(blob)
+            source = self.dek_sources.get(descriptor["kind"]) or _builtin_source(
+                descriptor["kind"])
+        except (ValueError, KeyError, TypeError):
+            raise KmsError(f"org {row.org_id}: {row.key_type} key v{row.version} is a remote key "
+                           "of a kind this node does not serve", hint="start the node with "
+                           "its EKM / cache-only support") from None
+        dek = source(self, row, descriptor)
+        if len(dek) != 32:
+            raise KmsError(f"org {row.org_id}: remote key v{row.version} gave {len(dek)} bytes, "
+                           "not a 32-byte DEK")
         return dek
 
     def dek_for_encrypt(self, org_id: str, key_type: str = "field",
@@ -350,6 +388,18 @@ class Kms:
         self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
         self.cache.invalidate(org_id)
         return org_id
+
+
+def _builtin_source(kind: str):
+    """The DEK sources this project ships, imported only when a row needs one (so a node
+    without customer-held keys never loads boto3)."""
+    if kind == "ekm":
+        from . import ekm
+        return ekm.dek
+    if kind == "cache-only":
+        from . import cacheonly
+        return cacheonly.dek
+    raise KeyError(kind)
 
 
 def _backup_aad(binding: dict) -> bytes:

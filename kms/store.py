@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import random
@@ -795,9 +796,11 @@ class Store:
     # ------------------------------------------------------------------ secrets: writes
     def add_secret(self, org_id: str, key_type: str, *, source: str, derivation: str,
                    release: str | None, iterations: int, now: float,
-                   wrap: Callable[[int], bytes]) -> SecretRow:
+                   wrap: Callable[[int], bytes], upload_sha256: str | None = None) -> SecretRow:
         """A new ACTIVE secret (version = max + 1) whose blob is ``wrap(version)``; the previous
-        ACTIVE one becomes ARCHIVED. All in one transaction, rate limit included."""
+        ACTIVE one becomes ARCHIVED. All in one transaction, rate limit included. With
+        ``upload_sha256`` (a BYOK ciphertext's SHA-256) a ciphertext seen before is refused as a
+        replay and the new one recorded, in the same transaction."""
         _check_text("org id", org_id)
         _check_choice("key type", key_type, policy.KEY_TYPES)
         _check_choice("source", source, policy.SOURCES)
@@ -825,6 +828,8 @@ class Store:
                         f"for {org_type} orgs; v{newest.version} was created "
                         f"{utc_iso(newest.created_at)}; next allowed at {utc_iso(next_allowed)}",
                         next_allowed=next_allowed)
+            if upload_sha256 is not None:
+                self._record_upload(conn, org_id, upload_sha256, now)
             version = newest.version + 1 if newest is not None else 1
             blob = wrap(version)
             if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) == 0:
@@ -883,6 +888,50 @@ class Store:
             "destroy secret", body,
             after_commit=lambda conn, result: result[1] and self._b.after_destroy(conn))
         return row
+
+    def _record_upload(self, conn, org_id: str, sha256_hex: str, now: float) -> None:
+        if not _SHA256_HEX.match(sha256_hex or ""):
+            raise KmsError("upload digest must be 64 lowercase hex characters")
+        seen = self._x(conn, "SELECT uploaded_at FROM byok_uploads WHERE org_id = ? AND "
+                             "ciphertext_sha256 = ?", (org_id, sha256_hex)).fetchone()
+        if seen is not None:
+            raise KmsError(f"org {org_id!r}: this encrypted secret was already uploaded at "
+                           f"{utc_iso(seen[0])}; a replayed upload is refused",
+                           hint="wrap a freshly generated secret (`kms byok wrap --generate`)")
+        values = (org_id, sha256_hex, now)
+        self._x(conn, "INSERT INTO byok_uploads (org_id, ciphertext_sha256, uploaded_at, "
+                      "checksum) VALUES (?, ?, ?, ?)", (*values, _digest("byok_uploads", values)))
+
+    # ------------------------------------------------------------------ customer keys
+    def put_customer_key(self, org_id: str, kind: str, spec: dict, *, now: float) -> None:
+        """Register (or replace) the org's EKM root key or BYOK certificate: public parameters
+        only, as JSON."""
+        _check_text("org id", org_id)
+        _check_choice("customer key kind", kind, ("ekm", "byok"))
+        now = _check_time("now", now)
+        text = json.dumps(spec, sort_keys=True)
+
+        def body(conn):
+            self._lock_org(conn, org_id)
+            self._x(conn, "DELETE FROM customer_keys WHERE org_id = ? AND kind = ?",
+                    (org_id, kind))
+            values = (org_id, kind, text, now)
+            self._x(conn, "INSERT INTO customer_keys (org_id, kind, spec, created_at, checksum) "
+                          "VALUES (?, ?, ?, ?, ?)", (*values, _digest("customer_keys", values)))
+        self._write("register customer key", body)
+
+    def customer_key(self, org_id: str, kind: str) -> dict | None:
+        rows = self._read("SELECT org_id, kind, spec, created_at, checksum FROM customer_keys "
+                          "WHERE org_id = ? AND kind = ?", (org_id, kind))
+        if not rows:
+            self.org_type(org_id)      # UnknownTenant first
+            return None
+        *values, checksum = rows[0]
+        if _digest("customer_keys", values) != checksum:
+            raise _corrupt(("customer_keys", org_id),
+                           f"store row of org {org_id!r} ({kind} registration) failed its "
+                           "integrity check", "register the key again")
+        return json.loads(values[2])
 
     def _insert_secret(self, conn, row: SecretRow) -> None:
         values = _secret_values(row)

@@ -68,6 +68,7 @@ step "hsm audit (primary, after the ceremony): trusted recipients and the releas
 hsm audit --token primary
 bash scripts/demo-kms.sh
 bash scripts/demo-kms-service.sh
+bash scripts/demo-customer-keys.sh
 
 step "hsm audit (regional-eu, after the KMS ran: no release secret was left on the token)"
 hsm audit --token regional-eu

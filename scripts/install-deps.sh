@@ -35,7 +35,7 @@ fi
 # another clone would otherwise silently test that clone's code).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, hsm, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis
+import os, sys, hsm, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto
 sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"

@@ -626,3 +626,146 @@ def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_i
     finally:
         raw.logout(h)
         raw.close_session(h)
+
+
+# ================================================================ BYOK keys (issue 9)
+@pytest.fixture(scope="module")
+def byok_keys(kit):
+    """The seed and dek BYOK key pairs of one org on the regional token, made the KMS's way,
+    and a customer's 32-byte secret wrapped to each (the attacker has the store's copies)."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    from hsm import byok as hbyok
+    eu = kit.regionals["eu"]
+    out = {}
+    for purpose in ("seed", "dek"):
+        hbyok.generate(eu.token, "adv", purpose)
+        label = hbyok.label_for("adv", purpose)
+        n = eu.token.run("read", lambda lease: int.from_bytes(lease.key(ops.public(label))[
+            Attribute.MODULUS], "big"))
+        secret = os.urandom(32)
+        ct = rsa.RSAPublicNumbers(65537, n).public_key().encrypt(
+            secret, padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+        out[purpose] = (label, secret, ct)
+    return out
+
+
+def _byok_unwrap(token, label, ct, template, lease):
+    oaep = _cryptoki.CK_RSA_PKCS_OAEP_PARAMS(int(Mechanism.SHA_1), int(MGF.SHA1), 1, None, 0)
+    tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
+           Attribute.LABEL: f"atk-{next(_label)}", Attribute.SIGN: True, **template}
+    return token.module.raw.unwrap_key(lease.session.handle, Mechanism.RSA_PKCS_OAEP, oaep,
+                                       lease.key(ops.private(label)).handle, ct, tpl)
+
+
+@pytest.mark.parametrize("change", [
+    {Attribute.EXTRACTABLE: True}, {Attribute.SENSITIVE: False}, {Attribute.TOKEN: True},
+    {Attribute.ALLOWED_MECHANISMS: (Mechanism.AES_ECB,)}, {Attribute.WRAP: True},
+], ids=["extractable", "readable", "persistent", "ecb-allowed", "wrapping"])
+def test_byok_seed_key_unwraps_only_into_the_non_extractable_template(kit, byok_keys, change):
+    eu = kit.regionals["eu"]
+    label, _, ct = byok_keys["seed"]
+    with eu.token.anchor() as lease:
+        got = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_SEED_UNWRAP_TEMPLATE, **change},
+                           lease)
+    assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
+    sweep(eu.token)
+
+
+def test_what_a_pin_holder_gets_from_a_byok_seed_unwrap(kit, byok_keys):
+    """With the user PIN and the stored ciphertext, a PIN holder can unwrap the customer's seed
+    exactly as the KMS does, and then: not read it, not wrap it out, not copy it; but compute its
+    SHA-256 (C_DigestKey; the same hash the customer uploads) and HMACs with it (the KMS's image:
+    what the KMS itself stores, so no more than the store's reader with the PIN already gets)."""
+    import hashlib
+    import hmac as hmac_
+    eu = kit.regionals["eu"]
+    raw = eu.token.module.raw
+    label, secret, ct = byok_keys["seed"]
+    try:
+        with eu.token.anchor() as lease:
+            h = lease.session.handle
+            rv, key = _byok_unwrap(eu.token, label, ct, policies.BYOK_SEED_UNWRAP_TEMPLATE, lease)
+            assert raw_rv(rv) == "CKR_OK"
+            assert raw_rv(raw.get_attribute(h, key, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
+            rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+                Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True,
+                Attribute.LABEL: f"atk-{next(_label)}"})
+            assert raw_rv(raw.wrap_key(h, Mechanism.AES_KEY_WRAP_PAD, None, wrapper, key)) == \
+                "CKR_KEY_UNEXTRACTABLE"
+            assert raw_rv(raw.copy_object(h, key, {Attribute.EXTRACTABLE: True})) == \
+                "CKR_ATTRIBUTE_READ_ONLY"
+            assert raw_rv(raw.set_attributes(h, key, {Attribute.SENSITIVE: False})) in (
+                "CKR_ATTRIBUTE_READ_ONLY", "CKR_ACTION_PROHIBITED")
+            rv, digest = raw.digest_key(h, Mechanism.SHA256, key)
+            assert digest == hashlib.sha256(secret).digest()
+            assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.SHA256_HMAC, None,
+                                             key)) == "CKR_OK"
+            assert raw.one_shot("C_Sign", h, b"m")[1] == hmac_.new(secret, b"m",
+                                                                   hashlib.sha256).digest()
+    finally:
+        sweep(eu.token)
+
+
+@pytest.mark.parametrize("purpose", ["seed", "dek"])
+def test_byok_private_keys_cannot_decrypt_be_changed_copied_or_use_pkcs1(kit, byok_keys,
+                                                                          purpose):
+    eu = kit.regionals["eu"]
+    raw = eu.token.module.raw
+    label, _, ct = byok_keys[purpose]
+    with eu.token.lease() as lease:
+        h, key = lease.session.handle, lease.key(ops.private(label)).handle
+        oaep = _cryptoki.CK_RSA_PKCS_OAEP_PARAMS(int(Mechanism.SHA_1), int(MGF.SHA1), 1, None, 0)
+        assert raw_rv(raw.operation_init("C_DecryptInit", h, Mechanism.RSA_PKCS_OAEP, oaep,
+                                         key)) == "CKR_KEY_FUNCTION_NOT_PERMITTED"
+        assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.SHA256_RSA_PKCS, None,
+                                         key)) in ("CKR_KEY_FUNCTION_NOT_PERMITTED",
+                                                   "CKR_MECHANISM_INVALID")
+        assert raw_rv(raw.set_attributes(h, key, {Attribute.DECRYPT: True})) == \
+            "CKR_ACTION_PROHIBITED"
+        assert raw_rv(raw.copy_object(h, key, {Attribute.DECRYPT: True,
+                                               Attribute.TOKEN: False})) == "CKR_ACTION_PROHIBITED"
+        template = (policies.BYOK_SEED_UNWRAP_TEMPLATE if purpose == "seed"
+                    else policies.BYOK_DEK_UNWRAP_TEMPLATE)
+        tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+               Attribute.LABEL: f"atk-{next(_label)}", **template}
+        assert raw_rv(raw.unwrap_key(h, Mechanism.RSA_PKCS, None, key, ct, tpl)) == \
+            "CKR_MECHANISM_INVALID"
+
+
+def test_the_byok_dek_key_releases_what_it_unwraps_by_design(kit, byok_keys):
+    """Derivation NONE: the uploaded value is the DEK the KMS serves in the clear, so a PIN
+    holder with the stored ciphertext reads it too. It still cannot become a token object."""
+    eu = kit.regionals["eu"]
+    raw = eu.token.module.raw
+    label, dek, ct = byok_keys["dek"]
+    try:
+        with eu.token.anchor() as lease:
+            h = lease.session.handle
+            got = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+                                                     Attribute.TOKEN: True}, lease)
+            assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
+            rv, key = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+                                                         Attribute.SIGN: False}, lease)
+            assert raw_rv(rv) == "CKR_OK"
+            assert raw.get_attribute(h, key, Attribute.VALUE)[1] == dek
+    finally:
+        sweep(eu.token)
+
+
+def test_byok_keys_pass_the_audit_and_a_ciphertext_for_one_is_nothing_to_the_other(kit,
+                                                                                    byok_keys):
+    from hsm import audit
+    eu = kit.regionals["eu"]
+    rows = [r for r in audit.audit(eu.token) if r.label.startswith("byok-")]
+    assert {r.role for r in rows} >= {"byok-seed", "byok-dek", "public key"}
+    assert all(r.deviations == [] for r in rows)
+    seed_label, _, _ = byok_keys["seed"]
+    _, _, dek_ct = byok_keys["dek"]
+    with eu.token.anchor() as lease:
+        got = _byok_unwrap(eu.token, seed_label, dek_ct, policies.BYOK_SEED_UNWRAP_TEMPLATE,
+                           lease)
+    assert raw_rv(got) != "CKR_OK"
+    sweep(eu.token)

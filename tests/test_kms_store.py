@@ -95,6 +95,10 @@ def raw(url: str, sql: str, params=()) -> list:
         return cur.fetchall() if cur.description else []
 
 
+# 0001_initial and 0002_customer_keys (issue 9).
+N_MIGRATIONS = 2
+
+
 def by_version(rows):
     return {(r.key_type, r.version): r for r in rows}
 
@@ -102,12 +106,12 @@ def by_version(rows):
 # ----------------------------------------------------------------------------- open, schema
 def test_open_migrates_once_and_reopens(store_url):
     with Store.open(store_url) as s:
-        assert s.schema_version() == len(load_migrations()) == 1
+        assert s.schema_version() == len(load_migrations()) == N_MIGRATIONS
     with Store.open(store_url) as s:
-        assert s.schema_version() == 1
-    rows = raw(store_url, "SELECT version, name, sha256 FROM schema_migrations")
-    assert [(v, n) for v, n, _ in rows] == [(1, "initial")]
-    assert rows[0][2] == load_migrations()[0].sha256
+        assert s.schema_version() == N_MIGRATIONS
+    rows = raw(store_url, "SELECT version, name, sha256 FROM schema_migrations ORDER BY version")
+    assert [(v, n) for v, n, _ in rows] == [(1, "initial"), (2, "customer_keys")]
+    assert [r[2] for r in rows] == [m.sha256 for m in load_migrations()]
 
 
 def test_concurrent_first_open_applies_each_migration_once(store_url):
@@ -126,33 +130,33 @@ def test_concurrent_first_open_applies_each_migration_once(store_url):
     for s in stores:
         s.close()
     assert errors == []
-    assert raw(store_url, "SELECT COUNT(*) FROM schema_migrations") == [(1,)]
+    assert raw(store_url, "SELECT COUNT(*) FROM schema_migrations") == [(N_MIGRATIONS,)]
 
 
 def test_migration_is_atomic_and_edits_or_newer_schemas_are_refused(store_url, tmp_path):
     mig = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, mig)
-    (mig / "0002_broken.sql").write_text(
+    (mig / "0003_broken.sql").write_text(
         "CREATE TABLE extra (x TEXT);\nINSERT INTO extra (x) VALUES ('half');\n"
         "CREATE TABLE broken (;\n")
-    with pytest.raises(KmsError, match="0002_broken failed .nothing of it applied"):
+    with pytest.raises(KmsError, match="0003_broken failed .nothing of it applied"):
         Store.open(store_url, migrations_dir=mig)
-    # Migration 1 committed; nothing of migration 2 did.
-    assert raw(store_url, "SELECT version FROM schema_migrations") == [(1,)]
+    # Migrations 1-2 committed; nothing of migration 3 did.
+    assert raw(store_url, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
     with Store.open(store_url) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == 2
     with pytest.raises(MISSING_TABLE):
         raw(store_url, "SELECT * FROM extra")
 
-    # A fixed migration 2 applies; then the code without it refuses the newer store.
-    (mig / "0002_broken.sql").write_text("CREATE TABLE extra (x TEXT);\n")
+    # A fixed migration 3 applies; then the code without it refuses the newer store.
+    (mig / "0003_broken.sql").write_text("CREATE TABLE extra (x TEXT);\n")
     with Store.open(store_url, migrations_dir=mig) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
     with pytest.raises(KmsError, match="newer than this code"):
         Store.open(store_url)
     # Editing an applied migration is detected.
-    (mig / "0002_broken.sql").write_text("CREATE TABLE extra (x TEXT, y TEXT);\n")
-    with pytest.raises(KmsError, match="0002_broken was changed after it was applied"):
+    (mig / "0003_broken.sql").write_text("CREATE TABLE extra (x TEXT, y TEXT);\n")
+    with pytest.raises(KmsError, match="0003_broken was changed after it was applied"):
         Store.open(store_url, migrations_dir=mig)
 
 
@@ -941,7 +945,7 @@ def test_sigkill_during_migration_leaves_no_half_schema(store_url):
     with pytest.raises(MISSING_TABLE):
         raw(store_url, "SELECT * FROM tenant_secrets")
     with Store.open(store_url) as s:
-        assert s.schema_version() == 1
+        assert s.schema_version() == N_MIGRATIONS
         s.create_org("acme", "sandbox")
 
 
