@@ -104,15 +104,25 @@ def _read_b64(path: Path, what: str) -> bytes:
 def upload(kms, org_id: str, key_type: str, secret_file: Path, hash_file: Path, *,
            derivation: str = "PBKDF2", oaep: str = "sha1"):
     """The customer's wrapped secret, unwrapped and checked inside the HSM, stored wrapped."""
+    ciphertext = _read_b64(secret_file, "encrypted secret")
+    digest = _read_b64(hash_file, "hash file")
+    if len(digest) != 32:
+        raise KmsError(f"hash file {hash_file} holds {len(digest)} bytes, not a SHA-256 (32)")
+    return upload_wrapped(kms, org_id, key_type, ciphertext, digest, derivation=derivation,
+                          oaep=oaep)
+
+
+def upload_wrapped(kms, org_id: str, key_type: str, ciphertext: bytes, digest: bytes, *,
+                   derivation: str = "PBKDF2", oaep: str = "sha1"):
+    """The same from bytes (the service's upload route): RSA-OAEP ``ciphertext`` to the org's
+    BYOK certificate, ``digest`` the SHA-256 of the plaintext secret."""
     if derivation not in ("PBKDF2", "NONE"):
         raise KmsError("derivation must be PBKDF2 or NONE")
     if key_type == "database" and derivation != "PBKDF2":
         raise PolicyViolation("database-encryption uploads are seeds only: derivation NONE is "
                               "refused", hint="upload with --derivation PBKDF2")
-    ciphertext = _read_b64(secret_file, "encrypted secret")
-    digest = _read_b64(hash_file, "hash file")
     if len(digest) != 32:
-        raise KmsError(f"hash file {hash_file} holds {len(digest)} bytes, not a SHA-256 (32)")
+        raise KmsError(f"the hash holds {len(digest)} bytes, not a SHA-256 (32)")
     purpose = "seed" if derivation == "PBKDF2" else "dek"
     spec = kms.store.customer_key(org_id, KIND) or {}
     if purpose not in spec:

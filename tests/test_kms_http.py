@@ -536,3 +536,79 @@ def test_a_wrong_pin_stops_serve_with_one_clear_line_and_no_pin(service_kit, wor
     assert "CKR_PIN_INCORRECT" in proc.stderr and "Traceback" not in proc.stderr
     assert "not-the-pin-1234" not in proc.stderr + proc.stdout
     assert service_kit.kit.regionals["eu"].user_pin.reveal() not in proc.stderr + proc.stdout
+
+
+# ----------------------------------------------------------------------------- customer keys
+def test_byok_upload_over_the_admin_route_is_unwrapped_and_checked_in_the_hsm(node, local,
+                                                                              tmp_path):
+    """The customer's two files, as `kms byok wrap` writes them, uploaded over mTLS: the node
+    unwraps and checks them inside its HSM; the DEK it then serves is the one the node library
+    derives; a hash that does not match is refused (4xx) and stores nothing."""
+    import base64
+    import hashlib
+
+    from kms import byok
+    _org(node, "byok-http", secret=False)
+    cert = tmp_path / "byok-http.pem"
+    byok.certificate(local, "byok-http", cert)          # the KMS side: key pair + certificate
+    secret = hashlib.sha256(b"customer secret for the service").digest()
+    a, b = byok.wrap(cert, tmp_path / "wrapped", secret=secret)   # the customer side, no HSM
+    body = {"secret": a.read_text().strip(), "hash": b.read_text().strip()}
+    bad = dict(body, hash=base64.b64encode(hashlib.sha256(b"other").digest()).decode())
+    status, err = node.call("POST", "/v1/tenants/byok-http/byok-upload", bad, who="admin")
+    assert 400 <= status < 500 and "hash" in err["message"].lower(), (status, err)
+    assert local.store.secrets("byok-http") == []
+    status, up = node.call("POST", "/v1/tenants/byok-http/byok-upload", body, who="admin")
+    assert status == 201 and up["version"] == 1 and up["derivation"] == "PBKDF2", up
+    status, got = _dek(node, "byok-http", key_type="field", purpose="encrypt")
+    assert status == 200, got
+    assert base64.b64decode(got["dek"]) == local.dek_for_encrypt("byok-http", "field")[2]
+    # The data plane may not upload.
+    status, _ = node.call("POST", "/v1/tenants/byok-http/byok-upload", body, who="data")
+    assert status == 403
+    status, err = node.call("POST", "/v1/tenants/byok-http/byok-upload",
+                            dict(body, secret="%%%"), who="admin")
+    assert status == 400 and err["error"] == "bad_request"
+
+
+def test_ekm_rotation_over_the_admin_route_serves_the_customers_dek(service_kit, local,
+                                                                    tmp_path):
+    """EKM through the service: the admin route rotates with source "ekm" (AWS KMS
+    GenerateDataKeyWithoutPlaintext on a real moto server over TLS), and the DEK served over
+    mTLS is the one the customer's own AWS Decrypt of the stored blob gives."""
+    import base64
+    import json as jsonlib
+
+    import boto3
+
+    from kms import ekm
+    from tests import localtls
+    localtls.set_aws_env()          # the node started below inherits the test credentials
+    pki = localtls.make_pki(tmp_path / "moto-pki")
+    proc, url = localtls.start_moto(pki)
+    try:
+        client = boto3.client("kms", endpoint_url=url, verify=str(pki.ca),
+                              region_name="eu-west-1")
+        arn = client.create_key(Description="root key of ekm-http")["KeyMetadata"]["Arn"]
+        node = service_kit.start(service_kit.config())
+        try:
+            _org(node, "ekm-http", secret=False)
+            ekm.register(local, "ekm-http", arn, endpoint_url=url, ca_bundle=str(pki.ca))
+            status, bad = node.call("POST", "/v1/tenants/ekm-http/rotate",
+                                    {"source": "aws"}, who="admin")
+            assert status == 400, bad
+            status, row = node.call("POST", "/v1/tenants/ekm-http/rotate", {"source": "ekm"},
+                                    who="admin")
+            assert status == 200 and row["version"] == 1, row
+            status, got = _dek(node, "ekm-http", key_type="field", purpose="encrypt")
+            assert status == 200 and got["derivation"] == "NONE", got
+            stored = local.store.get("ekm-http", "field", 1)
+            descriptor = jsonlib.loads(local._tenant_secret(stored))
+            customer = client.decrypt(
+                CiphertextBlob=base64.b64decode(descriptor["blob"]), KeyId=descriptor["key_id"],
+                EncryptionContext=ekm.context("ekm-http", "field", 1))["Plaintext"]
+            assert base64.b64decode(got["dek"]) == customer
+        finally:
+            node.stop()
+    finally:
+        localtls.stop(proc)

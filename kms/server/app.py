@@ -345,9 +345,16 @@ async def tenant_create(request):
 async def tenant_rotate(request):
     svc: Service = request.app["svc"]
     org = _org(request.match_info["org"])
-    body = await _json(request, ("key_type",))
+    body = await _json(request, ("key_type", "source"))
     key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
-    row = await _admin(request, "tenant.rotate", org, key_type, svc.kms.rotate, org, key_type)
+    # "ekm": a new version from the org's AWS KMS root key (GenerateDataKeyWithoutPlaintext).
+    source = _field(body, "source", str, default="hsm", choices=("hsm", "ekm"))
+    if source == "ekm":
+        from .. import ekm
+        rotate = lambda: ekm.rotate(svc.kms, org, key_type)  # noqa: E731
+    else:
+        rotate = lambda: svc.kms.rotate(org, key_type)  # noqa: E731
+    row = await _admin(request, "tenant.rotate", org, key_type, rotate)
     svc.announce("rotate", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state})
 
@@ -370,6 +377,32 @@ async def tenant_upload(request):
     svc.announce("upload", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state},
                201)
+
+
+async def tenant_byok_upload(request):
+    """BYOK as the customer sends it: the secret RSA-OAEP-wrapped to the org's BYOK certificate
+    and the SHA-256 of the plaintext, both base64 (the two files `kms byok wrap` writes)."""
+    svc: Service = request.app["svc"]
+    org = _org(request.match_info["org"])
+    body = await _json(request, ("key_type", "secret", "hash", "derivation", "oaep"))
+    key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
+    derivation = _field(body, "derivation", str, default="PBKDF2", choices=policy.DERIVATIONS)
+    oaep = _field(body, "oaep", str, default="sha1", choices=("sha1", "sha256", "sha512"))
+    try:
+        ciphertext = base64.b64decode(_field(body, "secret", str), validate=True)
+        digest = base64.b64decode(_field(body, "hash", str), validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "bad_request", "secret and hash must be base64") from None
+    if len(digest) != 32:
+        raise HttpError(400, "bad_request", "hash must be base64 of a 32-byte SHA-256")
+    from .. import byok
+    row = await _admin(request, "tenant.byok_upload", org, key_type,
+                       lambda: byok.upload_wrapped(svc.kms, org, key_type, ciphertext, digest,
+                                                   derivation=derivation, oaep=oaep),
+                       status=201)
+    svc.announce("upload", org, key_type)
+    return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state,
+                "derivation": row.derivation}, 201)
 
 
 async def tenant_destroy(request):
@@ -415,6 +448,7 @@ ROUTES = (
     ("GET", "/v1/tenants/{org}", tenant_list),
     ("POST", "/v1/tenants/{org}/rotate", tenant_rotate),
     ("POST", "/v1/tenants/{org}/upload", tenant_upload),
+    ("POST", "/v1/tenants/{org}/byok-upload", tenant_byok_upload),
     ("POST", "/v1/tenants/{org}/destroy", tenant_destroy),
     ("GET", "/v1/tenants/{org}/export", tenant_export),
 )

@@ -12,9 +12,10 @@ import re
 import sqlite3
 import time
 
+from hsm.byok import ByokRefused
 from hsm.errors import HsmError
-from kms.errors import (ConfigError, CorruptRecord, KeyDestroyed, KmsError, PolicyViolation,
-                        RateLimited, ReleaseNotHeld, UnknownTenant)
+from kms.errors import (ConfigError, CorruptRecord, KeyDestroyed, KeyUnavailable, KmsError,
+                        PolicyViolation, RateLimited, ReleaseNotHeld, UnknownTenant)
 
 
 class HttpError(Exception):
@@ -56,6 +57,10 @@ def classify(exc: BaseException, *, now: float | None = None) -> HttpError:
         return HttpError(404, "unknown_org", msg)
     if isinstance(exc, KeyDestroyed):
         return HttpError(410, "key_destroyed", msg)
+    if isinstance(exc, KeyUnavailable):  # the customer's key service or AWS KMS cannot serve
+        return HttpError(503, "key_unavailable", msg, {"Retry-After": "60"})
+    if isinstance(exc, ByokRefused):     # the customer's upload, checked inside the HSM
+        return HttpError(422, "byok_refused", msg)
     if isinstance(exc, PolicyViolation):
         return HttpError(409, "policy_violation", msg)
     if isinstance(exc, ReleaseNotHeld):

@@ -73,14 +73,36 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(svc))
+    retries = asyncio.ensure_future(_retry_unavailable_keys(svc, stop))
     print(f"kms: worker {svc.worker} serving", flush=True)
     await stop.wait()
+    retries.cancel()
     log.info("worker %d: SIGTERM, draining", svc.worker)
     svc.ready = False
     server.close()                   # stop accepting; established connections go on
     await runner.cleanup()           # idle connections closed, in-flight requests finish
     server.close()
     await server.wait_closed()
+
+
+async def _retry_unavailable_keys(svc: apps.Service, stop: asyncio.Event,
+                                  every: float = 30.0) -> None:
+    """Cache-only keys whose customer key service failed are retried on their schedule (once
+    a minute for 5 minutes, then every 5 minutes for 24 h: kms.cacheonly), even when no request
+    asks for them, so a key that comes back is active again before the next encryption."""
+    from .. import cacheonly
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            pass
+        if stop.is_set():
+            return
+        try:
+            await svc.call(cacheonly.retry_due, svc.kms)
+        except Exception as exc:  # a retry that fails says so in the log, never stops serving
+            log.warning("worker %d: retrying unavailable keys failed: %s", svc.worker,
+                        type(exc).__name__)
 
 
 def _reload(svc: apps.Service) -> None:
