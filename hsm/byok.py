@@ -28,8 +28,8 @@ from pkcs11 import KeyType, Mechanism as M, ObjectClass
 
 from . import policy as policies
 from ._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
-from .errors import HsmError, KeyPolicyViolation, ObjectExists, check_rv, translated
-from .keygen import label_in_use
+from .errors import HsmError, ObjectExists, check_rv, translated
+from .keygen import create_pair, label_in_use
 from .token import KeyRef, Token
 
 PURPOSES = {"seed": policies.BYOK_SEED, "dek": policies.BYOK_DEK}
@@ -72,26 +72,8 @@ def generate(token: Token, org_id: str, purpose: str) -> KeyRef:
            A.PUBLIC_EXPONENT: b"\x01\x00\x01"}
     priv = {**policy.creation_attributes(), A.KEY_TYPE: KeyType.RSA, A.LABEL: label,
             A.ID: key_id}
-    raw = token.module.raw
-
-    def gen(lease):
-        rv, h_pub, h_priv = raw.generate_key_pair(lease.session.handle,
-                                                  M.RSA_PKCS_KEY_PAIR_GEN, pub, priv)
-        check_rv(rv)
-        return h_pub, h_priv
-    with translated("C_GenerateKeyPair", token.label, label):
-        h_pub, h_priv = token.run_on_anchor("C_GenerateKeyPair", gen, label)
+    create_pair(token, label, M.RSA_PKCS_KEY_PAIR_GEN, pub, priv, policy)
     ref = KeyRef(label, ObjectClass.PRIVATE_KEY)
-    found = policies.check(token, ref, policy) + [
-        f"public key {d}" for d in policies.check(token, KeyRef(label, ObjectClass.PUBLIC_KEY),
-                                                  policies.PUBLIC_KEY)]
-    if found:
-        def destroy(lease):
-            raw.destroy_object(lease.session.handle, h_priv)
-            raw.destroy_object(lease.session.handle, h_pub)
-        token.run_on_anchor("C_DestroyObject", destroy, label)
-        raise KeyPolicyViolation(f"{label!r} is weaker than the {policy.name} policy: "
-                                 + "; ".join(found), token=token.label, object_label=label)
     return ref
 
 

@@ -49,14 +49,51 @@ def label_in_use(token: Token, label: str) -> bool:
 
 def check_private_attributes(token: Token, role: KeyRole, label: str) -> None:
     """Read the private and public keys back; raise naming each attribute weaker than policy."""
-    found = policies.check(token, KeyRef(label, ObjectClass.PRIVATE_KEY), role.policy)
+    check_pair(token, label, role.policy)
+
+
+def check_pair(token: Token, label: str, policy: policies.KeyPolicy) -> None:
+    """The private key against ``policy`` and the public key against PUBLIC_KEY; raise naming
+    each weaker attribute."""
+    found = policies.check(token, KeyRef(label, ObjectClass.PRIVATE_KEY), policy)
     found += [f"public key {d}" for d in policies.check(
         token, KeyRef(label, ObjectClass.PUBLIC_KEY), policies.PUBLIC_KEY)]
     if found:
         raise KeyPolicyViolation(
-            f"{label!r} is weaker than the {role.policy.name} policy: " + "; ".join(found),
+            f"{label!r} is weaker than the {policy.name} policy: " + "; ".join(found),
             operation="attribute read-back", token=token.label, object_label=label,
-            hint=role.policy.hint)
+            hint=policy.hint)
+
+
+def create_pair(token: Token, label: str, mechanism: int, pub_tpl: dict, priv_tpl: dict,
+                policy: policies.KeyPolicy, *, allow_weak_token: bool = False) -> None:
+    """C_GenerateKeyPair through ctypes (the policy holds attribute arrays), then the read-back
+    against ``policy``; a pair that fails it is destroyed before the error, so no half-trusted
+    key is left under the label. Every long-term key pair of the suite is made here."""
+    raw = token.module.raw
+
+    def generate(lease):
+        rv, pub, priv = raw.generate_key_pair(lease.session.handle, mechanism, pub_tpl,
+                                              priv_tpl)
+        if rv != 0 and allow_weak_token:
+            # A weak token may not even store the policy (NSS softokn 3.87: CKR_GENERAL_ERROR
+            # for a token key with CKA_COPYABLE and CKA_ALLOWED_MECHANISMS). For a rehearsal,
+            # try without them; the read-back below still names every missing attribute.
+            weak = {k: v for k, v in priv_tpl.items() if k not in _UNSTORABLE}
+            rv, pub, priv = raw.generate_key_pair(lease.session.handle, mechanism, pub_tpl,
+                                                  weak)
+        check_rv(rv)
+        return pub, priv
+    with translated("C_GenerateKeyPair", token.label, label):
+        pub, priv = token.run_on_anchor("C_GenerateKeyPair", generate, label)
+    try:
+        check_pair(token, label, policy)
+    except KeyPolicyViolation:
+        def destroy(lease):
+            raw.destroy_object(lease.session.handle, priv)
+            raw.destroy_object(lease.session.handle, pub)
+        token.run_on_anchor("C_DestroyObject", destroy, label)
+        raise
 
 
 def generate_keypair(token: Token, role: KeyRole, label: str, *,
@@ -74,30 +111,8 @@ def generate_keypair(token: Token, role: KeyRole, label: str, *,
     if role.key_type is KeyType.EC:
         pub_tpl[Attribute.EC_PARAMS] = encode_named_curve_parameters(role.curve)
     priv_tpl = role.private_template(label, key_id, token.profile)
-    raw = token.module.raw
-
-    def generate(lease):
-        rv, pub, priv = raw.generate_key_pair(lease.session.handle, role.generation_mechanism,
-                                              pub_tpl, priv_tpl)
-        if rv != 0 and allow_weak_token:
-            # A weak token may not even store the policy (NSS softokn 3.87: CKR_GENERAL_ERROR
-            # for a token key with CKA_COPYABLE and CKA_ALLOWED_MECHANISMS). For a rehearsal,
-            # try without them; the read-back below still names every missing attribute.
-            weak = {k: v for k, v in priv_tpl.items() if k not in _UNSTORABLE}
-            rv, pub, priv = raw.generate_key_pair(lease.session.handle,
-                                                  role.generation_mechanism, pub_tpl, weak)
-        check_rv(rv)
-        return pub, priv
-    with translated("C_GenerateKeyPair", token.label, label):
-        pub, priv = token.run_on_anchor("C_GenerateKeyPair", generate, label)
-    try:
-        check_private_attributes(token, role, label)
-    except KeyPolicyViolation:
-        def destroy(lease):
-            raw.destroy_object(lease.session.handle, priv)
-            raw.destroy_object(lease.session.handle, pub)
-        token.run_on_anchor("C_DestroyObject", destroy, label)
-        raise
+    create_pair(token, label, role.generation_mechanism, pub_tpl, priv_tpl, role.policy,
+                allow_weak_token=allow_weak_token)
     return KeyPairInfo(label, key_id, role)
 
 

@@ -39,6 +39,18 @@ _MISSING = object()
 
 
 # --------------------------------------------------------------------------- input checks
+def _b64_field(body: dict, name: str, *, length: int | None = None) -> bytes:
+    """A required base64 string field, decoded strictly; ``length`` bytes when given."""
+    try:
+        value = base64.b64decode(_field(body, name, str), validate=True)
+    except (binascii.Error, ValueError):
+        raise HttpError(400, "bad_request", f"{name} must be base64") from None
+    if length is not None and len(value) != length:
+        raise HttpError(400, "bad_request",
+                        f"{name} must be {length} bytes (base64 of {length} bytes)")
+    return value
+
+
 def _field(body: dict, name: str, kind, *, default=_MISSING, choices=None):
     value = body.get(name, default)
     if value is _MISSING:
@@ -365,12 +377,7 @@ async def tenant_upload(request):
     body = await _json(request, ("key_type", "material", "derivation"))
     key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
     derivation = _field(body, "derivation", str, default="PBKDF2", choices=policy.DERIVATIONS)
-    try:
-        material = base64.b64decode(_field(body, "material", str), validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "bad_request", "material must be base64") from None
-    if len(material) != 32:
-        raise HttpError(400, "bad_request", "material must be 32 bytes (base64 of 32 bytes)")
+    material = _b64_field(body, "material", length=32)
     row = await _admin(request, "tenant.upload", org, key_type,
                        lambda: svc.kms.upload_secret(org, key_type, material,
                                                      derivation=derivation), status=201)
@@ -388,13 +395,8 @@ async def tenant_byok_upload(request):
     key_type = _field(body, "key_type", str, default="field", choices=policy.KEY_TYPES)
     derivation = _field(body, "derivation", str, default="PBKDF2", choices=policy.DERIVATIONS)
     oaep = _field(body, "oaep", str, default="sha1", choices=("sha1", "sha256", "sha512"))
-    try:
-        ciphertext = base64.b64decode(_field(body, "secret", str), validate=True)
-        digest = base64.b64decode(_field(body, "hash", str), validate=True)
-    except (binascii.Error, ValueError):
-        raise HttpError(400, "bad_request", "secret and hash must be base64") from None
-    if len(digest) != 32:
-        raise HttpError(400, "bad_request", "hash must be base64 of a 32-byte SHA-256")
+    ciphertext = _b64_field(body, "secret")
+    digest = _b64_field(body, "hash", length=32)   # a SHA-256
     from .. import byok
     row = await _admin(request, "tenant.byok_upload", org, key_type,
                        lambda: byok.upload_wrapped(svc.kms, org, key_type, ciphertext, digest,
