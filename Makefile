@@ -10,7 +10,7 @@ export PATH := $(ROOT)/.venv/bin:$(PATH)
 # The interpreter that has the package: .venv's where install-deps.sh had to make one.
 RUNPY = $$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON) )
 
-.PHONY: demo test bench deps clean
+.PHONY: demo test lint bench deps clean
 
 deps: $(VAR)/.deps
 
@@ -26,6 +26,10 @@ demo: deps $(SOFTHSM2_CONF)
 
 test: deps
 	$(RUNPY) -m pytest -q
+
+# The type checker over hsm, release, ceremony and kms (configuration: pyproject.toml [tool.mypy]).
+lint: deps
+	$(RUNPY) -m mypy
 
 bench: deps
 	$(RUNPY) -m pytest benchmarks/ --benchmark-only -q

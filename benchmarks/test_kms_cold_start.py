@@ -53,13 +53,15 @@ from hsm import export, ops, policy
 from hsm._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
 from hsm.token import Token
 
-from ceremony import approvals, bundle as bundles, certificates as certs
+from ceremony import approvals
 from ceremony import environment, plan as plans, runner as runner_mod
 from ceremony.runner import Runner
 
 from kms import config as configs, importer
 from kms.service import Kms
 from kms.store import Store
+from release import bundle as bundles, certificates as certs
+from release.ids import release_key
 
 from _benchlib import Buckets, Interleaved, median, ratio, scaled
 
@@ -267,7 +269,7 @@ def _raw_jobs(bundle_dir: Path, primary_cert_path: Path) -> tuple[list[RawJob], 
     primary = certs.as_asn1(certs.check_primary(primary_cert_path))
     manifests = [bundles.verify(p.read_bytes(), primary, where=p.name).manifest
                  for p in sorted(bundle_dir.glob("bundle-*.p7"))]
-    manifests.sort(key=lambda m: importer.release_key(m["release"]))
+    manifests.sort(key=lambda m: release_key(m["release"]))
     jobs, expected = [], []
     for m in manifests:
         by_type = {s["type"]: s for s in m["secrets"]}
@@ -395,7 +397,7 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
     # Correctness, untimed: the first start records the 40 releases in the kept store; the raw
     # unwraps yield the keys the ceremonies made (same key check values as the manifests).
     first_s, report = bench._start(config)
-    assert sorted(report.held, key=importer.release_key) == \
+    assert sorted(report.held, key=release_key) == \
         [str(FIRST_RELEASE + i) for i in range(RELEASES)]
     with Store.open(config.store) as store:
         assert len(store.releases()) == RELEASES

@@ -80,9 +80,7 @@ def cmd_plan(args) -> int:
     print(f"Plan {p.path}: ceremony {p.id!r} ({p.type})"
           + (f", release {p.release}" if p.release else "")
           + (" - PRACTICE" if p.practice else ""))
-    print(f"Digest  {fp.to_hex(p.digest)}")
-    words = fp.to_words(p.digest)
-    print("Words   " + " ".join(words[:16]) + "\n        " + " ".join(words[16:]))
+    print("\n".join(fp.display(p.digest, title="Digest", indent="")))
     print(f"Quorum  {p.quorum} of {len(p.crypto_officers)} crypto officers: "
           + ", ".join(o.name for o in p.crypto_officers))
     for o in p.officers:
@@ -184,8 +182,7 @@ def cmd_keygen(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ceremony", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = cliutil.parser("ceremony", __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="validate a plan; print its digest and every step")
     p.add_argument("plan")
@@ -226,9 +223,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return cliutil.run("ceremony", args.func, args, debug=args.debug)
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return cliutil.main("ceremony", build_parser(), argv)

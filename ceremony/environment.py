@@ -6,15 +6,16 @@ Kept apart from the plan so the plan reviewed weeks before runs unchanged on the
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsm import module as modules
+from hsm import tomlfile
 
 from .errors import PlanError
 
-_KEYS = {"module", "module_params", "primary_token", "user_pin_source", "so_pin_source"}
+_FIELDS = {key: str for key in ("module", "module_params", "primary_token", "user_pin_source",
+                                "so_pin_source")}
 
 
 @dataclass(frozen=True)
@@ -30,21 +31,9 @@ def load(path: str | Path | None) -> Environment:
     if path is None:
         return Environment()
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise PlanError(f"cannot read environment file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise PlanError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanError(f"{path}: TOML syntax error: {exc}") from None
-    unknown = set(data) - _KEYS
-    if unknown:
-        raise PlanError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: "
-                        f"{', '.join(sorted(_KEYS))})")
+    data, _, _ = tomlfile.read(path, what="environment file", error=PlanError)
+    tomlfile.check_keys(data, _FIELDS, where=str(path), error=PlanError)
     for key, value in data.items():
-        if not isinstance(value, str):
-            raise PlanError(f"{path}: {key} must be a string")
         if key.endswith("pin_source") and not value.startswith(("env:", "file:")):
             raise PlanError(f"{path}: {key} must be env:VAR or file:PATH - PINs themselves "
                             "never go in a file the ceremony reads")

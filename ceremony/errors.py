@@ -3,11 +3,13 @@ names what was wrong and what to do."""
 
 from __future__ import annotations
 
-from hsm.errors import HsmError
+from hsm.errors import SuiteError
+from release.errors import CertificateError, VerificationError  # raised by ceremony code too
 
 
-class CeremonyError(HsmError):
-    """Base class: one line for the officer, no traceback unless --debug."""
+class CeremonyError(SuiteError):
+    """Base class: one line for the officer, no traceback unless --debug. A sibling of
+    ``HsmError``, not a kind of it: a token failure during a ceremony stays an ``HsmError``."""
 
 
 class PlanError(CeremonyError):
@@ -18,13 +20,9 @@ class ApprovalError(CeremonyError):
     pass
 
 
-class CertificateError(CeremonyError):
-    pass
-
-
-class VerificationError(CeremonyError):
-    """A bundle or transcript failed offline verification."""
-
-
 class ResumeError(CeremonyError):
     pass
+
+
+__all__ = ["ApprovalError", "CeremonyError", "CertificateError", "PlanError", "ResumeError",
+           "VerificationError"]

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass, field
+from typing import TypeVar
 from pathlib import Path
 
 from hsm import fingerprint as fp
+from hsm import tomlfile
+from release.ids import RELEASE_ID, release_key
 
 from .errors import PlanError
 
@@ -22,6 +24,8 @@ from .errors import PlanError
 # regional-enrollment: certify a regional HSM's encryption key.
 # escrow-export: restore an existing release from its escrow bundle into session objects of the
 #   primary and export it to regions enrolled later; the primary keeps no copy afterwards.
+T = TypeVar("T")
+
 CEREMONY_TYPES = ("release-secrets", "regional-enrollment", "escrow-export")
 ROLES = ("administrator", "crypto-officer", "witness")
 SECRET_TYPES = {
@@ -32,7 +36,6 @@ SECRET_TYPES = {
 # fullmatch and explicit ASCII classes: `$` would accept a trailing newline and `\d` any
 # Unicode digit, and both would end up in token labels and file names.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-_RELEASE = re.compile(r"[0-9]+(\.[0-9]+){0,3}")
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,15 @@ class Plan:
             files.append(self.escrow_bundle)
         return files
 
+    def need(self, value: T | None, key: str) -> T:
+        """A field this ceremony type requires; the parser has made sure it is set, so None
+        here means a plan object built by hand for the wrong type."""
+        if value is None:
+            raise PlanError(f"{self.path}: a {self.type} ceremony needs {key}")
+        return value
+
     def release_tuple(self) -> tuple[int, ...]:
         return release_key(self.release or "0")
-
-
-def release_key(release: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in release.split("."))
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -119,32 +125,21 @@ class _Checker:
         """Best-effort source line of a key path like ``regions[1].fingerprint``."""
         parts = re.findall(r"([A-Za-z0-9_-]+)(?:\[(\d+)\])?", keypath)
         start = 0
-        for depth, (name, index) in enumerate(parts):
-            last = depth == len(parts) - 1
-            if index:
+        for name, index in parts:
+            if index:   # the index-th [[name]] table from here
                 header = re.compile(rf"^\s*\[\[\s*{re.escape(name)}\s*\]\]")
-                seen = -1
-                for i in range(start, len(self.lines)):
-                    if header.match(self.lines[i]):
-                        seen += 1
-                        if seen == int(index):
-                            start = i
-                            break
-                else:
+                hits = [i for i in range(start, len(self.lines)) if header.match(self.lines[i])]
+                if len(hits) <= int(index):
                     return None
-                if last:
-                    return start + 1
+                start = hits[int(index)]
                 continue
             table = re.compile(rf"^\s*\[\[?\s*{re.escape(name)}\s*\]")
             keyline = re.compile(rf"^\s*{re.escape(name)}\s*=")
-            for i in range(start, len(self.lines)):
-                if keyline.match(self.lines[i]) or table.match(self.lines[i]):
-                    start = i
-                    break
-            else:
+            found = next((i for i in range(start, len(self.lines))
+                          if keyline.match(self.lines[i]) or table.match(self.lines[i])), None)
+            if found is None:
                 return None
-            if last:
-                return start + 1
+            start = found
         return start + 1
 
     def fail(self, keypath: str, message: str) -> PlanError:
@@ -199,17 +194,7 @@ class _Checker:
 
 def load(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise PlanError(f"cannot read plan {path}: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        raise PlanError(f"{path}: not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PlanError(f"{path}: TOML syntax error: {exc}") from None
+    data, raw, text = tomlfile.read(path, what="plan", error=PlanError)
     chk = _Checker(path, text)
     base = path.parent
     top = dict(data)
@@ -224,7 +209,7 @@ def load(path: str | Path) -> Plan:
     practice = chk.take(cer, "practice", bool, "ceremony")
     output_dir = base / chk.take(cer, "output_dir", str, "ceremony")
     release = chk.take(cer, "release", str, "ceremony", required=ctype != "regional-enrollment")
-    if release is not None and not _RELEASE.fullmatch(release):
+    if release is not None and not RELEASE_ID.fullmatch(release):
         raise chk.fail("ceremony.release", "a release id is dotted numbers, e.g. '42' or "
                        "'2026.11' (releases are ordered by these numbers)")
     chk.done(cer, "ceremony")

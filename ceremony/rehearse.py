@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from hsm import module as modules
 from hsm import provision, softhsm
@@ -78,11 +79,11 @@ def rehearse(plan_path: Path, log=print) -> dict:
             softhsm.init_token_in_process(mod, label, so_pin, user_pin)
             with Token.open(label, pin=user_pin) as regional:
                 req = provision.init_regional(regional, region.name, pki)
-            provision.certify_regional(primary, req.request, pki,
+            provision.certify_regional(primary, req.request_path, pki,
                                        confirmed_fingerprint=req.fingerprint)
             fingerprints[region.name] = req.fingerprint.hex()
     keys = {}
-    raw = {k: (dict(v) if isinstance(v, dict) else [dict(i) for i in v] if isinstance(v, list)
+    raw: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else [dict(i) for i in v] if isinstance(v, list)
                else v) for k, v in plan.raw.items()}
     for officer in raw["officers"]:
         keys[officer["name"]] = work / "officers" / f"{officer['name']}.key"
@@ -92,9 +93,9 @@ def rehearse(plan_path: Path, log=print) -> dict:
     raw["ceremony"]["output_dir"] = str(out_dir.resolve())
     raw["primary"] = {"signing_certificate": str(pki / "primary-signing.pem"),
                       "encryption_certificate": str(pki / "primary-encryption.pem")}
-    for region in raw["regions"]:
-        region["certificate"] = str(pki / f"regional-{region['name']}.pem")
-        region["fingerprint"] = fingerprints[region["name"]]
+    for entry in raw["regions"]:
+        entry["certificate"] = str(pki / f"regional-{entry['name']}.pem")
+        entry["fingerprint"] = fingerprints[entry["name"]]
     derived = work / f"{plan.path.stem}.rehearsal.toml"
     derived.write_text(f"# Rehearsal of {plan.path} (digest {plan.digest.hex()}), {stamp}\n"
                        + render(raw))

@@ -17,19 +17,21 @@ import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hsm import export, ops
 from hsm import x509 as hx
 from hsm import pin as pins
 from hsm.files import write_new
 from hsm.token import KeyRef, Token
+from release import bundle as bundles
+from release import certificates as certs
+from release.ids import release_key
 
 from . import approvals as approvals_mod
-from . import bundle as bundles
-from . import certificates as certs
 from .environment import Environment
 from .errors import CeremonyError, ResumeError
-from .plan import Plan, release_key
+from .plan import Plan
 from .transcript import SIGNATURE_FILE, Transcript, head_message, sha256_hex
 
 APPROVALS_DIR = "approvals"
@@ -123,7 +125,7 @@ class Runner:
         if tr.find("open") is None:
             raise ResumeError(f"ceremony not opened in {self.out}",
                               hint="run `ceremony open PLAN` first, then collect approvals")
-        if tr.find("open")["data"]["plan_digest"] != self.plan.digest.hex():
+        if tr.data("open")["plan_digest"] != self.plan.digest.hex():
             raise ResumeError(f"{self.out} holds another plan's ceremony (the plan changed "
                               "after it was opened)")
         if tr.find("close") and (self.out / SIGNATURE_FILE).exists():
@@ -202,7 +204,7 @@ class Runner:
 
     # ------------------------------------------------------------------------- steps
     def step_approvals(self) -> None:
-        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        nonce = bytes.fromhex(self.tr.data("open")["nonce"])
         folder = self.out / APPROVALS_DIR
         found = sorted(folder.glob("*.json")) if folder.is_dir() else []
         given = [approvals_mod.Approval.load(p) for p in found]
@@ -233,14 +235,14 @@ class Runner:
         with self._user_token() as token:
             recorded = export.read_states(token)
         last = max(recorded, key=release_key) if recorded else None
-        if last is not None and release_key(self.plan.release) <= release_key(last):
+        if last is not None and release_key(self.plan.need(self.plan.release, "ceremony.release")) <= release_key(last):
             raise CeremonyError(f"release {self.plan.release} is not newer than the last "
                                 f"release recorded in the primary HSM ({last})",
                                 hint="release ids only move forward; fix the plan")
         self._journal("check-release", {"last_recorded": last, "release": self.plan.release})
 
     def step_trust_recipients(self) -> None:
-        checked = self.tr.find("check-certificates")["data"]["recipients"]
+        checked = self.tr.data("check-certificates")["recipients"]
         result = {}
         with self._so_token() as so:
             # The escrow recipient is not pinned in the plan: it must be this primary's own
@@ -268,7 +270,7 @@ class Runner:
 
     def step_generate(self, name: str) -> None:
         secret = next(s for s in self.plan.secrets if s.name == name)
-        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        nonce = bytes.fromhex(self.tr.data("open")["nonce"])
         label, key_id = secret_label(self.plan, name), secret_id(self.plan, name, nonce)
         with self._user_token() as token:
             status = export.ensure_secret(token, secret.key_type, label, key_id,
@@ -299,7 +301,7 @@ class Runner:
             self._journal(f"export:{recipient}", {"bundle": path.name, "status": "adopted",
                                                   "sha256": sha256_hex(path.read_bytes())})
             return
-        checked = self.tr.find("check-certificates")["data"]["recipients"][recipient]
+        checked = self.tr.data("check-certificates")["recipients"][recipient]
         wrap_ref = ops.public(recipient_label(recipient))
         entries = []
         with self._user_token() as token:
@@ -329,12 +331,12 @@ class Runner:
         """What an export wraps: the release's token secrets (release-secrets), or the escrow
         bundle's secrets restored into session objects (escrow-export)."""
         if self.plan.type != "escrow-export":
-            kcvs = self.tr.find("check-values")["data"]["check_values"]
-            return self.tr.find("kdf-salt")["data"]["kdf_salt"], [
+            kcvs = self.tr.data("check-values")["check_values"]
+            return self.tr.data("kdf-salt")["kdf_salt"], [
                 {"name": s.name, "type": s.type, "key_type": s.key_type, "bits": s.bits,
                  "ref": ops.secret(secret_label(self.plan, s.name)),
                  "check_value": kcvs[s.name]} for s in self.plan.secrets]
-        escrow = self.tr.find("check-escrow")["data"]
+        escrow = self.tr.data("check-escrow")
         return escrow["kdf_salt"], [
             {**{k: e[k] for k in ("name", "type", "key_type", "bits", "check_value")},
              "ref": self._restore(token, e)} for e in escrow["secrets"]]
@@ -369,7 +371,7 @@ class Runner:
     def step_check_escrow(self) -> None:
         """The escrow bundle: signed by this primary, of the plan's release and practice flag,
         addressed to this primary's own encryption key, and of a release the primary recorded."""
-        path = self.plan.escrow_bundle
+        path = self.plan.need(self.plan.escrow_bundle, "escrow.bundle")
         der = path.read_bytes()
         manifest = bundles.verify(der, self._primary_asn1, where=str(path)).manifest
         if manifest["region"] != "escrow":
@@ -411,7 +413,7 @@ class Runner:
         self._journal("verify-bundles", {"bundles": results})
 
     def step_destroy_secrets(self) -> None:
-        nonce = bytes.fromhex(self.tr.find("open")["data"]["nonce"])
+        nonce = bytes.fromhex(self.tr.data("open")["nonce"])
         destroyed = {}
         with self._user_token() as token:
             for s in self.plan.secrets:
@@ -425,23 +427,26 @@ class Runner:
             if self.plan.practice:
                 status = "skipped (practice)"
             else:
-                status = export.write_state(token, self.plan.release)
+                status = export.write_state(token, self.plan.need(self.plan.release,
+                                                                   "ceremony.release"))
         self._journal("record-release", {"release": self.plan.release, "status": status})
 
     def step_certify_regional(self) -> None:
         from hsm import provision
         with self._user_token() as token:
             outcome = provision.certify_regional(
-                token, self.plan.enrollment_request, self.plan.primary_signing_certificate.parent,
-                confirmed_fingerprint=self.plan.enrollment_fingerprint)
-        cert = outcome.certificate.read_bytes()
-        self._journal("certify-regional", {"certificate": str(outcome.certificate),
+                token, self.plan.need(self.plan.enrollment_request, "enrollment.request"),
+                self.plan.primary_signing_certificate.parent,
+                confirmed_fingerprint=self.plan.need(self.plan.enrollment_fingerprint,
+                                                     "enrollment.fingerprint"))
+        cert = outcome.certificate_path.read_bytes()
+        self._journal("certify-regional", {"certificate": str(outcome.certificate_path),
                                            "status": outcome.status,
                                            "spki_sha256": outcome.fingerprint.hex(),
                                            "certificate_sha256": sha256_hex(cert)})
 
     def step_close(self) -> None:
-        summary = {"steps": [r["step"] for r in self.tr.records],
+        summary: dict[str, Any] = {"steps": [r["step"] for r in self.tr.records],
                    "bundles": {}}
         for r in self.tr.records:
             if r["step"].startswith("export:"):

@@ -14,16 +14,14 @@ import json
 import os
 from pathlib import Path
 
-from .errors import VerificationError
+from release.canonical import canonical
+
+from .errors import ResumeError, VerificationError
 
 FILE = "transcript.jsonl"
 SIGNATURE_FILE = "transcript.sig.json"
 HEAD_CONTEXT = b"hsm-suite transcript head v1\x00"
 GENESIS = "0" * 64
-
-
-def canonical(obj) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def record_hash(record: dict) -> str:
@@ -54,6 +52,15 @@ class Transcript:
             if r["step"] == step:
                 return r
         return None
+
+    def data(self, step: str) -> dict:
+        """The data of the step's latest record; the step must have been journaled."""
+        record = self.find(step)
+        if record is None:
+            raise ResumeError(f"{self.path}: the journal has no {step!r} record",
+                              hint="the transcript is incomplete; restore the output directory "
+                                   "from its copy before resuming")
+        return record["data"]
 
     def append(self, step: str, data: dict, officer: str | None = None) -> dict:
         record = {

@@ -14,8 +14,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
-from . import bundle as bundles
-from . import certificates as certs
+from release import bundle as bundles
+from release import certificates as certs
+
 from .errors import VerificationError
 from .transcript import FILE, SIGNATURE_FILE, head_message, load, sha256_hex
 

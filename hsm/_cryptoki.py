@@ -20,6 +20,7 @@ state python-pkcs11 uses later.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 CK_ULONG = ctypes.c_ulong
 CK_RV = CK_ULONG
@@ -100,6 +101,13 @@ class CK_GCM_PARAMS(ctypes.Structure):
     # PKCS#11 v2.40 layout (SoftHSM2 2.6.1 reads ulIvBits too).
     _fields_ = [("pIv", CK_VOID_P), ("ulIvLen", CK_ULONG), ("ulIvBits", CK_ULONG),
                 ("pAAD", CK_VOID_P), ("ulAADLen", CK_ULONG), ("ulTagBits", CK_ULONG)]
+
+
+def handle(obj: Any) -> int:
+    """The Cryptoki handle of a python-pkcs11 session or object, for the raw calls here. The
+    Cython classes carry it; python-pkcs11's published types (``pkcs11.types``) do not declare
+    it, so this is the one place that reaches for it untyped."""
+    return obj.handle
 
 
 def gcm_params(iv: bytes, aad: bytes = b"") -> tuple[CK_GCM_PARAMS, list]:

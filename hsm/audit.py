@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from . import policy as policies
+from .errors import HsmError
 from .export import APPLICATION, RECORD_PREFIX
 from .token import Token
 
@@ -58,7 +59,7 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
     if cls is ObjectClass.SECRET_KEY and label.startswith(("rel-", "practice-rel-")):
         return policies.RELEASE_SEED if key_type is KeyType.GENERIC_SECRET \
             else policies.RELEASE_AES
-    # BYOK keys (issue 9): byok-seed-<org>, byok-dek-<org>, and the regional byok-issuer.
+    # BYOK keys: byok-seed-<org>, byok-dek-<org>, and the regional byok-issuer.
     if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-seed-"):
         return policies.BYOK_SEED
     if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-dek-"):
@@ -85,6 +86,9 @@ def audit(token: Token) -> list[AuditedObject]:
         rows = []
         for obj in found:
             rv, cls_raw = raw.get_attribute(h, obj.handle, Attribute.CLASS)
+            if cls_raw is None:
+                raise HsmError("the token does not report an object's CKA_CLASS",
+                               operation="C_GetAttributeValue", token=token.label)
             cls = ObjectClass(decode_ulong(cls_raw))
             label = _text(raw.get_attribute(h, obj.handle, Attribute.LABEL)[1])
             key_id = (raw.get_attribute(h, obj.handle, Attribute.ID)[1] or b"").hex()

@@ -180,8 +180,8 @@ def unwrap_upload(token: Token, org_id: str, purpose: str, ciphertext: bytes,
                 return _hmac(raw, lease.session.handle, handle, IMAGE_TAG)
             rv, value = raw.get_attribute(lease.session.handle, handle, A.VALUE)
             check_rv(rv)
-            if len(value) != SECRET_BYTES:
-                raise _wrong_length(len(value))
+            if value is None or len(value) != SECRET_BYTES:
+                raise _wrong_length(len(value) if value is not None else "an unknown number of")
             _check_hash(token, lease, handle, expected_sha256)
             return value
         finally:

@@ -22,18 +22,12 @@ from .errors import HsmError, TokenNotFound, UsageError
 from .roles import DEFAULT_SIGNING, SIGNING_ROLES
 from .token import KeyRef, Token
 
-log = logging.getLogger("hsm")
-
-
 def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--token", required=required, metavar="LABEL|URI",
                    help="token label, or a PKCS#11 URI "
                         "(pkcs11:token=...;serial=...?pin-source=...)")
     p.add_argument("--serial", help="select the token by serial as well")
-    p.add_argument("--module", default=None, metavar="PATH|softhsm2|nss",
-                   help="PKCS#11 module (default: $HSM_MODULE or SoftHSM2)")
-    p.add_argument("--module-params", default=None, metavar="STRING",
-                   help="module-specific C_Initialize parameters (NSS: configdir=...)")
+    cliutil.add_module_args(p)
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
                    help="where the user PIN comes from (default: $HSM_PIN, else a prompt)")
 
@@ -41,18 +35,17 @@ def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
 def _open_token(args, *, login: bool = True) -> Token:
     target = args.token
     label, serial = target, args.serial
-    module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+    module = cliutil.module_of(args)
     pin_source = args.pin_source
     if target.startswith("pkcs11:"):
         parsed = uri.parse(target)
         label, serial = parsed.token, parsed.serial or serial
         module = parsed.module_path or module
         if parsed.pin_value is not None and not pin_source:
-            user_pin = pins.Pin(parsed.pin_value)
             return Token.open(label, serial=serial, module=module,
-                              parameters=args.module_params, pin=user_pin)
+                              parameters=args.module_params, pin=pins.Pin(parsed.pin_value))
         pin_source = pin_source or parsed.pin_source
-    user_pin = None
+    user_pin: pins.Pin | None = None
     if login:
         user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
                                 prompt=f"User PIN for token {label or serial}: ")
@@ -73,7 +66,7 @@ def cmd_init_token(args) -> int:
     if not label.strip() or len(label.encode("utf-8")) > 32 or label != label.strip():
         raise UsageError(f"bad token label {label!r}",
                          hint="1 to 32 bytes, no leading or trailing blanks")
-    module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+    module = cliutil.module_of(args)
     real = modules.resolve(module)
     mod = modules.load(module, args.module_params)
     from .token import find_token
@@ -149,8 +142,8 @@ def cmd_fingerprint(args) -> int:
     if args.hex_only:
         print(digest.hex())
         return 0
-    print(f"{label}: SHA-256(SPKI) {fp.to_hex(digest)}")
-    print("  words  " + " ".join(fp.to_words(digest)))
+    print(f"{label}:")
+    print("\n".join(fp.display(digest)))
     return 0
 
 
@@ -240,15 +233,13 @@ def _add_weak_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsm", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser = cliutil.parser("hsm", __doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log each token operation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-token", help="create a token (C_InitToken in-process)")
     p.add_argument("--label", required=True)
-    p.add_argument("--module", default=None)
-    p.add_argument("--module-params", default=None)
+    cliutil.add_module_args(p)
     p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
                    help="SO PIN source (default: $HSM_SO_PIN, else a prompt)")
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
@@ -303,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _logging(args) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    return cliutil.run("hsm", args.func, args, debug=args.debug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cliutil.main("hsm", build_parser(), argv, before=_logging)

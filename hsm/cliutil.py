@@ -6,17 +6,48 @@ what to do. Exit 3: anything unexpected (a bug). 130: interrupted. --debug re-ra
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from .errors import HsmError, UsageError
+from . import module as modules
+from .errors import SuiteError, UsageError
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The top-level parser of each command, with the options all three share."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the traceback too (never a PIN)")
+    return p
+
+
+def main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+         before: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """Parse, run the subcommand's ``func``, and answer errors the one way (:func:`run`)."""
+    args = parser.parse_args(argv)
+    if before is not None:
+        before(args)
+    return run(prog, args.func, args, debug=args.debug)
+
+
+def add_module_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--module", default=None, metavar="PATH|softhsm2|nss",
+                   help="PKCS#11 module (default: $HSM_MODULE or SoftHSM2)")
+    p.add_argument("--module-params", default=None, metavar="STRING",
+                   help="module-specific C_Initialize parameters (NSS: configdir=...)")
+
+
+def module_of(args: argparse.Namespace) -> str:
+    """The module a command uses: ``--module``, else ``$HSM_MODULE``, else SoftHSM2."""
+    return args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
 
 
 def run(prog: str, func: Callable[[object], int], args, *, debug: bool) -> int:
     try:
         return func(args)
-    except HsmError as exc:
+    except SuiteError as exc:
         if debug:
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr)
@@ -39,9 +70,7 @@ def confirm_fingerprint(digest: bytes, given: str | None, where: str) -> bytes:
     """Show a SHA-256 fingerprint (hex and PGP words) and return the one the officer confirms
     (``--fingerprint`` or typed at a terminal, hex or words), parsed; without one, refuse."""
     from . import fingerprint as fp
-    print(f"  SHA-256(SPKI) {fp.to_hex(digest)}")
-    words = fp.to_words(digest)
-    print("  words  " + " ".join(words[:16]) + "\n         " + " ".join(words[16:]))
+    print("\n".join(fp.display(digest)))
     if given:
         typed = given
     elif sys.stdin is not None and sys.stdin.isatty():

@@ -114,8 +114,22 @@ _HINTS = {
 }
 
 
-class HsmError(Exception):
-    """Base class of every error the hsm layer raises. ``str()`` is one line fit for an operator."""
+class SuiteError(Exception):
+    """The neutral base of every error this suite raises on purpose: ``str()`` is one line fit
+    for an operator (what was wrong, then ``- what to do``). The three CLIs answer it with that
+    line and exit 2; anything else is a bug. It lives here, in the bottom package, only because
+    every package can depend on it; :class:`HsmError`, ``ceremony.errors.CeremonyError`` and
+    ``kms.errors.KmsError`` derive from it side by side, so ``except HsmError`` means the token
+    and nothing else."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.hint = hint
+        super().__init__(f"{message} - {hint}" if hint else message)
+
+
+class HsmError(SuiteError):
+    """An error of the hsm layer: a token, module, PIN or key failed, or bad input reached it.
+    The message names the operation, token, object and CKR code where there is one."""
 
     def __init__(self, message: str, *, operation: str | None = None, token: str | None = None,
                  object_label: str | None = None, ckr: str | None = None,
@@ -125,8 +139,6 @@ class HsmError(Exception):
         self.object_label = object_label
         self.ckr = ckr
         self.ckr_value = ckr_value
-        self.hint = hint
-        parts = [message]
         where = []
         if operation:
             where.append(f"operation={operation}")
@@ -136,11 +148,7 @@ class HsmError(Exception):
             where.append(f"object={object_label!r}")
         if ckr:
             where.append(f"{ckr} (0x{ckr_value:x})" if ckr_value is not None else ckr)
-        if where:
-            parts.append("[" + ", ".join(where) + "]")
-        if hint:
-            parts.append(f"- {hint}")
-        super().__init__(" ".join(parts))
+        super().__init__(f"{message} [{', '.join(where)}]" if where else message, hint=hint)
 
 
 class TokenNotFound(HsmError):
@@ -180,8 +188,9 @@ class SessionLost(HsmError):
     """The token kept reporting the session invalid after the bounded number of retries."""
 
 
-class UsageError(HsmError):
-    """Bad input from the caller (malformed URI, bad file...), detected before touching a token."""
+class UsageError(HsmError, ValueError):
+    """Bad input from the caller (malformed URI, bad file, unusable parameter), detected before
+    a token is touched. A ``ValueError`` too, like every misuse error of the suite."""
 
 
 def _class_for(ckr: str) -> type[HsmError]:

@@ -85,7 +85,7 @@ def check_secret(token: Token, kind: str, label: str) -> dict:
                                  token=token.label, object_label=label, hint=pol.hint)
     return {**{Attribute(a).name: v for a, v in {**pol.attributes, **pol.read_back}.items()},
             "ALLOWED_MECHANISMS": policies.describe_template(
-                {Attribute.ALLOWED_MECHANISMS: sorted(pol.mechanisms)}).split("=", 1)[1]}
+                {Attribute.ALLOWED_MECHANISMS: sorted(pol.mechanisms or ())}).split("=", 1)[1]}
 
 
 def applied_template(kind: str) -> str:

@@ -80,6 +80,17 @@ def to_words(data: bytes) -> list[str]:
     return [(EVEN_WORDS if i % 2 == 0 else ODD_WORDS)[b] for i, b in enumerate(data)]
 
 
+def display(digest: bytes, title: str = "SHA-256(SPKI)", indent: str = "  ") -> list[str]:
+    """The one layout every command prints a fingerprint in, for an officer to read aloud and
+    compare with another screen: the grouped hex after ``title``, then the PGP words, 16 a
+    line, under it."""
+    words = to_words(digest)
+    width = len(title)
+    return [f"{indent}{title} {to_hex(digest)}",
+            f"{indent}{'words':<{width}} {' '.join(words[:16])}",
+            f"{indent}{'':<{width}} {' '.join(words[16:])}"]
+
+
 def from_words(words: list[str] | str) -> bytes:
     """Inverse of :func:`to_words`; a word in the wrong position or unknown raises ValueError."""
     if isinstance(words, str):

@@ -42,7 +42,7 @@ _OPERATION = "PBKDF2(C_Sign SHA256_HMAC)"
 _BLOCK_INDEX = tuple(i.to_bytes(4, "big") for i in range(MAX_LENGTH // HASH_LEN + 2))
 
 
-class KdfParameterError(UsageError, ValueError):
+class KdfParameterError(UsageError):
     """A PBKDF2 input is unusable; raised before the token is touched."""
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pkcs11
 
+from . import _cryptoki
 from . import module as modules
 from .errors import CKR_BY_EXCEPTION, HsmError
 from .pin import Pin
@@ -153,12 +154,12 @@ def wrap_key_kwp(session: pkcs11.Session, wrapping_key: pkcs11.SecretKey, key: p
     fn = _wrap_key_fn(os.path.realpath(module_path))
     mech = _Mechanism(CKM_AES_KEY_WRAP_KWP, None, 0)
     length = ctypes.c_ulong(0)
-    rv = fn(session.handle, ctypes.byref(mech), wrapping_key.handle, key.handle, None,
+    rv = fn(_cryptoki.handle(session), ctypes.byref(mech), wrapping_key.handle, key.handle, None,
             ctypes.byref(length))
     if rv == 0:
         length.value += KWP_OVERHEAD  # NSS reports the unwrapped length; see module docstring
         buf = ctypes.create_string_buffer(length.value)
-        rv = fn(session.handle, ctypes.byref(mech), wrapping_key.handle, key.handle, buf,
+        rv = fn(_cryptoki.handle(session), ctypes.byref(mech), wrapping_key.handle, key.handle, buf,
                 ctypes.byref(length))
     if rv != 0:
         klass = _EXC_BY_RV.get(rv)

@@ -185,7 +185,7 @@ def cloud_ephemeral(kwp: int) -> KeyPolicy:
          A.COPYABLE: False, **usages(A.WRAP)}, mechanisms=frozenset(cloud_mechanisms(kwp)))
 
 
-# BYOK (issue 9). The org's seed key (PBKDF2 uploads, cache-only JWE): whatever it unwraps is a
+# BYOK. The org's seed key (PBKDF2 uploads, cache-only JWE): whatever it unwraps is a
 # session object that never leaves the token (not readable, not wrappable, HMAC-SHA256 or
 # AES-GCM only); the KMS compares the customer's SHA-256 with C_DigestKey and keeps an HMAC image.
 BYOK_SEED_UNWRAP_TEMPLATE = {A.TOKEN: False, A.SENSITIVE: True, A.EXTRACTABLE: False,

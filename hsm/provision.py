@@ -45,12 +45,22 @@ class Outcome:
     certificate: Path | None = None
     request: Path | None = None
 
+    @property
+    def certificate_path(self) -> Path:
+        """The certificate this outcome issued or found (certification always has one)."""
+        if self.certificate is None:
+            raise HsmError(f"{self.label}: no certificate in this outcome ({self.status})")
+        return self.certificate
+
+    @property
+    def request_path(self) -> Path:
+        """The certification request written (a regional initialisation always has one)."""
+        if self.request is None:
+            raise HsmError(f"{self.label}: no request in this outcome ({self.status})")
+        return self.request
+
     def lines(self) -> list[str]:
-        words = fp.to_words(self.fingerprint)
-        out = [f"{self.label} ({self.role}): {self.status}",
-               f"  SHA-256(SPKI) {fp.to_hex(self.fingerprint)}",
-               "  words  " + " ".join(words[:16]),
-               "         " + " ".join(words[16:])]
+        out = [f"{self.label} ({self.role}): {self.status}", *fp.display(self.fingerprint)]
         if self.certificate:
             out.append(f"  certificate {self.certificate}")
         if self.request:

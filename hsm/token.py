@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
@@ -34,10 +34,13 @@ from .errors import (SESSION_LOST, STALE_HANDLE, HsmError, ObjectNotFound, PinEr
                      from_pkcs11, from_rv, translated)
 from .pin import Pin
 
+if TYPE_CHECKING:    # profile.py imports this module
+    from .profile import Profile
+
 T = TypeVar("T")
 
 _registry: dict[tuple, "Token"] = {}
-_profiles: dict[tuple, object] = {}
+_profiles: dict[tuple, Profile] = {}
 _registry_lock = threading.Lock()
 
 
@@ -117,7 +120,7 @@ class Token:
         self._fresh_pool()
         self._anchor: Lease | None = None
         self._closed = False
-        self._profile = None
+        self._profile: Profile | None = None
         self.recoveries = 0  # how many times a lost session or login was restored
         self._refs = 1
         self._login()
@@ -143,9 +146,7 @@ class Token:
             # instance instead, and make the second caller prove the same PIN.
             shared = _registry.get(key)
             if shared is not None and not shared._closed:
-                if (pin is None) != (shared._pin is None) or (
-                        pin is not None and not hmac.compare_digest(
-                            pin.reveal().encode(), shared._pin.reveal().encode())):
+                if not _same_pin(pin, shared._pin):
                     raise PinError("C_Login failed: the PIN does not match the one this process "
                                    "is logged in with", operation="C_Login", token=shared.label,
                                    ckr="CKR_PIN_INCORRECT", ckr_value=0xA0,
@@ -206,7 +207,7 @@ class Token:
         self._epoch = modules.fork_epoch  # bumped in a forked child: cheaper than getpid()
 
     def _session_alive(self, session: pkcs11.Session, need_login: bool) -> bool:
-        rv, info = self._module.raw.session_info(session.handle)
+        rv, info = self._module.raw.session_info(_cryptoki.handle(session))
         if rv != _cryptoki.CKR_OK:
             return False
         if not need_login:
@@ -439,7 +440,7 @@ class Token:
             _close_quietly(self._module, lease.session)
         if self._anchor is not None and self._pid == os.getpid():
             if logout and self._pin is not None:
-                self._module.raw.logout(self._anchor.session.handle)  # the caller asked for it
+                self._module.raw.logout(_cryptoki.handle(self._anchor.session))  # the caller asked for it
             _close_quietly(self._module, self._anchor.session)
         self._anchor = None
 
@@ -453,6 +454,13 @@ class Token:
         return f"<Token label={self.label!r} serial={self.serial!r} slot={self.slot_id}>"
 
 
+def _same_pin(a: Pin | None, b: Pin | None) -> bool:
+    """Constant-time: does a second open present the PIN this process logged in with?"""
+    if a is None or b is None:
+        return a is b
+    return hmac.compare_digest(a.reveal().encode(), b.reveal().encode())
+
+
 def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, label: str,
               user_type: int = _cryptoki.CKU_USER) -> None:
     """C_Login(CKU_USER) on an existing session; already logged in (by us) counts as success.
@@ -462,7 +470,7 @@ def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, labe
     code never counts towards the PIN lock-out, so a short, bounded, jittered retry is safe.
     """
     for attempt in range(_LOGIN_ATTEMPTS):
-        rv = mod.raw.login(session.handle, pin.reveal().encode("utf-8"), user_type)
+        rv = mod.raw.login(_cryptoki.handle(session), pin.reveal().encode("utf-8"), user_type)
         if rv in (_cryptoki.CKR_OK, _cryptoki.CKR_USER_ALREADY_LOGGED_IN):
             return
         if rv != _cryptoki.CKR_GENERAL_ERROR or attempt == _LOGIN_ATTEMPTS - 1:
@@ -477,7 +485,7 @@ _FORK_SCAN_ATTEMPTS = 5
 
 def _close_quietly(mod: modules.LoadedModule, session: pkcs11.Session) -> None:
     """C_CloseSession without C_Logout (python-pkcs11's close() would log everybody out)."""
-    mod.raw.close_session(session.handle)
+    mod.raw.close_session(_cryptoki.handle(session))
 
 
 def find_token(mod: modules.LoadedModule, *, label: str | None = None,

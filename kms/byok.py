@@ -21,9 +21,11 @@ import base64
 import binascii
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from asn1crypto import pem as asn1_pem
+from cryptography.hazmat.primitives import hashes
 from pkcs11 import ObjectClass
 
 from hsm import byok as hbyok
@@ -37,7 +39,10 @@ KIND = "byok"
 ISSUER_ROLE = roles.SIGNING_ROLES["ecdsa-p384"]
 CERT_DAYS = 2 * 365
 # Customer-side OAEP hashes (SHA-1/MGF1-SHA1 is the default the platform accepts everywhere).
-WRAP_HASHES = ("sha1", "sha256", "sha512")
+# The customer's side (`kms byok wrap`): the RSA-OAEP hashes it may wrap with, MGF1 the same;
+# the KMS side accepts the same names (hsm.byok.OAEP_HASHES).
+WRAP_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha512": hashes.SHA512}
 
 
 # ----------------------------------------------------------------------------- KMS side
@@ -159,7 +164,6 @@ def wrap(cert: Path, out_dir: Path, *, secret: bytes | None = None, hash_name: s
     """Encrypt a 32-byte secret to the certificate (RSA-OAEP, MGF1 with the same hash, no
     label) and write ``secret.b64`` and ``secret.sha256.b64``. ``secret`` None: a fresh one from
     the OS CSPRNG, which is never written anywhere."""
-    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
     if hash_name not in WRAP_HASHES:
         raise KmsError(f"OAEP hash must be one of {', '.join(WRAP_HASHES)}")
@@ -168,7 +172,7 @@ def wrap(cert: Path, out_dir: Path, *, secret: bytes | None = None, hash_name: s
         secret = os.urandom(32)       # getrandom(2): the OS CSPRNG, every byte value possible
     if len(secret) != 32:
         raise KmsError(f"the secret is {len(secret)} bytes; BYOK secrets are 32 bytes")
-    h = {"sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha512": hashes.SHA512}[hash_name]()
+    h = WRAP_HASHES[hash_name]()
     ciphertext = key.encrypt(secret, padding.OAEP(mgf=padding.MGF1(h), algorithm=h, label=None))
     out_dir = Path(out_dir)
     for name in ("secret.b64", "secret.sha256.b64"):   # both or neither

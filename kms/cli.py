@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 from hsm import cliutil
+from hsm.byok import OAEP_HASHES
 from hsm.errors import UsageError
 
 from . import config as configs
+from . import policy
 from .sdk import FieldEncryptor
 from .service import Kms
 
@@ -34,7 +36,8 @@ def _config_path(args) -> str:
     return args.config
 
 
-def _announce(kms, op: str, org: str, key_type: str, version: int | None = None) -> None:
+def _announce(kms, op: str, org: str, key_type: str | None,
+              version: int | None = None) -> None:
     """Nodes sharing a PostgreSQL store drop their cached DEKs of a key changed here."""
     if kms.store.kind == "postgresql":
         from .invalidation import Publisher
@@ -250,8 +253,7 @@ def cmd_decrypt(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kms", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true")
+    parser = cliutil.parser("kms", __doc__.splitlines()[0])
     parser.add_argument("--config", help="the node's KMS configuration (TOML); every command "
                         "but `audit`, `ekm policy` and `byok wrap` (customer side) need it")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "import"])
     p.add_argument("--org")
     p.add_argument("--type", default="production", help="org type (create)")
-    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
     p.add_argument("--version", type=int)
     p.add_argument("--file", help="backup file (export/import)")
     p.add_argument("--no-secret", action="store_true",
@@ -275,9 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rotate: where the new key comes from")
     p.add_argument("--secret", help="upload: secret.b64 from `kms byok wrap`")
     p.add_argument("--hash", help="upload: secret.sha256.b64 from `kms byok wrap`")
-    p.add_argument("--derivation", choices=["PBKDF2", "NONE"], default="PBKDF2",
+    p.add_argument("--derivation", choices=policy.DERIVATIONS, default="PBKDF2",
                    help="upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
-    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+    p.add_argument("--oaep", choices=tuple(OAEP_HASHES), default="sha1",
                    help="upload: the OAEP hash the secret was wrapped with")
     p.set_defaults(func=cmd_tenant)
     p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
@@ -289,13 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", help="wrap: the org's BYOK certificate (PEM)")
     p.add_argument("--generate", action="store_true", help="wrap: a fresh secret (OS CSPRNG)")
     p.add_argument("--in", dest="input", help="wrap: a file with your 32-byte secret")
-    p.add_argument("--oaep", choices=["sha1", "sha256", "sha512"], default="sha1",
+    p.add_argument("--oaep", choices=tuple(OAEP_HASHES), default="sha1",
                    help="wrap: RSA-OAEP hash (MGF1 the same); default SHA-1")
     p.set_defaults(func=cmd_byok)
     p = sub.add_parser("cache-only", help="cache-only keys: the DEK hosted by the customer")
     p.add_argument("action", choices=["add"])
     p.add_argument("--org", required=True)
-    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
     p.add_argument("--url", required=True, help="the key service's base URL (https://...)")
     p.add_argument("--kid", required=True)
     p.add_argument("--client-cert")
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ekm)
     p = sub.add_parser("encrypt", help="encrypt a field for an org (prints base64)")
     p.add_argument("--org", required=True)
-    p.add_argument("--key-type", default="field", choices=["field", "database"])
+    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
     p.add_argument("text", nargs="?")
     p.set_defaults(func=cmd_encrypt)
     p = sub.add_parser("decrypt", help="decrypt a base64 blob for an org")
@@ -344,6 +346,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    return cliutil.run("kms", args.func, args, debug=args.debug)
+    return cliutil.main("kms", build_parser(), argv)

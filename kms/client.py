@@ -31,23 +31,10 @@ import time
 from urllib.parse import urlsplit
 
 from kms.cache import KeyCache
-from kms.errors import KeyDestroyed, KmsError, PolicyViolation, RateLimited, UnknownTenant
+from kms.errors import (Forbidden, KeyDestroyed, PolicyViolation, RateLimited,
+                        ServiceError, Unavailable, UnknownTenant)
 
 MAX_TTL = 300.0
-
-
-class ServiceError(KmsError):
-    def __init__(self, message: str, *, status: int = 0, code: str = "", **kw):
-        self.status, self.code = status, code
-        super().__init__(message, **kw)
-
-
-class Unavailable(ServiceError):
-    """No node answered (connection refused, timeouts, 503 everywhere)."""
-
-
-class Forbidden(ServiceError):
-    pass
 
 
 _RETRYABLE_STATUS = (502, 503, 504)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 from hsm import module as modules
+from hsm import tomlfile
 
 from . import policy
 from .errors import ConfigError
 
-_FIELDS = {
+if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
+    from .server.settings import ServiceSettings
+
+_FIELDS: dict[str, tomlfile.Kind] = {
     "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
     "primary_certificate": str, "bundle_dir": str, "store": str, "allow_practice": bool,
     "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
@@ -35,27 +39,13 @@ class KmsConfig:
     pbkdf2_iterations: int = policy.DEFAULT_PBKDF2_ITERATIONS
     cache_max_entries: int = policy.CACHE_MAX_ENTRIES
     cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
-    service: object = None  # kms.server.settings.ServiceSettings when [service] is present
+    service: ServiceSettings | None = None  # when [service] is present
 
 
 def load(path: str | Path) -> KmsConfig:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read KMS configuration {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    for key, value in data.items():
-        if key not in _FIELDS:
-            raise ConfigError(f"{path}: unknown key {key!r}",
-                              hint="known: " + ", ".join(sorted(_FIELDS)))
-        kind = _FIELDS[key]
-        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
-            raise ConfigError(f"{path}: {key} has the wrong type ({type(value).__name__})")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise ConfigError(f"{path}: missing {', '.join(missing)}")
+    data, _, _ = tomlfile.read(path, what="KMS configuration", error=ConfigError)
+    tomlfile.check_keys(data, _FIELDS, where=str(path), error=ConfigError, required=_REQUIRED)
     if "pin_source" in data and not data["pin_source"].startswith(("env:", "file:")):
         raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
     if data.get("pbkdf2_iterations", 1) < 1:

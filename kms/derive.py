@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from hsm.kdf import pbkdf2_hmac_sha256
 from hsm.token import KeyRef, Token
 
-from .errors import KmsError
+from .errors import ArgumentError
 
 CONTEXT_TAG = b"hsm-suite dek context v1"
 SALT_TAG = b"hsm-suite dek salt v1"
@@ -49,7 +49,7 @@ _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
 
-class DerivationInputError(KmsError, ValueError):
+class DerivationInputError(ArgumentError):
     """A derivation input is malformed; raised before the token is touched."""
 
 

@@ -15,13 +15,14 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ceremony import bundle as bundles
-from ceremony import certificates as certs
-from ceremony.plan import release_key
 from hsm import ops, policy
 from hsm import x509 as hx
 from hsm.errors import HsmError
 from hsm.token import KeyRef, Token
+from release import bundle as bundles
+from release import certificates as certs
+from release.errors import ReleaseError
+from release.ids import release_key
 
 from .errors import ImportRefused
 
@@ -86,7 +87,7 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
             der = path.read_bytes()
             manifest = bundles.verify(der, primary, where=path.name).manifest
             candidates.append((release_key(manifest["release"]), path, der, manifest))
-        except (OSError, HsmError, ValueError) as exc:
+        except (OSError, ReleaseError, ValueError) as exc:  # ValueError: a non-numeric release id
             report.refused[path.name] = str(exc)
     for _, path, der, manifest in sorted(candidates, key=lambda c: c[0]):
         try:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from typing import Any
 
 log = logging.getLogger("kms.invalidation")
 
@@ -37,7 +38,7 @@ class Publisher:
 
     def __init__(self, url: str, *, name: str = ""):
         self.url, self.name = url, name
-        self._conn = None
+        self._conn: Any = None     # a psycopg connection, opened on first use
         self._lock = threading.Lock()
 
     def announce(self, op: str, org: str, key_type: str | None = None,

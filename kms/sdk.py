@@ -44,7 +44,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import policy
-from kms.errors import KeyDestroyed, KmsError
+from kms.errors import (AuthenticationFailed, CiphertextError, KeyDestroyed,
+                        MalformedCiphertext, TenantMismatch, UnsupportedFormat)
 
 __all__ = [
     "FieldEncryptor", "Header", "parse_header",
@@ -68,27 +69,6 @@ _MIN_HEADER = 3 + 1 + 2 + 1 + 1 + 1 + 4 + 1 + NONCE_BYTES
 
 _STR_MARK = b"\x01"
 _BYTES_MARK = b"\x00"
-
-
-# --------------------------------------------------------------------------- errors
-class CiphertextError(KmsError):
-    """A blob that cannot be decrypted as given (base class of the errors below)."""
-
-
-class MalformedCiphertext(CiphertextError):
-    """Truncated, garbled, or not an HSF blob at all."""
-
-
-class UnsupportedFormat(CiphertextError):
-    """An HSF blob of a format version this SDK does not read."""
-
-
-class TenantMismatch(CiphertextError):
-    """The blob was written for another org than the one decrypting it."""
-
-
-class AuthenticationFailed(CiphertextError):
-    """AES-GCM authentication failed: the blob, the aad or the field name is not what was encrypted."""
 
 
 # --------------------------------------------------------------------------- header

@@ -18,12 +18,14 @@ import os
 import struct
 import threading
 import time
+from typing import TypeVar
 from pathlib import Path
 
 from hsm import export, ops
 from hsm import pin as pins
 from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
-from hsm.token import Token
+from hsm.token import KeyRef, Token
+from release.ids import release_key
 
 from . import derive, importer, policy
 from .cache import KeyCache
@@ -62,27 +64,48 @@ class Kms:
         self.config = config
         self.clock = clock
         self._pin = pin
-        self.token: Token | None = None
-        self.store: Store | None = None
-        self.report: importer.ImportReport | None = None
-        self.cache: KeyCache | None = None
-        self._cache_master = None
+        # Set by start(); the properties below refuse use before it.
+        self._token: Token | None = None
+        self._store: Store | None = None
+        self._report: importer.ImportReport | None = None
+        self._cache: KeyCache | None = None
+        self._cache_master: KeyRef | None = None
         self._lock = threading.Lock()
-        # DEK sources other than HSM-generated or uploaded secrets (issue 9): a REMOTE row's
+        # DEK sources other than HSM-generated or uploaded secrets: a REMOTE row's
         # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
         # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
+
+    @property
+    def started(self) -> bool:
+        return self._cache is not None
+
+    @property
+    def token(self) -> Token:
+        return _started(self._token)
+
+    @property
+    def store(self) -> Store:
+        return _started(self._store)
+
+    @property
+    def report(self) -> importer.ImportReport:
+        return _started(self._report)
+
+    @property
+    def cache(self) -> KeyCache:
+        return _started(self._cache)
 
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
                                         token_label=self.config.token,
                                         prompt=f"User PIN for {self.config.token}: ")
-        self.token = Token.open(self.config.token, module=self.config.module,
-                                parameters=self.config.module_params, pin=pin)
-        self.store = Store.open(self.config.store)
+        self._token = Token.open(self.config.token, module=self.config.module,
+                                 parameters=self.config.module_params, pin=pin)
+        self._store = Store.open(self.config.store)
         self._load_session_keys()
-        self.cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
+        self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * policy.HOUR)
         return self.report
 
@@ -91,7 +114,7 @@ class Kms:
         the token's login. ``_ensure_session_keys`` redoes this after the layer recovered a
         lost session or login (C_CloseAllSessions, a dropped link)."""
         self._recoveries_seen = self.token.recoveries
-        self.report = importer.import_bundles(
+        self._report = importer.import_bundles(
             self.token, region=self.config.region,
             primary_cert_path=self.config.primary_certificate,
             bundle_dir=self.config.bundle_dir, allow_practice=self.config.allow_practice,
@@ -121,23 +144,23 @@ class Kms:
             return fn()
 
     def close(self) -> None:
-        if self.cache is not None:
-            self.cache.flush()
-        if self.token is not None:
+        if self._cache is not None:
+            self._cache.flush()
+        if self._token is not None:
             # Session objects would die with the process anyway; destroy them now so a
             # token shared within the process keeps no release secret past this node.
             refs = [self._cache_master] if self._cache_master else []
-            for rel in self.releases.values():
+            for rel in (self._report.held if self._report else {}).values():
                 refs += [rel.seed, rel.wrapping_key]
             for ref in refs:
                 try:
-                    ops.destroy_session_object(self.token, ref)
+                    ops.destroy_session_object(self._token, ref)
                 except HsmError:
-                    pass
-        if self.store is not None:
-            self.store.close()
-        if self.token is not None:
-            self.token.close()
+                    pass       # the login is gone already: the session objects went with it
+        if self._store is not None:
+            self._store.close()
+        if self._token is not None:
+            self._token.close()
 
     def __enter__(self) -> Kms:
         return self
@@ -150,23 +173,24 @@ class Kms:
         # (entries under a lost master fail their integrity check and count as misses).
         self._ensure_session_keys(flush=False)
         msg = b"hsm-suite cache key v1\x00" + org_id.encode() + b"\x00" + str(epoch).encode()
-        return self._in_hsm(lambda: ops.hmac_sha256(self.token, self._cache_master, msg),
+        return self._in_hsm(lambda: ops.hmac_sha256(self.token, _started(self._cache_master), msg),
                             flush=False)
 
     # ------------------------------------------------------------------------- releases
     @property
     def releases(self) -> dict[str, importer.Release]:
-        if self.token is not None and self.report is not None:
-            self._ensure_session_keys()
-        return self.report.held if self.report else {}
+        if self._report is None:
+            return {}
+        self._ensure_session_keys()
+        return self._report.held
 
     def current_release(self) -> importer.Release:
         if not self.releases:
             raise ReleaseNotHeld("this KMS holds no release", hint="check `kms import` output "
                                  "for refused bundles")
-        newest = max(self.releases, key=importer.release_key)
-        recorded = max(self.store.releases(), key=importer.release_key, default=newest)
-        if importer.release_key(recorded) > importer.release_key(newest):
+        newest = max(self.releases, key=release_key)
+        recorded = max(self.store.releases(), key=release_key, default=newest)
+        if release_key(recorded) > release_key(newest):
             raise ReleaseNotHeld(f"release {recorded} was imported before but is not held now; "
                                  f"refusing to wrap new secrets under the older release {newest}",
                                  hint="restore its bundle (see `kms import`) and restart")
@@ -256,8 +280,8 @@ class Kms:
                 f"org {row.org_id}: {row.key_type} secret v{row.version} failed its "
                 "authentication in the HSM: the wrapped blob or a column bound to it "
                 "(source, derivation, release, iterations, usable-from) was altered",
-                hint="restore the row from a backup of this store; do not edit rows by hand"
-            ) from None
+                hint="restore the row from a backup of this store; do not edit rows by hand",
+                records=[("tenant_secrets", row.org_id, row.key_type, row.version)]) from None
 
     # ------------------------------------------------------------------------- DEKs
     def _dek(self, row: SecretRow, fragment: str | None, generation: int) -> bytes:
@@ -317,7 +341,7 @@ class Kms:
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:
         return {"region": self.config.region, "token": self.token.label,
-                "releases": sorted(self.releases, key=importer.release_key),
+                "releases": sorted(self.releases, key=release_key),
                 "refused": dict(self.report.refused) if self.report else {},
                 "tenants": [{"org": org, "type": t} for org, t in self.store.orgs()],
                 "cache": self.cache.stats()}
@@ -388,6 +412,15 @@ class Kms:
         self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
         self.cache.invalidate(org_id)
         return org_id
+
+
+T = TypeVar("T")
+
+
+def _started(value: T | None) -> T:
+    if value is None:
+        raise KmsError("this KMS node is not started", hint="call Kms.start() first")
+    return value
 
 
 def _builtin_source(kind: str):

@@ -31,12 +31,13 @@ sys.exit(1 if managed or importlib.util.find_spec('pip') is None else 0)"; then
     $PY -m venv .venv
 fi
 [ -x .venv/bin/python ] && PY=.venv/bin/python
-# Reinstall unless `hsm` is importable from *this* checkout (an editable install made from
-# another clone would otherwise silently test that clone's code).
+# Reinstall unless each package is importable from *this* checkout (an editable install made
+# from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, hsm, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto
-sys.exit(0 if os.path.realpath(hsm.__file__).startswith('$here/') else 1)") 2>/dev/null; then
+import os, sys, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy
+ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (hsm, release, ceremony, kms))
+sys.exit(0 if ours else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"
     $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
 fi

@@ -18,10 +18,10 @@ import pkcs11
 import pytest
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, ObjectClass
 
-from ceremony import bundle as bundles
+from release import bundle as bundles
 from ceremony import runner
-from ceremony.certificates import as_asn1
-from ceremony.certificates import load as load_cert
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from hsm import _cryptoki, export, ops
 from hsm import policy as policies
 from hsm.errors import from_pkcs11
@@ -325,13 +325,12 @@ def _rewrite(node, org, key_type, **changes):
     from kms import store as stores
     row = node.store.active(org, key_type, now=1e12) or node.store.get(org, key_type, 1)
     new = dataclasses.replace(row, **changes)
-    values = stores._secret_values(new)
     with sqlite3.connect(node.config.store.removeprefix("sqlite:///")) as conn:
         conn.execute("UPDATE tenant_secrets SET source = ?, derivation = ?, release_id = ?, "
                      "iterations = ?, usable_from = ?, checksum = ? WHERE org_id = ? AND "
                      "key_type = ? AND version = ?",
                      (new.source, new.derivation, new.release, new.iterations, new.usable_from,
-                      stores._secret_digest(values), org, key_type, row.version))
+                      stores.secret_checksum(new), org, key_type, row.version))
     return new
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from ceremony import bundle as bundles
+from release import bundle as bundles
 from ceremony import plan as plans
 from ceremony import runner
-from ceremony.certificates import as_asn1
-from ceremony.certificates import load as load_cert
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from hsm import ops
 from hsm.token import Token
 from kms import importer

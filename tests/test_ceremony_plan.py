@@ -683,7 +683,7 @@ def test_cli_plan_prints_digest_words_steps_and_templates(pubs, tmp_path):
     assert fp.to_hex(p.digest) in out
     assert p.digest.hex().upper() in out.replace(" ", "")
     lines = out.splitlines()
-    i = next(n for n, line in enumerate(lines) if line.startswith("Words"))
+    i = next(n for n, line in enumerate(lines) if line.startswith("words"))
     words = lines[i].split()[1:] + lines[i + 1].split()
     assert words == fp.to_words(p.digest) and len(words) == 32
     # Every step, in the order the runner performs them.

@@ -18,8 +18,8 @@ from types import SimpleNamespace
 import pytest
 from pkcs11 import Attribute
 
-from ceremony import bundle as bundles
-from ceremony import certificates as certs
+from release import bundle as bundles
+from release import certificates as certs
 from ceremony import plan as plans
 from ceremony import runner
 from ceremony.transcript import FILE, SIGNATURE_FILE, Transcript, load

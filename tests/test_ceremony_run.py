@@ -23,12 +23,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from ceremony import bundle as bundles
-from ceremony import certificates, runner
+from release import bundle as bundles
+from ceremony import runner
+from release import certificates
 from ceremony import plan as plans
 from ceremony.transcript import Transcript
-from ceremony.certificates import as_asn1
-from ceremony.certificates import load as load_cert
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import load as load_transcript
 from ceremony.verify import verify_directory

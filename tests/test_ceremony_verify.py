@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ceremony import bundle as bundles
+from release import bundle as bundles
 from ceremony import plan as plans
 from ceremony import runner
-from ceremony.certificates import as_asn1
-from ceremony.certificates import load as load_cert
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from ceremony.errors import VerificationError
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import SIGNATURE_FILE, canonical, record_hash
@@ -235,7 +235,7 @@ def test_every_single_bit_flip_is_rejected(ceremonies, fast_copy, cert, which, m
 @functools.cache
 def _standalone_flips(bundle_path: Path, cert_path: Path) -> tuple[bytes, frozenset[int]]:
     """What a receiver checks with only the bundle and the pinned certificate
-    (ceremony.bundle.verify): the offsets whose flip it accepts."""
+    (release.bundle.verify): the offsets whose flip it accepts."""
     der = bundle_path.read_bytes()
     pinned = as_asn1(load_cert(cert_path, "primary signing"))
     bundles.verify(der, pinned)

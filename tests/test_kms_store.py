@@ -172,7 +172,7 @@ def test_migration_files_are_numbered_without_gaps(tmp_path):
 
 def test_sqlite_settings_and_file_mode(tmp_path):
     path = tmp_path / "kms.db"
-    with Store.open(str(path)) as s, s._lease() as conn:
+    with Store.open(str(path)) as s, s.db.lease() as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2          # FULL
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -960,7 +960,7 @@ def test_postgresql_connections_lost_are_replaced(postgresql_server):
         barrier = threading.Barrier(4)
 
         def hold():  # put four connections in the pool
-            with s._lease():
+            with s.db.lease():
                 barrier.wait()
         threads = [threading.Thread(target=hold) for _ in range(4)]
         for t in threads:

@@ -10,7 +10,6 @@ import base64
 import binascii
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from asn1crypto import keys as asn1keys
@@ -18,7 +17,6 @@ from asn1crypto import pem
 from asn1crypto import x509 as asn1x509
 from pkcs11 import ObjectClass
 
-from .. import module as modules
 from .. import pin as pins
 from .. import cliutil, uri
 from ..errors import UsageError
@@ -78,7 +76,7 @@ def _confirm(args, digest: bytes) -> None:
 
 def _token_target(args) -> tuple[str, str | None, str]:
     label, serial = args.token, args.serial
-    module = args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+    module = cliutil.module_of(args)
     if label.startswith("pkcs11:"):
         parsed = uri.parse(label)
         label, serial = parsed.token, parsed.serial or serial

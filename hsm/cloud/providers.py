@@ -112,9 +112,12 @@ def outputs(prov: Provider, alg: Algorithm, key_label: str, wrapped: bytes, *,
             import_token: bytes | None, kid: str | None, generator: str
             ) -> tuple[str, dict[str, bytes]]:
     """(name of the file the provider takes, {file name: bytes}) for one export."""
+    if prov.needs_import_token and import_token is None:
+        raise UsageError(f"{prov.name} needs the import token that came with its wrapping key",
+                         hint="pass --import-token FILE")
     if prov.name == "aws":
         return "EncryptedKeyMaterial.bin", {"EncryptedKeyMaterial.bin": wrapped,
-                                            "ImportToken.bin": import_token}
+                                            "ImportToken.bin": import_token or b""}
     if prov.name == "gcp-csek":
         return "rsaEncryptedKey.txt", {"rsaEncryptedKey.txt": base64.b64encode(wrapped) + b"\n"}
     if prov.name == "gcp-kms":
@@ -129,7 +132,7 @@ def outputs(prov: Provider, alg: Algorithm, key_label: str, wrapped: bytes, *,
     if prov.name == "alibaba":
         return "EncryptedKeyMaterial.txt", {
             "EncryptedKeyMaterial.txt": base64.b64encode(wrapped) + b"\n",
-            "ImportToken.txt": import_token.strip() + b"\n"}
+            "ImportToken.txt": (import_token or b"").strip() + b"\n"}
     raise AssertionError(prov.name)
 
 

@@ -145,7 +145,7 @@ class Service:
             self._current.clear()
         self._current[(org, key_type, fragment)] = version
 
-    def authorise(self, request, role: str, org=None, key_type=None) -> str:
+    def authorise(self, request, role: str, org=None, key_type=None) -> str | None:
         names = _peer_names(request)
         decision = self.policy.decide(names, role, org, key_type)
         request["client"] = decision.identity

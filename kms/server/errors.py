@@ -8,14 +8,13 @@ The messages are the project's own one-line messages (they never carry a PIN or 
 from __future__ import annotations
 
 import math
-import re
-import sqlite3
 import time
 
 from hsm.byok import ByokRefused
 from hsm.errors import HsmError
-from kms.errors import (ConfigError, CorruptRecord, KeyDestroyed, KeyUnavailable, KmsError,
-                        PolicyViolation, RateLimited, ReleaseNotHeld, UnknownTenant)
+from kms.errors import (ArgumentError, ConfigError, Conflict, CorruptRecord, KeyDestroyed, KeyUnavailable,
+                        KmsError, PolicyViolation, RateLimited, ReleaseNotHeld, StoreUnavailable,
+                        UnknownTenant, UnknownVersion)
 
 
 class HttpError(Exception):
@@ -27,23 +26,24 @@ class HttpError(Exception):
         self.headers = headers or {}
 
 
-# The store reports a missing version as a plain KmsError; this text is its only mark (a test
-# checks the 404, so a change of wording there shows up).
-_NO_VERSION = re.compile(r"has no \w+ secret v\d+")
-
-
-def _store_unavailable(exc: BaseException) -> bool:
-    """A driver-level connection/operational failure anywhere in the exception's chain."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, sqlite3.OperationalError):
-            return True
-        if type(exc).__module__.startswith("psycopg") and type(exc).__name__ in (
-                "OperationalError", "InterfaceError", "ConnectionTimeout", "AdminShutdown"):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+# Most specific first: the first class the error is an instance of decides. (class, status,
+# code, Retry-After seconds or None). Anything not here is a 500 without detail.
+_STATUS: tuple[tuple[type[BaseException], int, str, str | None], ...] = (
+    (UnknownTenant, 404, "unknown_org", None),
+    (UnknownVersion, 404, "unknown_version", None),
+    (KeyDestroyed, 410, "key_destroyed", None),
+    (KeyUnavailable, 503, "key_unavailable", "60"),  # the customer's key service or AWS KMS
+    (ByokRefused, 422, "byok_refused", None),        # the customer's upload, checked in the HSM
+    (PolicyViolation, 409, "policy_violation", None),
+    (ReleaseNotHeld, 503, "release_not_held", None),
+    (CorruptRecord, 500, "corrupt_record", None),
+    (StoreUnavailable, 503, "store_unavailable", "1"),
+    (ArgumentError, 400, "bad_request", None),
+    (Conflict, 409, "conflict", None),
+    (ConfigError, 503, "misconfigured", None),
+    (KmsError, 409, "conflict", None),               # another refusal (import refused, ...)
+    (HsmError, 503, "hsm_unavailable", "1"),
+)
 
 
 def classify(exc: BaseException, *, now: float | None = None) -> HttpError:
@@ -53,26 +53,8 @@ def classify(exc: BaseException, *, now: float | None = None) -> HttpError:
     if isinstance(exc, RateLimited):
         wait = max(1, math.ceil(exc.next_allowed - (now if now is not None else time.time())))
         return HttpError(429, "rate_limited", msg, {"Retry-After": str(wait)})
-    if isinstance(exc, UnknownTenant):
-        return HttpError(404, "unknown_org", msg)
-    if isinstance(exc, KeyDestroyed):
-        return HttpError(410, "key_destroyed", msg)
-    if isinstance(exc, KeyUnavailable):  # the customer's key service or AWS KMS cannot serve
-        return HttpError(503, "key_unavailable", msg, {"Retry-After": "60"})
-    if isinstance(exc, ByokRefused):     # the customer's upload, checked inside the HSM
-        return HttpError(422, "byok_refused", msg)
-    if isinstance(exc, PolicyViolation):
-        return HttpError(409, "policy_violation", msg)
-    if isinstance(exc, ReleaseNotHeld):
-        return HttpError(503, "release_not_held", msg)
-    if isinstance(exc, CorruptRecord):
-        return HttpError(500, "corrupt_record", msg)
-    if isinstance(exc, KmsError) and not isinstance(exc, ConfigError):
-        if _store_unavailable(exc) or "the store is closed" in msg:
-            return HttpError(503, "store_unavailable", msg, {"Retry-After": "1"})
-        if _NO_VERSION.search(msg):
-            return HttpError(404, "unknown_version", msg)
-        return HttpError(409, "conflict", msg)
-    if isinstance(exc, HsmError):
-        return HttpError(503, "hsm_unavailable", msg, {"Retry-After": "1"})
+    for klass, status, code, retry_after in _STATUS:
+        if isinstance(exc, klass):
+            headers = {"Retry-After": retry_after} if retry_after else None
+            return HttpError(status, code, msg, headers)
     return HttpError(500, "internal", "internal error (see the node's log)")

@@ -27,7 +27,7 @@ class GuardedHandler(RequestHandler):
 
     def __init__(self, manager, *, header_timeout: float, budget: ConnectionBudget, **kw):
         super().__init__(manager, **kw)
-        self._kms_timer = None
+        self._kms_timer: asyncio.TimerHandle | None = None
         self._kms_header_timeout = header_timeout
         self._kms_busy = False
         self._kms_budget = budget

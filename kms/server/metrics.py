@@ -64,7 +64,7 @@ class NodeCollector:
         return []
 
     def collect(self):
-        stats = self.kms.cache.stats() if self.kms.cache is not None else {}
+        stats = self.kms.cache.stats() if self.kms.started else {}
         for name in ("hits", "misses", "evictions", "invalidations", "flushes",
                      "integrity_failures"):
             c = CounterMetricFamily(f"kms_cache_{name}", f"DEK cache {name}")

@@ -22,16 +22,16 @@ policy (``[[service.clients]]``) is parsed here too, so SIGHUP can re-read it fr
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hsm import tomlfile
 from kms import policy
 from kms.errors import ConfigError
 
 ROLES = ("data", "admin", "status")
 
-_LIMITS = {
+_LIMITS: dict[str, tuple[tomlfile.Kind, float, float]] = {
     # name: (type, default, minimum)
     "max_body_bytes": (int, 64 * 1024, 256),
     "header_timeout_seconds": ((int, float), 10.0, 0.1),
@@ -44,10 +44,10 @@ _LIMITS = {
     "executor_threads": (int, 8, 1),
     "audit_batch_ms": (int, 50, 1),
 }
-_FIELDS = {"host": str, "port": int, "workers": int, "certificate": str, "private_key": str,
+_FIELDS: dict[str, tomlfile.Kind] = {"host": str, "port": int, "workers": int, "certificate": str, "private_key": str,
            "client_ca": str, "audit_dir": str, "clients": list,
            **{k: v[0] for k, v in _LIMITS.items()}}
-_CLIENT_FIELDS = {"identity": str, "roles": list, "orgs": list, "key_types": list}
+_CLIENT_FIELDS: dict[str, tomlfile.Kind] = {"identity": str, "roles": list, "orgs": list, "key_types": list}
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,6 @@ class ServiceSettings:
         return self.limits[name]
 
 
-def _type_ok(value, kind) -> bool:
-    return not (isinstance(value, bool) and kind is not bool) and isinstance(value, kind)
-
-
 def _strings(where: str, value, *, allowed=None) -> list[str]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v
                                                             for v in value):
@@ -99,12 +95,7 @@ def parse_clients(path: Path, items) -> tuple[Client, ...]:
         where = f"{path}: service.clients[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{where} must be a table")
-        for key, value in item.items():
-            if key not in _CLIENT_FIELDS:
-                raise ConfigError(f"{where}: unknown key {key!r}",
-                                  hint="known: " + ", ".join(_CLIENT_FIELDS))
-            if not _type_ok(value, _CLIENT_FIELDS[key]):
-                raise ConfigError(f"{where}.{key} has the wrong type ({type(value).__name__})")
+        tomlfile.check_keys(item, _CLIENT_FIELDS, where=where, error=ConfigError)
         if not item.get("identity"):
             raise ConfigError(f"{where}: identity is required")
         if item["identity"] in seen:
@@ -122,16 +113,8 @@ def parse(path: Path, data) -> ServiceSettings:
     """``data`` is the ``[service]`` table of the node configuration at ``path``."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: service must be a table ([service])")
-    for key, value in data.items():
-        if key not in _FIELDS:
-            raise ConfigError(f"{path}: service: unknown key {key!r}",
-                              hint="known: " + ", ".join(sorted(_FIELDS)))
-        if not _type_ok(value, _FIELDS[key]):
-            raise ConfigError(f"{path}: service.{key} has the wrong type "
-                              f"({type(value).__name__})")
-    missing = [k for k in ("certificate", "private_key", "client_ca") if k not in data]
-    if missing:
-        raise ConfigError(f"{path}: service: missing {', '.join(missing)}")
+    tomlfile.check_keys(data, _FIELDS, where=f"{path}: service", error=ConfigError,
+                        required=("certificate", "private_key", "client_ca"))
     port = data.get("port", 8443)
     if not 0 <= port <= 65535:
         raise ConfigError(f"{path}: service.port must be 0-65535")
@@ -154,12 +137,7 @@ def parse(path: Path, data) -> ServiceSettings:
 
 def reload_policy(path: Path) -> tuple[Client, ...]:
     """Re-read only ``[[service.clients]]`` from the node configuration (SIGHUP)."""
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data, _, _ = tomlfile.read(Path(path), what="node configuration", error=ConfigError)
     service = data.get("service")
     if not isinstance(service, dict):
         raise ConfigError(f"{path}: no [service] section")

@@ -70,8 +70,11 @@ def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         from . import worker as workers
-        code = workers.run(config, sock, worker,
-                           started=lambda: (os.write(ready_w, b"1"), os.close(ready_w)))
+        def announce_ready() -> None:
+            os.write(ready_w, b"1")
+            os.close(ready_w)
+
+        code = workers.run(config, sock, worker, started=announce_ready)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # one line, like the CLI; the parent decides what next
@@ -129,9 +132,9 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
             pid, status = os.wait()
         except ChildProcessError:
             break
-        w = children.pop(pid, None)
-        if w is None:
+        if pid not in children:
             continue
+        w = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             worst = max(worst, abs(code))

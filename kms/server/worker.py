@@ -59,7 +59,6 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
                            shutdown_timeout=s.limit("shutdown_timeout_seconds"))
     await runner.setup()
     budget = ConnectionBudget(s.limit("max_connections"))
-    svc.budget = budget
     manager = runner.server
 
     def protocol():

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from asn1crypto import cms, x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from hsm import ops
 
-from .errors import VerificationError
-from .transcript import canonical
+from release.canonical import canonical
+from release.errors import VerificationError
 
 FORMAT = "hsm-suite-release-bundle"
 VERSION = 1
@@ -144,8 +144,8 @@ def _check_signature(cert: x509.Certificate, algo, signature: bytes, data: bytes
     try:
         if name == "sha384_ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, data, ec.ECDSA(hashes.SHA384()))
-        elif name == "rsassa_pss" and algo.dump() == cms.SignedDigestAlgorithm(
-                _SIG_ALGOS["rsa-pss-sha384"]).dump():
+        elif name == "rsassa_pss" and isinstance(key, rsa.RSAPublicKey) and algo.dump() == \
+                cms.SignedDigestAlgorithm(_SIG_ALGOS["rsa-pss-sha384"]).dump():
             key.verify(signature, data, padding.PSS(padding.MGF1(hashes.SHA384()), 48),
                        hashes.SHA384())
         else:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from hsm import fingerprint as fp
 
-from .errors import CertificateError
+from release.errors import CertificateError
 
 
 def load(path: Path, what: str) -> x509.Certificate:
@@ -60,7 +60,7 @@ def check_primary(path: Path, now: dt.datetime | None = None) -> x509.Certificat
     return cert
 
 
-def check_recipient(path: Path, primary: x509.Certificate, pinned: bytes, name: str,
+def check_recipient(path: Path, primary: x509.Certificate, pinned: bytes | None, name: str,
                     now: dt.datetime | None = None) -> x509.Certificate:
     """A regional (or escrow) encryption certificate: issued by the primary signing key, valid
     now, keyEncipherment, RSA >= 3072, and its key is the one the plan pinned."""

@@ -1,0 +1,12 @@
+"""Release ids: dotted numbers ("7", "2026.1"), ordered numerically part by part."""
+
+from __future__ import annotations
+
+import re
+
+RELEASE_ID = re.compile(r"[0-9]+(\.[0-9]+){0,3}")
+
+
+def release_key(release: str) -> tuple[int, ...]:
+    """The sort key of a release id: "10" comes after "9", "2026.10" after "2026.9"."""
+    return tuple(int(part) for part in release.split("."))
