@@ -141,3 +141,17 @@ def make_kit(root: Path, make_token, regions=("eu", "us", "ap")) -> Kit:
     # the primary free of user logins in *its* process only, but keep things simple and clean.
     primary.close()
     return Kit(root, pki, primary, regionals, keys, pubs, fps)
+
+
+def kit_fixture(name: str, regions=("eu", "us", "ap")):
+    """A module-scoped ``kit`` fixture: :func:`make_kit` once per test module, under a temporary
+    directory called ``name``, on the session's SoftHSM2 tokens. In a module: ``kit =
+    kit_fixture("escrow", regions=("eu", "ap"))``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def kit(tmp_path_factory, softhsm_session_token_factory) -> Kit:
+        return make_kit(tmp_path_factory.mktemp(name),
+                        lambda prefix: softhsm_session_token_factory(prefix=prefix),
+                        regions=regions)
+    return kit

@@ -11,13 +11,10 @@ import pytest
 
 from ceremony import plan as plans
 from hsm import provision
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ceremony")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix))
+kit = kit_fixture("ceremony")
 
 
 def test_full_ceremony_closes_verifies_offline_and_openssl_accepts_bundles(kit):

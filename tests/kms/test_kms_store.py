@@ -46,7 +46,7 @@ from kms.store import (
     utc_iso,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0          # 2027-01-15T08:00:00Z
 H, D = policy.HOUR, policy.DAY
 SHA = "ab" * 32
@@ -714,7 +714,7 @@ def _spawn(spec: dict, *, kill_at: str | None = None) -> subprocess.Popen:
     if kill_at:
         env[KILL_ENV] = kill_at
     return subprocess.Popen(
-        [sys.executable, "-c", "from tests.test_kms_store import _worker_main; _worker_main()",
+        [sys.executable, "-c", "from tests.kms.test_kms_store import _worker_main; _worker_main()",
          json.dumps(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 

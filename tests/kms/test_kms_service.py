@@ -20,22 +20,11 @@ from kms.errors import (ImportRefused, KeyDestroyed, KmsError, PolicyViolation, 
 from kms.policy import BACKUP_VALIDITY, DAY, HOUR
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
+from tests.kms_kit import Clock, kms_config
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1_900_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("kms")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu", "us"))
+kit = kit_fixture("kms", regions=("eu", "us"))
 
 
 @pytest.fixture(scope="module")
@@ -44,21 +33,10 @@ def release(kit):
     return kit.run_release()
 
 
-def _config(kit, tmp_path, bundle_dir, region="eu", **extra):
-    lines = {"region": region, "token": kit.regionals[region].label,
-             "primary_certificate": str(kit.pki / f"{kit.primary.label}-signing.pem"),
-             "bundle_dir": str(bundle_dir), "store": str(tmp_path / f"kms-{region}.db"),
-             "pbkdf2_iterations": 50, **extra}
-    path = tmp_path / f"kms-{region}.toml"
-    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool)
-                            else f"{k} = {str(v).lower()}\n" for k, v in lines.items()))
-    return configs.load(path)
-
-
 @pytest.fixture
 def node(kit, release, tmp_path):
     clock = Clock()
-    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
+    kms = Kms(kms_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
               clock=clock)
     kms.start()
     kms.test_clock = clock
@@ -74,7 +52,7 @@ def _token_objects(token) -> int:
 def test_import_holds_the_release_in_session_objects_only(kit, release, tmp_path):
     token = kit.regionals["eu"].token
     before = _token_objects(token)
-    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin)
+    kms = Kms(kms_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin)
     report = kms.start()
     try:
         assert list(report.held) == [release.release] and report.refused == {}
@@ -105,7 +83,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
     assert kit.cli("run", practice_plan, "--env", kit.env_file()).returncode == 0
     practice = next(plans.load(practice_plan).output_dir.glob("bundle-*-eu-PRACTICE.p7"))
     shutil.copy(practice, bundles / practice.name)
-    kms = Kms(_config(kit, tmp_path, bundles), pin=kit.regionals["eu"].user_pin)
+    kms = Kms(kms_config(kit, tmp_path, bundles), pin=kit.regionals["eu"].user_pin)
     report = kms.start()
     try:
         assert list(report.held) == [release.release]
@@ -114,7 +92,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
     finally:
         kms.close()
     # The us node ignores the eu bundle (another region) and holds nothing.
-    us = Kms(_config(kit, tmp_path, bundles, region="us"), pin=kit.regionals["us"].user_pin)
+    us = Kms(kms_config(kit, tmp_path, bundles, region="us"), pin=kit.regionals["us"].user_pin)
     try:
         assert us.start().held == {}
         with pytest.raises(ReleaseNotHeld):
@@ -124,7 +102,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
 
 
 def test_a_replayed_or_conflicting_bundle_for_a_held_release_is_refused(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     from kms.store import Store
     store = Store.open(cfg.store)
     store.record_release(release.release, "an-older-ceremony", "00" * 32, 0.0)
@@ -294,7 +272,7 @@ def test_backup_never_revives_a_destroyed_key_here_or_in_another_store(node, tmp
 
 
 def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     first = Kms(cfg, pin=kit.regionals["eu"].user_pin)
     first.start()
     first.create_tenant("persist", "production")
@@ -310,7 +288,7 @@ def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
 
 
 def test_cli_import_status_and_errors(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
@@ -336,7 +314,7 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
 
 def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp_path):
     from hsm.pin import token_env
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     eu = kit.regionals["eu"]
     # The per-token PIN variable alone is enough (no HSM_PIN): HSM_PIN_<LABEL>.
     env = {k: v for k, v in kit.environ().items() if not k.startswith("HSM_")}
@@ -362,7 +340,7 @@ def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp
     one_line(kms("tenant", "destroy", "--org", "bad-input"), "needs --version")
     # A bundle directory that does not exist: said so, exit non-zero.
     (tmp_path / "m").mkdir()
-    missing = _config(kit, tmp_path / "m", tmp_path / "no-such-dir")
+    missing = kms_config(kit, tmp_path / "m", tmp_path / "no-such-dir")
     one_line(kms("import", config=missing.path), "does not exist")
     # cache_max_entries = 0 is refused before any store is created.
     zero_dir = tmp_path / "zero"
