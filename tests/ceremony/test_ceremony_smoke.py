@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -119,16 +118,14 @@ def test_confirm_words_stops_when_the_typed_words_differ(kit):
     plan_path = kit.write_plan(regions=["eu"])
     kit.open_and_approve(plan_path)
     wrong = " ".join(fp.to_words(bytes(32)))
-    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
-                           str(kit.env_file()), "--confirm-words"], input=wrong + "\n",
-                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file(), "--confirm-words",
+                   input=wrong + "\n")
     assert proc.returncode == 2 and "do not match the plan's pinned fingerprint" in proc.stderr
     out = plans.load(plan_path).output_dir
     assert not list(out.glob("bundle-*"))
     right = " ".join(fp.to_words(bytes.fromhex(kit.fingerprints["eu"])))
-    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
-                           str(kit.env_file()), "--confirm-words"], input=right + "\n",
-                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file(), "--confirm-words",
+                   input=right + "\n")
     assert proc.returncode == 0, proc.stderr
 
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

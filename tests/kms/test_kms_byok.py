@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 from cryptography import x509 as cx509
@@ -26,6 +24,7 @@ from kms.service import Kms
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent
 from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -229,8 +228,7 @@ def test_cli_byok_flow(kit, node, tmp_path):
 
     def kms(*args, config=True):
         pre = ["--config", str(node.config.path)] if config else []
-        return subprocess.run([sys.executable, "-m", "kms", *pre, *args], capture_output=True,
-                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+        return run_cli("kms", *pre, *args, env=env)
     # The customer side needs no configuration and no HSM.
     out = tmp_path / "cust"
     w = kms("byok", "wrap", "--cert", str(node.certs[("acme", "dek")]), "--generate", "--out",

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -25,6 +23,7 @@ from tests import localtls
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent
 from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -359,9 +358,7 @@ def test_cli_cache_only_flow(kit, env):
     cli_env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(env.node.config.path),
-                               *args], capture_output=True, text=True, env=cli_env,
-                              stdin=subprocess.DEVNULL, timeout=120)
+        return run_cli("kms", "--config", env.node.config.path, *args, env=cli_env)
     # The CLI's own clock is real time; give it an org of its own (the module's clock is ahead).
     assert kms("tenant", "create", "--org", "cli-shop", "--no-secret").returncode == 0
     cert = env.tmp / "cli-shop.pem"

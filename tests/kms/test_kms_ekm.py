@@ -13,8 +13,6 @@ import base64
 import dataclasses
 import json
 import sqlite3
-import subprocess
-import sys
 
 import boto3
 import pytest
@@ -27,6 +25,7 @@ from tests import localtls
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent
 from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -206,9 +205,7 @@ def test_cli_ekm_flow(kit, release, aws, tmp_path):
     env = {**kit.environ(), **localtls.AWS_ENV, "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                              timeout=120)
+        return run_cli("kms", "--config", cfg.path, *args, env=env)
     arn = client.create_key()["KeyMetadata"]["Arn"]
     out = kms("ekm", "policy", "--org", "cli-ekm", "--principal",
               "arn:aws:iam::123456789012:role/kms-eu", "--key-arn", arn)
@@ -232,9 +229,7 @@ def test_cli_ekm_flow(kit, release, aws, tmp_path):
     assert "REMOTE   NONE" in lst.stdout
     # AWS unreachable from the CLI: one line, exit 2, no traceback.
     env_down = {**env, "AWS_CA_BUNDLE": "/nonexistent"}
-    kms_down = subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), "ekm",
-                               "add", "--org", "cli-ekm", "--key-id", "not-an-arn"],
-                              capture_output=True, text=True, env=env_down,
-                              stdin=subprocess.DEVNULL, timeout=120)
+    kms_down = run_cli("kms", "--config", cfg.path, "ekm", "add", "--org", "cli-ekm",
+                       "--key-id", "not-an-arn", env=env_down)
     assert kms_down.returncode == 2 and "not an AWS KMS key ARN" in kms_down.stderr
     assert "Traceback" not in kms_down.stderr

@@ -6,15 +6,12 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from pkcs11 import Attribute
 
 from ceremony import plan as plans
 from hsm.errors import HsmError
-from kms import config as configs
 from kms.errors import (ImportRefused, KeyDestroyed, KmsError, PolicyViolation, RateLimited,
                         ReleaseNotHeld, UnknownTenant)
 from kms.policy import BACKUP_VALIDITY, DAY, HOUR
@@ -22,6 +19,7 @@ from kms.sdk import FieldEncryptor
 from kms.service import Kms
 from tests.ceremony_kit import kit_fixture
 from tests.kms_kit import Clock, kms_config
+from tests.helpers import run_cli
 
 
 kit = kit_fixture("kms", regions=("eu", "us"))
@@ -292,8 +290,7 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
     env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        return run_cli("kms", "--config", cfg.path, *args, env=env)
     assert kms("init").returncode == 0
     proc = kms("import")
     assert proc.returncode == 0 and f"imported release {release.release}" in proc.stdout
@@ -321,8 +318,7 @@ def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp
     env[token_env("HSM_PIN", eu.label)] = eu.user_pin.reveal()
 
     def kms(*args, config=cfg.path):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(config), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        return run_cli("kms", "--config", config, *args, env=env)
 
     def one_line(proc, needle):
         assert proc.returncode != 0, proc.stdout

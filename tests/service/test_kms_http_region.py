@@ -12,6 +12,7 @@ import pytest
 
 from kms.client import KmsClient, Unavailable
 from kms.errors import KeyDestroyed
+from tests.helpers import start_threads
 
 BOUND_S = 60.0   # every wait below polls up to this and then fails; none asserts a latency
 
@@ -97,10 +98,7 @@ def _load(kit, urls, orgs, expected, stop, results, threads=4):
             except Exception as exc:  # noqa: BLE001
                 results.append(f"error {type(exc).__name__}: {exc}")
         c.close()
-    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    for th in ths:
-        th.start()
-    return ths
+    return start_threads(threads, run)  # .join() re-raises a reader's own failure
 
 
 def _expected(service_kit, node, orgs):
@@ -127,8 +125,7 @@ def test_kill_9_of_one_node_under_load_the_client_fails_over_with_no_wrong_answe
         at_kill = len(results)
         _wait(lambda: len(results) >= at_kill + 200, "200 answers after the kill")
         stop.set()
-        for th in ths:
-            th.join(60)
+        ths.join(60)
         assert [r for r in results if r != "ok"] == []
     finally:
         a.kill()
@@ -154,8 +151,7 @@ def test_postgresql_restart_under_load_nodes_recover_and_keep_every_commit(
         _wait(lambda n=n: n.call("GET", "/readyz")[0] == 200, "node ready after the restart")
     _wait(lambda: results[at_restart:].count("ok") >= 200, "200 good answers after")
     stop.set()
-    for th in ths:
-        th.join(60)
+    ths.join(60)
     assert [r for r in results if r not in ("ok", "unavailable")] == []
     assert results[-50:] == ["ok"] * 50
     # every change committed before the restart is there, on both nodes, and new ones commit
