@@ -17,6 +17,7 @@ import random
 import threading
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import policy
@@ -195,7 +196,7 @@ def test_explicit_flush_bumps_epoch_and_drops_everything(cache, source):
     cache.put("org-a", F1, dek_for("org-a", F1))
     assert source.calls[-1] == ("org-a", 1)
     # The new epoch's cache key cannot open the old epoch's ciphertext.
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidTag):
         cache._ciphers["org-a"].decrypt(old_entry[0], old_entry[1], _aad("org-a", F1))
 
 

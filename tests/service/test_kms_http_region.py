@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kms.client import KmsClient, Unavailable
+from kms.client import KmsClient, ServiceError, Unavailable
 from kms.errors import KeyDestroyed
 from tests.helpers import start_threads
 
@@ -77,8 +77,10 @@ def test_a_rotation_on_a_reaches_b_through_the_store(service_kit, region):
     admin = _client(service_kit, [a.url], "admin")
     admin.create_tenant("cross-rot", secret=False)
     on_b = _client(service_kit, [b.url])
-    with pytest.raises(Exception):
-        on_b.dek_for_encrypt("cross-rot")
+    with pytest.raises(ServiceError, match="has no usable field secret") as info:
+        on_b.dek_for_encrypt("cross-rot")  # no version yet: 409 conflict, not a retry
+    assert type(info.value) is ServiceError
+    assert (info.value.status, info.value.code) == (409, "conflict")
     assert admin.rotate("cross-rot")["version"] == 1
     assert on_b.dek_for_encrypt("cross-rot")[0] == 1
 
