@@ -140,3 +140,124 @@ class Buckets:
                     stack[-1][1] = end
         wrapper.__wrapped__ = fn
         return wrapper
+
+
+# --------------------------------------------------------------------------- profiles
+def profile_top(prof, sort: str, n: int = 15) -> list[dict]:
+    """The ``n`` top functions of a cProfile.Profile by ``sort``, as JSON-ready rows."""
+    import pstats
+
+    st = pstats.Stats(prof)
+    st.sort_stats(sort)
+    rows = []
+    for func in st.fcn_list[:n]:
+        _cc, nc, tt, ct, _callers = st.stats[func]
+        filename, line, fname = func
+        where = fname if filename == "~" else \
+            f"{'/'.join(Path(filename).parts[-2:])}:{line}({fname})"
+        rows.append({"function": where, "ncalls": nc, "tottime_ms": round(tt * 1e3, 2),
+                     "cumtime_ms": round(ct * 1e3, 2)})
+    return rows
+
+
+# --------------------------------------------------------------------------- worker processes
+def serve_trials(index: int, commands, results, barrier, work: dict[str, Callable[[int], None]]
+                 ) -> None:
+    """A worker's command loop (in the spawned child, after its own setup): says "ready", then
+    runs each ``(kind, trial, n, together)`` command, ``work[kind](n)`` or "spin" (a pure-Python
+    loop, no token: the control for how many cores the machine gives), started on the shared
+    barrier when ``together``, and reports its start and end on CLOCK_MONOTONIC (system-wide on
+    Linux, so the parent can take the wall span across workers). "stop" ends it."""
+    import time
+
+    results.put(("ready", index, os.getpid()))
+    while True:
+        cmd = commands.get()
+        if cmd[0] == "stop":
+            return
+        kind, trial, n, together = cmd
+        if together:
+            barrier.wait(timeout=120)
+        t0 = time.monotonic()
+        if kind == "spin":
+            x = 0
+            for i in range(n):
+                x += i
+        else:
+            work[kind](n)
+        t1 = time.monotonic()
+        results.put(("done", index, trial, n, t0, t1))
+
+
+class WorkerPool:
+    """Worker processes (spawn) that each opened the token themselves; runs timed trials.
+
+    ``target(index, label, pin, softhsm_conf, commands, results, barrier, *args)`` runs in each
+    child: it opens the token, sets up, and hands over to :func:`serve_trials`; on an error it
+    puts ``("error", index, text)`` on ``results`` (the parent raises it). The PIN travels in the
+    pickled Process arguments over spawn's pipe (not argv/env).
+    """
+
+    def __init__(self, tt, workers: int, target, args: tuple = (), name: str = "worker",
+                 start_timeout: float = 120.0):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.results = ctx.Queue()
+        self.commands = [ctx.Queue() for _ in range(workers)]
+        self.barrier = ctx.Barrier(workers)
+        self.procs = []
+        self._trial = 0
+        self._alone = 0
+        self.last_skew = 0.0
+        for i in range(workers):
+            proc = ctx.Process(target=target, name=f"{name}-{i}", daemon=True,
+                               args=(i, tt.label, tt.user_pin.reveal(), tt.env["SOFTHSM2_CONF"],
+                                     self.commands[i], self.results, self.barrier, *args))
+            proc.start()
+            self.procs.append(proc)
+        for _ in range(workers):
+            msg = self._get(start_timeout)
+            if msg[0] != "ready":
+                raise RuntimeError(f"worker {msg[1]} sent {msg!r} while starting")
+
+    def _get(self, timeout: float):
+        import queue
+
+        try:
+            msg = self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise RuntimeError(f"no answer from the workers within {timeout:.0f} s "
+                               f"(alive: {[p.is_alive() for p in self.procs]})") from None
+        if msg[0] == "error":
+            self.barrier.abort()
+            raise RuntimeError(f"worker {msg[1]} failed: {msg[2]}")
+        return msg
+
+    def trial(self, kind: str, workers: int, n: int) -> float:
+        """Aggregate units/s of ``workers`` workers doing ``n`` units of ``kind`` each, started
+        together (one worker: each in turn runs alone)."""
+        self._trial += 1
+        if workers == 1:  # alternate which worker runs alone
+            chosen = [self._alone % len(self.procs)]
+            self._alone += 1
+        else:
+            chosen = list(range(workers))
+        together = len(chosen) > 1
+        if together and len(chosen) != len(self.procs):
+            raise ValueError("a concurrent trial uses every worker (the barrier's party count)")
+        for i in chosen:
+            self.commands[i].put((kind, self._trial, n, together))
+        done = [self._get(600) for _ in chosen]
+        starts, ends = [m[4] for m in done], [m[5] for m in done]
+        self.last_skew = max(starts) - min(starts)
+        return sum(m[3] for m in done) / (max(ends) - min(starts))
+
+    def close(self) -> None:
+        for q in self.commands:
+            q.put(("stop",))
+        for proc in self.procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)

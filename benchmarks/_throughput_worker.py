@@ -9,13 +9,15 @@ the parent can compute the wall span across workers). A "spin" command runs a pu
 instead, without touching the token: the control that shows how many cores the machine really
 gives two processes at that moment.
 
-This module must not import pytest or the benchmark modules: the spawned child imports it by name.
+This module must not import pytest or the benchmark modules: the spawned child imports it by name
+(and _benchlib, which imports neither).
 """
 
 from __future__ import annotations
 
 import os
-import time
+
+from _benchlib import serve_trials
 
 
 def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
@@ -39,25 +41,12 @@ def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, comma
         hmac_sha256 = ops.hmac_sha256
         for _ in range(warmup_ops):
             hmac_sha256(token, ref, data)
-        results.put(("ready", index, os.getpid()))
 
-        while True:
-            cmd = commands.get()
-            if cmd[0] == "stop":
-                break
-            kind, trial, n, together = cmd
-            if together:
-                barrier.wait(timeout=120)
-            t0 = time.monotonic()
-            if kind == "hmac":
-                for _ in range(n):
-                    hmac_sha256(token, ref, data)
-            else:  # "spin": pure-Python CPU control, no token at all
-                x = 0
-                for i in range(n):
-                    x += i
-            t1 = time.monotonic()
-            results.put(("done", index, trial, n, t0, t1))
+        def hmac(n: int) -> None:
+            for _ in range(n):
+                hmac_sha256(token, ref, data)
+
+        serve_trials(index, commands, results, barrier, {"hmac": hmac})
         token.close()
     except BaseException as exc:  # report, then let the process die with the error
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))

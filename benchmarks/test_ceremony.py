@@ -41,7 +41,6 @@ import cProfile
 import hashlib
 import itertools
 import os
-import pstats
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -63,7 +62,7 @@ from ceremony import environment, plan as plans, runner as runner_mod
 from ceremony.runner import Runner, recipient_label
 from ceremony.transcript import HEAD_CONTEXT, SIGNATURE_FILE, Transcript
 
-from _benchlib import Buckets, Interleaved, median, ratio, scaled
+from _benchlib import Buckets, Interleaved, median, profile_top, ratio, scaled
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
@@ -303,20 +302,6 @@ class Bench:
 
 
 
-def _profile_top(prof: cProfile.Profile, sort: str, n: int = 15) -> list[dict]:
-    st = pstats.Stats(prof)
-    st.sort_stats(sort)
-    rows = []
-    for func in st.fcn_list[:n]:
-        _cc, nc, tt, ct, _callers = st.stats[func]
-        filename, line, fname = func
-        where = fname if filename == "~" else \
-            f"{'/'.join(Path(filename).parts[-2:])}:{line}({fname})"
-        rows.append({"function": where, "ncalls": nc, "tottime_ms": round(tt * 1e3, 2),
-                     "cumtime_ms": round(ct * 1e3, 2)})
-    return rows
-
-
 @dataclass
 class Case:
     bench: Bench
@@ -403,8 +388,8 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
         "instrumented_total_median_ms": round(statistics.median(totals), 2),
         "breakdown_ms": dict(sorted(per_bucket.items(), key=lambda kv: -kv[1]["median_ms"])),
         "cprofile_round_ms": round(prof_total * 1e3, 1),
-        "cprofile_top_tottime": _profile_top(prof, "tottime"),
-        "cprofile_top_cumtime": _profile_top(prof, "cumulative", 25),
+        "cprofile_top_tottime": profile_top(prof, "tottime"),
+        "cprofile_top_cumtime": profile_top(prof, "cumulative", 25),
         "output_fs": _fs_of(root),
     }
     rounds = scaled(8, minimum=2)

@@ -36,7 +36,6 @@ import cProfile
 import dataclasses
 import itertools
 import os
-import pstats
 import shutil
 import statistics
 import sys
@@ -63,7 +62,7 @@ from kms.store import Store
 from release import bundle as bundles, certificates as certs
 from release.ids import release_key
 
-from _benchlib import Buckets, Interleaved, median, ratio, scaled
+from _benchlib import Buckets, Interleaved, median, profile_top, ratio, scaled
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
@@ -293,20 +292,6 @@ def _raw_jobs(bundle_dir: Path, primary_cert_path: Path) -> tuple[list[RawJob], 
     return jobs, expected
 
 
-def _profile_top(prof: cProfile.Profile, sort: str, n: int = 15) -> list[dict]:
-    st = pstats.Stats(prof)
-    st.sort_stats(sort)
-    rows = []
-    for func in st.fcn_list[:n]:
-        _cc, nc, tt, ct, _callers = st.stats[func]
-        filename, line, fname = func
-        where = fname if filename == "~" else \
-            f"{'/'.join(Path(filename).parts[-2:])}:{line}({fname})"
-        rows.append({"function": where, "ncalls": nc, "tottime_ms": round(tt * 1e3, 2),
-                     "cumtime_ms": round(ct * 1e3, 2)})
-    return rows
-
-
 def _fs_of(path: Path) -> str | None:
     try:
         best = ("", "?")
@@ -445,7 +430,7 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
         "breakdown_cold_ms": _breakdown(breakdowns["cold"]),
         "breakdown_restart_ms": _breakdown(breakdowns["restart"]),
         "cprofile_start_ms": round(prof_total * 1e3, 1),
-        "cprofile_top_tottime": _profile_top(prof, "tottime"),
+        "cprofile_top_tottime": profile_top(prof, "tottime"),
         "store_fs": _fs_of(root / "store"),
         "token_fs": _fs_of(Path(os.environ.get("SOFTHSM2_CONF", "/"))),
     }

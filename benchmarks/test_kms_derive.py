@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import multiprocessing
 import os
-import queue
 import statistics
 import sys
-import time
 from time import perf_counter
 
 import pytest
@@ -39,7 +36,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from hsm import ops
 from kms.derive import KeyContext, dek_salt, derive_dek
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Interleaved, WorkerPool, median, ratio, scaled, serve_trials
 
 ITERATIONS = 1000
 TARGET = 1.3
@@ -156,25 +153,13 @@ def derive_worker(index: int, label: str, pin_value: str, softhsm_conf: str, com
         counter = itertools.count()
         for _ in range(warmup):
             derive_dek(token, seed, kdf_salt, tenant, KeyContext("warm", "field", 1), ITERATIONS)
-        results.put(("ready", index, os.getpid()))
-        while True:
-            cmd = commands.get()
-            if cmd[0] == "stop":
-                break
-            kind, trial, n, together = cmd
-            if together:
-                barrier.wait(timeout=120)
-            t0 = time.monotonic()
-            if kind == "derive":
-                for _ in range(n):
-                    ctx = KeyContext(f"org-{index}-{next(counter)}", "field", 1)
-                    derive_dek(token, seed, kdf_salt, tenant, ctx, ITERATIONS)
-            else:  # "spin": pure-Python CPU control, no token
-                x = 0
-                for i in range(n):
-                    x += i
-            t1 = time.monotonic()
-            results.put(("done", index, trial, n, t0, t1))
+
+        def derive(n: int) -> None:
+            for _ in range(n):
+                ctx = KeyContext(f"org-{index}-{next(counter)}", "field", 1)
+                derive_dek(token, seed, kdf_salt, tenant, ctx, ITERATIONS)
+
+        serve_trials(index, commands, results, barrier, {"derive": derive})
         token.close()
     except BaseException as exc:
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
@@ -188,72 +173,11 @@ if __name__ != "test_kms_derive":
     derive_worker.__module__ = "test_kms_derive"
 
 
-class DeriveWorkers:
-    """Spawned workers that each opened the token themselves; runs timed, barrier-started trials."""
-
-    def __init__(self, tt, workers: int, start_timeout: float = 120.0):
-        ctx = multiprocessing.get_context("spawn")
-        self.results = ctx.Queue()
-        self.commands = [ctx.Queue() for _ in range(workers)]
-        self.barrier = ctx.Barrier(workers)
-        self.procs = []
-        self._trial = 0
-        self._alone = 0
-        self.last_skew = 0.0
-        for i in range(workers):
-            # The PIN travels in the pickled Process arguments over spawn's pipe (not argv/env).
-            proc = ctx.Process(target=derive_worker, name=f"derive-worker-{i}", daemon=True,
-                               args=(i, tt.label, tt.user_pin.reveal(), tt.env["SOFTHSM2_CONF"],
-                                     self.commands[i], self.results, self.barrier,
-                                     WARMUP_DERIVES))
-            proc.start()
-            self.procs.append(proc)
-        for _ in range(workers):
-            msg = self._get(start_timeout)
-            if msg[0] != "ready":
-                raise RuntimeError(f"worker {msg[1]} sent {msg!r} while starting")
-
-    def _get(self, timeout: float):
-        try:
-            msg = self.results.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"no answer from the workers within {timeout:.0f} s "
-                               f"(alive: {[p.is_alive() for p in self.procs]})") from None
-        if msg[0] == "error":
-            self.barrier.abort()
-            raise RuntimeError(f"worker {msg[1]} failed: {msg[2]}")
-        return msg
-
-    def trial(self, kind: str, workers: int, n: int) -> float:
-        """Aggregate units/s (derives or loop iterations) of ``workers`` workers, ``n`` each."""
-        self._trial += 1
-        if workers == 1:  # alternate which worker runs alone
-            chosen = [self._alone % len(self.procs)]
-            self._alone += 1
-        else:
-            chosen = list(range(workers))
-        together = len(chosen) > 1
-        for i in chosen:
-            self.commands[i].put((kind, self._trial, n, together))
-        done = [self._get(600) for _ in chosen]
-        starts, ends = [m[4] for m in done], [m[5] for m in done]
-        self.last_skew = max(starts) - min(starts)
-        return sum(m[3] for m in done) / (max(ends) - min(starts))
-
-    def close(self) -> None:
-        for q in self.commands:
-            q.put(("stop",))
-        for proc in self.procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-
-
 @pytest.fixture(scope="module")
 def derive_processes(bench_token_factory):
     tt = bench_token_factory("kdf-procs")  # created in the parent before spawning
-    pool = DeriveWorkers(tt, max(PROCESSES))
+    pool = WorkerPool(tt, max(PROCESSES), derive_worker, (WARMUP_DERIVES,),
+                      name="derive-worker")
     try:
         variants = {}
         for w in PROCESSES:

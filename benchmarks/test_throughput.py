@@ -17,9 +17,7 @@ one (recorded, not asserted). Threads have no target: SoftHSM2 does not scale wi
 
 from __future__ import annotations
 
-import multiprocessing
 import os
-import queue
 import threading
 import time
 
@@ -28,7 +26,7 @@ from pkcs11 import KeyType, MechanismFlag
 
 from hsm import ops
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Interleaved, WorkerPool, median, ratio, scaled
 from _throughput_worker import worker_main
 
 PROCESS_TARGET = 1.7
@@ -109,78 +107,10 @@ def test_hmac_threads(benchmark, threads, thread_bench, bench_reports):
 
 
 # --------------------------------------------------------------------------- processes
-class WorkerPool:
-    """Worker processes (spawn) that each opened the token themselves; runs timed trials."""
-
-    def __init__(self, tt, workers: int, warmup_ops: int, start_timeout: float = 120.0):
-        ctx = multiprocessing.get_context("spawn")
-        self.results = ctx.Queue()
-        self.commands = [ctx.Queue() for _ in range(workers)]
-        self.barrier = ctx.Barrier(workers)
-        self.procs = []
-        self._trial = 0
-        self._alone = 0
-        for i in range(workers):
-            # The PIN travels in the pickled Process arguments over spawn's pipe (not argv/env).
-            proc = ctx.Process(target=worker_main, name=f"hmac-worker-{i}", daemon=True,
-                               args=(i, tt.label, tt.user_pin.reveal(), tt.env["SOFTHSM2_CONF"],
-                                     self.commands[i], self.results, self.barrier, warmup_ops))
-            proc.start()
-            self.procs.append(proc)
-        ready = 0
-        while ready < workers:
-            msg = self._get(start_timeout)
-            if msg[0] != "ready":
-                raise RuntimeError(f"worker {msg[1]} sent {msg!r} while starting")
-            ready += 1
-
-    def _get(self, timeout: float):
-        try:
-            msg = self.results.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(f"no answer from the workers within {timeout:.0f} s "
-                               f"(alive: {[p.is_alive() for p in self.procs]})") from None
-        if msg[0] == "error":
-            self.barrier.abort()
-            raise RuntimeError(f"worker {msg[1]} failed: {msg[2]}")
-        return msg
-
-    def trial(self, kind: str, workers: int, n: int) -> float:
-        """Aggregate ops/s of ``workers`` workers doing ``n`` ops each, started together.
-
-        ``kind`` is "hmac" (``hsm.ops.hmac_sha256``) or "spin" (pure-Python CPU control).
-        """
-        self._trial += 1
-        if workers == 1:  # alternate which worker runs alone
-            chosen = [self._alone % len(self.procs)]
-            self._alone += 1
-        else:
-            chosen = list(range(workers))
-        together = len(chosen) > 1
-        if together and len(chosen) != len(self.procs):
-            raise ValueError("a concurrent trial uses every worker (the barrier's party count)")
-        for i in chosen:
-            self.commands[i].put((kind, self._trial, n, together))
-        done = [self._get(600) for _ in chosen]
-        starts = [m[4] for m in done]
-        ends = [m[5] for m in done]
-        self.last_skew = max(starts) - min(starts)
-        return sum(m[3] for m in done) / (max(ends) - min(starts))
-
-    def close(self) -> None:
-        for q in self.commands:
-            q.put(("stop",))
-        for proc in self.procs:
-            proc.join(30)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-
-
 @pytest.fixture(scope="module")
 def process_bench(bench_token_factory):
     tt = bench_token_factory("procs")  # created in the parent before spawning
-    pool = WorkerPool(tt, max(PROCESSES), WARMUP_OPS)
+    pool = WorkerPool(tt, max(PROCESSES), worker_main, (WARMUP_OPS,), name="hmac-worker")
     try:
         variants = {}
         for w in PROCESSES:

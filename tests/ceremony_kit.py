@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from hsm import provision
 from hsm.testing import TestToken
 
 from ceremony import approvals, plan as plans
+from tests.helpers import environ, run_cli
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),
             ("carol", "crypto-officer"), ("wendy", "witness"))
@@ -96,11 +96,11 @@ class Kit:
             ap = approvals.sign(p, nonce, name, self.officer_keys[name])
             (folder / f"{name}.json").write_text(ap.to_json())
 
-    def cli(self, *args: str, env: dict | None = None, timeout: int = 300
-            ) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "ceremony", *map(str, args)],
-                              capture_output=True, text=True, env=env or self.environ(),
-                              stdin=subprocess.DEVNULL, timeout=timeout, cwd=self.root)
+    def cli(self, *args: str, env: dict | None = None, timeout: int = 300,
+            input: str | None = None) -> subprocess.CompletedProcess:
+        """``python -m ceremony`` in the kit's directory, with the primary's PINs by default."""
+        return run_cli("ceremony", *args, env=env or self.environ(), cwd=self.root,
+                       timeout=timeout, input=input)
 
     def run_release(self, **plan_kwargs) -> plans.Plan:
         """One closed release ceremony (opened, approved by alice and bob, run); its plan."""
@@ -141,3 +141,24 @@ def make_kit(root: Path, make_token, regions=("eu", "us", "ap")) -> Kit:
     # the primary free of user logins in *its* process only, but keep things simple and clean.
     primary.close()
     return Kit(root, pki, primary, regionals, keys, pubs, fps)
+
+
+def ceremony_without_pins(*args, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m ceremony`` in ``cwd`` with no HSM_PIN/HSM_SO_PIN in its environment (for the
+    commands that must not need a token: plan, approve, keygen, dry runs)."""
+    return run_cli("ceremony", *args, env=environ(lambda k: k in ("HSM_PIN", "HSM_SO_PIN")),
+                   cwd=cwd)
+
+
+def kit_fixture(name: str, regions=("eu", "us", "ap")):
+    """A module-scoped ``kit`` fixture: :func:`make_kit` once per test module, under a temporary
+    directory called ``name``, on the session's SoftHSM2 tokens. In a module: ``kit =
+    kit_fixture("escrow", regions=("eu", "ap"))``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def kit(tmp_path_factory, softhsm_session_token_factory) -> Kit:
+        return make_kit(tmp_path_factory.mktemp(name),
+                        lambda prefix: softhsm_session_token_factory(prefix=prefix),
+                        regions=regions)
+    return kit

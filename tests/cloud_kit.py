@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from hsm.pin import token_env
 from hsm.testing import TestToken
-from tests.test_cli import run_hsm
+from tests.helpers import run_hsm
 
 _HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}
 

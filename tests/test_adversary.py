@@ -26,18 +26,14 @@ from hsm import _cryptoki, export, ops
 from hsm import policy as policies
 from hsm.errors import from_pkcs11
 from hsm.token import Token
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 _label = itertools.count()
 OAEP_SHA1 = (Mechanism.SHA_1, MGF.SHA1, None)
 KINDS = {"generic-secret": KeyType.GENERIC_SECRET, "aes": KeyType.AES}
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("adversary")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu",))
+kit = kit_fixture("adversary", regions=("eu",))
 
 
 @pytest.fixture(scope="module")
@@ -441,7 +437,7 @@ def cloud_primary(kit, release, tmp_path_factory):
     """A cloud key on the primary after the ceremony, and an AWS import key the SO trusted,
     both made by the real command in another process (the officers' route)."""
     from tests import cloud_kit as ck
-    from tests.test_cli import run_hsm
+    from tests.helpers import run_hsm
     root = tmp_path_factory.mktemp("cloud-adversary")
     tt = kit.primary
     r = run_hsm(tt, "cloud-key", "create", "--token", tt.label, "--label", "cloud-atk",
@@ -566,7 +562,7 @@ def test_the_cloud_import_key_wraps_no_release_secret_and_no_long_term_key(
                 ops.secret(cloud_primary["key"]))) == "CKR_OK"  # what it is for
         # ...and the command refuses them before asking the token.
         from tests import cloud_kit as ck
-        from tests.test_cli import assert_one_line_error
+        from tests.helpers import assert_one_line_error
         token_file = cloud_primary["root"] / "t.token"
         token_file.write_bytes(b"t")
         for name in (label, seed, f"{kit.primary.label}-encryption"):

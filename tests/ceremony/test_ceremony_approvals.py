@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +22,7 @@ from ceremony import plan as plans
 from ceremony.approvals import Approval
 from ceremony.errors import ApprovalError
 from hsm.errors import UsageError
+from tests.ceremony_kit import ceremony_without_pins as ceremony
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),
             ("carol", "crypto-officer"), ("wendy", "witness"))
@@ -336,11 +335,6 @@ def test_new_key_refuses_to_overwrite_and_is_private(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- CLI
-def ceremony(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HSM_PIN", "HSM_SO_PIN")}
-    return subprocess.run([sys.executable, "-m", "ceremony", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          cwd=cwd, env=env, timeout=120, check=False)
 
 
 @pytest.mark.slow

@@ -10,8 +10,6 @@ import json
 import os
 import shutil
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,18 +20,15 @@ from kms.errors import KeyUnavailable, KmsError
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
 from tests import localtls
-from tests.ceremony_kit import make_kit
-from tests.test_kms_ekm import _assert_absent, _Provider
-from tests.test_kms_service import Clock, _config
+from tests.ceremony_kit import kit_fixture
+from tests.helpers import assert_secrets_absent
+from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("cacheonly")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu",))
+kit = kit_fixture("cacheonly", regions=("eu",))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def env(kit, tmp_path_factory):
     and the reference key service running with client-certificate authentication."""
     release = kit.run_release()
     tmp = tmp_path_factory.mktemp("co")
-    node = Kms(_config(kit, tmp, release.output_dir), pin=kit.regionals["eu"].user_pin,
+    node = Kms(kms_config(kit, tmp, release.output_dir), pin=kit.regionals["eu"].user_pin,
                clock=Clock())
     node.start()
     node.create_tenant("shop", "sandbox")
@@ -91,7 +86,7 @@ def test_cache_only_end_to_end_with_the_reference_key_service(env, tmp_path):
     sdk = FieldEncryptor(node)
     blob = sdk.encrypt("shop", b"order 66")
     # The DEK is the customer's: their own key opens the SDK ciphertext outside the KMS.
-    assert FieldEncryptor(_Provider(dek)).decrypt("shop", blob) == b"order 66"
+    assert FieldEncryptor(CustomerDek(dek)).decrypt("shop", blob) == b"order 66"
     hits = _hits(env, "shop-k1")
     assert sdk.decrypt("shop", blob) == b"order 66" and _hits(env, "shop-k1") == hits  # cached
     # The 72 h cache flush: the next use fetches again.
@@ -116,7 +111,7 @@ def test_cache_only_end_to_end_with_the_reference_key_service(env, tmp_path):
     assert sdk.decrypt("shop", blob) == b"order 66"
     backup = node.export_backup("shop", tmp_path / "shop.json")
     pin = env.node._pin.reveal().encode()
-    _assert_absent([dek, pin], [node.config.store.removeprefix("sqlite:///"), backup, env.log])
+    assert_secrets_absent([dek, pin], [node.config.store.removeprefix("sqlite:///"), backup, env.log])
 
 
 def test_rotate_to_a_new_kid_and_destroy_the_old_version(env):
@@ -129,10 +124,10 @@ def test_rotate_to_a_new_kid_and_destroy_the_old_version(env):
     assert new.version == old.version + 1
     assert node.store.get("shop", "field", old.version).state == "ARCHIVED"
     blob_new = FieldEncryptor(node).encrypt("shop", b"after rotation")
-    assert FieldEncryptor(_Provider(new_dek)).decrypt("shop", blob_new) == b"after rotation"
+    assert FieldEncryptor(CustomerDek(new_dek)).decrypt("shop", blob_new) == b"after rotation"
     node.cache.flush()
     assert FieldEncryptor(node).decrypt("shop", blob_old) == b"before rotation"
-    assert FieldEncryptor(_Provider(old_dek)).decrypt("shop", blob_old) == b"before rotation"
+    assert FieldEncryptor(CustomerDek(old_dek)).decrypt("shop", blob_old) == b"before rotation"
     node.destroy("shop", "field", old.version)
     with pytest.raises(KmsError, match="key destroyed"):
         FieldEncryptor(node).decrypt("shop", blob_old)
@@ -363,9 +358,7 @@ def test_cli_cache_only_flow(kit, env):
     cli_env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(env.node.config.path),
-                               *args], capture_output=True, text=True, env=cli_env,
-                              stdin=subprocess.DEVNULL, timeout=120)
+        return run_cli("kms", "--config", env.node.config.path, *args, env=cli_env)
     # The CLI's own clock is real time; give it an org of its own (the module's clock is ahead).
     assert kms("tenant", "create", "--org", "cli-shop", "--no-secret").returncode == 0
     cert = env.tmp / "cli-shop.pem"
@@ -378,7 +371,7 @@ def test_cli_cache_only_flow(kit, env):
     enc = kms("encrypt", "--org", "cli-shop", "hello cache-only")
     assert enc.returncode == 0, enc.stderr
     blob = base64.b64decode(enc.stdout)
-    assert FieldEncryptor(_Provider(dek)).decrypt("cli-shop", blob) == b"hello cache-only"
+    assert FieldEncryptor(CustomerDek(dek)).decrypt("cli-shop", blob) == b"hello cache-only"
     (env.keys / "cli-k.dek").unlink()
     dec = kms("decrypt", "--org", "cli-shop", enc.stdout.strip())
     assert dec.returncode == 2 and "key unavailable" in dec.stderr

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hsm import export as hsm_export
 from hsm.token import Token
 from tests import cloud_kit as ck
-from tests.test_cli import assert_no_secrets, assert_one_line_error, run_hsm
+from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm
 
 pytestmark = pytest.mark.slow
 KID = "https://contoso.managedhsm.azure.net/keys/KEKforBYOK/0123456789abcdef"

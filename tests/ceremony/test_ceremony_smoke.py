@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import cmac, hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.ciphers import algorithms
 
+from release import bundle as bundles
+from ceremony import runner
+from release import certificates
 from ceremony import plan as plans
-from hsm import provision
-from tests.ceremony_kit import make_kit
+from hsm import export, provision
+from tests.helpers import assert_secrets_absent, secret_forms
+from tests.ceremony_kit import kit_fixture
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ceremony")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix))
+kit = kit_fixture("ceremony")
 
 
 def test_full_ceremony_closes_verifies_offline_and_openssl_accepts_bundles(kit):
@@ -77,18 +82,76 @@ def test_enrollment_with_a_wrong_pinned_fingerprint_issues_nothing(kit,
     assert not (kit.pki / f"{new.label}.pem").exists()
 
 
+def _host_recipient(kit, region: str):
+    """A recipient whose private key the test holds: an RSA-4096 key made on the host, certified
+    by the kit's (throw-away) primary through the ordinary request route. The ceremony wraps the
+    release secrets to it as to any certified region, so the test can learn their bytes."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    digest = hashlib.sha256(spki).digest()
+    label = f"host-recipient-{region}"
+    request = kit.root / f"{label}.request.json"
+    request.write_text(json.dumps({
+        "version": provision.REQUEST_VERSION, "kind": "regional-encryption-certification-request",
+        "region": region, "token_label": label, "token_serial": "0",
+        "key_label": f"{label}-encryption", "key_id": digest[:8].hex(), "spki_der_hex": spki.hex(),
+        "fingerprint_sha256": digest.hex(), "created": "2030-01-01T00:00:00+00:00"}))
+    try:
+        cert = provision.certify_regional(kit.primary.token, request, kit.pki,
+                                          confirmed_fingerprint=digest).certificate
+    finally:
+        kit.primary.close()  # the ceremony subprocess needs the primary free of our login
+    return key, cert, digest.hex()
+
+
+def _unwrap_on_host(key, entry: dict) -> bytes:
+    """The secret in a bundle entry, RSA-OAEP-decrypted with the host key; its check value must
+    be the one the ceremony computed inside the primary HSM (so these are the real bytes)."""
+    assert entry["wrap"]["mechanism"] == "RSA_PKCS_OAEP" and entry["wrap"]["label"] == ""
+    h = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}[entry["wrap"]["hash"]]
+    secret = key.decrypt(bytes.fromhex(entry["wrapped"]),
+                         padding.OAEP(mgf=padding.MGF1(h()), algorithm=h(), label=None))
+    assert len(secret) * 8 == entry["bits"]
+    if entry["key_type"] == "generic-secret":
+        kcv = ("hmac-sha256-8", hmac.new(secret, export.KCV_LABEL, hashlib.sha256).digest()[:8])
+    else:
+        mac = cmac.CMAC(algorithms.AES(secret))
+        mac.update(export.KCV_LABEL)
+        kcv = ("aes-cmac-8", mac.finalize()[:8])
+    assert (kcv[0], kcv[1].hex()) == (entry["check_value"]["method"],
+                                      entry["check_value"]["value"]), entry["name"]
+    return secret
+
+
 def test_no_pin_or_secret_material_in_any_output_file(kit):
-    plan_path = kit.write_plan()
+    """C13 on a real run: neither the PINs nor the release secrets themselves (learnt through a
+    host-held recipient key, confirmed by their check values) are in any file the ceremony
+    wrote or in its output, raw, hex or base64."""
+    host_key, host_cert, host_fp = _host_recipient(kit, "hostkey")
+    plan_path = kit.write_plan(regions=[*sorted(kit.regionals), "hostkey"],
+                               certificates={"hostkey": str(host_cert)},
+                               fingerprints={"hostkey": host_fp})
     kit.open_and_approve(plan_path)
-    assert kit.cli("run", plan_path, "--env", kit.env_file()).returncode == 0
-    out = plans.load(plan_path).output_dir
-    pins = [kit.primary.user_pin.reveal(), kit.primary.so_pin.reveal()]
-    for path in out.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            for pin in pins:
-                assert pin.encode() not in data, path
-                assert pin.encode().hex().encode() not in data, path
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 0, proc.stderr
+    p = plans.load(plan_path)
+    out = p.output_dir
+    manifest = bundles.verify((out / runner.bundle_name(p, "hostkey")).read_bytes(),
+                              certificates.as_asn1(certificates.load(
+                                  kit.pki / f"{kit.primary.label}-signing.pem",
+                                  "primary signing"))).manifest
+    secrets = [_unwrap_on_host(host_key, entry) for entry in manifest["secrets"]]
+    assert [e["name"] for e in manifest["secrets"]] == [s.name for s in p.secrets]
+    assert len(set(secrets)) == len(p.secrets) == 2
+    pins = [kit.primary.user_pin.reveal().encode(), kit.primary.so_pin.reveal().encode()]
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert {f"bundle-{p.release}-{r}.p7" for r in [*kit.regionals, "escrow", "hostkey"]} <= \
+        {f.name for f in files} and (out / "transcript.jsonl") in files
+    assert assert_secrets_absent(secrets + pins, files) == len(files)
+    for stream in (proc.stdout, proc.stderr):
+        for value in secrets + pins:
+            assert not any(form.decode("latin-1") in stream for form in secret_forms(value))
 
 
 def test_rehearsal_runs_the_plan_on_throwaway_tokens_stamped_practice(kit, tmp_path):
@@ -122,16 +185,14 @@ def test_confirm_words_stops_when_the_typed_words_differ(kit):
     plan_path = kit.write_plan(regions=["eu"])
     kit.open_and_approve(plan_path)
     wrong = " ".join(fp.to_words(bytes(32)))
-    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
-                           str(kit.env_file()), "--confirm-words"], input=wrong + "\n",
-                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file(), "--confirm-words",
+                   input=wrong + "\n")
     assert proc.returncode == 2 and "do not match the plan's pinned fingerprint" in proc.stderr
     out = plans.load(plan_path).output_dir
     assert not list(out.glob("bundle-*"))
     right = " ".join(fp.to_words(bytes.fromhex(kit.fingerprints["eu"])))
-    proc = subprocess.run([sys.executable, "-m", "ceremony", "run", str(plan_path), "--env",
-                           str(kit.env_file()), "--confirm-words"], input=right + "\n",
-                          capture_output=True, text=True, env=kit.environ(), cwd=kit.root)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file(), "--confirm-words",
+                   input=right + "\n")
     assert proc.returncode == 0, proc.stderr
 
 

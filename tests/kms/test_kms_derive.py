@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +23,7 @@ from hsm.testing import require_mechanism, unique_label
 from hsm.token import KeyRef
 from kms import derive
 from kms.derive import KeyContext, dek_salt, derive_dek
+from tests.helpers import run_threads
 
 FIXTURE_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
@@ -136,21 +136,8 @@ def test_whole_derivation_is_one_token_run(seeded, monkeypatch):
 def test_concurrent_derivations_agree(seeded):
     token, seed, value = seeded
     want = {i: hashlib.pbkdf2_hmac("sha256", value, bytes([i]), 200, 32) for i in range(8)}
-    got: dict[int, bytes] = {}
-    errors: list[BaseException] = []
-
-    def work(i):
-        try:
-            got[i] = kdf.pbkdf2_hmac_sha256(token, seed, bytes([i]), 200)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and got == want
+    got = run_threads(8, lambda i: kdf.pbkdf2_hmac_sha256(token, seed, bytes([i]), 200))
+    assert dict(enumerate(got)) == want
 
 
 def test_native_pbkdf2_is_reported_not_used(hsm_token):

@@ -37,7 +37,7 @@ from hsm import export, ops
 from hsm import x509 as hx509
 from hsm.errors import HsmError
 from hsm.token import Token
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 # Step 2 so that `hi - 1` is never a release another test used: 5000, 5002, 5004, ...
 _release = itertools.count(5000, 2)
@@ -47,10 +47,7 @@ KEY_TYPES = {"generic-secret": KeyType.GENERIC_SECRET, "aes": KeyType.AES}
 CAPABILITY = {"generic-secret": MechanismFlag.SIGN, "aes": MechanismFlag.ENCRYPT}
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ceremony-run")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix))
+kit = kit_fixture("ceremony-run")
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -1,4 +1,5 @@
-"""Sessions and logins lost behind the pool's back are replaced; errors name what was wrong."""
+"""Sessions and logins lost behind the pool's back are replaced, on each backend (SoftHSM2 and
+NSS softokn, via the plugin's ``hsm_token``); errors name what was wrong."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsm import ops
-from hsm.errors import MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
+from hsm.errors import HsmError, MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
 from hsm.pin import Pin
 from hsm.profile import CKM_RSA_AES_KEY_WRAP
+from hsm.testing import unique_label
 from hsm.token import KeyRef, Token
+from tests.helpers import run_threads
 
 
-def _token_key(token, label="persistent-mac"):
+def _token_key(token, prefix="persistent-mac"):
+    """A token object with a label no other test uses (the NSS token is shared)."""
+    label = unique_label(prefix)
     with token.anchor() as anchor:
         anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
                                     capabilities=MechanismFlag.SIGN,
@@ -27,8 +32,8 @@ def _idle_handles(token):
     return [lease.session.handle for lease in list(token._idle)]
 
 
-def test_worker_sessions_closed_behind_the_pool_are_replaced(softhsm_token):
-    token = softhsm_token.token
+def test_worker_sessions_closed_behind_the_pool_are_replaced(hsm_token):
+    token = hsm_token.token
     ref = _token_key(token)
     expected = ops.hmac_sha256(token, ref, b"data")
     handles = _idle_handles(token)
@@ -40,40 +45,56 @@ def test_worker_sessions_closed_behind_the_pool_are_replaced(softhsm_token):
     assert not set(_idle_handles(token)) & set(handles) or token.stats()["open_sessions"] >= 1
 
 
-def test_close_all_sessions_and_logout_are_recovered_by_logging_in_again(softhsm_token):
-    token = softhsm_token.token
+def test_close_all_sessions_and_logout_are_recovered_by_logging_in_again(hsm_token):
+    token = hsm_token.token
     ref = _token_key(token)
-    ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, "ephemeral", MechanismFlag.SIGN)
+    ephemeral = unique_label("ephemeral")
+    ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, ephemeral, MechanismFlag.SIGN)
     expected = ops.hmac_sha256(token, ref, b"data")
     # C_CloseAllSessions: every session, the anchor included, is gone, and with them the login
     # and every session object.
     assert token.module.raw.close_all_sessions(token.slot_id) == 0
     assert ops.hmac_sha256(token, ref, b"data") == expected
-    with pytest.raises(ObjectNotFound, match="ephemeral"):
-        ops.hmac_sha256(token, ops.secret("ephemeral"), b"data")
+    with pytest.raises(ObjectNotFound, match=ephemeral):
+        ops.hmac_sha256(token, ops.secret(ephemeral), b"data")
 
 
-def test_logout_behind_the_pool_is_recovered(softhsm_token):
-    token = softhsm_token.token
+def test_logout_behind_the_pool_is_recovered(hsm_token):
+    token = hsm_token.token
     ref = _token_key(token)
     expected = ops.hmac_sha256(token, ref, b"data")
     with token.anchor() as anchor:
         assert token.module.raw.logout(anchor.session.handle) == 0
     before = token.recoveries
+    if hsm_token.backend == "nss":
+        # NSS softokn 3.87 answers C_Sign on the now-hidden private key with CKR_KEY_SIZE_RANGE,
+        # not CKR_USER_NOT_LOGGED_IN, so the layer cannot tell a lost login: not recovered (the
+        # claim K7 says so). Asserted, so a layer that learns it turns this red.
+        with pytest.raises(HsmError) as err:
+            ops.hmac_sha256(token, ref, b"data")
+        assert err.value.ckr == "CKR_KEY_SIZE_RANGE" and token.recoveries == before
+        # Leave the shared token logged in: a C_CloseAllSessions is recovered (test above).
+        assert token.module.raw.close_all_sessions(token.slot_id) == 0
+        assert ops.hmac_sha256(token, ref, b"data") == expected
+        return
     assert ops.hmac_sha256(token, ref, b"data") == expected
     assert token.recoveries == before + 1
 
 
-def test_stale_idle_session_is_validated_before_reuse(softhsm_token):
-    token = softhsm_token.token
+def test_stale_idle_session_is_validated_before_reuse(hsm_token):
+    token = hsm_token.token
     ref = _token_key(token)
     ops.hmac_sha256(token, ref, b"x")
+    old = token.validate_after
     token.validate_after = 0.0  # every reuse now goes through C_GetSessionInfo
-    for handle in _idle_handles(token):
-        token.module.raw.close_session(handle)
-    before = token.recoveries
-    assert len(ops.hmac_sha256(token, ref, b"x")) == 32
-    assert token.recoveries == before  # caught by validation, not by a failed operation
+    try:
+        for handle in _idle_handles(token):
+            token.module.raw.close_session(handle)
+        before = token.recoveries
+        assert len(ops.hmac_sha256(token, ref, b"x")) == 32
+        assert token.recoveries == before  # caught by validation, not by a failed operation
+    finally:
+        token.validate_after = old
 
 
 def test_wrong_pin_names_the_code_and_hides_the_pin(softhsm_token_factory, caplog):
@@ -130,18 +151,14 @@ def test_oaep_sha256_is_refused_on_softhsm_and_sha1_is_chosen(softhsm_token):
     assert prof.aes_kwp == 0x210A and prof.aes_wrap_choice()[0] == "AES_KEY_WRAP_KWP"
 
 
-def test_a_warm_pool_of_dead_sessions_recovers_in_one_call(softhsm_token):
+def test_a_warm_pool_of_dead_sessions_recovers_in_one_call(hsm_token):
     import threading
-    token = softhsm_token.token
+    token = hsm_token.token
     ref = _token_key(token, "warm-mac")
     expected = ops.hmac_sha256(token, ref, b"x")
-    barrier = threading.Barrier(token.pool_size)
-    threads = [threading.Thread(target=lambda: token.run(
-        "hold", lambda lease: barrier.wait(5))) for _ in range(token.pool_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    barrier = threading.Barrier(token.pool_size, timeout=5)
+    run_threads(token.pool_size, lambda i: token.run("hold", lambda lease: barrier.wait()),
+                timeout=30)  # each held a session at once: a warm pool, and none failed
     assert len(_idle_handles(token)) == token.pool_size  # a warm pool
     assert token.module.raw.close_all_sessions(token.slot_id) == 0
     assert ops.hmac_sha256(token, ref, b"x") == expected  # not SessionLost after N retries

@@ -8,8 +8,6 @@ import hashlib
 import hmac
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 from cryptography import x509 as cx509
@@ -23,18 +21,15 @@ from kms.errors import KmsError, PolicyViolation, RateLimited, UnknownTenant
 from kms.policy import DAY, HOUR
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
-from tests.ceremony_kit import make_kit
-from tests.test_kms_ekm import _assert_absent, _Provider
-from tests.test_kms_service import Clock, _config
+from tests.ceremony_kit import kit_fixture
+from tests.helpers import assert_secrets_absent
+from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("byok")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu",))
+kit = kit_fixture("byok", regions=("eu",))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def node(kit, tmp_path_factory):
     """One node for the module: the BYOK key pairs (RSA-4096, slow) live in its token."""
     release = kit.run_release()
     tmp = tmp_path_factory.mktemp("byok-node")
-    kms = Kms(_config(kit, tmp, release.output_dir), pin=kit.regionals["eu"].user_pin,
+    kms = Kms(kms_config(kit, tmp, release.output_dir), pin=kit.regionals["eu"].user_pin,
               clock=Clock())
     kms.start()
     kms.tmp = tmp
@@ -105,7 +100,7 @@ def test_seed_upload_secret_stays_in_the_hsm_and_serves_deks(node, tmp_path):
     assert sdk.decrypt("acme", blob) == b"seeded"
     version, mode, dek = node.dek_for_encrypt("acme")
     backup = node.export_backup("acme", tmp_path / "acme.json")
-    _assert_absent([secret, dek, node._pin.reveal().encode()],
+    assert_secrets_absent([secret, dek, node._pin.reveal().encode()],
                    [node.config.store.removeprefix("sqlite:///"), backup])
 
 
@@ -116,7 +111,7 @@ def test_dek_upload_is_the_customers_dek(node, tmp_path):
     row = byok.upload(node, "acme", "field", s, h, derivation="NONE")
     assert row.derivation == "NONE"
     blob = FieldEncryptor(node).encrypt("acme", b"customer's own key")
-    assert FieldEncryptor(_Provider(dek)).decrypt("acme", blob) == b"customer's own key"
+    assert FieldEncryptor(CustomerDek(dek)).decrypt("acme", blob) == b"customer's own key"
     # Destroy: crypto-shredded, the cached DEK invalidated.
     node.destroy("acme", "field", row.version)
     with pytest.raises(KmsError, match="key destroyed"):
@@ -233,8 +228,7 @@ def test_cli_byok_flow(kit, node, tmp_path):
 
     def kms(*args, config=True):
         pre = ["--config", str(node.config.path)] if config else []
-        return subprocess.run([sys.executable, "-m", "kms", *pre, *args], capture_output=True,
-                              text=True, env=env, stdin=subprocess.DEVNULL, timeout=120)
+        return run_cli("kms", *pre, *args, env=env)
     # The customer side needs no configuration and no HSM.
     out = tmp_path / "cust"
     w = kms("byok", "wrap", "--cert", str(node.certs[("acme", "dek")]), "--generate", "--out",

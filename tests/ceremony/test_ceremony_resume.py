@@ -25,7 +25,7 @@ from ceremony import runner
 from ceremony.transcript import FILE, SIGNATURE_FILE, Transcript, load
 from hsm import export
 from hsm.token import Token
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +46,7 @@ def _checkpoint_id(checkpoint: str) -> str:
     return checkpoint.replace(":", "-")  # before-generate-kdf-seed, after-op-export-eu
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ceremony-resume")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=REGIONS)
+kit = kit_fixture("ceremony-resume", regions=REGIONS)
 
 
 def _environ(kit, kill_at: str | None = None) -> dict:

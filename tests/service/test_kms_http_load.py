@@ -13,6 +13,7 @@ import pytest
 
 from kms.client import KmsClient
 from kms.errors import KeyDestroyed
+from tests.helpers import run_threads
 
 THREADS = 16
 OPS_PER_THREAD = 120
@@ -86,11 +87,7 @@ def test_16_threads_of_mixed_operations_against_2_workers(service_kit, two_worke
         finally:
             data.close()
             adm.close()
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(TIME_BOUND_S + 120)
+    run_threads(THREADS, worker, timeout=TIME_BOUND_S + 120)  # bounded; re-raises what escaped
     assert errors == []
     assert sum(counts.values()) >= THREADS * 20, counts
     assert set(counts) == {"decrypt", "encrypt", "fragment", "admin"}, counts

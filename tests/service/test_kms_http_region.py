@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from kms.client import KmsClient, Unavailable
+from kms.client import KmsClient, ServiceError, Unavailable
 from kms.errors import KeyDestroyed
+from tests.helpers import start_threads
 
 BOUND_S = 60.0   # every wait below polls up to this and then fails; none asserts a latency
 
@@ -76,8 +77,10 @@ def test_a_rotation_on_a_reaches_b_through_the_store(service_kit, region):
     admin = _client(service_kit, [a.url], "admin")
     admin.create_tenant("cross-rot", secret=False)
     on_b = _client(service_kit, [b.url])
-    with pytest.raises(Exception):
-        on_b.dek_for_encrypt("cross-rot")
+    with pytest.raises(ServiceError, match="has no usable field secret") as info:
+        on_b.dek_for_encrypt("cross-rot")  # no version yet: 409 conflict, not a retry
+    assert type(info.value) is ServiceError
+    assert (info.value.status, info.value.code) == (409, "conflict")
     assert admin.rotate("cross-rot")["version"] == 1
     assert on_b.dek_for_encrypt("cross-rot")[0] == 1
 
@@ -97,10 +100,7 @@ def _load(kit, urls, orgs, expected, stop, results, threads=4):
             except Exception as exc:  # noqa: BLE001
                 results.append(f"error {type(exc).__name__}: {exc}")
         c.close()
-    ths = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
-    for th in ths:
-        th.start()
-    return ths
+    return start_threads(threads, run)  # .join() re-raises a reader's own failure
 
 
 def _expected(service_kit, node, orgs):
@@ -127,8 +127,7 @@ def test_kill_9_of_one_node_under_load_the_client_fails_over_with_no_wrong_answe
         at_kill = len(results)
         _wait(lambda: len(results) >= at_kill + 200, "200 answers after the kill")
         stop.set()
-        for th in ths:
-            th.join(60)
+        ths.join(60)
         assert [r for r in results if r != "ok"] == []
     finally:
         a.kill()
@@ -154,8 +153,7 @@ def test_postgresql_restart_under_load_nodes_recover_and_keep_every_commit(
         _wait(lambda n=n: n.call("GET", "/readyz")[0] == 200, "node ready after the restart")
     _wait(lambda: results[at_restart:].count("ok") >= 200, "200 good answers after")
     stop.set()
-    for th in ths:
-        th.join(60)
+    ths.join(60)
     assert [r for r in results if r not in ("ok", "unavailable")] == []
     assert results[-50:] == ["ok"] * 50
     # every change committed before the restart is there, on both nodes, and new ones commit

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from ceremony import approvals, environment, runner
 from ceremony import plan as plans
 from ceremony.errors import PlanError
 from hsm import fingerprint as fp
+from tests.ceremony_kit import ceremony_without_pins as ceremony
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),
             ("carol", "crypto-officer"), ("wendy", "witness"))
@@ -646,11 +644,6 @@ def test_environment_non_utf8_file_is_a_plan_error(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- CLI
-def ceremony(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HSM_PIN", "HSM_SO_PIN")}
-    return subprocess.run([sys.executable, "-m", "ceremony", *map(str, args)],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          cwd=cwd, env=env, timeout=120, check=False)
 
 
 def with_input_files(p: plans.Plan) -> plans.Plan:

@@ -17,10 +17,12 @@ import random
 import threading
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kms import policy
 from kms.cache import KeyCache, _aad
+from tests.helpers import run_threads
 
 HOUR = 3600.0
 
@@ -194,7 +196,7 @@ def test_explicit_flush_bumps_epoch_and_drops_everything(cache, source):
     cache.put("org-a", F1, dek_for("org-a", F1))
     assert source.calls[-1] == ("org-a", 1)
     # The new epoch's cache key cannot open the old epoch's ciphertext.
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidTag):
         cache._ciphers["org-a"].decrypt(old_entry[0], old_entry[1], _aad("org-a", F1))
 
 
@@ -396,41 +398,40 @@ def test_nothing_touches_the_filesystem(source, clock, monkeypatch):
 
 # --------------------------------------------------------------------------- threads
 def test_sixteen_threads(source, clock):
+    """16 threads of gets, puts and invalidations, while thread 0 flushes the whole cache every
+    300 of its operations (5 flushes, each racing the other 15 threads)."""
     c = KeyCache(source, max_entries=64, clock=clock)
     orgs = [f"org-{i}" for i in range(8)]
     ids = [("field", v, None) for v in range(1, 6)] + [("database", 1, f"f{i}") for i in range(5)]
-    per_thread = 1500
+    per_thread, flush_every = 1500, 300
     gets = [0] * 16
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(16)
+    flushed = []
+    barrier = threading.Barrier(16, timeout=60)
 
     def work(n: int) -> None:
         rng = random.Random(n)
-        try:
-            barrier.wait()
-            for i in range(per_thread):
-                org, key_id = rng.choice(orgs), rng.choice(ids)
-                r = rng.random()
-                if r < 0.55:
-                    got = c.get(org, key_id)
-                    gets[n] += 1
-                    if got is not None and got != dek_for(org, key_id):
-                        raise AssertionError(f"wrong DEK for {org} {key_id}")
-                elif r < 0.97:
-                    c.put(org, key_id, dek_for(org, key_id))
-                elif r < 0.99:
-                    c.invalidate(org, key_id[0] if rng.random() < 0.5 else None)
-                elif n == 0 and i % 300 == 0:
-                    c.flush()
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        barrier.wait()
+        for i in range(per_thread):
+            if n == 0 and i % flush_every == flush_every // 2:
+                c.flush()
+                flushed.append(i)
+                continue
+            org, key_id = rng.choice(orgs), rng.choice(ids)
+            r = rng.random()
+            if r < 0.55:
+                got = c.get(org, key_id)
+                gets[n] += 1
+                if got is not None and got != dek_for(org, key_id):
+                    raise AssertionError(f"wrong DEK for {org} {key_id}")
+            elif r < 0.97:
+                c.put(org, key_id, dek_for(org, key_id))
+            elif r < 0.99:
+                c.invalidate(org, key_id[0] if rng.random() < 0.5 else None)
 
-    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_threads(16, work)  # re-raises every thread's error (a wrong DEK included)
+    # The flush branch really ran, concurrently with the others: 5 flushes, 5 epochs.
+    assert flushed == [150, 450, 750, 1050, 1350]
+    assert c.stats()["flushes"] == 5 and c.stats()["epoch"] == 5
     s = c.stats()
     assert s["hits"] + s["misses"] == sum(gets)
     assert s["hits"] > 0 and s["evictions"] > 0

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hsm import fingerprint as fp
 from hsm.testing import TestToken, new_softhsm_token
+from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm
 
 pytestmark = pytest.mark.slow
 
@@ -32,33 +31,8 @@ KWP_0x210A = 0x210A  # SoftHSM2 implements RFC 5649 under CKM_AES_KEY_WRAP_PAD
 
 
 # ----------------------------------------------------------------------------- helpers
-def run_hsm(tt: TestToken, *args: str, env: dict | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HSM_")}
-    full_env.update(tt.env)
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "hsm", *args], env=full_env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 def pin_env(tt: TestToken) -> dict:
     return {"HSM_PIN": tt.user_pin.reveal()}
-
-
-def assert_no_secrets(result: subprocess.CompletedProcess, *secret_values: str) -> None:
-    for value in secret_values:
-        assert value not in result.stdout, "a PIN appeared on stdout"
-        assert value not in result.stderr, "a PIN appeared on stderr"
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode != 0, result.stdout
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    assert lines[0].startswith("hsm: error:"), lines[0]
-    return lines[0]
 
 
 def objects_on(tt: TestToken) -> list[dict]:

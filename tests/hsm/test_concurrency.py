@@ -1,8 +1,10 @@
-"""Threads and processes against one SoftHSM2 token: the reason the layer pre-initialises the
-module with CKF_OS_LOCKING_OK (python-pkcs11's C_Initialize(NULL) crashes here)."""
+"""Threads and processes against one token, on each backend (SoftHSM2 and NSS softokn, via the
+plugin's ``hsm_token``): the reason the layer pre-initialises the module with CKF_OS_LOCKING_OK
+(python-pkcs11's C_Initialize(NULL) crashes here), and forked children re-initialise it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -11,6 +13,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from hsm import ops
 from hsm.testing import unique_label
 from hsm.token import KeyRef
+from tests.helpers import run_threads, start_threads
 
 THREADS = 16
 ROUNDS = 60
@@ -34,10 +37,9 @@ def test_sixteen_threads_of_mixed_operations_make_no_error(hsm_token):
     expected_block = token.run("ecb", lambda lease: lease.key(payload).encrypt(
         bytes(16), mechanism=Mechanism.AES_ECB))
 
-    errors: list[BaseException] = []
     counts = {"mac": 0, "wrap": 0, "unwrap": 0, "keygen": 0}
     lock = threading.Lock()
-    start = threading.Barrier(THREADS)
+    start = threading.Barrier(THREADS, timeout=60)
 
     def unwrap_and_check(lease):
         obj = lease.key(kek).unwrap_key(ObjectClass.SECRET_KEY, KeyType.AES, wrapped.data,
@@ -59,37 +61,28 @@ def test_sixteen_threads_of_mixed_operations_make_no_error(hsm_token):
             obj.destroy()
 
     def worker(n: int) -> None:
-        try:
-            start.wait()
-            for i in range(ROUNDS):
-                kind = (n + i) % 4
-                if kind == 0:
-                    assert ops.hmac_sha256(token, mac, b"message") == expected_mac
-                    key = "mac"
-                elif kind == 1:
-                    again = ops.aes_wrap(token, kek, payload)
-                    # KWP is deterministic: the same key under the same KEK wraps identically.
-                    assert again.data == wrapped.data
-                    key = "wrap"
-                elif kind == 2:
-                    # The unwrapped copy is the same key: same AES-ECB block as the original.
-                    assert token.run("unwrap", unwrap_and_check) == expected_block
-                    key = "unwrap"
-                else:
-                    assert token.run("keygen", keygen)
-                    key = "keygen"
-                with lock:
-                    counts[key] += 1
-        except BaseException as exc:  # collected, not swallowed: asserted below
-            errors.append(exc)
+        start.wait()
+        for i in range(ROUNDS):
+            kind = (n + i) % 4
+            if kind == 0:
+                assert ops.hmac_sha256(token, mac, b"message") == expected_mac
+                key = "mac"
+            elif kind == 1:
+                again = ops.aes_wrap(token, kek, payload)
+                # KWP is deterministic: the same key under the same KEK wraps identically.
+                assert again.data == wrapped.data
+                key = "wrap"
+            elif kind == 2:
+                # The unwrapped copy is the same key: same AES-ECB block as the original.
+                assert token.run("unwrap", unwrap_and_check) == expected_block
+                key = "unwrap"
+            else:
+                assert token.run("keygen", keygen)
+                key = "keygen"
+            with lock:
+                counts[key] += 1
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    run_threads(THREADS, worker, timeout=300)  # none left running; every error re-raised
     assert sum(counts.values()) == THREADS * ROUNDS
     assert all(v == THREADS * ROUNDS // 4 for v in counts.values())
     stats = token.stats()
@@ -100,42 +93,57 @@ def test_sixteen_threads_of_mixed_operations_make_no_error(hsm_token):
     assert remaining == before
 
 
-def test_pool_is_bounded_and_waiters_are_served(softhsm_token):
-    token = softhsm_token.token
-    token.pool_size = 2
-    inside = []
-    peak = []
-    lock = threading.Lock()
-    release = threading.Event()
+def test_pool_is_bounded_and_waiters_are_served(hsm_token):
+    token = hsm_token.token
+    with _pool_of(token, 2):
+        inside = []
+        peak = []
+        lock = threading.Lock()
+        release = threading.Event()
 
-    def hold(lease):
-        with lock:
-            inside.append(1)
-            peak.append(len(inside))
-        release.wait(5)
-        with lock:
-            inside.pop()
-        return lease.session.handle
+        def hold(lease):
+            with lock:
+                inside.append(1)
+                peak.append(len(inside))
+            release.wait(5)
+            with lock:
+                inside.pop()
+            return lease.session.handle
 
-    threads = [threading.Thread(target=token.run, args=("hold", hold)) for _ in range(6)]
-    for t in threads:
-        t.start()
-    threading.Timer(0.3, release.set).start()
-    for t in threads:
-        t.join(timeout=30)
-    assert max(peak) == 2 and len(peak) == 6
-    assert token.stats()["open_sessions"] == 2
+        holding = start_threads(6, lambda i: token.run("hold", hold))
+        threading.Timer(0.3, release.set).start()
+        handles = holding.join(30)  # every waiter was served, none failed
+        assert max(peak) == 2 and len(peak) == 6
+        assert len(set(handles)) <= 2  # six holds, on the pool's two sessions
+        assert token.stats()["open_sessions"] == 2
 
 
-def test_forked_child_reinitialises_and_uses_the_token(softhsm_token):
-    token = softhsm_token.token
+@contextlib.contextmanager
+def _pool_of(token, size: int):
+    """The token with an empty pool bounded to ``size`` worker sessions, then its old bound (the
+    NSS token is the session's shared one, with the idle sessions earlier tests left)."""
+    old = token.pool_size
+    while token._idle:  # nobody holds a lease now: close the idle ones, as a dead one would be
+        token._discard(token._idle.pop())
+    assert token.stats()["open_sessions"] == 0
+    token.pool_size = size
+    try:
+        yield token
+    finally:
+        token.pool_size = old
+
+
+def test_forked_child_reinitialises_and_uses_the_token(hsm_token):
+    token = hsm_token.token
     # A token object survives the child's re-initialisation; session objects would not.
+    label = unique_label("fork-mac")
     with token.anchor() as anchor:
-        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="fork-mac", store=True,
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
                                     capabilities=MechanismFlag.SIGN,
                                     template={Attribute.SENSITIVE: True,
                                               Attribute.EXTRACTABLE: False})
-    ref = KeyRef("fork-mac", ObjectClass.SECRET_KEY)
+    ref = KeyRef(label, ObjectClass.SECRET_KEY)
+    recoveries = token.stats()["recoveries"]
     parent_mac = ops.hmac_sha256(token, ref, b"from the parent")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
@@ -145,7 +153,7 @@ def test_forked_child_reinitialises_and_uses_the_token(softhsm_token):
             os.close(read_fd)
             child_mac = ops.hmac_sha256(token, ref, b"from the parent")
             os.write(write_fd, child_mac)
-            status = 0 if token.stats()["recoveries"] == 0 else 2
+            status = 0 if token.stats()["recoveries"] == recoveries else 2
         finally:
             os._exit(status)
     os.close(write_fd)
@@ -156,18 +164,19 @@ def test_forked_child_reinitialises_and_uses_the_token(softhsm_token):
     assert child_mac == parent_mac
     # The parent's pool and login are untouched by whatever the child did.
     assert ops.hmac_sha256(token, ref, b"from the parent") == parent_mac
-    assert token.stats()["recoveries"] == 0
+    assert token.stats()["recoveries"] == recoveries
 
 
-def test_forked_children_in_parallel(softhsm_token):
+def test_forked_children_in_parallel(hsm_token):
     """Several forked workers, each initialising its own module copy, all succeed."""
     import multiprocessing
 
-    token = softhsm_token.token
+    token = hsm_token.token
+    label = unique_label("pool-mac")
     with token.anchor() as anchor:
-        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="pool-mac", store=True,
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label=label, store=True,
                                     capabilities=MechanismFlag.SIGN)
-    ref = KeyRef("pool-mac", ObjectClass.SECRET_KEY)
+    ref = KeyRef(label, ObjectClass.SECRET_KEY)
     expected = ops.hmac_sha256(token, ref, b"x")
     ctx = multiprocessing.get_context("fork")
     _INHERITED["token"] = token  # a Token holds ctypes handles: inherited by fork, not pickled
@@ -186,18 +195,19 @@ def _child_mac(ref):
     return ops.hmac_sha256(_INHERITED["token"], ref, b"x")
 
 
-def test_a_forked_child_cannot_open_the_token_with_a_wrong_pin(softhsm_token):
+def test_a_forked_child_cannot_open_the_token_with_a_wrong_pin(hsm_token):
     from hsm.errors import PinError
     from hsm.pin import Pin
     from hsm.token import Token
-    token = softhsm_token.token
+    token = hsm_token.token
     ops.hmac_sha256(token, _make_token_key(token), b"x")
     pid = os.fork()
     if pid == 0:
         status = 1
         try:
             try:
-                Token.open(softhsm_token.label, pin=Pin("definitely-wrong"))
+                Token.open(hsm_token.label, module=hsm_token.module_path,
+                           parameters=hsm_token.parameters, pin=Pin("definitely-wrong"))
                 status = 3  # accepted: the bug
             except PinError:
                 status = 0
@@ -208,7 +218,8 @@ def test_a_forked_child_cannot_open_the_token_with_a_wrong_pin(softhsm_token):
 
 
 def _make_token_key(token):
+    label = unique_label("fork-pin-mac")
     with token.anchor() as anchor:
-        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label="fork-pin-mac",
+        anchor.session.generate_key(KeyType.GENERIC_SECRET, 256, label=label,
                                     store=True, capabilities=MechanismFlag.SIGN)
-    return KeyRef("fork-pin-mac", ObjectClass.SECRET_KEY)
+    return KeyRef(label, ObjectClass.SECRET_KEY)

@@ -13,7 +13,6 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pkcs11
@@ -30,6 +29,7 @@ from hsm.errors import HsmError, ModuleLoadError, PinError
 from hsm.pin import Pin
 from hsm.testing import TestToken, require_mechanism, unique_label
 from hsm.token import KeyRef, Lease, Token
+from tests.helpers import run_threads
 
 OAEP_SHA256 = (Mechanism.SHA256, MGF.SHA256, None)
 WRAP_CAPS = (MechanismFlag.WRAP | MechanismFlag.UNWRAP | MechanismFlag.ENCRYPT
@@ -86,6 +86,7 @@ from hsm import module as modules, nss
 from hsm.errors import PinError
 from hsm.pin import Pin
 from hsm.token import Token, find_token
+from tests.helpers import run_threads
 
 params, out = sys.argv[1], {}
 mod = modules.load(nss.MODULE_PATH, params)
@@ -340,18 +341,9 @@ class TestNssQuirks:
             mac = key.sign(b"m", mechanism=Mechanism.SHA256_HMAC)
             return key.verify(b"n", mac, mechanism=Mechanism.SHA256_HMAC)
 
-        outcome: list[BaseException | bool] = []
-
-        def in_fresh_thread() -> None:
-            try:
-                outcome.append(nss_token.token.run("C_Verify", op))
-            except HsmError as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=in_fresh_thread)
-        thread.start()
-        thread.join()
-        assert isinstance(outcome[0], HsmError) and outcome[0].ckr == "CKR_DEVICE_ERROR"
+        with pytest.raises(HsmError) as raised:  # re-raised from the fresh thread
+            run_threads(1, lambda i: nss_token.token.run("C_Verify", op))
+        assert raised.value.ckr == "CKR_DEVICE_ERROR"
 
 
 # ------------------------------------------------------------------ both backends

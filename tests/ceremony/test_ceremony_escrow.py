@@ -15,14 +15,10 @@ from release.certificates import load as load_cert
 from hsm import ops
 from hsm.token import Token
 from kms import importer
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("escrow")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu", "ap"))
+kit = kit_fixture("escrow", regions=("eu", "ap"))
 
 
 @pytest.fixture(scope="module")

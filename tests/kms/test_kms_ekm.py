@@ -13,8 +13,6 @@ import base64
 import dataclasses
 import json
 import sqlite3
-import subprocess
-import sys
 
 import boto3
 import pytest
@@ -24,17 +22,15 @@ from kms.errors import CorruptRecord, KmsError
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
 from tests import localtls
-from tests.ceremony_kit import make_kit
-from tests.test_kms_service import Clock, _config
+from tests.ceremony_kit import kit_fixture
+from tests.helpers import assert_secrets_absent
+from tests.kms_kit import Clock, CustomerDek, kms_config
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ekm")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu",))
+kit = kit_fixture("ekm", regions=("eu",))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def aws(tmp_path_factory):
 
 @pytest.fixture
 def node(kit, release, tmp_path):
-    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
+    kms = Kms(kms_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
               clock=Clock())
     kms.start()
     yield kms
@@ -80,18 +76,6 @@ def _customer_dek(client, org, row, descriptor) -> bytes:
                           KeyId=descriptor["key_id"],
                           EncryptionContext=ekm.context(org, row.key_type, row.version))[
         "Plaintext"]
-
-
-class _Provider:
-    """The SDK fed with a DEK the customer supplied: decryption outside the KMS."""
-    def __init__(self, dek):
-        self.dek = dek
-
-    def dek_for_decrypt(self, org_id, key_type, version):
-        return self.dek
-
-    def dek_for_encrypt(self, org_id, key_type):
-        raise AssertionError("decrypt only")
 
 
 def test_policy_document_is_least_privilege():
@@ -121,7 +105,7 @@ def test_ekm_end_to_end_dek_is_the_customers(node, aws, kit, release, tmp_path):
     sdk = FieldEncryptor(node)
     blob = sdk.encrypt("ekm-acme", b"card 4111")
     dek = _customer_dek(client, "ekm-acme", row, descriptor)
-    assert FieldEncryptor(_Provider(dek)).decrypt("ekm-acme", blob) == b"card 4111"
+    assert FieldEncryptor(CustomerDek(dek)).decrypt("ekm-acme", blob) == b"card 4111"
     # A cache miss on a fresh node: Decrypt in AWS with the same context.
     node.cache.flush()
     assert sdk.decrypt("ekm-acme", blob) == b"card 4111"
@@ -139,16 +123,8 @@ def test_ekm_end_to_end_dek_is_the_customers(node, aws, kit, release, tmp_path):
     backup = node.export_backup("ekm-acme", tmp_path / "ekm-acme.json")
     # Nothing of either DEK in the store or the backup.
     dek2 = _customer_dek(client, "ekm-acme", row2, _descriptor(node, row2))
-    _assert_absent([dek, dek2, node._pin.reveal().encode()],
+    assert_secrets_absent([dek, dek2, node._pin.reveal().encode()],
                    [node.config.store.removeprefix("sqlite:///"), backup])
-
-
-def _assert_absent(secrets: list[bytes], paths) -> None:
-    for path in paths:
-        data = open(path, "rb").read()
-        for s in secrets:
-            for form in (s, s.hex().encode(), base64.b64encode(s), base64.urlsafe_b64encode(s)):
-                assert form not in data, f"secret material found in {path}"
 
 
 def test_context_and_key_are_enforced_by_aws(node, aws):
@@ -225,13 +201,11 @@ def test_no_credentials_and_unregistered_orgs(node, aws, monkeypatch):
 
 def test_cli_ekm_flow(kit, release, aws, tmp_path):
     url, pki, client, _ = aws
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     env = {**kit.environ(), **localtls.AWS_ENV, "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
-                              timeout=120)
+        return run_cli("kms", "--config", cfg.path, *args, env=env)
     arn = client.create_key()["KeyMetadata"]["Arn"]
     out = kms("ekm", "policy", "--org", "cli-ekm", "--principal",
               "arn:aws:iam::123456789012:role/kms-eu", "--key-arn", arn)
@@ -255,9 +229,7 @@ def test_cli_ekm_flow(kit, release, aws, tmp_path):
     assert "REMOTE   NONE" in lst.stdout
     # AWS unreachable from the CLI: one line, exit 2, no traceback.
     env_down = {**env, "AWS_CA_BUNDLE": "/nonexistent"}
-    kms_down = subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), "ekm",
-                               "add", "--org", "cli-ekm", "--key-id", "not-an-arn"],
-                              capture_output=True, text=True, env=env_down,
-                              stdin=subprocess.DEVNULL, timeout=120)
+    kms_down = run_cli("kms", "--config", cfg.path, "ekm", "add", "--org", "cli-ekm",
+                       "--key-id", "not-an-arn", env=env_down)
     assert kms_down.returncode == 2 and "not an AWS KMS key ARN" in kms_down.stderr
     assert "Traceback" not in kms_down.stderr

@@ -31,15 +31,12 @@ from ceremony.errors import VerificationError
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import SIGNATURE_FILE, canonical, record_hash
 from ceremony.verify import verify_directory
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
 
 _release = itertools.count(7000)
 
 
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("ceremony-verify")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix))
+kit = kit_fixture("ceremony-verify")
 
 
 def _closed(kit) -> plans.Plan:

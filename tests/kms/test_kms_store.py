@@ -45,8 +45,9 @@ from kms.store import (
     load_migrations,
     utc_iso,
 )
+from tests.helpers import run_threads
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0          # 2027-01-15T08:00:00Z
 H, D = policy.HOUR, policy.DAY
 SHA = "ab" * 32
@@ -115,21 +116,10 @@ def test_open_migrates_once_and_reopens(store_url):
 
 
 def test_concurrent_first_open_applies_each_migration_once(store_url):
-    errors, stores = [], []
-
-    def opener():
-        try:
-            stores.append(Store.open(store_url))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=opener) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    stores = run_threads(6, lambda i: Store.open(store_url))  # re-raises any thread's error
     for s in stores:
         s.close()
-    assert errors == []
+    assert len(stores) == 6 and all(isinstance(s, Store) for s in stores)
     assert raw(store_url, "SELECT COUNT(*) FROM schema_migrations") == [(N_MIGRATIONS,)]
 
 
@@ -700,11 +690,7 @@ def _race(store: Store, spec: dict) -> dict:
                 with lock:
                     res["ok"].append(row.version)
                 break
-    threads = [threading.Thread(target=run) for _ in range(spec["threads"])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(spec["threads"], lambda i: run())  # a thread's error fails the worker
     return res
 
 
@@ -714,7 +700,7 @@ def _spawn(spec: dict, *, kill_at: str | None = None) -> subprocess.Popen:
     if kill_at:
         env[KILL_ENV] = kill_at
     return subprocess.Popen(
-        [sys.executable, "-c", "from tests.test_kms_store import _worker_main; _worker_main()",
+        [sys.executable, "-c", "from tests.kms.test_kms_store import _worker_main; _worker_main()",
          json.dumps(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 
@@ -793,22 +779,14 @@ def test_same_instant_rate_limited_calls_let_exactly_one_through(store, store_ur
 def test_pool_smaller_than_thread_count(store_url):
     with Store.open(store_url, pool_size=2) as s:
         s.create_org("sbx", "sandbox")
-        errors = []
 
         def work(i):
-            try:
-                for j in range(5):
-                    s.orgs()
-                    s.active("sbx", "field", now=T0)
-                    s.record_release(f"r{i}.{j}", "c", SHA, T0)
-            except Exception as exc:  # pragma: no cover
-                errors.append(exc)
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert errors == [] and len(s.releases()) == 40
+            for j in range(5):
+                s.orgs()
+                s.active("sbx", "field", now=T0)
+                s.record_release(f"r{i}.{j}", "c", SHA, T0)
+        run_threads(8, work)  # re-raises every thread's error
+        assert len(s.releases()) == 40
 
 
 def test_forked_child_reconnects_and_parent_keeps_its_connections(store):
@@ -957,16 +935,12 @@ def test_postgresql_connections_lost_are_replaced(postgresql_server):
             "WHERE application_name = 'hsm-suite-kms'")
     with Store.open(url, pool_size=4) as s:
         s.create_org("acme", "sandbox")
-        barrier = threading.Barrier(4)
+        barrier = threading.Barrier(4, timeout=60)
 
-        def hold():  # put four connections in the pool
+        def hold(i):  # put four connections in the pool
             with s.db.lease():
                 barrier.wait()
-        threads = [threading.Thread(target=hold) for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(4, hold)
         assert len(raw(url, kill)) == 4
         assert s.orgs() == [("acme", "sandbox")]
         raw(url, kill)

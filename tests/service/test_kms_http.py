@@ -9,8 +9,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +18,7 @@ from kms import config as configs
 from kms.errors import ConfigError
 from kms.server import audit
 from tests.service_kit import ACME_ID, DATA_ID
+from tests.helpers import run_cli, start_threads
 
 
 @pytest.fixture(scope="module")
@@ -317,9 +316,7 @@ def test_service_section_is_strict(service_kit, tmp_path):
         bad.write_text(body)
         with pytest.raises(ConfigError):
             configs.load(bad)
-        proc = subprocess.run([sys.executable, "-m", "kms", "--config", str(bad), "serve"],
-                              capture_output=True, text=True, timeout=60,
-                              stdin=subprocess.DEVNULL)
+        proc = run_cli("kms", "--config", bad, "serve", timeout=60)
         assert proc.returncode == 2, (why, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
@@ -364,22 +361,19 @@ def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verif
                                            "pbkdf2_iterations = 20000"))
     n = service_kit.start(cfg)
     _org(n, "drain")
-    results, started = [], threading.Barrier(9)
+    results, started = [], threading.Barrier(9, timeout=60)
 
     def fetch(i):
         started.wait()
         results.append(_dek(n, "drain", purpose="decrypt", version=1, fragment=f"f{i}"))
-    threads = [threading.Thread(target=fetch, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
+    fetching = start_threads(8, fetch)
     started.wait()
     deadline = time.monotonic() + 30
     while _metric(n, "kms_http_inflight") < 8:
-        assert time.monotonic() < deadline and all(t.is_alive() for t in threads)
+        assert time.monotonic() < deadline and all(t.is_alive() for t in fetching.threads)
         time.sleep(0.01)
     n.signal(signal.SIGTERM)
-    for t in threads:
-        t.join(60)
+    fetching.join(60)  # re-raises a fetch that failed
     assert n.proc.wait(60) == 0
     assert [status for status, _ in results] == [200] * 8
     deks = {body["dek"] for _, body in results}
@@ -387,8 +381,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verif
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", n.port), timeout=5).close()
     log = cfg.parent / "audit" / "audit-w0.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "kms", "audit", "verify", str(log)],
-                          capture_output=True, text=True, timeout=60)
+    proc = run_cli("kms", "audit", "verify", log, timeout=60)
     assert proc.returncode == 0 and "chain intact" in proc.stdout, proc.stdout + proc.stderr
     text = log.read_text()
     records = [json.loads(line) for line in text.splitlines()]
@@ -438,8 +431,7 @@ def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_pat
         copy.write_text("".join(changed))
         n, why = audit.verify(copy)
         assert n == k and why.startswith(f"line {k}:"), why
-        proc = subprocess.run([sys.executable, "-m", "kms", "audit", "verify", str(copy)],
-                              capture_output=True, text=True, timeout=60)
+        proc = run_cli("kms", "audit", "verify", copy, timeout=60)
         assert proc.returncode == 1 and f"line {k}" in proc.stdout
 
 
@@ -456,19 +448,16 @@ def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connect
     n = service_kit.start(cfg)
     try:
         _org(n, "limits")
-        slow = []
-        th = threading.Thread(target=lambda: slow.append(
-            _dek(n, "limits", purpose="decrypt", version=1, fragment="slow")))
-        th.start()
+        slow = start_threads(1, lambda i: _dek(n, "limits", purpose="decrypt", version=1,
+                                               fragment="slow"))
         deadline = time.monotonic() + 30
         while _metric(n, "kms_http_inflight") < 1:
-            assert time.monotonic() < deadline and th.is_alive()
+            assert time.monotonic() < deadline and slow.threads[0].is_alive()
             time.sleep(0.01)
         status, body = _dek(n, "limits", purpose="encrypt")
         assert (status, body["error"]) == (503, "overloaded")
         assert n.last_headers["Retry-After"] == "1"
-        th.join(60)
-        assert slow[0][0] == 200
+        assert slow.join(60)[0][0] == 200
         assert _dek(n, "limits", purpose="encrypt")[0] == 200
         # four idle connections held open; the fifth is cut before it can say anything
         ctx = n.tls.context("data")
@@ -512,8 +501,7 @@ def test_max_concurrent_sheds_with_503_and_max_connections_refuses_extra_connect
 
 def test_cli_audit_verify_needs_no_config_and_other_commands_do(tmp_path):
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", *args], capture_output=True,
-                              text=True, timeout=60, stdin=subprocess.DEVNULL)
+        return run_cli("kms", *args, timeout=60)
     proc = kms("audit", "verify", str(tmp_path / "missing.jsonl"))
     assert proc.returncode == 2 and "cannot read audit log" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -529,9 +517,8 @@ def test_cli_audit_verify_needs_no_config_and_other_commands_do(tmp_path):
 def test_a_wrong_pin_stops_serve_with_one_clear_line_and_no_pin(service_kit, workers):
     cfg = service_kit.config()
     env = {**service_kit.env(), "HSM_PIN": "not-the-pin-1234"}
-    proc = subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg), "serve",
-                           "--port", "0", "--workers", str(workers)], capture_output=True,
-                          text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    proc = run_cli("kms", "--config", cfg, "serve", "--port", "0", "--workers", workers,
+                   env=env)
     assert proc.returncode == 2, proc.stderr
     assert "CKR_PIN_INCORRECT" in proc.stderr and "Traceback" not in proc.stderr
     assert "not-the-pin-1234" not in proc.stderr + proc.stdout

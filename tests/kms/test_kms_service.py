@@ -6,35 +6,22 @@ import dataclasses
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 from pkcs11 import Attribute
 
 from ceremony import plan as plans
-from kms import config as configs
-from kms.errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, RateLimited,
-                        ReleaseNotHeld, UnknownTenant)
+from kms.errors import (CorruptRecord, ImportRefused, KeyDestroyed, KmsError, PolicyViolation,
+                        RateLimited, ReleaseNotHeld, UnknownTenant)
 from kms.policy import BACKUP_VALIDITY, DAY, HOUR
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
-from tests.ceremony_kit import make_kit
+from tests.ceremony_kit import kit_fixture
+from tests.kms_kit import Clock, kms_config
+from tests.helpers import run_cli
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1_900_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture(scope="module")
-def kit(tmp_path_factory, softhsm_session_token_factory):
-    root = tmp_path_factory.mktemp("kms")
-    return make_kit(root, lambda prefix: softhsm_session_token_factory(prefix=prefix),
-                    regions=("eu", "us"))
+kit = kit_fixture("kms", regions=("eu", "us"))
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +30,10 @@ def release(kit):
     return kit.run_release()
 
 
-def _config(kit, tmp_path, bundle_dir, region="eu", **extra):
-    lines = {"region": region, "token": kit.regionals[region].label,
-             "primary_certificate": str(kit.pki / f"{kit.primary.label}-signing.pem"),
-             "bundle_dir": str(bundle_dir), "store": str(tmp_path / f"kms-{region}.db"),
-             "pbkdf2_iterations": 50, **extra}
-    path = tmp_path / f"kms-{region}.toml"
-    path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool)
-                            else f"{k} = {str(v).lower()}\n" for k, v in lines.items()))
-    return configs.load(path)
-
-
 @pytest.fixture
 def node(kit, release, tmp_path):
     clock = Clock()
-    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
+    kms = Kms(kms_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin,
               clock=clock)
     kms.start()
     kms.test_clock = clock
@@ -73,7 +49,7 @@ def _token_objects(token) -> int:
 def test_import_holds_the_release_in_session_objects_only(kit, release, tmp_path):
     token = kit.regionals["eu"].token
     before = _token_objects(token)
-    kms = Kms(_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin)
+    kms = Kms(kms_config(kit, tmp_path, release.output_dir), pin=kit.regionals["eu"].user_pin)
     report = kms.start()
     try:
         assert list(report.held) == [release.release] and report.refused == {}
@@ -104,7 +80,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
     assert kit.cli("run", practice_plan, "--env", kit.env_file()).returncode == 0
     practice = next(plans.load(practice_plan).output_dir.glob("bundle-*-eu-PRACTICE.p7"))
     shutil.copy(practice, bundles / practice.name)
-    kms = Kms(_config(kit, tmp_path, bundles), pin=kit.regionals["eu"].user_pin)
+    kms = Kms(kms_config(kit, tmp_path, bundles), pin=kit.regionals["eu"].user_pin)
     report = kms.start()
     try:
         assert list(report.held) == [release.release]
@@ -113,7 +89,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
     finally:
         kms.close()
     # The us node ignores the eu bundle (another region) and holds nothing.
-    us = Kms(_config(kit, tmp_path, bundles, region="us"), pin=kit.regionals["us"].user_pin)
+    us = Kms(kms_config(kit, tmp_path, bundles, region="us"), pin=kit.regionals["us"].user_pin)
     try:
         assert us.start().held == {}
         with pytest.raises(ReleaseNotHeld):
@@ -123,7 +99,7 @@ def test_tampered_practice_and_foreign_bundles_are_refused_the_rest_imported(kit
 
 
 def test_a_replayed_or_conflicting_bundle_for_a_held_release_is_refused(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     from kms.store import Store
     store = Store.open(cfg.store)
     store.record_release(release.release, "an-older-ceremony", "00" * 32, 0.0)
@@ -188,8 +164,9 @@ def test_a_wrapped_secret_copied_to_another_tenant_does_not_unwrap(node):
 def test_database_secrets_wait_24h_and_live_3_months(node):
     node.create_tenant("dbco", "production")
     row = node.generate_secret("dbco", "database")
-    with pytest.raises(Exception, match="no usable database secret"):
+    with pytest.raises(KmsError, match="no usable database secret") as info:
         node.dek_for_encrypt("dbco", "database")
+    assert type(info.value) is KmsError  # what the service raises for it: no subclass
     node.test_clock.now += 24 * HOUR + 1
     version, _, dek_a = node.dek_for_encrypt("dbco", "database", fragment="block-1")
     _, _, dek_b = node.dek_for_encrypt("dbco", "database", fragment="block-2")
@@ -293,7 +270,7 @@ def test_backup_never_revives_a_destroyed_key_here_or_in_another_store(node, tmp
 
 
 def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     first = Kms(cfg, pin=kit.regionals["eu"].user_pin)
     first.start()
     first.create_tenant("persist", "production")
@@ -309,12 +286,11 @@ def test_restart_reimports_and_old_data_still_decrypts(kit, release, tmp_path):
 
 
 def test_cli_import_status_and_errors(kit, release, tmp_path):
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
 
     def kms(*args):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(cfg.path), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        return run_cli("kms", "--config", cfg.path, *args, env=env)
     assert kms("init").returncode == 0
     proc = kms("import")
     assert proc.returncode == 0 and f"imported release {release.release}" in proc.stdout
@@ -335,15 +311,14 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
 
 def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp_path):
     from hsm.pin import token_env
-    cfg = _config(kit, tmp_path, release.output_dir)
+    cfg = kms_config(kit, tmp_path, release.output_dir)
     eu = kit.regionals["eu"]
     # The per-token PIN variable alone is enough (no HSM_PIN): HSM_PIN_<LABEL>.
     env = {k: v for k, v in kit.environ().items() if not k.startswith("HSM_")}
     env[token_env("HSM_PIN", eu.label)] = eu.user_pin.reveal()
 
     def kms(*args, config=cfg.path):
-        return subprocess.run([sys.executable, "-m", "kms", "--config", str(config), *args],
-                              capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        return run_cli("kms", "--config", config, *args, env=env)
 
     def one_line(proc, needle):
         assert proc.returncode != 0, proc.stdout
@@ -361,7 +336,7 @@ def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp
     one_line(kms("tenant", "destroy", "--org", "bad-input"), "needs --version")
     # A bundle directory that does not exist: said so, exit non-zero.
     (tmp_path / "m").mkdir()
-    missing = _config(kit, tmp_path / "m", tmp_path / "no-such-dir")
+    missing = kms_config(kit, tmp_path / "m", tmp_path / "no-such-dir")
     one_line(kms("import", config=missing.path), "does not exist")
     # cache_max_entries = 0 is refused before any store is created.
     zero_dir = tmp_path / "zero"
@@ -370,6 +345,19 @@ def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp
     (zero_dir / "z.toml").write_text(text + "cache_max_entries = 0\n")
     one_line(kms("status", config=zero_dir / "z.toml"), "cache_max_entries must be >= 1")
     assert not (zero_dir / "z.db").exists()
+
+
+def test_import_refused_is_a_kms_error(kit, tmp_path):
+    """A node whose bundle directory is missing refuses to start with ImportRefused, and a
+    caller handling KMS errors catches it as one (whatever KmsError's own base is)."""
+    node = Kms(kms_config(kit, tmp_path, tmp_path / "no-such-dir"),
+               pin=kit.regionals["eu"].user_pin)
+    try:
+        with pytest.raises(KmsError, match="no-such-dir does not exist") as info:
+            node.start()
+        assert type(info.value) is ImportRefused
+    finally:
+        node.close()
 
 
 def test_no_new_wraps_under_an_older_release_when_a_newer_one_is_missing(node):
