@@ -328,7 +328,7 @@ class Token:
 
         ``args`` let hot callers pass a module-level function instead of a fresh closure.
         """
-        stale_retried = False
+        stale_retried = login_retried = False
         for _attempt in range(self.retries + 1):
             lease = self._acquire()
             try:
@@ -354,6 +354,14 @@ class Token:
                 continue
             except pkcs11.PKCS11Error as exc:
                 self._release(lease)
+                # Not every token says USER_NOT_LOGGED_IN when the login was lost behind our
+                # back: NSS softokn 3.87 answers C_Sign on the now-hidden key with
+                # CKR_KEY_SIZE_RANGE. Any failure while the anchor session is no longer logged
+                # in is therefore a lost login: restore it and retry, once.
+                if not login_retried and not self._logged_in():
+                    login_retried = True
+                    self._recover()
+                    continue
                 raise from_pkcs11(exc, operation=operation, token=self.label,
                                   object_label=object_label) from exc
             except BaseException:

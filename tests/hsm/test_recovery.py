@@ -9,7 +9,7 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsm import ops
-from hsm.errors import HsmError, MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
+from hsm.errors import MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
 from hsm.pin import Pin
 from hsm.profile import CKM_RSA_AES_KEY_WRAP
 from hsm.testing import unique_label
@@ -66,17 +66,9 @@ def test_logout_behind_the_pool_is_recovered(hsm_token):
     with token.anchor() as anchor:
         assert token.module.raw.logout(anchor.session.handle) == 0
     before = token.recoveries
-    if hsm_token.backend == "nss":
-        # NSS softokn 3.87 answers C_Sign on the now-hidden private key with CKR_KEY_SIZE_RANGE,
-        # not CKR_USER_NOT_LOGGED_IN, so the layer cannot tell a lost login: not recovered (the
-        # claim K7 says so). Asserted, so a layer that learns it turns this red.
-        with pytest.raises(HsmError) as err:
-            ops.hmac_sha256(token, ref, b"data")
-        assert err.value.ckr == "CKR_KEY_SIZE_RANGE" and token.recoveries == before
-        # Leave the shared token logged in: a C_CloseAllSessions is recovered (test above).
-        assert token.module.raw.close_all_sessions(token.slot_id) == 0
-        assert ops.hmac_sha256(token, ref, b"data") == expected
-        return
+    # SoftHSM2 answers the next C_Sign with an invalid handle, NSS softokn 3.87 with
+    # CKR_KEY_SIZE_RANGE (not CKR_USER_NOT_LOGGED_IN): either way the anchor session is no longer
+    # logged in, so the layer logs in again and the operation succeeds.
     assert ops.hmac_sha256(token, ref, b"data") == expected
     assert token.recoveries == before + 1
 
@@ -151,6 +143,9 @@ def test_oaep_sha256_is_refused_on_softhsm_and_sha1_is_chosen(softhsm_token):
     assert prof.aes_kwp == 0x210A and prof.aes_wrap_choice()[0] == "AES_KEY_WRAP_KWP"
 
 
+# python-pkcs11 0.10's SearchIter.__del__ calls C_FindObjectsFinal on the session that just
+# died, and its exception can only be reported as "unraisable": the layer has already recovered.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_warm_pool_of_dead_sessions_recovers_in_one_call(hsm_token):
     import threading
     token = hsm_token.token
