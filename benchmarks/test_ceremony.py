@@ -57,10 +57,11 @@ from hsm import profile as profiles
 from hsm import token as token_mod
 from hsm.token import Token
 
-from ceremony import approvals, bundle as bundles, certificates as certs
+from ceremony import approvals
 from ceremony import environment, plan as plans, runner as runner_mod
 from ceremony.runner import Runner, recipient_label
 from ceremony.transcript import HEAD_CONTEXT, SIGNATURE_FILE, Transcript
+from release import bundle as bundles, certificates as certs
 
 from _benchlib import Buckets, Interleaved, median, profile_top, ratio, scaled
 
