@@ -8,6 +8,8 @@ import os
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 
@@ -104,6 +106,31 @@ class Report:
         tmp.replace(self.path)
 
 
+def versus(inter: Interleaved, num: str, den: str, target_max: float, *, unit: str = "ms",
+           ratio_key: str = "ratio", extra_key: str | None = None) -> dict:
+    """What a summary of variant ``num`` against its floor ``den`` starts with: the ratio of the
+    pooled medians (``ratio_key``), the median of the per-round ratios, the target and whether it
+    was met, both medians in ``unit`` ("ms" or "us") as ``<variant>_median_<unit>``, and the
+    samples per variant; with ``extra_key``, also the difference of the medians in ``unit``."""
+    scale = {"ms": 1e3, "us": 1e6}[unit]
+    pooled = inter.samples
+    num_med, den_med = median(pooled[num]), median(pooled[den])
+    overall = ratio(num_med, den_med)
+    paired = inter.paired_ratios(num, den)
+    out = {
+        ratio_key: overall,
+        "target_max": target_max,
+        "within_target": overall is not None and overall <= target_max,
+        "paired_round_ratio_median": statistics.median(paired) if paired else None,
+        f"{num}_median_{unit}": num_med and num_med * scale,
+        f"{den}_median_{unit}": den_med and den_med * scale,
+        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
+    }
+    if extra_key is not None:
+        out[extra_key] = (num_med - den_med) * scale if num_med and den_med else None
+    return out
+
+
 def package_version(dist: str) -> str | None:
     try:
         from importlib.metadata import version
@@ -140,6 +167,114 @@ class Buckets:
                     stack[-1][1] = end
         wrapper.__wrapped__ = fn
         return wrapper
+
+
+def bucket_breakdown(rounds: list[tuple[float, dict, dict]], other: str,
+                     calls_key: str = "calls") -> dict:
+    """Instrumented rounds ``(total seconds, Buckets.excl, Buckets.calls)`` as median exclusive
+    milliseconds per bucket (with the last round's call count under ``calls_key``), plus ``other``:
+    the total less every bucket; largest first."""
+    names = sorted({k for _, ex, _ in rounds for k in ex})
+    out = {}
+    for k in names:
+        ms = [ex.get(k, 0.0) * 1e3 for _, ex, _ in rounds]
+        out[k] = {"median_ms": round(statistics.median(ms), 2),
+                  calls_key: rounds[-1][2].get(k, 0)}
+    totals = [t * 1e3 for t, _, _ in rounds]
+    accounted = [sum(ex.values()) * 1e3 for _, ex, _ in rounds]
+    out[other] = {"median_ms": round(statistics.median(t - a for t, a in zip(totals, accounted)),
+                                     2),
+                  calls_key: None}
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["median_ms"]))
+
+
+def fs_of(path: Path) -> str | None:
+    """The file system ``path`` is on, as "<type> at <mount point>" (from /proc/mounts)."""
+    try:
+        best = ("", "?")
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                _dev, mnt, fstype, *_ = line.split()
+                if str(path).startswith(mnt) and len(mnt) >= len(best[0]):
+                    best = (mnt, fstype)
+        return f"{best[1]} at {best[0]}"
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------- ceremonies
+@dataclass
+class Case:
+    """What a group's module fixture hands its benchmarks: the bench (its variants' state), the
+    interleaved variants, rounds per benchmark, and the facts that go into the summary."""
+    bench: object
+    inter: Interleaved
+    rounds: int
+    info: dict
+
+    def run(self, benchmark, variant: str, num: str, den: str) -> dict:
+        """Benchmark ``variant`` for ``rounds`` rounds; keep in ``info["per_benchmark_ratio"]``
+        the ``num / den`` ratio of this benchmark's own rounds next to those of the group's
+        earlier benchmarks, and return them all."""
+        this_run = self.inter.run(benchmark, variant, self.rounds)
+        self.info["per_benchmark_ratio"] = {
+            **self.info.get("per_benchmark_ratio", {}),
+            variant: ratio(median(this_run[num]), median(this_run[den]))}
+        return self.info["per_benchmark_ratio"]
+
+
+def make_bench_kit(tmp_path_factory, bench_token_factory, name: str, regions):
+    """``tests.ceremony_kit.make_kit`` under a new temporary directory ``name``, on the
+    benchmark session's tokens; returns (directory, kit, seconds it took: RSA-4096 keygen)."""
+    import sys
+
+    repo = str(Path(__file__).resolve().parent.parent)
+    if repo not in sys.path:  # tests/ is a package at the repository root
+        sys.path.insert(0, repo)
+    from tests.ceremony_kit import make_kit
+
+    t0 = perf_counter()
+    root = tmp_path_factory.mktemp(name)
+    kit = make_kit(root, lambda prefix: bench_token_factory(prefix), regions=regions)
+    return root, kit, perf_counter() - t0
+
+
+@contextmanager
+def primary_pins(kit):
+    """HSM_PIN and HSM_SO_PIN set to a ceremony kit's primary PINs in ``os.environ`` (as an
+    in-process ``Runner`` reads them), restored as they were afterwards."""
+    saved = {k: os.environ.get(k) for k in ("HSM_PIN", "HSM_SO_PIN")}
+    os.environ["HSM_PIN"] = kit.primary.user_pin.reveal()
+    os.environ["HSM_SO_PIN"] = kit.primary.so_pin.reveal()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_ceremony(plan, env, officer_keys: dict, officers=("alice", "bob")) -> None:
+    """One ceremony in this process, as ``ceremony open``, the officers' ``approve`` and
+    ``ceremony run`` would do it: ``Runner.open()``, each officer's ``approvals.sign`` of the nonce
+    written to the output directory, ``Runner.run()``. (Functions are looked up at call time, so an
+    instrumentation's patches apply.)"""
+    from ceremony import approvals, runner as runner_mod
+
+    runner = runner_mod.Runner(plan, env, log=_quiet)
+    nonce = runner.open()
+    folder = plan.output_dir / runner_mod.APPROVALS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for officer in officers:
+        ap = approvals.sign(plan, nonce, officer, officer_keys[officer])
+        (folder / f"{officer}.json").write_text(ap.to_json())
+    runner.run()
+
+
+def _quiet(_msg: str) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- profiles

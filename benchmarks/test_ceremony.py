@@ -42,7 +42,6 @@ import hashlib
 import itertools
 import os
 import statistics
-import sys
 from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -63,12 +62,8 @@ from ceremony.runner import Runner, recipient_label
 from ceremony.transcript import HEAD_CONTEXT, SIGNATURE_FILE, Transcript
 from release import bundle as bundles, certificates as certs
 
-from _benchlib import Buckets, Interleaved, median, profile_top, ratio, scaled
-
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
-    sys.path.insert(0, str(_ROOT))
-from tests.ceremony_kit import make_kit
+from _benchlib import (Buckets, Case, Interleaved, bucket_breakdown, fs_of, make_bench_kit,
+                       median, primary_pins, profile_top, ratio, run_ceremony, scaled, versus)
 
 TARGET = 1.3
 REGIONS = ("eu", "us", "ap", "sa", "af", "me", "oc", "ca", "in", "jp")
@@ -90,10 +85,6 @@ NOT_IN_RAW = [
      "approvals, fsyncs (transcript appends, bundle files and their directory; counts in "
      "breakdown_ms)"),
 ]
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -199,14 +190,7 @@ class Bench:
     # ---------------------------------------------------------------- variants
     def ceremony_once(self, plan: plans.Plan) -> float:
         t0 = perf_counter()
-        runner = Runner(plan, self.env, log=_quiet)
-        nonce = runner.open()
-        folder = plan.output_dir / runner_mod.APPROVALS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        for officer in OFFICERS:
-            ap = approvals.sign(plan, nonce, officer, self.kit.officer_keys[officer])
-            (folder / f"{officer}.json").write_text(ap.to_json())
-        runner.run()
+        run_ceremony(plan, self.env, self.kit.officer_keys, OFFICERS)
         return perf_counter() - t0
 
     def after_ceremony(self, plan: plans.Plan) -> dict:
@@ -302,26 +286,17 @@ class Bench:
             token.close()
 
 
-
-@dataclass
-class Case:
-    bench: Bench
-    inter: Interleaved
-    rounds: int
-    info: dict
-
-
 @pytest.fixture(scope="module")
 def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
     t_setup = perf_counter()
-    root = tmp_path_factory.mktemp("ceremony-bench")
-    kit = make_kit(root, lambda prefix: bench_token_factory(prefix), regions=REGIONS)
-    setup_kit_s = perf_counter() - t_setup
+    root, kit, setup_kit_s = make_bench_kit(tmp_path_factory, bench_token_factory,
+                                            "ceremony-bench", REGIONS)
     assert len(set(kit.fingerprints.values())) == len(REGIONS)
+    with primary_pins(kit):  # the runner reads them from os.environ
+        yield _prepare(kit, root, t_setup, setup_kit_s)
 
-    saved_env = {k: os.environ.get(k) for k in ("HSM_PIN", "HSM_SO_PIN")}
-    os.environ["HSM_PIN"] = kit.primary.user_pin.reveal()
-    os.environ["HSM_SO_PIN"] = kit.primary.so_pin.reveal()
+
+def _prepare(kit, root: Path, t_setup: float, setup_kit_s: float) -> Case:
     env = environment.load(kit.env_file())
     # The runner must be the only holder of the primary in this process (SO login step).
     kit.primary.close()
@@ -368,17 +343,7 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
     bench.after_ceremony(plan)
     bench.per_round.clear()
 
-    names = sorted({k for _, ex, _ in breakdowns for k in ex})
-    per_bucket = {}
-    for k in names:
-        ms = [ex.get(k, 0.0) * 1e3 for _, ex, _ in breakdowns]
-        per_bucket[k] = {"median_ms": round(statistics.median(ms), 2),
-                         "calls_per_round": breakdowns[-1][2].get(k, 0)}
     totals = [t * 1e3 for t, _, _ in breakdowns]
-    accounted = [sum(ex.values()) * 1e3 for _, ex, _ in breakdowns]
-    per_bucket["other (runner steps, JSON, hashing, plan/approval glue)"] = {
-        "median_ms": round(statistics.median(t - a for t, a in zip(totals, accounted)), 2),
-        "calls_per_round": None}
     info = {
         "regions": len(REGIONS), "recipients": len(bench.recipients),
         "secrets": [n for n, _ in bench.secrets], "oaep_hash": bench.oaep_hash,
@@ -387,40 +352,22 @@ def ceremony_case(bench_token_factory, tmp_path_factory) -> Case:
                         "note": "creates the 11 trusted keys and probes the profile"},
         "fixture_seconds": round(perf_counter() - t_setup, 1),
         "instrumented_total_median_ms": round(statistics.median(totals), 2),
-        "breakdown_ms": dict(sorted(per_bucket.items(), key=lambda kv: -kv[1]["median_ms"])),
+        "breakdown_ms": bucket_breakdown(
+            breakdowns, "other (runner steps, JSON, hashing, plan/approval glue)",
+            calls_key="calls_per_round"),
         "cprofile_round_ms": round(prof_total * 1e3, 1),
         "cprofile_top_tottime": profile_top(prof, "tottime"),
         "cprofile_top_cumtime": profile_top(prof, "cumulative", 25),
-        "output_fs": _fs_of(root),
+        "output_fs": fs_of(root),
     }
     rounds = scaled(8, minimum=2)
-    yield Case(bench, inter, rounds, info)
-    for k, v in saved_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _fs_of(path: Path) -> str | None:
-    try:
-        best = ("", "?")
-        with open("/proc/mounts") as fh:
-            for line in fh:
-                _dev, mnt, fstype, *_ = line.split()
-                if str(path).startswith(mnt) and len(mnt) >= len(best[0]):
-                    best = (mnt, fstype)
-        return f"{best[1]} at {best[0]}"
-    except OSError:
-        return None
+    return Case(bench, inter, rounds, info)
 
 
 # --------------------------------------------------------------------------- the benchmarks
-def _summary(case: Case, variant: str, this_run: dict) -> dict:
+def _summary(case: Case, per_benchmark_ratio: dict) -> dict:
     pooled = case.inter.samples
     cer, raw, probe = (median(pooled[k]) for k in ("ceremony", "raw", "probe"))
-    overall = ratio(cer, raw)
-    paired = case.inter.paired_ratios("ceremony", "raw")
     facts = case.bench.per_round
     trusted = Counter()
     for f in facts:
@@ -433,21 +380,12 @@ def _summary(case: Case, variant: str, this_run: dict) -> dict:
     token_ops_in_ceremony = sum(v["median_ms"] for k, v in bd.items()
                                 if k.startswith("token op:"))
     return {
-        "ratio": overall,
-        "target_max": TARGET,
-        "within_target": overall is not None and overall <= TARGET,
-        "paired_round_ratio_median": statistics.median(paired) if paired else None,
-        "ceremony_median_ms": cer and cer * 1e3,
-        "raw_median_ms": raw and raw * 1e3,
-        "extra_ms": (cer - raw) * 1e3 if cer and raw else None,
+        **versus(case.inter, "ceremony", "raw", TARGET, extra_key="extra_ms"),
         "probe_median_ms": probe and probe * 1e3,
         "ratio_with_probe": ratio(cer + probe, raw) if cer and raw and probe else None,
         "ratio_with_probe_note": "a `ceremony run` process probes the profile once per run; "
                                  "in-process rounds after the first reuse the cached profile",
-        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
-        "per_benchmark_ratio": {**case.info.get("per_benchmark_ratio", {}),
-                                variant: ratio(median(this_run["ceremony"]),
-                                               median(this_run["raw"]))},
+        "per_benchmark_ratio": per_benchmark_ratio,
         "raw_parts_median_ms": {k: round(statistics.median(v) * 1e3, 3)
                                 for k, v in raw_parts.items()},
         "token_ops_inside_ceremony_ms": round(token_ops_in_ceremony, 2),
@@ -471,9 +409,7 @@ def test_release_secrets_ceremony(benchmark, variant, ceremony_case, bench_repor
     case = ceremony_case
     benchmark.group = (f"ceremony: release-secrets, {len(REGIONS)} regions + escrow, "
                        "2 secrets (time per ceremony / per raw op set)")
-    this_run = case.inter.run(benchmark, variant, case.rounds)
-    summary = _summary(case, variant, this_run)
-    case.info["per_benchmark_ratio"] = summary["per_benchmark_ratio"]
+    summary = _summary(case, case.run(benchmark, variant, "ceremony", "raw"))
     # Every measured round adopted all trusted keys: raw correctly has no C_CreateObject.
     for facts in case.bench.per_round:
         assert facts["trusted_keys"] == {"adopted": len(case.bench.recipients)}, facts

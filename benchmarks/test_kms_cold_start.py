@@ -52,9 +52,7 @@ from hsm import export, ops, policy
 from hsm._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
 from hsm.token import Token
 
-from ceremony import approvals
-from ceremony import environment, plan as plans, runner as runner_mod
-from ceremony.runner import Runner
+from ceremony import environment, plan as plans
 
 from kms import config as configs, importer
 from kms.service import Kms
@@ -62,12 +60,13 @@ from kms.store import Store
 from release import bundle as bundles, certificates as certs
 from release.ids import release_key
 
-from _benchlib import Buckets, Interleaved, median, profile_top, ratio, scaled
+from _benchlib import (Buckets, Case, Interleaved, bucket_breakdown, fs_of, make_bench_kit,
+                       median, primary_pins, profile_top, ratio, run_ceremony, scaled, versus)
 
 _ROOT = Path(__file__).resolve().parent.parent
 if str(_ROOT) not in sys.path:  # tests/ is a package at the repository root
     sys.path.insert(0, str(_ROOT))
-from tests.ceremony_kit import make_kit  # noqa: E402
+from tests.kms_kit import kms_config  # noqa: E402
 
 TARGET = 1.2
 REGION = "eu"
@@ -88,10 +87,6 @@ _USAGE_ATTRS = (Attribute.SIGN, Attribute.VERIFY, Attribute.ENCRYPT, Attribute.D
 _OAEP = {"sha1": (Mechanism.SHA_1, MGF.SHA1, None), "sha256": (Mechanism.SHA256, MGF.SHA256, None),
          "sha384": (Mechanism.SHA384, MGF.SHA384, None),
          "sha512": (Mechanism.SHA512, MGF.SHA512, None)}
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 # --------------------------------------------------------------------------- instrumentation
@@ -292,75 +287,25 @@ def _raw_jobs(bundle_dir: Path, primary_cert_path: Path) -> tuple[list[RawJob], 
     return jobs, expected
 
 
-def _fs_of(path: Path) -> str | None:
-    try:
-        best = ("", "?")
-        with open("/proc/mounts") as fh:
-            for line in fh:
-                _dev, mnt, fstype, *_ = line.split()
-                if str(path).startswith(mnt) and len(mnt) >= len(best[0]):
-                    best = (mnt, fstype)
-        return f"{best[1]} at {best[0]}"
-    except OSError:
-        return None
-
-
-def _write_config(kit, root: Path, bundle_dir: Path) -> configs.KmsConfig:
-    """As tests/test_kms_service.py's ``_config``: a strict TOML file loaded by kms.config."""
-    lines = {"region": REGION, "token": kit.regionals[REGION].label,
-             "primary_certificate": str(kit.pki / f"{kit.primary.label}-signing.pem"),
-             "bundle_dir": str(bundle_dir), "store": str(root / "store" / f"kms-{REGION}.db"),
-             "pbkdf2_iterations": 50}
-    path = root / f"kms-{REGION}.toml"
-    path.write_text("".join(f'{k} = "{v}"\n' if isinstance(v, str) else f"{k} = {v}\n"
-                            for k, v in lines.items()))
-    return configs.load(path)
-
-
 def _run_ceremonies(kit, root: Path, bundle_dir: Path) -> None:
-    saved_env = {k: os.environ.get(k) for k in ("HSM_PIN", "HSM_SO_PIN")}
-    os.environ["HSM_PIN"] = kit.primary.user_pin.reveal()
-    os.environ["HSM_SO_PIN"] = kit.primary.so_pin.reveal()
-    kit.primary.close()  # the runner must be the only holder of the primary (SO login step)
-    try:
+    with primary_pins(kit):
+        kit.primary.close()  # the runner must be the only holder of the primary (SO login step)
         env = environment.load(kit.env_file())
         for i in range(RELEASES):
             cid = f"cold-{os.getpid()}-{i}"
             plan = plans.load(kit.write_plan(ceremony_id=cid, release=str(FIRST_RELEASE + i),
                                              regions=[REGION], output_dir=f"out-{cid}"))
-            runner = Runner(plan, env, log=_quiet)
-            nonce = runner.open()
-            folder = plan.output_dir / runner_mod.APPROVALS_DIR
-            folder.mkdir(parents=True, exist_ok=True)
-            for officer in OFFICERS:
-                ap = approvals.sign(plan, nonce, officer, kit.officer_keys[officer])
-                (folder / f"{officer}.json").write_text(ap.to_json())
-            runner.run()
+            run_ceremony(plan, env, kit.officer_keys, OFFICERS)
             made = sorted(plan.output_dir.glob(f"bundle-*-{REGION}.p7"))
             assert len(made) == 1, made
             shutil.copy(made[0], bundle_dir / made[0].name)
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@dataclass
-class Case:
-    bench: Bench
-    inter: Interleaved
-    rounds: int
-    info: dict
 
 
 @pytest.fixture(scope="session")
 def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
     t_setup = perf_counter()
-    root = tmp_path_factory.mktemp("kms-cold-start")
-    kit = make_kit(root, lambda prefix: bench_token_factory(prefix), regions=(REGION,))
-    kit_s = perf_counter() - t_setup
+    root, kit, kit_s = make_bench_kit(tmp_path_factory, bench_token_factory, "kms-cold-start",
+                                      (REGION,))
 
     t0 = perf_counter()
     bundle_dir = root / "bundles"
@@ -372,7 +317,8 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
     regional = kit.regionals[REGION]
     regional.close()  # every start opens and logs in itself
     (root / "store").mkdir()
-    config = _write_config(kit, root, bundle_dir)
+    # The node's TOML file goes next to its store: store/kms-eu.toml, store/kms-eu.db.
+    config = kms_config(kit, root / "store", bundle_dir, region=REGION)
     jobs, expected = _raw_jobs(bundle_dir, config.primary_certificate)
     assert len(jobs) == 2 * RELEASES
     bench = Bench(config=config, label=regional.label, module=config.module,
@@ -431,8 +377,8 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
         "breakdown_restart_ms": _breakdown(breakdowns["restart"]),
         "cprofile_start_ms": round(prof_total * 1e3, 1),
         "cprofile_top_tottime": profile_top(prof, "tottime"),
-        "store_fs": _fs_of(root / "store"),
-        "token_fs": _fs_of(Path(os.environ.get("SOFTHSM2_CONF", "/"))),
+        "store_fs": fs_of(root / "store"),
+        "token_fs": fs_of(Path(os.environ.get("SOFTHSM2_CONF", "/"))),
     }
     info["fixture_seconds"] = round(perf_counter() - t_setup, 1)
     rounds = scaled(8, minimum=2)
@@ -440,19 +386,9 @@ def cold_start_case(bench_token_factory, tmp_path_factory) -> Case:
 
 
 def _breakdown(rounds: list[tuple[float, dict, dict]]) -> dict:
-    names = sorted({k for _, ex, _ in rounds for k in ex})
-    out = {}
-    for k in names:
-        ms = [ex.get(k, 0.0) * 1e3 for _, ex, _ in rounds]
-        out[k] = {"median_ms": round(statistics.median(ms), 2),
-                  "calls": rounds[-1][2].get(k, 0)}
-    totals = [t * 1e3 for t, _, _ in rounds]
-    accounted = [sum(ex.values()) * 1e3 for _, ex, _ in rounds]
-    out[B_OTHER] = {"median_ms": round(statistics.median(t - a for t, a in
-                                                         zip(totals, accounted)), 2),
-                    "calls": None}
-    out = dict(sorted(out.items(), key=lambda kv: -kv[1]["median_ms"]))
-    out["_total_median_ms"] = {"median_ms": round(statistics.median(totals), 2),
+    out = bucket_breakdown(rounds, B_OTHER)
+    out["_total_median_ms"] = {"median_ms": round(statistics.median(t * 1e3 for t, _, _ in
+                                                                    rounds), 2),
                                "calls": len(rounds)}
     return out
 
@@ -493,36 +429,25 @@ def _non_rsa(bd: dict, raw_ms: float | None) -> dict:
 
 
 # --------------------------------------------------------------------------- the benchmark
-def _summary(case: Case, variant: str, this_run: dict) -> dict:
+def _summary(case: Case, per_benchmark_ratio: dict) -> dict:
     pooled = case.inter.samples
-    cold, restart, raw = (median(pooled[k]) for k in ("cold", "restart", "raw"))
-    overall = ratio(cold, raw)
-    paired = case.inter.paired_ratios("cold", "raw")
+    restart, raw = (median(pooled[k]) for k in ("restart", "raw"))
     paired_restart = case.inter.paired_ratios("restart", "raw")
     raw_ms = raw and raw * 1e3
     return {
-        "ratio": overall,
+        **versus(case.inter, "cold", "raw", TARGET, extra_key="extra_ms_cold"),
         "ratio_definition": "cold (new store) start median / raw 80-unwrap median",
-        "target_max": TARGET,
-        "within_target": overall is not None and overall <= TARGET,
-        "paired_round_ratio_median": statistics.median(paired) if paired else None,
         "ratio_restart": ratio(restart, raw),
         "ratio_restart_within_target": ratio(restart, raw) is not None and
         ratio(restart, raw) <= TARGET,
         "paired_round_ratio_restart_median": statistics.median(paired_restart)
         if paired_restart else None,
-        "cold_median_ms": cold and cold * 1e3,
         "restart_median_ms": restart and restart * 1e3,
-        "raw_median_ms": raw_ms,
         "raw_per_unwrap_ms": raw_ms and raw_ms / len(case.bench.jobs),
-        "extra_ms_cold": (cold - raw) * 1e3 if cold and raw else None,
         "extra_ms_restart": (restart - raw) * 1e3 if restart and raw else None,
         "budget_ms_at_target": raw_ms and raw_ms * (TARGET - 1),
-        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
         "samples_ms": {k: [round(x * 1e3, 1) for x in v] for k, v in pooled.items()},
-        "per_benchmark_ratio": {**case.info.get("per_benchmark_ratio", {}),
-                                variant: ratio(median(this_run["cold"]),
-                                               median(this_run["raw"]))},
+        "per_benchmark_ratio": per_benchmark_ratio,
         "non_rsa_costs_cold_ms": _non_rsa(case.info["breakdown_cold_ms"], raw_ms),
         "non_rsa_costs_restart_ms": _non_rsa(case.info["breakdown_restart_ms"], raw_ms),
         **{k: v for k, v in case.info.items() if k != "per_benchmark_ratio"},
@@ -534,9 +459,7 @@ def test_kms_cold_start(benchmark, variant, cold_start_case, bench_reports):
     case = cold_start_case
     benchmark.group = (f"kms cold start: {RELEASES} releases, {2 * RELEASES} RSA-4096 OAEP "
                        "unwraps (time per start / per raw unwrap set)")
-    this_run = case.inter.run(benchmark, variant, case.rounds)
-    summary = _summary(case, variant, this_run)
-    case.info["per_benchmark_ratio"] = summary["per_benchmark_ratio"]
+    summary = _summary(case, case.run(benchmark, variant, "cold", "raw"))
     nr = summary["non_rsa_costs_cold_ms"]
     benchmark.extra_info.update({
         "variant": variant,
