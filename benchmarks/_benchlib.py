@@ -324,6 +324,84 @@ def serve_trials(index: int, commands, results, barrier, work: dict[str, Callabl
         results.put(("done", index, trial, n, t0, t1))
 
 
+def run_worker(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
+               barrier, key_prefix: str, setup) -> None:
+    """The body of a :class:`WorkerPool` target (in the spawned child): point SoftHSM2 at the
+    parent's token directory before anything loads it (it reads its configuration once, in
+    C_Initialize), open the token as its own PKCS#11 application, generate a session HMAC key
+    ``<key_prefix>-<index>-<pid>``, let ``setup(token, key_ref)`` warm up and return the work
+    (``{kind: fn(n)}``), then :func:`serve_trials`. Any failure is reported to the parent on
+    ``results``, then raised (the process dies with it)."""
+    os.environ["SOFTHSM2_CONF"] = softhsm_conf
+    try:
+        from pkcs11 import KeyType, MechanismFlag
+
+        from hsm import ops
+        from hsm.pin import Pin
+        from hsm.token import Token
+
+        token = Token.open(label, pin=Pin(pin_value))
+        del pin_value
+        key_label = f"{key_prefix}-{index}-{os.getpid()}"
+        ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, key_label,
+                                 capabilities=MechanismFlag.SIGN)
+        work = setup(token, ops.secret(key_label))
+        serve_trials(index, commands, results, barrier, work)
+        token.close()
+    except BaseException as exc:
+        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+@contextmanager
+def process_trials(tt, target, args: tuple, *, kind: str, units: int, spin_units: int,
+                   processes=(1, 2), name: str, pool_name: str):
+    """A :class:`WorkerPool` of ``max(processes)`` workers and, interleaved, its trials: for each
+    worker count ``w``, ``<kind>-<w>`` (``units`` of ``kind`` per worker) and ``cpu-<w>`` (the
+    pure-Python control, ``spin_units`` per worker); warmed up once. Yields (Interleaved, pool);
+    the pool is closed afterwards."""
+    pool = WorkerPool(tt, max(processes), target, args, name=pool_name)
+    try:
+        variants = {}
+        for w in processes:
+            variants[f"{kind}-{w}"] = lambda w=w: pool.trial(kind, w, units)
+            variants[f"cpu-{w}"] = lambda w=w: pool.trial("spin", w, spin_units)
+        inter = Interleaved(name, variants)
+        inter.warmup(1)
+        yield inter, pool
+    finally:
+        pool.close()
+
+
+def scaling_summary(inter: Interleaved, pool, kind: str, target_min: float, rate_key: str) -> dict:
+    """What a :func:`process_trials` summary starts with: 2 worker processes against 1 for
+    ``kind`` (pooled medians of units/s, and per block) with its target, the same for the CPU
+    control (how much the machine let two processes scale at the same moments: if well under 2,
+    the cores were not free and ``kind``'s ratio cannot be either), the two ratios' ratio, and
+    the machine's state."""
+    pooled = {k: median(v) for k, v in inter.samples.items()}
+    kind_ratio = ratio(pooled[f"{kind}-2"], pooled[f"{kind}-1"])
+    cpu_ratio = ratio(pooled["cpu-2"], pooled["cpu-1"])
+    paired = inter.paired_ratios(f"{kind}-2", f"{kind}-1")
+    paired_cpu = inter.paired_ratios("cpu-2", "cpu-1")
+    return {
+        "ratio_2_over_1": kind_ratio,
+        "target_min": target_min,
+        "within_target": kind_ratio is not None and kind_ratio >= target_min,
+        rate_key: {"1_process": pooled[f"{kind}-1"], "2_processes": pooled[f"{kind}-2"]},
+        "paired_block_ratio_median": median(paired),
+        "paired_block_ratios": [round(r, 3) for r in paired],
+        "cpu_control_ratio_2_over_1": cpu_ratio,
+        "cpu_control_paired_block_ratio_median": median(paired_cpu),
+        "cpu_control_paired_block_ratios": [round(r, 3) for r in paired_cpu],
+        f"{kind}_ratio_relative_to_cpu_control": ratio(kind_ratio, cpu_ratio),
+        "blocks": len(paired),
+        "cpu_count": os.cpu_count(),
+        "loadavg_after": list(os.getloadavg()),
+        "last_start_skew_ms": round(pool.last_skew * 1e3, 3),
+    }
+
+
 class WorkerPool:
     """Worker processes (spawn) that each opened the token themselves; runs timed trials.
 

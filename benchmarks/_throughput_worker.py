@@ -17,26 +17,14 @@ from __future__ import annotations
 
 import os
 
-from _benchlib import serve_trials
+from _benchlib import run_worker
 
 
 def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
                 barrier, warmup_ops: int) -> None:
-    # Before anything loads SoftHSM2: it reads its configuration once, in C_Initialize.
-    os.environ["SOFTHSM2_CONF"] = softhsm_conf
-    try:
-        from pkcs11 import KeyType, MechanismFlag
-
+    def setup(token, ref):
         from hsm import ops
-        from hsm.pin import Pin
-        from hsm.token import Token
 
-        token = Token.open(label, pin=Pin(pin_value))
-        del pin_value
-        key_label = f"throughput-worker-{index}-{os.getpid()}"
-        ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, key_label,
-                                 capabilities=MechanismFlag.SIGN)
-        ref = ops.secret(key_label)
         data = os.urandom(32)
         hmac_sha256 = ops.hmac_sha256
         for _ in range(warmup_ops):
@@ -45,9 +33,7 @@ def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, comma
         def hmac(n: int) -> None:
             for _ in range(n):
                 hmac_sha256(token, ref, data)
+        return {"hmac": hmac}
 
-        serve_trials(index, commands, results, barrier, {"hmac": hmac})
-        token.close()
-    except BaseException as exc:  # report, then let the process die with the error
-        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
-        raise
+    run_worker(index, label, pin_value, softhsm_conf, commands, results, barrier,
+               "throughput-worker", setup)

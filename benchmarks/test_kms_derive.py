@@ -36,7 +36,8 @@ from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from hsm import ops
 from kms.derive import KeyContext, dek_salt, derive_dek
 
-from _benchlib import Interleaved, WorkerPool, median, ratio, scaled, serve_trials
+from _benchlib import (Interleaved, median, process_trials, ratio, run_worker, scaled,
+                       scaling_summary)
 
 ITERATIONS = 1000
 TARGET = 1.3
@@ -137,18 +138,10 @@ def test_derive_miss(benchmark, variant, derive_case, bench_reports):
 def derive_worker(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
                   barrier, warmup: int) -> None:
     """A worker process (spawn). Importing this module loads no PKCS#11 module: SoftHSM2 is
-    loaded by Token.open, after SOFTHSM2_CONF points at the parent's token directory."""
-    os.environ["SOFTHSM2_CONF"] = softhsm_conf
-    try:
-        from hsm.pin import Pin
-        from hsm.token import Token
-
-        token = Token.open(label, pin=Pin(pin_value))
-        del pin_value
-        seed_label = f"kdf-worker-{index}-{os.getpid()}"
-        ops.generate_session_key(token, KeyType.GENERIC_SECRET, 256, seed_label,
-                                 capabilities=MechanismFlag.SIGN)
-        seed = ops.secret(seed_label)
+    loaded by Token.open (in run_worker), after SOFTHSM2_CONF points at the parent's token
+    directory. Its session HMAC key is the worker's own seed, as each KMS process imports its
+    own."""
+    def setup(token, seed):
         kdf_salt, tenant = os.urandom(32), os.urandom(32)
         counter = itertools.count()
         for _ in range(warmup):
@@ -158,12 +151,10 @@ def derive_worker(index: int, label: str, pin_value: str, softhsm_conf: str, com
             for _ in range(n):
                 ctx = KeyContext(f"org-{index}-{next(counter)}", "field", 1)
                 derive_dek(token, seed, kdf_salt, tenant, ctx, ITERATIONS)
+        return {"derive": derive}
 
-        serve_trials(index, commands, results, barrier, {"derive": derive})
-        token.close()
-    except BaseException as exc:
-        results.put(("error", index, f"{type(exc).__name__}: {exc}"))
-        raise
+    run_worker(index, label, pin_value, softhsm_conf, commands, results, barrier, "kdf-worker",
+               setup)
 
 
 # The spawned child finds the worker by module name; benchmarks/ is on sys.path (conftest), so
@@ -176,18 +167,10 @@ if __name__ != "test_kms_derive":
 @pytest.fixture(scope="module")
 def derive_processes(bench_token_factory):
     tt = bench_token_factory("kdf-procs")  # created in the parent before spawning
-    pool = WorkerPool(tt, max(PROCESSES), derive_worker, (WARMUP_DERIVES,),
-                      name="derive-worker")
-    try:
-        variants = {}
-        for w in PROCESSES:
-            variants[f"derive-{w}"] = lambda w=w: pool.trial("derive", w, DERIVES_PER_TRIAL)
-            variants[f"cpu-{w}"] = lambda w=w: pool.trial("spin", w, SPIN_ITERS)
-        inter = Interleaved("derive_processes", variants)
-        inter.warmup(1)
-        yield inter, pool
-    finally:
-        pool.close()
+    with process_trials(tt, derive_worker, (WARMUP_DERIVES,), kind="derive",
+                        units=DERIVES_PER_TRIAL, spin_units=SPIN_ITERS, processes=PROCESSES,
+                        name="derive_processes", pool_name="derive-worker") as trials:
+        yield trials
 
 
 @pytest.mark.parametrize("workers", PROCESSES)
@@ -196,32 +179,13 @@ def test_derive_miss_processes(benchmark, workers, derive_processes, bench_repor
     benchmark.group = (f"kms derive: cache-miss DEKs/s, worker processes "
                        f"({DERIVES_PER_TRIAL} DEKs x {ITERATIONS} iterations per worker per trial)")
     inter.run(benchmark, f"derive-{workers}", scaled(5))
-    pooled = {k: median(v) for k, v in inter.samples.items()}
-    derive_ratio = ratio(pooled["derive-2"], pooled["derive-1"])
-    cpu_ratio = ratio(pooled["cpu-2"], pooled["cpu-1"])
-    paired = inter.paired_ratios("derive-2", "derive-1")
-    paired_cpu = inter.paired_ratios("cpu-2", "cpu-1")
-    summary = {
-        "ratio_2_over_1": derive_ratio,
-        "target_min": PROCESS_TARGET,
-        "within_target": derive_ratio is not None and derive_ratio >= PROCESS_TARGET,
-        "deks_per_s_median": {"1_process": pooled["derive-1"], "2_processes": pooled["derive-2"]},
-        "paired_block_ratio_median": median(paired),
-        "paired_block_ratios": [round(r, 3) for r in paired],
-        "cpu_control_ratio_2_over_1": cpu_ratio,
-        "cpu_control_paired_block_ratio_median": median(paired_cpu),
-        "cpu_control_paired_block_ratios": [round(r, 3) for r in paired_cpu],
-        "derive_ratio_relative_to_cpu_control": ratio(derive_ratio, cpu_ratio),
-        "deks_per_worker_per_trial": DERIVES_PER_TRIAL,
-        "iterations": ITERATIONS,
-        "blocks": len(paired),
-        "cpu_count": os.cpu_count(),
-        "loadavg_after": list(os.getloadavg()),
-        "last_start_skew_ms": round(pool.last_skew * 1e3, 3),
-    }
+    summary = {**scaling_summary(inter, pool, "derive", PROCESS_TARGET, "deks_per_s_median"),
+               "deks_per_worker_per_trial": DERIVES_PER_TRIAL, "iterations": ITERATIONS}
+    derive_ratio = summary["ratio_2_over_1"]
     benchmark.extra_info.update({
-        "workers": workers, "deks_per_s_median": pooled[f"derive-{workers}"],
-        "ratio_2_over_1_process": derive_ratio, "cpu_control_ratio_2_over_1": cpu_ratio,
+        "workers": workers, "deks_per_s_median": median(inter.samples[f"derive-{workers}"]),
+        "ratio_2_over_1_process": derive_ratio,
+        "cpu_control_ratio_2_over_1": summary["cpu_control_ratio_2_over_1"],
         "target_min": PROCESS_TARGET,
     })
     bench_reports("kms_derive").record("processes", summary)

@@ -26,7 +26,8 @@ from pkcs11 import KeyType, MechanismFlag
 
 from hsm import ops
 
-from _benchlib import Interleaved, WorkerPool, median, ratio, scaled
+from _benchlib import (Interleaved, WorkerPool, median, process_trials, ratio, scaled,
+                       scaling_summary)
 from _throughput_worker import worker_main
 
 PROCESS_TARGET = 1.7
@@ -110,44 +111,16 @@ def test_hmac_threads(benchmark, threads, thread_bench, bench_reports):
 @pytest.fixture(scope="module")
 def process_bench(bench_token_factory):
     tt = bench_token_factory("procs")  # created in the parent before spawning
-    pool = WorkerPool(tt, max(PROCESSES), worker_main, (WARMUP_OPS,), name="hmac-worker")
-    try:
-        variants = {}
-        for w in PROCESSES:
-            variants[f"hmac-{w}"] = lambda w=w: pool.trial("hmac", w, PROCESS_OPS)
-            variants[f"cpu-{w}"] = lambda w=w: pool.trial("spin", w, SPIN_ITERS)
-        inter = Interleaved("processes", variants)
-        inter.warmup(1)
-        yield inter, pool
-    finally:
-        pool.close()
+    with process_trials(tt, worker_main, (WARMUP_OPS,), kind="hmac", units=PROCESS_OPS,
+                        spin_units=SPIN_ITERS, processes=PROCESSES, name="processes",
+                        pool_name="hmac-worker") as trials:
+        yield trials
 
 
 def _process_summary(inter: Interleaved, pool: WorkerPool) -> dict:
-    pooled = {k: median(v) for k, v in inter.samples.items()}
-    hmac_ratio = ratio(pooled["hmac-2"], pooled["hmac-1"])
-    cpu_ratio = ratio(pooled["cpu-2"], pooled["cpu-1"])
-    paired = inter.paired_ratios("hmac-2", "hmac-1")
-    paired_cpu = inter.paired_ratios("cpu-2", "cpu-1")
-    return {
-        "ratio_2_over_1": hmac_ratio,
-        "target_min": PROCESS_TARGET,
-        "within_target": hmac_ratio is not None and hmac_ratio >= PROCESS_TARGET,
-        "hmac_ops_per_s_median": {"1_process": pooled["hmac-1"], "2_processes": pooled["hmac-2"]},
-        "paired_block_ratio_median": median(paired),
-        "paired_block_ratios": [round(r, 3) for r in paired],
-        # The machine's own 2-vs-1 process scaling at the same moments (pure-Python loop, no
-        # token): if this is well under 2, the cores were not free and the HMAC ratio cannot be.
-        "cpu_control_ratio_2_over_1": cpu_ratio,
-        "cpu_control_paired_block_ratio_median": median(paired_cpu),
-        "hmac_ratio_relative_to_cpu_control": ratio(hmac_ratio, cpu_ratio),
-        "ops_per_worker_per_trial": PROCESS_OPS,
-        "spin_iterations_per_worker_per_trial": SPIN_ITERS,
-        "blocks": len(paired),
-        "cpu_count": os.cpu_count(),
-        "loadavg_after": list(os.getloadavg()),
-        "last_start_skew_ms": round(getattr(pool, "last_skew", 0.0) * 1e3, 3),
-    }
+    return {**scaling_summary(inter, pool, "hmac", PROCESS_TARGET, "hmac_ops_per_s_median"),
+            "ops_per_worker_per_trial": PROCESS_OPS,
+            "spin_iterations_per_worker_per_trial": SPIN_ITERS}
 
 
 def _process_benchmark(benchmark, variant: str, label: str, process_bench, bench_reports):
