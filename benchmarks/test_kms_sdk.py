@@ -51,7 +51,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from kms.cache import KeyCache
 from kms.sdk import FieldEncryptor
 
-from _benchlib import Interleaved, median, package_version, ratio, scaled
+from _benchlib import Interleaved, median, package_version, ratio, scaled, versus
 
 try:  # the comparison library (pyproject test extra); the rest runs without it
     import aws_encryption_sdk
@@ -165,21 +165,9 @@ def cache_case() -> Case:
 
 
 def _cache_summary(case: Case) -> dict:
-    pooled = case.inter.samples
-    floor_med, cache_med = median(pooled["floor"]), median(pooled["cache"])
-    r = ratio(cache_med, floor_med)
-    paired = case.inter.paired_ratios("cache", "floor")
-    return {
-        "ratio_cache_over_floor": r,
-        "paired_round_ratio_median": statistics.median(paired) if paired else None,
-        "target_max": CACHE_TARGET_MAX,
-        "within_target": r is not None and r <= CACHE_TARGET_MAX,
-        "floor_median_us": floor_med and floor_med * 1e6,
-        "cache_median_us": cache_med and cache_med * 1e6,
-        "overhead_us_per_op": (cache_med - floor_med) * 1e6 if cache_med and floor_med else None,
-        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
-        "batch": case.batches,
-    }
+    return {**versus(case.inter, "cache", "floor", CACHE_TARGET_MAX, unit="us",
+                     ratio_key="ratio_cache_over_floor", extra_key="overhead_us_per_op"),
+            "batch": case.batches}
 
 
 @pytest.mark.parametrize("variant", CACHE_VARIANTS)

@@ -17,7 +17,6 @@ ratio <= 1.15 (recorded, not asserted: CI machines are noisy). Summary: var/benc
 from __future__ import annotations
 
 import os
-import statistics
 from dataclasses import dataclass, field
 from time import perf_counter
 
@@ -27,7 +26,7 @@ from pkcs11.mechanisms import GCMParams
 
 from hsm import ops
 
-from _benchlib import Interleaved, median, ratio, scaled
+from _benchlib import Interleaved, median, ratio, scaled, versus
 
 TARGET = 1.15
 RSA_BITS = int(os.environ.get("HSM_BENCH_RSA_BITS", "3072"))
@@ -73,6 +72,25 @@ def destroyer(pending: list):
     return cleanup
 
 
+def _case(name: str, raw, layer, n: int, rounds: int, info: dict,
+          pending: list | None = None) -> Case:
+    """The group ``name``: ``raw`` and ``layer`` measured in batches of ``n`` calls, interleaved
+    and warmed up. With ``pending``, the objects the calls return are kept there and destroyed
+    between measurements (outside the timed region)."""
+    inter = Interleaved(name, {"raw": batch_measure(raw, n, pending),
+                               "layer": batch_measure(layer, n, pending)},
+                        cleanup=destroyer(pending) if pending is not None else None)
+    inter.warmup()
+    return Case(name, n, rounds, inter, info)
+
+
+def _unwrap_case(name: str, original, raw, layer, n: int, rounds: int, info: dict) -> Case:
+    """:func:`_case` for calls that unwrap ``original``: one call of each variant is checked
+    first (:func:`_check_unwrapped`)."""
+    _check_unwrapped(original, raw(), layer())
+    return _case(name, raw, layer, n, rounds, info, pending=[])
+
+
 def _check_unwrapped(original, *unwrapped) -> None:
     """The unwrapped objects are the original key (same AES-ECB output), sensitive; destroy them.
 
@@ -110,13 +128,8 @@ def hmac_case(bench) -> Case:
     mech = Mechanism.SHA256_HMAC
     assert key.sign(data, mechanism=mech) == ops.hmac_sha256(token, ref, data)
 
-    n = 40
-    inter = Interleaved("hmac_sha256_sign", {
-        "raw": batch_measure(lambda: key.sign(data, mechanism=mech), n),
-        "layer": batch_measure(lambda: ops.hmac_sha256(token, ref, data), n),
-    })
-    inter.warmup()
-    return Case("hmac_sha256_sign", n, scaled(300), inter, {"data_bytes": 32})
+    return _case("hmac_sha256_sign", lambda: key.sign(data, mechanism=mech),
+                 lambda: ops.hmac_sha256(token, ref, data), 40, scaled(300), {"data_bytes": 32})
 
 
 @pytest.fixture(scope="module")
@@ -138,11 +151,7 @@ def gcm_case(bench) -> Case:
 
     assert raw() == layer() == plaintext
 
-    n = 40
-    inter = Interleaved("aes_gcm_decrypt", {"raw": batch_measure(raw, n),
-                                            "layer": batch_measure(layer, n)})
-    inter.warmup()
-    return Case("aes_gcm_decrypt", n, scaled(300), inter, {"plaintext_bytes": 32})
+    return _case("aes_gcm_decrypt", raw, layer, 40, scaled(300), {"plaintext_bytes": 32})
 
 
 @pytest.fixture(scope="module")
@@ -169,17 +178,12 @@ def kwp_case(bench) -> Case:
         return ops.aes_unwrap(token, kek_ref, wrapped.data, key_type=KeyType.AES,
                               label="bench-kwp-unwrapped", capabilities=caps)
 
-    _check_unwrapped(lease.key(ops.secret("bench-kwp-target")), raw(), layer())
-
-    pending: list = []
-    n = 8
-    inter = Interleaved("aes_kwp_unwrap", {"raw": batch_measure(raw, n, pending),
-                                           "layer": batch_measure(layer, n, pending)},
-                        cleanup=destroyer(pending))
-    inter.warmup()
-    return Case("aes_kwp_unwrap", n, scaled(150), inter,
-                {"mechanism": name, "mechanism_code": f"0x{int(mech):x}", "key_bytes": 32,
-                 "note": "unwrapped session objects are destroyed outside the timed region"})
+    return _unwrap_case("aes_kwp_unwrap", lease.key(ops.secret("bench-kwp-target")), raw, layer,
+                        8, scaled(150),
+                        {"mechanism": name, "mechanism_code": f"0x{int(mech):x}",
+                         "key_bytes": 32,
+                         "note": "unwrapped session objects are destroyed outside the timed "
+                                 "region"})
 
 
 @pytest.fixture(scope="module")
@@ -213,17 +217,10 @@ def oaep_case(bench) -> Case:
         return ops.rsa_oaep_unwrap(token, priv_ref, wrapped.data, key_type=KeyType.AES,
                                    label="bench-oaep-unwrapped", capabilities=caps)
 
-    _check_unwrapped(lease.key(ops.secret("bench-oaep-target")), raw(), layer())
-
-    pending: list = []
-    n = 1
-    inter = Interleaved("rsa_oaep_unwrap", {"raw": batch_measure(raw, n, pending),
-                                            "layer": batch_measure(layer, n, pending)},
-                        cleanup=destroyer(pending))
-    inter.warmup()
-    return Case("rsa_oaep_unwrap", n, scaled(80), inter,
-                {"rsa_bits": RSA_BITS, "oaep_hash": hash_name,
-                 "keygen_seconds": round(keygen_s, 3), "key_bytes": 32})
+    return _unwrap_case("rsa_oaep_unwrap", lease.key(ops.secret("bench-oaep-target")), raw,
+                        layer, 1, scaled(80),
+                        {"rsa_bits": RSA_BITS, "oaep_hash": hash_name,
+                         "keygen_seconds": round(keygen_s, 3), "key_bytes": 32})
 
 
 # --------------------------------------------------------------------------- the benchmarks
@@ -231,27 +228,15 @@ def _run(benchmark, case: Case, variant: str, bench_reports) -> None:
     benchmark.group = f"layer-overhead: {case.name} (time per batch of {case.batch})"
     this_run = case.inter.run(benchmark, variant, case.rounds)
 
-    pooled = case.inter.samples
-    raw_med, layer_med = median(pooled["raw"]), median(pooled["layer"])
-    overall = ratio(layer_med, raw_med)
     here = ratio(median(this_run["layer"]), median(this_run["raw"]))
-    # Per-block ratios: the layer sample against the raw sample of the same round.
-    paired = case.inter.paired_ratios("layer", "raw")
-    paired_median = statistics.median(paired) if paired else None
-
+    # Pooled medians, and per-block ratios: each layer sample against the raw one of its round.
     summary = {
-        "ratio": overall,
-        "target_max": TARGET,
-        "within_target": overall is not None and overall <= TARGET,
-        "raw_median_us": raw_med and raw_med * 1e6,
-        "layer_median_us": layer_med and layer_med * 1e6,
-        "overhead_us_per_op": (layer_med - raw_med) * 1e6 if raw_med and layer_med else None,
-        "samples_per_variant": {k: len(v) for k, v in pooled.items()},
+        **versus(case.inter, "layer", "raw", TARGET, unit="us", extra_key="overhead_us_per_op"),
         "batch": case.batch,
         "per_benchmark_ratio": {**case.info.get("per_benchmark_ratio", {}), variant: here},
-        "paired_round_ratio_median": paired_median,
         **{k: v for k, v in case.info.items() if k != "per_benchmark_ratio"},
     }
+    overall, paired_median = summary["ratio"], summary["paired_round_ratio_median"]
     case.info["per_benchmark_ratio"] = summary["per_benchmark_ratio"]
     benchmark.extra_info.update({
         "op": case.name, "variant": variant, "batch": case.batch,
