@@ -10,10 +10,12 @@ import ssl
 import time
 
 
-def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.load_cert_chain(cert, key)
-    conns: dict[tuple, http.client.HTTPSConnection] = {}
+def _serve(conn_pipe, connect, requester) -> None:
+    """A client process's loop: for each ``(host, port, method, path, body, seconds)`` it is
+    sent, keep one connection per server (``connect(host, port)``), make requests back to back
+    for ``seconds`` with ``requester(conn, method, path, body)`` (a call that makes one request
+    and says whether it succeeded), and send back (latencies, failed count). None ends it."""
+    conns: dict[tuple, object] = {}
     while True:
         msg = conn_pipe.recv()
         if msg is None:
@@ -21,19 +23,15 @@ def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
         host, port, method, path, body, seconds = msg
         conn = conns.get((host, port))
         if conn is None:
-            conn = conns[(host, port)] = http.client.HTTPSConnection(host, port, context=ctx,
-                                                                     timeout=30)
+            conn = conns[(host, port)] = connect(host, port)
+        once = requester(conn, method, path, body)
         lat, bad = [], 0
-        headers = {"Content-Type": "application/json"} if body else {}
         end = time.perf_counter() + seconds
         while True:
             t0 = time.perf_counter()
             if t0 >= end:
                 break
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
+            if not once():
                 bad += 1
             lat.append(time.perf_counter() - t0)
         conn_pipe.send((lat, bad))
@@ -41,34 +39,42 @@ def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
         c.close()
 
 
+def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+
+    def connect(host, port):
+        return http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
+
+    def requester(conn, method, path, body):
+        headers = {"Content-Type": "application/json"} if body else {}
+
+        def once() -> bool:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status == 200
+        return once
+
+    _serve(conn_pipe, connect, requester)
+
+
 def _kmip_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
     """The same loop with PyKMIP's client: one kept connection, ``Get`` of one key id."""
     import warnings
     warnings.simplefilter("ignore")
     from kmip.pie.client import ProxyKmipClient
-    clients = {}
-    while True:
-        msg = conn_pipe.recv()
-        if msg is None:
-            break
-        host, port, _method, uid, _body, seconds = msg
-        c = clients.get((host, port))
-        if c is None:
-            c = clients[(host, port)] = ProxyKmipClient(hostname=host, port=port, cert=cert,
-                                                        key=key, ca=ca, config_file="/dev/null")
-            c.open()
-        lat, bad = [], 0
-        end = time.perf_counter() + seconds
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= end:
-                break
-            if len(c.get(uid).value) != 32:
-                bad += 1
-            lat.append(time.perf_counter() - t0)
-        conn_pipe.send((lat, bad))
-    for c in clients.values():
-        c.close()
+
+    def connect(host, port):
+        c = ProxyKmipClient(hostname=host, port=port, cert=cert, key=key, ca=ca,
+                            config_file="/dev/null")
+        c.open()
+        return c
+
+    def requester(c, _method, uid, _body):
+        return lambda: len(c.get(uid).value) == 32
+
+    _serve(conn_pipe, connect, requester)
 
 
 class LoadPool:
