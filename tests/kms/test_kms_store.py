@@ -737,12 +737,13 @@ def _assert_consecutive(store: Store, org: str, n: int) -> None:
     assert all(b - a >= policy.NEW_SECRET_INTERVAL["sandbox"] for a, b in pairwise(created))
 
 
-@pytest.mark.slow
-def test_two_processes_of_eight_threads_lose_no_update(store, store_url, tmp_path):
+def _race_two_processes(store: Store, store_url: str, tmp_path: Path, **race) -> list[dict]:
+    """Two worker processes of 8 threads each racing :func:`_race` on org "sbx" (made here),
+    released together by a "go" file; each process's results, after checking that both exited 0
+    and none of their threads raised."""
     store.create_org("sbx", "sandbox")
     go = tmp_path / "go"
-    spec = dict(op="race", url=store_url, org="sbx", threads=8, calls=5, same_now=False,
-                go=str(go), start_ns=time.monotonic_ns())
+    spec = dict(op="race", url=store_url, org="sbx", threads=8, go=str(go), **race)
     procs = [_spawn(spec) for _ in range(2)]
     time.sleep(0.5)
     go.touch()
@@ -752,25 +753,20 @@ def test_two_processes_of_eight_threads_lose_no_update(store, store_url, tmp_pat
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert [r["errors"] for r in results] == [[], []]
+    return results
+
+
+@pytest.mark.slow
+def test_two_processes_of_eight_threads_lose_no_update(store, store_url, tmp_path):
+    results = _race_two_processes(store, store_url, tmp_path, calls=5, same_now=False,
+                                  start_ns=time.monotonic_ns())
     _assert_consecutive(store, "sbx", 80)
     assert sorted(results[0]["ok"] + results[1]["ok"]) == list(range(1, 81))
 
 
 @pytest.mark.slow
 def test_same_instant_rate_limited_calls_let_exactly_one_through(store, store_url, tmp_path):
-    store.create_org("sbx", "sandbox")
-    go = tmp_path / "go"
-    spec = dict(op="race", url=store_url, org="sbx", threads=8, calls=1, same_now=True,
-                go=str(go), start_ns=0)
-    procs = [_spawn(spec) for _ in range(2)]
-    time.sleep(0.5)
-    go.touch()
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    assert [r["errors"] for r in results] == [[], []]
+    results = _race_two_processes(store, store_url, tmp_path, calls=1, same_now=True, start_ns=0)
     assert sorted(results[0]["ok"] + results[1]["ok"]) == [1]
     assert results[0]["limited"] + results[1]["limited"] == 15
     assert [(r.version, r.state) for r in store.secrets("sbx")] == [(1, "ACTIVE")]
