@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import json
 import re
 from pathlib import Path
 
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
-from cryptography.x509.oid import NameOID
 
 from hsm.pin import token_env
 from hsm.testing import TestToken
-from tests.helpers import run_hsm
+from tests.helpers import run_hsm, self_signed_pem
 
 _HASH = {"sha1": hashes.SHA1, "sha256": hashes.SHA256}
 
@@ -47,13 +44,7 @@ def write_key(private_key, path: Path, form: str = "pem") -> Path:
     elif form == "b64der":
         data = base64.b64encode(spki_der(private_key)) + b"\n"
     elif form == "cert":
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "csek ingress (test)")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-                .public_key(private_key.public_key()).serial_number(1)
-                .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
-                .sign(private_key, hashes.SHA256()))
-        data = cert.public_bytes(serialization.Encoding.PEM)
+        data = self_signed_pem(private_key, "csek ingress (test)", hashes.SHA256())
     else:
         raise ValueError(form)
     path.write_bytes(data)

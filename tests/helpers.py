@@ -144,3 +144,23 @@ def assert_secrets_absent(secrets: Iterable[bytes], paths: Iterable[Path | str])
         for _secret, form in forms:
             assert form not in data, f"secret material found in {path}"
     return read
+
+
+# --------------------------------------------------------------------------- certificates
+def self_signed_pem(private_key, common_name: str, hash_algorithm) -> bytes:
+    """A PEM certificate of ``private_key``'s public key, self-signed with it (``hash_algorithm``,
+    e.g. ``hashes.SHA256()``), subject and issuer ``CN=<common_name>``, serial 1, valid from now
+    for one day."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(private_key.public_key()).serial_number(1)
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(private_key, hash_algorithm))
+    return cert.public_bytes(serialization.Encoding.PEM)

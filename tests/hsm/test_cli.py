@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from hsm import fingerprint as fp
 from hsm.testing import TestToken, new_softhsm_token
-from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm
+from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm, self_signed_pem
 
 pytestmark = pytest.mark.slow
 
@@ -357,52 +357,42 @@ def test_init_primary_second_run_reports_exists_and_creates_nothing(primary):
 
 
 # ----------------------------------------------------------------------------- outputs
-def test_existing_output_file_is_never_overwritten(softhsm_token, tmp_path):
+def _init_primary_over(tt: TestToken, tmp_path: Path,
+                       existing: bytes) -> tuple[subprocess.CompletedProcess, Path]:
+    """``hsm init-primary`` into a new --out folder whose signing-certificate file already
+    holds ``existing``; the result and that file."""
     out = tmp_path / "out"
     out.mkdir()
-    target = out / f"{softhsm_token.label}-signing.pem"
-    target.write_bytes(b"written by someone else\n")
-    result = run_hsm(softhsm_token, "init-primary", "--token", softhsm_token.label,
-                     "--out", str(out), env=pin_env(softhsm_token))
+    target = out / f"{tt.label}-signing.pem"
+    target.write_bytes(existing)
+    result = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out),
+                     env=pin_env(tt))
+    return result, target
+
+
+def test_existing_output_file_is_never_overwritten(softhsm_token, tmp_path):
+    result, target = _init_primary_over(softhsm_token, tmp_path, b"written by someone else\n")
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert target.read_bytes() == b"written by someone else\n"
-    assert sorted(p.name for p in out.iterdir()) == [target.name]  # no encryption cert either
+    # no encryption cert either
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]
     assert_no_secrets(result, softhsm_token.user_pin.reveal())
 
 
 def test_existing_output_file_error_names_the_file(softhsm_token, tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    target = out / f"{softhsm_token.label}-signing.pem"
-    target.write_bytes(b"written by someone else\n")
-    result = run_hsm(softhsm_token, "init-primary", "--token", softhsm_token.label,
-                     "--out", str(out), env=pin_env(softhsm_token))
+    result, target = _init_primary_over(softhsm_token, tmp_path, b"written by someone else\n")
     line = assert_one_line_error(result)
     assert str(target) in line or target.name in line
     assert target.read_bytes() == b"written by someone else\n"
 
 
 def test_existing_certificate_for_another_key_is_never_overwritten(softhsm_token, tmp_path):
-    import datetime as dt
-
     from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
 
-    other = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(other.public_key()).serial_number(1)
-            .not_valid_before(now).not_valid_after(now + dt.timedelta(days=1))
-            .sign(other, hashes.SHA384()))
-    pem = cert.public_bytes(serialization.Encoding.PEM)
-    out = tmp_path / "out"
-    out.mkdir()
-    target = out / f"{softhsm_token.label}-signing.pem"
-    target.write_bytes(pem)
-    result = run_hsm(softhsm_token, "init-primary", "--token", softhsm_token.label,
-                     "--out", str(out), env=pin_env(softhsm_token))
+    pem = self_signed_pem(ec.generate_private_key(ec.SECP384R1()), "someone else",
+                          hashes.SHA384())
+    result, target = _init_primary_over(softhsm_token, tmp_path, pem)
     line = assert_one_line_error(result)
     assert str(target) in line
     assert "another key" in line
