@@ -246,6 +246,27 @@ class ServiceKit:
             node.kill()
 
 
+def node_fixtures(config):
+    """Module-scoped ``node`` and ``local`` fixtures: ``node`` is one real ``kms serve`` on
+    ``config(service_kit)`` (a config path), killed after the module; ``local`` an in-process
+    node of the same region on the same store (the expected DEKs). In a module:
+    ``node, local = node_fixtures(lambda kit: kit.config(...))``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def node(service_kit):
+        n = service_kit.start(config(service_kit))
+        yield n
+        n.kill()
+
+    @pytest.fixture(scope="module")
+    def local(service_kit, node):
+        """An in-process node of the same region on the same store: the expected DEKs."""
+        with service_kit.local_node(node.config) as kms:
+            yield kms
+    return node, local
+
+
 def make_service_kit(root: Path, make_token) -> ServiceKit:
     kit = make_kit(root / "kit", make_token, regions=("eu",))
     plan_path = kit.write_plan()

@@ -17,23 +17,12 @@ import pytest
 from kms import config as configs
 from kms.errors import ConfigError
 from kms.server import audit
-from tests.service_kit import ACME_ID, DATA_ID
+from tests.service_kit import ACME_ID, DATA_ID, node_fixtures
 from tests.helpers import run_cli, start_threads
 
 
-@pytest.fixture(scope="module")
-def node(service_kit):
-    cfg = service_kit.config(header_timeout_seconds=1.0, max_body_bytes=4096)
-    n = service_kit.start(cfg)
-    yield n
-    n.kill()
-
-
-@pytest.fixture(scope="module")
-def local(service_kit, node):
-    """An in-process node of the same region on the same store: the expected DEKs."""
-    with service_kit.local_node(node.config) as kms:
-        yield kms
+node, local = node_fixtures(
+    lambda kit: kit.config(header_timeout_seconds=1.0, max_body_bytes=4096))
 
 
 def _org(node, name, **kw):

@@ -12,6 +12,7 @@ import pytest
 from kms.client import Forbidden, KmsClient, RemoteKeyProvider, ServiceError, Unavailable
 from kms.errors import KeyDestroyed, RateLimited, UnknownTenant
 from kms.sdk import FieldEncryptor
+from tests.service_kit import node_fixtures
 
 
 class Clock:
@@ -22,18 +23,7 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def node(service_kit):
-    n = service_kit.start(service_kit.config(store=str(service_kit.root / "client.db")))
-    yield n
-    n.kill()
-
-
-@pytest.fixture(scope="module")
-def local(service_kit, node):
-    """An in-process node of the same region on the same store: the expected DEKs."""
-    with service_kit.local_node(node.config) as kms:
-        yield kms
+node, local = node_fixtures(lambda kit: kit.config(store=str(kit.root / "client.db")))
 
 
 def _client(kit, urls, who="data", **kw):
