@@ -11,6 +11,7 @@ and what it yields cannot be read, wrapped out or used as an ECB oracle.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -654,18 +655,28 @@ def _byok_unwrap(token, label, ct, template, lease):
                                        lease.key(ops.private(label)).handle, ct, tpl)
 
 
+@contextlib.contextmanager
+def _eu_anchor(kit):
+    """The eu regional's anchor session, for raw calls: yields (token, its RawModule, the lease,
+    the session handle); the attack's session objects are swept afterwards, whatever happened."""
+    token = kit.regionals["eu"].token
+    try:
+        with token.anchor() as lease:
+            yield token, token.module.raw, lease, lease.session.handle
+    finally:
+        sweep(token)
+
+
 @pytest.mark.parametrize("change", [
     {Attribute.EXTRACTABLE: True}, {Attribute.SENSITIVE: False}, {Attribute.TOKEN: True},
     {Attribute.ALLOWED_MECHANISMS: (Mechanism.AES_ECB,)}, {Attribute.WRAP: True},
 ], ids=["extractable", "readable", "persistent", "ecb-allowed", "wrapping"])
 def test_byok_seed_key_unwraps_only_into_the_non_extractable_template(kit, byok_keys, change):
-    eu = kit.regionals["eu"]
     label, _, ct = byok_keys["seed"]
-    with eu.token.anchor() as lease:
-        got = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_SEED_UNWRAP_TEMPLATE, **change},
+    with _eu_anchor(kit) as (token, _, lease, _):
+        got = _byok_unwrap(token, label, ct, {**policies.BYOK_SEED_UNWRAP_TEMPLATE, **change},
                            lease)
     assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
-    sweep(eu.token)
 
 
 def test_what_a_pin_holder_gets_from_a_byok_seed_unwrap(kit, byok_keys):
@@ -675,33 +686,27 @@ def test_what_a_pin_holder_gets_from_a_byok_seed_unwrap(kit, byok_keys):
     what the KMS itself stores, so no more than the store's reader with the PIN already gets)."""
     import hashlib
     import hmac as hmac_
-    eu = kit.regionals["eu"]
-    raw = eu.token.module.raw
     label, secret, ct = byok_keys["seed"]
-    try:
-        with eu.token.anchor() as lease:
-            h = lease.session.handle
-            rv, key = _byok_unwrap(eu.token, label, ct, policies.BYOK_SEED_UNWRAP_TEMPLATE, lease)
-            assert raw_rv(rv) == "CKR_OK"
-            assert raw_rv(raw.get_attribute(h, key, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
-            rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
-                Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-                Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True,
-                Attribute.LABEL: f"atk-{next(_label)}"})
-            assert raw_rv(raw.wrap_key(h, Mechanism.AES_KEY_WRAP_PAD, None, wrapper, key)) == \
-                "CKR_KEY_UNEXTRACTABLE"
-            assert raw_rv(raw.copy_object(h, key, {Attribute.EXTRACTABLE: True})) == \
-                "CKR_ATTRIBUTE_READ_ONLY"
-            assert raw_rv(raw.set_attributes(h, key, {Attribute.SENSITIVE: False})) in (
-                "CKR_ATTRIBUTE_READ_ONLY", "CKR_ACTION_PROHIBITED")
-            rv, digest = raw.digest_key(h, Mechanism.SHA256, key)
-            assert digest == hashlib.sha256(secret).digest()
-            assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.SHA256_HMAC, None,
-                                             key)) == "CKR_OK"
-            assert raw.one_shot("C_Sign", h, b"m")[1] == hmac_.new(secret, b"m",
-                                                                   hashlib.sha256).digest()
-    finally:
-        sweep(eu.token)
+    with _eu_anchor(kit) as (token, raw, lease, h):
+        rv, key = _byok_unwrap(token, label, ct, policies.BYOK_SEED_UNWRAP_TEMPLATE, lease)
+        assert raw_rv(rv) == "CKR_OK"
+        assert raw_rv(raw.get_attribute(h, key, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
+        rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True,
+            Attribute.LABEL: f"atk-{next(_label)}"})
+        assert raw_rv(raw.wrap_key(h, Mechanism.AES_KEY_WRAP_PAD, None, wrapper, key)) == \
+            "CKR_KEY_UNEXTRACTABLE"
+        assert raw_rv(raw.copy_object(h, key, {Attribute.EXTRACTABLE: True})) == \
+            "CKR_ATTRIBUTE_READ_ONLY"
+        assert raw_rv(raw.set_attributes(h, key, {Attribute.SENSITIVE: False})) in (
+            "CKR_ATTRIBUTE_READ_ONLY", "CKR_ACTION_PROHIBITED")
+        rv, digest = raw.digest_key(h, Mechanism.SHA256, key)
+        assert digest == hashlib.sha256(secret).digest()
+        assert raw_rv(raw.operation_init("C_SignInit", h, Mechanism.SHA256_HMAC, None,
+                                         key)) == "CKR_OK"
+        assert raw.one_shot("C_Sign", h, b"m")[1] == hmac_.new(secret, b"m",
+                                                               hashlib.sha256).digest()
 
 
 @pytest.mark.parametrize("purpose", ["seed", "dek"])
@@ -733,21 +738,15 @@ def test_byok_private_keys_cannot_decrypt_be_changed_copied_or_use_pkcs1(kit, by
 def test_the_byok_dek_key_releases_what_it_unwraps_by_design(kit, byok_keys):
     """Derivation NONE: the uploaded value is the DEK the KMS serves in the clear, so a PIN
     holder with the stored ciphertext reads it too. It still cannot become a token object."""
-    eu = kit.regionals["eu"]
-    raw = eu.token.module.raw
     label, dek, ct = byok_keys["dek"]
-    try:
-        with eu.token.anchor() as lease:
-            h = lease.session.handle
-            got = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
-                                                     Attribute.TOKEN: True}, lease)
-            assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
-            rv, key = _byok_unwrap(eu.token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
-                                                         Attribute.SIGN: False}, lease)
-            assert raw_rv(rv) == "CKR_OK"
-            assert raw.get_attribute(h, key, Attribute.VALUE)[1] == dek
-    finally:
-        sweep(eu.token)
+    with _eu_anchor(kit) as (token, raw, lease, h):
+        got = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+                                              Attribute.TOKEN: True}, lease)
+        assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
+        rv, key = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+                                                  Attribute.SIGN: False}, lease)
+        assert raw_rv(rv) == "CKR_OK"
+        assert raw.get_attribute(h, key, Attribute.VALUE)[1] == dek
 
 
 def test_byok_keys_pass_the_audit_and_a_ciphertext_for_one_is_nothing_to_the_other(kit,
