@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kms.cache import KeyCache
-from kms.errors import KeyDestroyed, KmsError, UnknownTenant
+from kms.errors import KeyDestroyed, KmsError, UnknownTenant, UnknownVersion
 from kms.sdk import (FORMAT_VERSION, MAGIC, AuthenticationFailed, CiphertextError, FieldEncryptor,
                      MalformedCiphertext, TenantMismatch, UnsupportedFormat, parse_header)
 
@@ -57,7 +57,7 @@ class Provider:
         if not any(o == org for o, _ in self.active):
             raise UnknownTenant(f"unknown tenant {org!r}")
         if (org, key_type, version) not in self.deks:
-            raise KmsError(f"no {key_type} key version {version} for {org!r}")
+            raise UnknownVersion(f"no {key_type} key version {version} for {org!r}")
         dek = self.deks[(org, key_type, version)]
         if dek is None:
             raise KeyDestroyed("gone")
@@ -183,11 +183,17 @@ def test_destroyed_database_key_names_its_type(sdk, provider):
 # --------------------------------------------------------------------------- bad blobs
 def test_every_single_byte_tamper_fails(sdk):
     blob = sdk.encrypt("org-a", os.urandom(40), aad=b"ctx")
+    seen: set[str] = set()
     for i in range(len(blob)):
         for mask in (0x01, 0x80, 0xFF):
             bad = blob[:i] + bytes([blob[i] ^ mask]) + blob[i + 1:]
-            with pytest.raises(KmsError):
+            with pytest.raises(KmsError) as info:
                 sdk.decrypt("org-a", bad, aad=b"ctx")
+            seen.add(type(info.value).__name__)
+    # A changed header names what changed; a changed body fails its authentication.
+    assert seen <= {"MalformedCiphertext", "UnsupportedFormat", "TenantMismatch",
+                    "AuthenticationFailed", "UnknownVersion", "UnknownTenant"}, seen
+    assert "AuthenticationFailed" in seen
 
 
 def test_every_truncation_and_extension_fails(sdk):
