@@ -80,7 +80,7 @@ def cmd_plan(args) -> int:
     print(f"Plan {p.path}: ceremony {p.id!r} ({p.type})"
           + (f", release {p.release}" if p.release else "")
           + (" - PRACTICE" if p.practice else ""))
-    print("\n".join(fp.display(p.digest, title="Digest", indent="")))
+    print("\n".join(fp.display(p.digest, title="Digest", indent="", width=7)))
     print(f"Quorum  {p.quorum} of {len(p.crypto_officers)} crypto officers: "
           + ", ".join(o.name for o in p.crypto_officers))
     for o in p.officers:

@@ -80,13 +80,14 @@ def to_words(data: bytes) -> list[str]:
     return [(EVEN_WORDS if i % 2 == 0 else ODD_WORDS)[b] for i, b in enumerate(data)]
 
 
-def display(digest: bytes, title: str = "SHA-256(SPKI)", indent: str = "  ") -> list[str]:
+def display(digest: bytes, title: str = "SHA-256(SPKI)", indent: str = "  ",
+            width: int = 0) -> list[str]:
     """The one layout every command prints a fingerprint in, for an officer to read aloud and
     compare with another screen: the grouped hex after ``title``, then the PGP words, 16 a
-    line, under it."""
+    line, under it (``width``: the label column, to line up with the lines around it)."""
     words = to_words(digest)
-    width = len(title)
-    return [f"{indent}{title} {to_hex(digest)}",
+    width = max(width, len(title))
+    return [f"{indent}{title:<{width}} {to_hex(digest)}",
             f"{indent}{'words':<{width}} {' '.join(words[:16])}",
             f"{indent}{'':<{width}} {' '.join(words[16:])}"]
 
