@@ -12,11 +12,11 @@ RUNPY = $$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON) )
 
 .PHONY: demo test lint bench deps clean
 
-deps: $(VAR)/.deps
-
-$(VAR)/.deps: pyproject.toml scripts/install-deps.sh
+# Run every time (about 2 s when nothing is missing): a stamp file would miss an editable install
+# that another clone of this repository has since pointed at itself.
+deps:
 	@bash scripts/install-deps.sh
-	@mkdir -p $(VAR) && touch $@
+	@mkdir -p $(VAR)
 
 $(SOFTHSM2_CONF): softhsm.conf | deps
 	@$(RUNPY) -c "from pathlib import Path; from hsm.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
