@@ -16,7 +16,7 @@ from pathlib import Path
 from . import fingerprint as fp
 from . import module as modules
 from . import pin as pins
-from . import cliutil, provision, softhsm, uri
+from . import cliutil, provision, softhsm
 from . import x509 as certs
 from .errors import HsmError, TokenNotFound, UsageError
 from .roles import DEFAULT_SIGNING, SIGNING_ROLES
@@ -33,14 +33,9 @@ def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
 
 
 def _open_token(args, *, login: bool = True) -> Token:
-    target = args.token
-    label, serial = target, args.serial
-    module = cliutil.module_of(args)
+    label, serial, module, parsed = cliutil.token_target(args)
     pin_source = args.pin_source
-    if target.startswith("pkcs11:"):
-        parsed = uri.parse(target)
-        label, serial = parsed.token, parsed.serial or serial
-        module = parsed.module_path or module
+    if parsed is not None:
         if parsed.pin_value is not None and not pin_source:
             return Token.open(label, serial=serial, module=module,
                               parameters=args.module_params, pin=pins.Pin(parsed.pin_value))
@@ -135,7 +130,7 @@ def cmd_certify_regional(args) -> int:
 def cmd_fingerprint(args) -> int:
     with _open_token(args) as token:
         from pkcs11 import ObjectClass
-        parsed = uri.parse(args.token) if args.token.startswith("pkcs11:") else None
+        parsed = cliutil.token_target(args)[3]
         label = args.key or (parsed.object if parsed else None) or f"{token.label}-encryption"
         spki = certs.public_key_info(token, KeyRef(label, ObjectClass.PUBLIC_KEY))
         digest = certs.fingerprint(spki)

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 
 from . import module as modules
+from . import uri
+from .uri import Pkcs11Uri
 from .errors import SuiteError, UsageError
 
 
@@ -42,6 +44,18 @@ def add_module_args(p: argparse.ArgumentParser) -> None:
 def module_of(args: argparse.Namespace) -> str:
     """The module a command uses: ``--module``, else ``$HSM_MODULE``, else SoftHSM2."""
     return args.module or os.environ.get("HSM_MODULE") or modules.DEFAULT_MODULE
+
+
+def token_target(args: argparse.Namespace) -> tuple[str, str | None, str, Pkcs11Uri | None]:
+    """``--token`` (a label or a PKCS#11 URI), ``--serial`` and the module, resolved the one way
+    every token command does: what the URI names wins. Returns (label, serial, module, URI)."""
+    label, serial, module = args.token, args.serial, module_of(args)
+    parsed = None
+    if label.startswith("pkcs11:"):
+        parsed = uri.parse(label)
+        label, serial = parsed.token, parsed.serial or serial
+        module = parsed.module_path or module
+    return label, serial, module, parsed
 
 
 def run(prog: str, func: Callable[[object], int], args, *, debug: bool) -> int:

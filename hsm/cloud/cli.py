@@ -18,7 +18,7 @@ from asn1crypto import x509 as asn1x509
 from pkcs11 import ObjectClass
 
 from .. import pin as pins
-from .. import cliutil, uri
+from .. import cliutil
 from ..errors import UsageError
 from ..files import write_new
 from ..token import KeyRef, Token
@@ -74,18 +74,8 @@ def _confirm(args, digest: bytes) -> None:
                          "nothing trusted", hint="get the import key again from the provider")
 
 
-def _token_target(args) -> tuple[str, str | None, str]:
-    label, serial = args.token, args.serial
-    module = cliutil.module_of(args)
-    if label.startswith("pkcs11:"):
-        parsed = uri.parse(label)
-        label, serial = parsed.token, parsed.serial or serial
-        module = parsed.module_path or module
-    return label, serial, module
-
-
 def _open_so(args) -> Token:
-    label, serial, module = _token_target(args)
+    label, serial, module, _ = cliutil.token_target(args)
     so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
                           prompt=f"Security officer PIN for token {label}: ")
     return Token.open(label, serial=serial, module=module, parameters=args.module_params,
@@ -157,7 +147,7 @@ def cmd_export(args, open_token) -> int:
     if wrapped is None:
         # The composed RSA-AES route needs a CKA_TRUSTED ephemeral key: only the SO can make
         # one. The user's login ended with the block above (login is per application).
-        label, _, _ = _token_target(args)
+        label = cliutil.token_target(args)[0]
         so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
                               prompt=f"Security officer PIN for token {label}: ")
         wrapped = wrap.composed(mod, p11token, so_pin, lambda: open_token(args), import_ref,
@@ -183,7 +173,7 @@ def cmd_export(args, open_token) -> int:
 
 
 def p11_label(args) -> str:
-    return repr(_token_target(args)[0])
+    return repr(cliutil.token_target(args)[0])
 
 
 def _import_token(args, prov) -> bytes | None:
