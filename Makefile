@@ -5,17 +5,16 @@ PYTHON ?= python3
 ROOT := $(CURDIR)
 VAR := $(ROOT)/var
 export SOFTHSM2_CONF := $(VAR)/softhsm2.conf
-# Used only where the system Python is externally managed (see scripts/install-deps.sh).
+# This checkout's own environment (scripts/install-deps.sh makes it): its commands come first.
 export PATH := $(ROOT)/.venv/bin:$(PATH)
-# The interpreter that has the package: .venv's where install-deps.sh had to make one.
-RUNPY = $$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo $(PYTHON) )
+RUNPY = $(ROOT)/.venv/bin/python
 
 .PHONY: demo test lint bench deps clean
 
 # Run every time (about 2 s when nothing is missing): a stamp file would miss an editable install
 # that another clone of this repository has since pointed at itself.
 deps:
-	@bash scripts/install-deps.sh
+	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
 	@mkdir -p $(VAR)
 
 $(SOFTHSM2_CONF): softhsm.conf | deps

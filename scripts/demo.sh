@@ -25,12 +25,11 @@ for label in ("PRIMARY", "REGIONAL_EU", "REGIONAL_US"):
     print(f"HSM_PIN_{label}={secrets.token_hex(6)}")
 PY
 fi
-# ...and where the demo tokens are (and the .venv's commands, where the package went there),
+# ...and where the demo tokens are and this checkout's .venv commands,
 # so sourcing the one file is all a shell needs.
-if ! grep -q '^SOFTHSM2_CONF=' $VAR/demo-pins.env; then
+grep -q '^SOFTHSM2_CONF=' $VAR/demo-pins.env ||
     echo "SOFTHSM2_CONF=$PWD/$VAR/softhsm2.conf" >> $VAR/demo-pins.env
-    [ -x .venv/bin/python ] && echo "PATH=$PWD/.venv/bin:\$PATH" >> $VAR/demo-pins.env
-fi
+grep -q '^PATH=' $VAR/demo-pins.env || echo "PATH=$PWD/.venv/bin:\$PATH" >> $VAR/demo-pins.env
 set -a; . $VAR/demo-pins.env; set +a
 umask 022
 

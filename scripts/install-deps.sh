@@ -16,21 +16,18 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 PY=${PYTHON:-python3}
-# Debian's own python3 is "externally managed" (PEP 668) and may lack pip: then the package goes
-# into a virtual environment at .venv, which the Makefile puts first on PATH.
-if [ ! -x .venv/bin/python ] && ! $PY -c "
-import os, sys, sysconfig
-managed = os.path.exists(os.path.join(sysconfig.get_path('stdlib'), 'EXTERNALLY-MANAGED'))
-import importlib.util
-sys.exit(1 if managed or importlib.util.find_spec('pip') is None else 0)"; then
+# Always this checkout's own virtual environment at .venv, whatever the interpreter: an editable
+# install into a shared interpreter would make the last clone that ran `make` decide which code
+# every other clone's commands (and their tests' subprocesses) run.
+if [ ! -x .venv/bin/python ]; then
     if ! $PY -c "import venv, ensurepip" 2>/dev/null; then
         echo "installing: python3-venv"
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
     fi
-    echo "creating .venv (this Python is externally managed or has no pip)"
+    echo "creating .venv (this checkout's own Python environment)"
     $PY -m venv .venv
 fi
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+PY=.venv/bin/python
 # Reinstall unless each package is importable from *this* checkout (an editable install made
 # from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
