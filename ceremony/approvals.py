@@ -1,5 +1,6 @@
-"""M-of-N approvals: each crypto officer signs (plan digest || ceremony nonce) with their own
-Ed25519 key, before any key is touched.
+"""M-of-N approvals: each crypto officer signs (plan digest || ceremony nonce) with their own key
+(ECDSA P-256/P-384 in their token, :mod:`ceremony.officers`; Ed25519 files of older plans still
+approve), before any key is touched.
 
 The nonce is drawn fresh when the ceremony is opened and recorded in its journal, so an approval
 made for another run (or another plan) cannot be replayed into this one.
@@ -12,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ApprovalError
+from .officers import FileSigner
 from .plan import Plan
 
 CONTEXT = b"hsm-suite ceremony approval v1\x00"
@@ -52,31 +55,45 @@ class Approval:
             raise ApprovalError(f"cannot read approval {path}: {exc}") from None
 
 
-def sign(plan: Plan, nonce: bytes, officer: str, key_path: Path, password: bytes | None = None
-         ) -> Approval:
-    """What `ceremony approve` does on the officer's side."""
-    try:
-        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ApprovalError(f"cannot load approval key {key_path}: {exc}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ApprovalError(f"{key_path} is not an Ed25519 private key")
+def sign(plan: Plan, nonce: bytes, officer: str, key_path: Path | None = None,
+         password: bytes | None = None, *, signer=None) -> Approval:
+    """What `ceremony approve` does on the officer's side: with the key file ``key_path`` or a
+    ``signer`` (:class:`hsm.officer.TokenSigner`), which must be the plan's key for them."""
+    if signer is None:
+        if key_path is None:
+            raise ApprovalError("no approval key given")
+        signer = FileSigner(Path(key_path), password)
     listed = {o.name: o for o in plan.officers}
     if officer not in listed:
         raise ApprovalError(f"{officer!r} is not an officer in the plan")
-    if _load_pub(listed[officer].approval_key).public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw) != \
-            key.public_key().public_bytes(serialization.Encoding.Raw,
-                                          serialization.PublicFormat.Raw):
-        raise ApprovalError(f"{key_path} is not the approval key the plan lists for {officer!r}",
-                            hint="use your own key file; the plan's public key for you differs")
-    return Approval(officer, plan.digest, nonce, key.sign(message(plan.digest, nonce)))
+    if _spki(listed[officer].approval_key) != signer.spki.dump():
+        raise ApprovalError(f"{key_path or 'the token key'} is not the approval key the plan "
+                            f"lists for {officer!r}",
+                            hint="use your own key; the plan's public key for you differs")
+    return Approval(officer, plan.digest, nonce, signer.sign(message(plan.digest, nonce)))
 
 
-def _load_pub(pem_text: str) -> Ed25519PublicKey:
+def spki_of(pem_text: str) -> bytes:
+    """The DER SubjectPublicKeyInfo of a plan's approval key."""
+    return _spki(pem_text)
+
+
+def _spki(pem_text: str) -> bytes:
     key = serialization.load_pem_public_key(pem_text.encode())
-    assert isinstance(key, Ed25519PublicKey)
-    return key
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _verify(pem_text: str, signature: bytes, data: bytes) -> None:
+    """Raise InvalidSignature unless ``signature`` is the plan key's over ``data``."""
+    key = serialization.load_pem_public_key(pem_text.encode())
+    if isinstance(key, Ed25519PublicKey):
+        key.verify(signature, data)
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        algorithm = hashes.SHA256() if key.curve.name == "secp256r1" else hashes.SHA384()
+        key.verify(signature, data, ec.ECDSA(algorithm))
+    else:  # the plan parser admits no other kind
+        raise InvalidSignature()
 
 
 def check(plan: Plan, nonce: bytes, approvals: list[Approval]) -> list[str]:
@@ -107,13 +124,12 @@ def check_detailed(plan: Plan, nonce: bytes, approvals: list[Approval]) -> dict[
                             f"{ap.nonce.hex()[:16]}..., this run's is {nonce.hex()[:16]}...)")
             continue
         try:
-            _load_pub(officer.approval_key).verify(ap.signature, message(plan.digest, nonce))
+            _verify(officer.approval_key, ap.signature, message(plan.digest, nonce))
         except InvalidSignature:
             problems.append(f"{ap.officer!r}: the signature does not verify")
             continue
         # Defence in depth behind the plan parser: one key holder never counts twice.
-        raw_key = _load_pub(officer.approval_key).public_bytes(serialization.Encoding.Raw,
-                                                               serialization.PublicFormat.Raw)
+        raw_key = _spki(officer.approval_key)
         if key_of.setdefault(raw_key, ap.officer) != ap.officer:
             problems.append(f"{ap.officer!r} has the same approval key as "
                             f"{key_of[raw_key]!r}; it counts once")
@@ -129,7 +145,14 @@ def check_detailed(plan: Plan, nonce: bytes, approvals: list[Approval]) -> dict[
 
 
 def new_key(path: Path) -> str:
-    """Generate an officer's Ed25519 approval key file (0600); return the public PEM."""
+    """Generate an officer's ECDSA P-256 key file (0600, rehearsals); return the public PEM."""
+    from .officers import new_key_file, public_pem
+    return public_pem(new_key_file(path))
+
+
+def new_legacy_key(path: Path) -> str:
+    """An Ed25519 approval key file, as plans made before countersignatures had: for tests
+    of those plans only."""
     from hsm.files import write_new
     key = Ed25519PrivateKey.generate()
     write_new(path, key.private_bytes(serialization.Encoding.PEM,

@@ -1,14 +1,18 @@
-"""The ``ceremony`` command: plan, open, approve, run, verify, rehearse.
+"""The ``ceremony`` command: plan, open, approve, run, countersign, verify, rehearse, keygen.
 
-A ceremony is run in three moves so approvals bind to *this* run: ``ceremony open PLAN`` draws a
-fresh nonce and prints it with the plan digest; each crypto officer runs ``ceremony approve``;
-``ceremony run PLAN`` checks the quorum and performs the steps. ``ceremony verify`` checks the
-outputs offline, with no HSM.
+A ceremony is run in four moves so approvals bind to *this* run and the release to its
+officers: ``ceremony open PLAN`` draws a fresh nonce and prints it with the plan digest; each
+crypto officer runs ``ceremony approve``; ``ceremony run PLAN`` checks the quorum, performs the
+steps and shows the release digest; each officer then runs ``ceremony countersign``, which adds
+their signature to every bundle (regions accept a release only with M officers they pin).
+``ceremony verify`` checks the outputs offline, with no HSM. Officers' keys live on their own
+tokens (``--token URI``); key files (``--key``) are for rehearsals.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -20,12 +24,13 @@ from hsm.files import write_new
 
 from hsm import export, policy
 
-from . import approvals, environment, plan as plans, runner
+from . import approvals, environment, officers, plan as plans, runner
 from .transcript import Transcript
 
 STEP_DETAILS = {
     "open": "draw a 256-bit nonce; journal plan digest, officers, quorum",
-    "approvals": "verify >= M Ed25519 approvals over (plan digest || nonce) from crypto officers",
+    "approvals": "verify >= M officer approvals (ECDSA, on the officers' tokens) over "
+                 "(plan digest || nonce) from crypto officers",
     "check-certificates": "each recipient certificate: issued by the primary signing "
                           "certificate, valid now, keyEncipherment, RSA >= 3072, SHA-256(SPKI) "
                           "equals the pinned fingerprint",
@@ -44,7 +49,9 @@ STEP_DETAILS = {
     "record-release": "C_CreateObject CKO_DATA 'hsm-suite-release-<id>' {"
                       + policy.describe_template(policy.RELEASE_RECORD.attributes)
                       + "} (not in practice runs)",
-    "close": "journal the summary; the primary signing key signs the transcript head",
+    "close": "journal the summary and the release digest (SHA-256 over every manifest); the "
+             "primary signing key signs the transcript head; the digest is shown for the "
+             "officers' countersignatures (`ceremony countersign`, after the run)",
     "certify-regional": "issue the regional certificate after the pinned fingerprint matched",
 }
 
@@ -86,6 +93,9 @@ def cmd_plan(args) -> int:
     for o in p.officers:
         if o.role != "crypto-officer":
             print(f"        {o.role}: {o.name}")
+    for o in p.crypto_officers:
+        spki = approvals.spki_of(o.approval_key)
+        print(f"Officer {o.name}: key SHA-256(SPKI) {fp.to_hex(hashlib.sha256(spki).digest())}")
     for r in p.regions:
         print(f"Region  {r.name}: {r.certificate}  pinned {fp.to_hex(r.fingerprint)}")
     print(f"Output  {p.output_dir}\nSteps:")
@@ -116,7 +126,8 @@ def cmd_approve(args) -> int:
         if opened is None:
             raise UsageError(f"ceremony not opened in {p.output_dir}", hint="give --nonce")
         nonce = bytes.fromhex(opened["data"]["nonce"])
-    approval = approvals.sign(p, nonce, args.officer, Path(args.key))
+    with officers.signer_of(args) as signer:
+        approval = approvals.sign(p, nonce, args.officer, signer=signer)
     out = Path(args.out) if args.out else p.output_dir / runner.APPROVALS_DIR / \
         f"{args.officer}.json"
     write_new(out, approval.to_json().encode())
@@ -151,8 +162,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from release import quorum
     from .verify import verify_directory
-    result = verify_directory(Path(args.directory), Path(args.cert))
+    result = verify_directory(Path(args.directory), Path(args.cert),
+                              quorum.load(Path(args.officers)))
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -160,6 +173,22 @@ def cmd_verify(args) -> int:
               f"{len(result['bundles'])} bundles verified"
               + (f", resumed {result['resumed']}x" if result["resumed"] else "")
               + (" (PRACTICE)" if result["practice"] else ""))
+        signed = sorted({n for names in result["officers"].values() for n in names})
+        print(f"    countersigned by {', '.join(signed)} (officers pinned in {args.officers})")
+    return 0
+
+
+def cmd_countersign(args) -> int:
+    from .countersign import countersign, release_digest_of
+    directory, cert = Path(args.directory), Path(args.cert)
+    digest, names = release_digest_of(directory, cert)
+    print(f"Ceremony {directory}: {len(names)} bundles ({', '.join(names)})")
+    confirmed = cliutil.confirm_fingerprint(digest, args.digest,
+                                            "the ceremony showed at its close")
+    with officers.signer_of(args) as signer:
+        outcomes = countersign(directory, cert, signer, args.officer, confirmed)
+    for o in outcomes:
+        print(f"  {o.bundle}: {o.status} by {args.officer}")
     return 0
 
 
@@ -176,9 +205,37 @@ def cmd_rehearse(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    pub = approvals.new_key(Path(args.out))
-    print(pub, end="")
+    if bool(args.out) == bool(args.token):
+        raise UsageError("give exactly one of --token URI (the officer's own token) or --out "
+                         "FILE (a key file, for rehearsals)")
+    curve = {"p256": "secp256r1", "p384": "secp384r1"}[args.curve]
+    if args.out:
+        spki = officers.new_key_file(Path(args.out), args.curve)
+    else:
+        from hsm import officer
+        token = cliutil.open_token(args, pin_prompt="Officer token PIN: ")
+        try:
+            parsed = cliutil.token_target(args)[3]
+            label = parsed.object if parsed is not None and parsed.object else \
+                officer.DEFAULT_LABEL
+            spki = officer.generate(token, label, curve=curve,
+                                    allow_weak_token=args.allow_weak_token)
+        finally:
+            token.close()
+    print(officers.describe(spki), end="")
     return 0
+
+
+def _add_signer_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--officer", required=True)
+    p.add_argument("--token", metavar="URI", help=f"the officer's token (RFC 7512 URI, e.g. "
+                   f"pkcs11:token=alice;object=ceremony-officer?pin-source=file:PIN): {what} "
+                   "is made inside it")
+    p.add_argument("--serial", help="select the token by serial as well")
+    cliutil.add_module_args(p)
+    p.add_argument("--pin-source", metavar="env:VAR|file:PATH",
+                   help="the officer token's PIN (default: $HSM_PIN_<LABEL>, else a prompt)")
+    p.add_argument("--key", help="an officer key file instead of a token (rehearsals)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,8 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_open)
     p = sub.add_parser("approve", help="an officer signs (plan digest || nonce)")
     p.add_argument("--plan", required=True)
-    p.add_argument("--officer", required=True)
-    p.add_argument("--key", required=True, help="the officer's Ed25519 approval key (PEM)")
+    _add_signer_args(p, "the approval")
     p.add_argument("--nonce", help="the run's nonce (default: read from the output directory)")
     p.add_argument("--out", help="approval file (default: OUTPUT/approvals/OFFICER.json)")
     p.set_defaults(func=cmd_approve)
@@ -208,16 +264,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="verify a closed ceremony offline (no HSM)")
     p.add_argument("directory")
     p.add_argument("--cert", required=True, help="the primary signing certificate")
+    p.add_argument("--officers", required=True, metavar="TOML",
+                   help="the pinned officer sets ([[officers]]): a pins file or a KMS node "
+                        "configuration")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("countersign", help="an officer signs every bundle of a closed "
+                                           "ceremony (no primary HSM needed)")
+    p.add_argument("directory")
+    p.add_argument("--cert", required=True, help="the primary signing certificate")
+    p.add_argument("--digest", metavar="HEX|WORDS",
+                   help="the release digest the ceremony showed at its close (asked for at a "
+                        "terminal otherwise)")
+    _add_signer_args(p, "the signature")
+    p.set_defaults(func=cmd_countersign)
     p = sub.add_parser("rehearse", help="run the plan against throw-away SoftHSM2 tokens, "
                                         "outputs stamped PRACTICE")
     p.add_argument("plan")
     p.add_argument("--dry-run", action="store_true", help="print the steps; touch nothing")
     p.set_defaults(func=cmd_rehearse)
-    p = sub.add_parser("keygen", help="make an officer's Ed25519 approval key; prints the "
-                                      "public key for the plan")
-    p.add_argument("--out", required=True)
+    p = sub.add_parser("keygen", help="make an officer's ECDSA key in their token (or a file, "
+                                      "for rehearsals); prints the public key for the plan and "
+                                      "its fingerprint for the regions")
+    p.add_argument("--token", metavar="URI", help="generate inside this token (RFC 7512 URI; "
+                   "object=LABEL names the key, default ceremony-officer)")
+    p.add_argument("--serial", help="select the token by serial as well")
+    cliutil.add_module_args(p)
+    p.add_argument("--pin-source", metavar="env:VAR|file:PATH",
+                   help="the officer token's PIN (default: $HSM_PIN_<LABEL>, else a prompt)")
+    p.add_argument("--allow-weak-token", action="store_true",
+                   help="a token that does not enforce the key policy (rehearsals only)")
+    p.add_argument("--out", help="a key file instead (rehearsals)")
+    p.add_argument("--curve", choices=("p256", "p384"), default="p256")
     p.set_defaults(func=cmd_keygen)
     return parser
 

@@ -42,7 +42,7 @@ _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 class Officer:
     name: str
     role: str
-    approval_key: str  # Ed25519 public key, PEM SubjectPublicKeyInfo
+    approval_key: str  # ECDSA P-256/P-384 (or older plans' Ed25519) public key, PEM SPKI
 
 
 @dataclass(frozen=True)
@@ -299,16 +299,21 @@ def _fingerprint(chk: _Checker, keypath: str, value: str) -> bytes:
 def _raw_key(pem_text: str) -> bytes:
     from cryptography.hazmat.primitives.serialization import (Encoding, PublicFormat,
                                                               load_pem_public_key)
-    return load_pem_public_key(pem_text.encode()).public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return load_pem_public_key(pem_text.encode()).public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
 
 
 def _check_approval_key(chk: _Checker, keypath: str, pem_text: str) -> None:
     from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
     try:
         key = load_pem_public_key(pem_text.encode())
     except (ValueError, UnsupportedAlgorithm):
         raise chk.fail(keypath, "not a PEM public key of a known algorithm") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise chk.fail(keypath, "approval keys are Ed25519")
+    ecdsa = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name in ("secp256r1",
+                                                                            "secp384r1")
+    if not ecdsa and not isinstance(key, Ed25519PublicKey):
+        raise chk.fail(keypath, "approval keys are ECDSA P-256/P-384 (`ceremony keygen`); "
+                       "Ed25519 keys of older plans approve but cannot countersign")

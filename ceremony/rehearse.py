@@ -1,9 +1,10 @@
 """`ceremony rehearse PLAN`: the same plan against fresh, throw-away SoftHSM2 tokens.
 
 The rehearsal provisions a primary and one regional token per region in a temporary directory,
-substitutes their certificates and fingerprints and throw-away officer approval keys into a copy
-of the plan, forces ``practice = true`` (bundle names and manifests say PRACTICE; a production
-KMS refuses them), and runs open -> approvals -> run -> verify. It must run in a process that has
+substitutes their certificates and fingerprints and throw-away officer keys into a copy of the
+plan, forces ``practice = true`` (bundle names and manifests say PRACTICE; a production KMS
+refuses them), and runs open -> approvals -> run -> countersign -> verify (with the throw-away
+officers pinned). It must run in a process that has
 not yet loaded SoftHSM2 (the CLI is one), because SoftHSM2 reads its configuration once.
 """
 
@@ -22,9 +23,14 @@ from hsm import provision, softhsm
 from hsm.pin import Pin
 from hsm.token import Token
 
+from release import quorum, signers
+
 from . import approvals, environment, plan as plans
+from .countersign import countersign
 from .errors import CeremonyError
+from .officers import FileSigner
 from .runner import Runner
+from .transcript import Transcript
 from .verify import verify_directory
 
 
@@ -109,7 +115,18 @@ def rehearse(plan_path: Path, log=print) -> dict:
         ap = approvals.sign(practice, nonce, officer.name, keys[officer.name])
         (folder / f"{officer.name}.json").write_text(ap.to_json())
     runner.run()
-    result = verify_directory(practice.output_dir, pki / "primary-signing.pem")
+    # The officers of the quorum countersign every bundle with their throw-away keys, and the
+    # outputs are verified against exactly those keys pinned.
+    pins: dict[bytes, str] = {}
+    closed = Transcript(practice.output_dir).data("close")
+    for officer in practice.crypto_officers[:practice.quorum]:
+        signer = FileSigner(keys[officer.name])
+        countersign(practice.output_dir, pki / "primary-signing.pem", signer, officer.name,
+                    bytes.fromhex(closed["release_digest"]))
+        pins[signers.fingerprint(signer.spki)] = officer.name
+    officer_pins = quorum.Pins((quorum.OfficerSet("0", practice.quorum, pins),),
+                               source="rehearsal")
+    result = verify_directory(practice.output_dir, pki / "primary-signing.pem", officer_pins)
     # Keep the practice primary certificate beside the outputs (to re-verify them), and
     # destroy the throw-away tokens: they hold practice secrets nobody should reuse.
     shutil.copy(pki / "primary-signing.pem",

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from hsm import export, ops
+from hsm import fingerprint as fp
 from hsm import x509 as hx
 from hsm import pin as pins
 from hsm.files import write_new
 from hsm.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs
+from release.canonical import canonical
 from release.ids import release_key
 
 from . import approvals as approvals_mod
@@ -33,6 +35,7 @@ from .environment import Environment
 from .errors import CeremonyError, ResumeError
 from .plan import Plan
 from .transcript import SIGNATURE_FILE, Transcript, head_message, sha256_hex
+from .verify import release_digest
 
 APPROVALS_DIR = "approvals"
 # Test hook: kill the runner with SIGKILL at a named checkpoint, to prove resume works. Named
@@ -145,6 +148,7 @@ class Runner:
                 self._do(step)
             if not (self.out / SIGNATURE_FILE).exists():
                 self._sign_head()
+            self.show_release_digest()
         finally:
             self._destroy_restored()
             self._close_user_token()
@@ -298,8 +302,9 @@ class Runner:
             manifest = verified.manifest
             if manifest["ceremony_id"] != self.plan.id or manifest["region"] != recipient:
                 raise ResumeError(f"{path} belongs to another ceremony or region")
-            self._journal(f"export:{recipient}", {"bundle": path.name, "status": "adopted",
-                                                  "sha256": sha256_hex(path.read_bytes())})
+            self._journal(f"export:{recipient}", {
+                "bundle": path.name, "status": "adopted", "sha256": verified.core_sha256,
+                "manifest_sha256": verified.manifest_sha256.hex()})
             return
         checked = self.tr.data("check-certificates")["recipients"][recipient]
         wrap_ref = ops.public(recipient_label(recipient))
@@ -319,12 +324,16 @@ class Runner:
                 "recipient": {"spki_sha256": checked["spki_sha256"],
                               "certificate_sha256": checked["certificate_sha256"]},
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "practice": self.plan.practice, "kdf_salt": salt, "secrets": entries}
+                "practice": self.plan.practice, "kdf_salt": salt, "secrets": entries,
+                # What the officers approved, inside what they countersign: a manifest is
+                # bound to the reviewed plan and to this run.
+                "plan_digest": self.plan.digest.hex(), "run_nonce": self.tr.data("open")["nonce"]}
             der = bundles.build(manifest, primary_cert, self._signature_scheme(token),
                                 lambda data: self._sign(token, data))
         write_new(path, der)
         self._journal(f"export:{recipient}", {
             "bundle": path.name, "status": "created", "sha256": sha256_hex(der),
+            "manifest_sha256": sha256_hex(canonical(manifest)),
             "wraps": [{"secret": e["name"], **e["wrap"]} for e in entries]})
 
     def _export_sources(self, token: Token) -> tuple[str, list[dict]]:
@@ -448,11 +457,33 @@ class Runner:
     def step_close(self) -> None:
         summary: dict[str, Any] = {"steps": [r["step"] for r in self.tr.records],
                    "bundles": {}}
+        manifests = {}
         for r in self.tr.records:
             if r["step"].startswith("export:"):
                 summary["bundles"][r["data"]["bundle"]] = r["data"]["sha256"]
+                manifests[r["data"]["bundle"]] = r["data"].get("manifest_sha256") or \
+                    self._manifest_sha256(r["data"]["bundle"])
         summary["resumed"] = sum(1 for r in self.tr.records if r["step"] == "resume")
+        if manifests:
+            summary["manifests"] = manifests
+            summary["release_digest"] = release_digest(manifests).hex()
         self._journal("close", summary)
+
+    def _manifest_sha256(self, name: str) -> str:
+        """For an export journaled by a version that did not record it (a resumed run)."""
+        path = self.out / name
+        return bundles.verify(path.read_bytes(), self._primary_asn1,
+                              where=str(path)).manifest_sha256.hex()
+
+    def show_release_digest(self) -> None:
+        """After close: what each crypto officer compares before countersigning."""
+        closed = self.tr.data("close")
+        if "release_digest" not in closed:
+            return
+        self.log("Release manifests, for the officers to countersign "
+                 "(`ceremony countersign DIR --officer NAME --token URI --digest HEX|WORDS`):")
+        for line in fp.display(bytes.fromhex(closed["release_digest"]), title="Digest"):
+            self.log(line)
 
     # ------------------------------------------------------------------------- signing
     @functools.cached_property

@@ -1,12 +1,17 @@
-"""Offline verification of a closed ceremony: no HSM, only the primary signing certificate.
+"""Offline verification of a closed ceremony: no HSM, only the primary signing certificate and
+the officers the verifier pins (:mod:`release.quorum`).
 
 Checks, in order: the transcript's hash chain; the signature on its head; that the signed head is
 the last record (nothing appended after closing); that the approvals met the quorum recorded at
-open; and every bundle the transcript lists - file hash, CMS signature, manifest consistency.
+open; and every bundle the transcript lists - its primary-signed core against the hash the
+transcript recorded, the CMS signatures, manifest consistency (release, region, and for
+version-2 manifests the plan digest and run nonce the officers approved), and signatures of M
+officers the verifier pins.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,12 +21,18 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from release import bundle as bundles
 from release import certificates as certs
+from release import quorum
+from release.canonical import canonical
 
 from .errors import VerificationError
 from .transcript import FILE, SIGNATURE_FILE, head_message, load, sha256_hex
 
 
-def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
+def verify_directory(directory: Path, primary_cert_path: Path,
+                     officers: quorum.Pins | None) -> dict:
+    """Verify a closed ceremony; ``officers`` is the pinned quorum every bundle must meet
+    (``None`` only for `ceremony countersign`, which checks everything but that quorum before
+    officers add to it)."""
     directory = Path(directory)
     cert = certs.load(primary_cert_path, "primary signing")
     asn1_cert = certs.as_asn1(cert)
@@ -57,11 +68,13 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
     if opened["step"] != "open":
         raise VerificationError(f"{path}: the transcript does not start with 'open'")
     approvals = [r for r in records if r["step"] == "approvals"]
-    quorum = opened["data"].get("quorum")
-    if not approvals or quorum is None or len(approvals[-1]["data"]["approved_by"]) < quorum \
+    needed = opened["data"].get("quorum")
+    if not approvals or needed is None or len(approvals[-1]["data"]["approved_by"]) < needed \
             or approvals[-1]["data"]["nonce"] != opened["data"]["nonce"]:
         raise VerificationError(f"{path}: the recorded approvals do not meet the quorum")
-    checked = []
+    checked: list[str] = []
+    signed_by: dict[str, list[str]] = {}
+    manifests: dict[str, str] = {}
     for rec in records:
         if not rec["step"].startswith("export:"):
             continue
@@ -71,15 +84,22 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
             der = bpath.read_bytes()
         except OSError:
             raise VerificationError(f"bundle {name} listed in the transcript is missing") from None
-        if sha256_hex(der) != rec["data"]["sha256"]:
-            raise VerificationError(f"{bpath}: differs from the bundle the transcript recorded")
         verified = bundles.verify(der, asn1_cert, where=str(bpath))
+        # Officers' signatures are added after the ceremony: the transcript recorded the
+        # bundle as the primary signed it, which is what stays when they are set aside.
+        if verified.core_sha256 != rec["data"]["sha256"]:
+            raise VerificationError(f"{bpath}: differs from the bundle the transcript recorded")
         m = verified.manifest
         if m["ceremony_id"] != opened["data"]["ceremony_id"] or \
                 m["release"] != opened["data"]["release"] or \
                 m["practice"] != opened["data"]["practice"] or \
-                m["region"] != rec["step"].split(":", 1)[1]:
+                m["region"] != rec["step"].split(":", 1)[1] or \
+                (m["version"] >= 2 and (m["plan_digest"] != opened["data"]["plan_digest"]
+                                        or m["run_nonce"] != opened["data"]["nonce"])):
             raise VerificationError(f"{bpath}: its manifest does not match the transcript")
+        if officers is not None:
+            signed_by[name] = quorum.check(verified, officers, str(bpath))
+        manifests[name] = verified.manifest_sha256.hex()
         checked.append(name)
     strays = sorted(p.name for p in directory.glob("bundle-*") if p.name not in checked)
     if strays:
@@ -88,7 +108,14 @@ def verify_directory(directory: Path, primary_cert_path: Path) -> dict:
     return {"ceremony_id": opened["data"]["ceremony_id"], "records": len(records),
             "head": head, "bundles": checked,
             "resumed": sum(1 for r in records if r["step"] == "resume"),
-            "practice": opened["data"]["practice"]}
+            "practice": opened["data"]["practice"], "officers": signed_by,
+            "manifests": manifests, "release_digest": release_digest(manifests).hex()}
+
+
+def release_digest(manifests: dict[str, str]) -> bytes:
+    """One digest over every bundle's manifest (name -> SHA-256 hex): what the ceremony shows
+    the officers at close, in hex and PGP words, and what each re-reads before countersigning."""
+    return hashlib.sha256(b"hsm-suite release manifests v1\x00" + canonical(manifests)).digest()
 
 
 def _verify_head(cert, algorithm: str | None, signature: bytes, head: str, where: Path) -> None:

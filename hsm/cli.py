@@ -33,19 +33,7 @@ def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
 
 
 def _open_token(args, *, login: bool = True) -> Token:
-    label, serial, module, parsed = cliutil.token_target(args)
-    pin_source = args.pin_source
-    if parsed is not None:
-        if parsed.pin_value is not None and not pin_source:
-            return Token.open(label, serial=serial, module=module,
-                              parameters=args.module_params, pin=pins.Pin(parsed.pin_value))
-        pin_source = pin_source or parsed.pin_source
-    user_pin: pins.Pin | None = None
-    if login:
-        user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
-                                prompt=f"User PIN for token {label or serial}: ")
-    return Token.open(label, serial=serial, module=module, parameters=args.module_params,
-                      pin=user_pin)
+    return cliutil.open_token(args, login=login)
 
 
 def _print_outcomes(outcomes) -> None:

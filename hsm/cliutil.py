@@ -58,6 +58,27 @@ def token_target(args: argparse.Namespace) -> tuple[str, str | None, str, Pkcs11
     return label, serial, module, parsed
 
 
+def open_token(args: argparse.Namespace, *, login: bool = True, pin_prompt: str | None = None):
+    """The token ``--token``/``--serial``/``--module`` name, logged in with the PIN from
+    ``--pin-source``, the URI's pin-value or pin-source, ``$HSM_PIN_<LABEL>``, ``$HSM_PIN`` or
+    a prompt (in that order); ``login=False`` opens it without a PIN."""
+    from . import pin as pins
+    from .token import Token
+    label, serial, module, parsed = token_target(args)
+    pin_source = getattr(args, "pin_source", None)
+    params = getattr(args, "module_params", None)
+    if parsed is not None:
+        if parsed.pin_value is not None and not pin_source:
+            return Token.open(label, serial=serial, module=module, parameters=params,
+                              pin=pins.Pin(parsed.pin_value))
+        pin_source = pin_source or parsed.pin_source
+    user_pin = None
+    if login:
+        user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
+                                prompt=pin_prompt or f"User PIN for token {label or serial}: ")
+    return Token.open(label, serial=serial, module=module, parameters=params, pin=user_pin)
+
+
 def run(prog: str, func: Callable[[object], int], args, *, debug: bool) -> int:
     try:
         return func(args)

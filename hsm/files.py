@@ -33,3 +33,26 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def replace(path: Path, data: bytes) -> Path:
+    """Replace ``path`` with ``data`` atomically (temporary file, fsync, rename, directory
+    fsync): a reader sees the old file or the new one, never a mix. For the one file kind that
+    grows in place, a bundle its officers countersign; every other output is write-once."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hsm import module as modules
 from hsm import tomlfile
+from release import quorum
+from release.errors import PinsError
 
 from . import policy
 from .errors import ConfigError
@@ -20,6 +22,7 @@ _FIELDS: dict[str, tomlfile.Kind] = {
     "primary_certificate": str, "bundle_dir": str, "store": str, "allow_practice": bool,
     "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
     "service": dict,  # [service]: the network service (kms.server.settings, parsed strictly)
+    "officers": list,  # [[officers]]: the pinned officer sets (release.quorum), by release
 }
 _REQUIRED = ("region", "token", "primary_certificate", "bundle_dir", "store")
 
@@ -40,6 +43,9 @@ class KmsConfig:
     cache_max_entries: int = policy.CACHE_MAX_ENTRIES
     cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
     service: ServiceSettings | None = None  # when [service] is present
+    # The officers whose signatures a release needs here. None only on a rehearsal node
+    # (allow_practice = true), which then takes PRACTICE bundles only.
+    officers: quorum.Pins | None = None
 
 
 def load(path: str | Path) -> KmsConfig:
@@ -56,6 +62,17 @@ def load(path: str | Path) -> KmsConfig:
     if data.get("cache_flush_hours", 1) <= 0:
         raise ConfigError(f"{path}: cache_flush_hours must be > 0")
     base = path.parent
+    if "officers" in data:
+        try:
+            data["officers"] = quorum.parse(data["officers"], str(path))
+        except PinsError as exc:
+            raise ConfigError(str(exc)) from None
+    elif not data.get("allow_practice", False):
+        raise ConfigError(
+            f"{path}: no officers pinned, so no release can be accepted (a region takes a "
+            "release only with the signatures of M officers it pins itself)",
+            hint=quorum.HOW_TO_PIN + "; a rehearsal node (allow_practice = true) may go "
+                 "without and then takes PRACTICE bundles only")
     if "service" in data:
         from .server import settings
         data["service"] = settings.parse(path, data["service"])
@@ -68,5 +85,5 @@ def load(path: str | Path) -> KmsConfig:
                      **{k: data[k] for k in ("module", "module_params", "pin_source",
                                              "allow_practice", "pbkdf2_iterations",
                                              "cache_max_entries", "cache_flush_hours",
-                                             "service")
+                                             "service", "officers")
                         if k in data})

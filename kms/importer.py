@@ -1,8 +1,11 @@
 """Start-up import of release bundles into the regional HSM, as session objects only.
 
-For each bundle: the CMS signature against the pinned primary certificate, the region, the
-recipient (this HSM's own key), the practice flag, and release history (a release imported before
-with other content, or another ceremony's bundle for it, is a replay and is refused). Then one
+For each bundle: the CMS signature against the pinned primary certificate, the signatures of M
+officers this node pins for the release (:mod:`release.quorum`: never who the bundle says), the
+region, the recipient (this HSM's own key), the practice flag, and release history (a release
+imported before with other content, or another ceremony's bundle for it, is a replay and is
+refused; the content is the bundle as the primary signed it, so officers countersigning an
+imported release later does not change it). Then one
 RSA-OAEP unwrap per secret into a sensitive, non-extractable *session* object with only the usage
 it needs, and its key check value compared inside the token. Nothing is written to the token's
 persistent store, so a KMS restart re-imports and a stolen token file holds no release secret.
@@ -11,7 +14,6 @@ A bundle that fails is reported with its reason; the others are still imported.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from hsm.errors import HsmError
 from hsm.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs
+from release import quorum
 from release.errors import ReleaseError
 from release.ids import release_key
 
@@ -62,8 +65,11 @@ def own_key_fingerprint(token: Token) -> str:
 
 def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle_dir: Path,
                    allow_practice: bool, history: dict[str, tuple[str, str]],
-                   record=None) -> ImportReport:
+                   officers: quorum.Pins | None, record=None) -> ImportReport:
     """Import every ``bundle-*.p7`` under ``bundle_dir`` (recursively), oldest release first.
+
+    ``officers``: the pinned officer sets a bundle's signatures must meet; ``None`` (a rehearsal
+    node) accepts PRACTICE bundles only.
 
     ``history`` maps release -> (ceremony id, bundle SHA-256) of earlier imports (the store);
     ``record(release, ceremony_id, sha256)`` is called after a first successful import.
@@ -85,13 +91,17 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
     for path in sorted(Path(bundle_dir).rglob("bundle-*.p7")):
         try:
             der = path.read_bytes()
-            manifest = bundles.verify(der, primary, where=path.name).manifest
-            candidates.append((release_key(manifest["release"]), path, der, manifest))
-        except (OSError, ReleaseError, ValueError) as exc:  # ValueError: a non-numeric release id
+            verified = bundles.verify(der, primary, where=path.name)
+            manifest = verified.manifest
+            if manifest["region"] == region:   # others are skipped below, not judged
+                _check_quorum(verified, officers, path.name)
+            candidates.append((release_key(manifest["release"]), path, verified.core_sha256,
+                               manifest))
+        except (OSError, ReleaseError, ImportRefused, ValueError) as exc:  # ValueError: a non-numeric release id
             report.refused[path.name] = str(exc)
-    for _, path, der, manifest in sorted(candidates, key=lambda c: c[0]):
+    for _, path, core_sha256, manifest in sorted(candidates, key=lambda c: c[0]):
         try:
-            rel = _import_one(token, path, der, manifest, region=region, own=own,
+            rel = _import_one(token, path, core_sha256, manifest, region=region, own=own,
                               allow_practice=allow_practice, history=history,
                               held=report.held)
         except (ImportRefused, HsmError) as exc:
@@ -110,11 +120,18 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
     return report
 
 
-def _import_one(token: Token, path: Path, der: bytes, manifest: dict, *, region: str, own: str,
-                allow_practice: bool, history: dict, held: dict) -> Release | None:
+def _check_quorum(verified: bundles.Verified, officers: quorum.Pins | None, name: str) -> None:
+    if officers is not None:
+        quorum.check(verified, officers, name)
+    elif not verified.manifest["practice"]:
+        raise ImportRefused(f"{name}: this node pins no officers (a rehearsal node), so it "
+                            "takes PRACTICE bundles only", hint=quorum.HOW_TO_PIN)
+
+
+def _import_one(token: Token, path: Path, digest: str, manifest: dict, *, region: str,
+                own: str, allow_practice: bool, history: dict, held: dict) -> Release | None:
     if manifest["region"] != region:
         return None
-    digest = hashlib.sha256(der).hexdigest()
     release, ceremony_id = manifest["release"], manifest["ceremony_id"]
     if manifest["practice"] and not allow_practice:
         raise ImportRefused(f"{path.name} is a PRACTICE bundle; this KMS refuses practice "

@@ -118,6 +118,7 @@ class Kms:
             self.token, region=self.config.region,
             primary_cert_path=self.config.primary_certificate,
             bundle_dir=self.config.bundle_dir, allow_practice=self.config.allow_practice,
+            officers=self.config.officers,
             history=self.store.releases(),
             record=lambda rel, cid, sha: self.store.record_release(rel, cid, sha, self.clock()))
         self._cache_master = ops.generate_session_secret(

@@ -16,3 +16,11 @@ class CertificateError(ReleaseError):
 
 class VerificationError(ReleaseError):
     """A bundle or transcript failed offline verification."""
+
+
+class QuorumError(VerificationError):
+    """A bundle without valid signatures of enough officers the reader pins."""
+
+
+class PinsError(ReleaseError):
+    """The pinned officer sets of a configuration are missing or malformed."""

@@ -1,5 +1,6 @@
 """Build what a ceremony needs on real SoftHSM2 tokens: a provisioned primary, certified
-regional HSMs, officers with approval keys, plans and environment files.
+regional HSMs, officers with keys (ECDSA files: the token keys have tests of their own), plans,
+environment files, and the officer pins a region or `ceremony verify` holds.
 
 Shared by the ceremony tests. RSA-4096 keygen is slow, so a Kit is made once per test module and
 each test runs its own ceremony (fresh id, fresh release number, fresh output directory).
@@ -17,6 +18,10 @@ from hsm import provision
 from hsm.testing import TestToken
 
 from ceremony import approvals, plan as plans
+from ceremony.countersign import countersign
+from ceremony.officers import FileSigner
+from ceremony.transcript import Transcript
+from release import quorum, signers
 from tests.helpers import environ, run_cli
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),
@@ -102,13 +107,45 @@ class Kit:
         return run_cli("ceremony", *args, env=env or self.environ(), cwd=self.root,
                        timeout=timeout, input=input)
 
-    def run_release(self, **plan_kwargs) -> plans.Plan:
-        """One closed release ceremony (opened, approved by alice and bob, run); its plan."""
+    def run_release(self, *, countersigned=("alice", "bob"), **plan_kwargs) -> plans.Plan:
+        """One closed release ceremony (opened, approved by alice and bob, run, its bundles
+        countersigned by ``countersigned``); its plan."""
         plan_path = self.write_plan(**plan_kwargs)
         self.open_and_approve(plan_path)
         proc = self.cli("run", plan_path, "--env", self.env_file())
         assert proc.returncode == 0, proc.stderr
-        return plans.load(plan_path)
+        plan = plans.load(plan_path)
+        self.countersign(plan.output_dir, countersigned)
+        return plan
+
+    @property
+    def primary_cert(self) -> Path:
+        return self.pki / f"{self.primary.label}-signing.pem"
+
+    def countersign(self, directory: Path, officers=("alice", "bob")) -> None:
+        """What `ceremony countersign` does for each officer, in this process (no token)."""
+        digest = bytes.fromhex(Transcript(directory).data("close")["release_digest"])
+        for name in officers:
+            countersign(directory, self.primary_cert, FileSigner(self.officer_keys[name]),
+                        name, digest)
+
+    def fingerprint(self, officer: str) -> str:
+        return signers.fingerprint(FileSigner(self.officer_keys[officer]).spki).hex()
+
+    def pins_toml(self, m: int = 2, officers=("alice", "bob", "carol"),
+                  from_release: str = "1") -> str:
+        """An [[officers]] set pinning these kit officers (appended to a node configuration,
+        or a pins file for `ceremony verify --officers`)."""
+        keys = ", ".join(f'{n} = "{self.fingerprint(n)}"' for n in officers)
+        return f'\n[[officers]]\nfrom_release = "{from_release}"\nm = {m}\nkeys = {{ {keys} }}\n'
+
+    def pins_file(self, **kwargs) -> Path:
+        path = self.root / f"officers-{next(_release)}.toml"
+        path.write_text(self.pins_toml(**kwargs))
+        return path
+
+    def pins(self, **kwargs) -> quorum.Pins:
+        return quorum.load(self.pins_file(**kwargs))
 
     def open_and_approve(self, plan_path: Path, officers=("alice", "bob")) -> bytes:
         proc = self.cli("open", plan_path)

@@ -19,16 +19,18 @@ class Clock:
 
 
 def kms_config(kit, tmp_path: Path, bundle_dir: Path, region: str = "eu",
-               **extra) -> configs.KmsConfig:
+               officers: str | None = None, **extra) -> configs.KmsConfig:
     """A node configuration (strict TOML, loaded by kms.config) for ``region`` of a ceremony
-    kit: its regional token, the kit's primary certificate, a SQLite store under ``tmp_path``."""
+    kit: its regional token, the kit's primary certificate, a SQLite store under ``tmp_path``,
+    and ``officers`` (TOML) pinned - by default alice, bob and carol, 2 of them."""
     lines = {"region": region, "token": kit.regionals[region].label,
              "primary_certificate": str(kit.pki / f"{kit.primary.label}-signing.pem"),
              "bundle_dir": str(bundle_dir), "store": str(tmp_path / f"kms-{region}.db"),
              "pbkdf2_iterations": 50, **extra}
     path = tmp_path / f"kms-{region}.toml"
     path.write_text("".join(f"{k} = {v!r}\n".replace("'", '"') if not isinstance(v, bool)
-                            else f"{k} = {str(v).lower()}\n" for k, v in lines.items()))
+                            else f"{k} = {str(v).lower()}\n" for k, v in lines.items())
+                    + (kit.pins_toml() if officers is None else officers))
     return configs.load(path)
 
 

@@ -206,7 +206,7 @@ class ServiceKit:
             lines += ["", "[[service.clients]]"] + [f"{k} = {_toml_value(v)}"
                                                      for k, v in c.items()]
         path = d / "node.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n" + self.kit.pins_toml())
         return path
 
     @contextlib.contextmanager
@@ -274,4 +274,5 @@ def make_service_kit(root: Path, make_token) -> ServiceKit:
     proc = kit.cli("run", plan_path, "--env", kit.env_file())
     assert proc.returncode == 0, proc.stderr
     release = plans.load(plan_path)
+    kit.countersign(release.output_dir)
     return ServiceKit(kit, release, make_tls(root / "tls"), root)

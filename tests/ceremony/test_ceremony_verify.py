@@ -34,6 +34,7 @@ from ceremony.verify import verify_directory
 from tests.ceremony_kit import kit_fixture
 
 _release = itertools.count(7000)
+_PINS: list = []  # the module's officer pins, set by the ceremonies fixture
 
 
 kit = kit_fixture("ceremony-verify")
@@ -44,18 +45,32 @@ def _closed(kit) -> plans.Plan:
     kit.open_and_approve(plan_path)
     proc = kit.cli("run", plan_path, "--env", kit.env_file())
     assert proc.returncode == 0, proc.stderr
-    return plans.load(plan_path)
+    plan = plans.load(plan_path)
+    kit.countersign(plan.output_dir)
+    return plan
 
 
 @pytest.fixture(scope="module")
 def ceremonies(kit) -> tuple[plans.Plan, plans.Plan]:
     """Two closed ceremonies of the same primary (the second supplies swapped-in bundles)."""
+    _PINS[:] = [kit.pins()]
     return _closed(kit), _closed(kit)
 
 
 @pytest.fixture(scope="module")
 def cert(kit) -> Path:
     return kit.pki / f"{kit.primary.label}-signing.pem"
+
+
+@pytest.fixture(scope="module")
+def pins_file(kit) -> Path:
+    return kit.pins_file()
+
+
+@pytest.fixture(scope="module")
+def pins(kit, pins_file):
+    from release import quorum
+    return quorum.load(pins_file)
 
 
 @pytest.fixture
@@ -92,7 +107,7 @@ def records_of(directory: Path) -> list[dict]:
 
 def assert_rejected(directory: Path, cert: Path, *needles: str) -> VerificationError:
     with pytest.raises(VerificationError) as info:
-        verify_directory(directory, cert)
+        verify_directory(directory, cert, _PINS[0])
     for needle in needles:
         assert needle in str(info.value), str(info.value)
     return info.value
@@ -105,13 +120,13 @@ def first_bundle(plan: plans.Plan) -> str:
 # ------------------------------------------------------------------------------------ OK
 def test_closed_ceremony_verifies_in_process_and_with_the_cli(kit, ceremonies, cert):
     p = ceremonies[0]
-    result = verify_directory(p.output_dir, cert)
+    result = verify_directory(p.output_dir, cert, _PINS[0])
     names = sorted(runner.bundle_name(p, r) for r in [*kit.regionals, "escrow"])
     assert sorted(result["bundles"]) == names
     assert result["ceremony_id"] == p.id
     assert result["records"] == len(runner.steps(p)) == len(lines(p.output_dir))
     assert result["practice"] is False and result["resumed"] == 0
-    proc = kit.cli("verify", p.output_dir, "--cert", cert)
+    proc = kit.cli("verify", p.output_dir, "--cert", cert, "--officers", kit.pins_file())
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"OK: ceremony {p.id}, {result['records']} records, "
                                   "4 bundles verified"), proc.stdout
@@ -122,7 +137,7 @@ def test_cli_rejects_a_tampered_directory_in_one_line(kit, ceremonies, copy, cer
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    proc = kit.cli("verify", copy, "--cert", cert)
+    proc = kit.cli("verify", copy, "--cert", cert, "--officers", kit.pins_file())
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     err = proc.stderr.strip()
     assert err.startswith("ceremony: error: ") and len(err.splitlines()) == 1, err
@@ -184,6 +199,16 @@ def _remembering_bundle_verify(monkeypatch) -> None:
             real_head(cert, algorithm, signature, head, where)
             heads.add(key)
     monkeypatch.setattr(verify_mod, "_verify_head", verify_head)
+    # And the primary's signature inside a bundle, for unchanged inputs (a flip in an officer's
+    # SignerInfo leaves it as it was).
+    real_sig, sigs = bundles._check_signature, set()
+
+    def check_signature(cert, algo, signature, data, where):
+        key = (cert.dump(), algo.dump(), signature, data)
+        if key not in sigs:
+            real_sig(cert, algo, signature, data, where)
+            sigs.add(key)
+    monkeypatch.setattr(bundles, "_check_signature", check_signature)
 
 
 def _flip_every_byte(directory: Path, name: str, cert: Path) -> list[tuple[int, int]]:
@@ -199,13 +224,13 @@ def _flip_every_byte(directory: Path, name: str, cert: Path) -> list[tuple[int, 
                 data[offset] ^= bit
                 path.write_bytes(bytes(data))
                 try:
-                    verify_directory(directory, cert)
+                    verify_directory(directory, cert, _PINS[0])
                 except VerificationError:
                     continue
                 accepted.append((offset, bit))
     finally:
         path.write_bytes(original)
-    verify_directory(directory, cert)  # restored: verifies again
+    verify_directory(directory, cert, _PINS[0])  # restored: verifies again
     return accepted
 
 
@@ -231,18 +256,20 @@ def test_every_single_bit_flip_is_rejected(ceremonies, fast_copy, cert, which, m
 
 @functools.cache
 def _standalone_flips(bundle_path: Path, cert_path: Path) -> tuple[bytes, frozenset[int]]:
-    """What a receiver checks with only the bundle and the pinned certificate
-    (release.bundle.verify): the offsets whose flip it accepts."""
+    """What a receiver checks with only the bundle, the pinned certificate and its pinned
+    officers (release.bundle.verify, release.quorum.check): the offsets whose flip it
+    accepts."""
+    from release import quorum
     der = bundle_path.read_bytes()
     pinned = as_asn1(load_cert(cert_path, "primary signing"))
-    bundles.verify(der, pinned)
+    quorum.check(bundles.verify(der, pinned), _PINS[0], "bundle")
     accepted = set()
     for offset in range(len(der)):
         for bit in BITS:
             data = bytearray(der)
             data[offset] ^= bit
             try:
-                bundles.verify(bytes(data), pinned)
+                quorum.check(bundles.verify(bytes(data), pinned), _PINS[0], "bundle")
             except VerificationError:
                 continue
             accepted.add(offset)
@@ -250,7 +277,8 @@ def _standalone_flips(bundle_path: Path, cert_path: Path) -> tuple[bytes, frozen
 
 
 def _signed_spans(der: bytes) -> dict[str, range]:
-    si = cms.ContentInfo.load(der)["content"]["signer_infos"][0]
+    si = next(s for s in cms.ContentInfo.load(der)["content"]["signer_infos"]
+              if s["digest_algorithm"]["algorithm"].native == "sha384")  # the primary's
     content = cms.ContentInfo.load(der)["content"]["encap_content_info"]["content"].native
     parts = {"manifest": content, "signed attributes": si["signed_attrs"].contents,
              "signature": si["signature"].native, "signer id": si["sid"].dump()}
