@@ -126,6 +126,10 @@ def rehearse(plan_path: Path, log=print) -> dict:
         pins[signers.fingerprint(signer.spki)] = officer.name
     officer_pins = quorum.Pins((quorum.OfficerSet("0", practice.quorum, pins),),
                                source="rehearsal")
+    keys_toml = ", ".join(f'{name} = "{fpr.hex()}"' for fpr, name in pins.items())
+    (practice.output_dir / "PRACTICE-officers.toml").write_text(
+        f"# The rehearsal's throw-away officers (to re-verify these outputs)\n[[officers]]\n"
+        f'from_release = "0"\nm = {practice.quorum}\nkeys = {{ {keys_toml} }}\n')
     result = verify_directory(practice.output_dir, pki / "primary-signing.pem", officer_pins)
     # Keep the practice primary certificate beside the outputs (to re-verify them), and
     # destroy the throw-away tokens: they hold practice secrets nobody should reuse.

@@ -72,7 +72,8 @@ class TokenSigner:
             raise KeyPolicyViolation(f"{label!r} on token {token.label!r} is not an ECDSA P-256/P-384 "
                              "key", hint="generate one with `ceremony keygen --token URI`")
         self._hash = _HASHES[self.spki.curve[1]]
-        policies.require(token, self.ref, OFFICER_SIGNING, purpose="sign as a ceremony officer")
+        policies.require(token, self.ref, OFFICER_SIGNING,
+                         purpose="sign as a ceremony officer")
 
     def sign(self, data: bytes) -> bytes:
         digest = self._hash(data).digest()

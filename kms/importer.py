@@ -97,7 +97,8 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
                 _check_quorum(verified, officers, path.name)
             candidates.append((release_key(manifest["release"]), path, verified.core_sha256,
                                manifest))
-        except (OSError, ReleaseError, ImportRefused, ValueError) as exc:  # ValueError: a non-numeric release id
+        # ValueError: a non-numeric release id
+        except (OSError, ReleaseError, ImportRefused, ValueError) as exc:
             report.refused[path.name] = str(exc)
     for _, path, core_sha256, manifest in sorted(candidates, key=lambda c: c[0]):
         try:

@@ -4,10 +4,11 @@ A release is a set of secrets made in the primary HSM and sent, wrapped, to each
 *bundle*: a manifest in a CMS SignedData signed by the primary and countersigned by the crypto
 officers (:mod:`release.bundle`, :mod:`release.signers`), checked offline against the pinned
 primary certificate (:mod:`release.certificates`) and the reader's pinned officers
-(:mod:`release.quorum`), and ordered by its release id (:func:`release.ids.release_key`). ``ceremony`` writes bundles and ``kms`` reads them;
-both depend on this package and neither on the other, so a KMS never imports the ceremony
-runner, and a change of the format is one change in one place. It depends on ``hsm`` only for
-fingerprints and signature algorithm identifiers, and never touches a token.
+(:mod:`release.quorum`), and ordered by its release id (:func:`release.ids.release_key`).
+``ceremony`` writes bundles and ``kms`` reads them; both depend on this package and neither on
+the other, so a KMS never imports the ceremony runner, and a change of the format is one change
+in one place. It depends on ``hsm`` only for fingerprints, signature algorithm identifiers and
+the strict TOML reader, and never touches a token.
 """
 
 from release.bundle import FORMAT, VERSION, Verified, build, verify

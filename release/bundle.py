@@ -58,7 +58,7 @@ def build(manifest: dict, signer_cert: x509.Certificate, signature: str,
     return cms.ContentInfo({"content_type": "signed_data", "content": signed}).dump()
 
 
-def _signer_info(content: bytes, cert: x509.Certificate, digest: str, algorithm: dict,
+def _signer_info(content: bytes, cert: x509.Certificate, digest: str, algorithm: object,
                  sign: Callable[[bytes], bytes], signing_time: dt.datetime | None
                  ) -> cms.SignerInfo:
     when = (signing_time or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0)
@@ -236,7 +236,8 @@ def verify(der: bytes, primary_cert: x509.Certificate, *, where: str = "bundle")
                              "algorithms, certificates or unsigned attributes)")
         embedded = by_sid[primary_sid].dump()
         core = der if len(signers_) == 1 else _core(encap, primary_cert, si)
-        officer_pairs = [(s, by_sid[k]) for s, k in zip(signers_, sids) if k != primary_sid]
+        officer_pairs = [(s, by_sid[k]) for s, k in zip(signers_, sids)
+                         if k is not None and k != primary_sid]
         content_type = values["content_type"][0].native if "content_type" in values else None
         message_digest = values["message_digest"][0].native if "message_digest" in values \
             else None

@@ -51,6 +51,7 @@ if [ ! -f $EUB ]; then
     sed '/^\[service\]/,$d' $VAR/kms/eu.toml > $EUB
     service_section eu 8444 "audit-eu-b" >> $EUB
 fi
+grep -q '^\[\[officers\]\]' $EUB || cat $VAR/officers/pins.toml >> $EUB
 
 step "start the eu region: two nodes (each 1 worker here), one SQLite store, on 127.0.0.1"
 pids=()

@@ -17,6 +17,9 @@ primary_certificate = "../pki/primary-signing.pem"
 bundle_dir = "../ceremonies/release-1"
 store = "kms-$region.db"
 TOML
+    # The officers this region pins (a node refuses to start without them). Also what a
+    # var/ of the previous version needs: its node configurations get the pins here.
+    grep -q '^\[\[officers\]\]' $CFG || cat $VAR/officers/pins.toml >> $CFG
     step "KMS $region: import release bundles"
     kms --config $CFG init
     kms --config $CFG import

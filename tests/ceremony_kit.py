@@ -129,6 +129,17 @@ class Kit:
             countersign(directory, self.primary_cert, FileSigner(self.officer_keys[name]),
                         name, digest)
 
+    def anchors(self, bundle: Path) -> Path:
+        """A CAfile for ``openssl cms -verify`` of ``bundle``: the primary certificate and the
+        officers' self-signed certificates it carries (openssl checks every signature; which
+        officers count is the readers' pinned quorum, not openssl's)."""
+        from asn1crypto import cms
+        from hsm.x509 import to_pem
+        certs = cms.ContentInfo.load(bundle.read_bytes())["content"]["certificates"]
+        path = bundle.with_name(f".{bundle.name}.anchors.pem")
+        path.write_bytes(b"".join(to_pem(c.chosen) for c in certs))
+        return path
+
     def fingerprint(self, officer: str) -> str:
         return signers.fingerprint(FileSigner(self.officer_keys[officer]).spki).hex()
 

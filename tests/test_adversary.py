@@ -386,7 +386,7 @@ def test_kms_and_ceremony_refuse_a_key_provisioned_without_the_policy(softhsm_to
     with pytest.raises(KeyPolicyViolation) as info:
         importer.import_bundles(token, region="eu", primary_cert_path=tmp_path / "none.pem",
                                 bundle_dir=tmp_path / "bundles", allow_practice=False,
-                                history={})
+                                history={}, officers=None)
     text = str(info.value)
     assert "CKA_UNWRAP_TEMPLATE: missing" in text and "CKA_MODIFIABLE" in text
     assert "provision a new token" in text

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ceremony import approvals
+from ceremony.officers import FileSigner
 from ceremony import plan as plans
 from ceremony.approvals import Approval
 from ceremony.errors import ApprovalError
@@ -80,14 +81,14 @@ def nonce() -> bytes:
     return os.urandom(32)
 
 
-def private(path: Path) -> ed25519.Ed25519PrivateKey:
+def private(path: Path) -> ec.EllipticCurvePrivateKey:
     key = serialization.load_pem_private_key(path.read_bytes(), None)
-    assert isinstance(key, ed25519.Ed25519PrivateKey)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
     return key
 
 
 def raw_sign(keys, who: str, digest: bytes, nonce: bytes) -> bytes:
-    return private(keys[who]).sign(approvals.message(digest, nonce))
+    return FileSigner(keys[who]).sign(approvals.message(digest, nonce))
 
 
 # ---------------------------------------------------------------------------------- quorum
@@ -115,7 +116,7 @@ def test_no_approvals_is_not_a_quorum(plan, nonce):
 
 def test_duplicate_approvals_from_one_officer_count_once(plan, keys, nonce):
     alice = approvals.sign(plan, nonce, "alice", keys["alice"])
-    again = approvals.sign(plan, nonce, "alice", keys["alice"])  # Ed25519: same bytes
+    again = approvals.sign(plan, nonce, "alice", keys["alice"])  # another signature, same officer
     with pytest.raises(ApprovalError, match=r"1 valid approval\(s\) of the 2 required"):
         approvals.check(plan, nonce, [alice, again, alice])
     bob = approvals.sign(plan, nonce, "bob", keys["bob"])
@@ -125,8 +126,8 @@ def test_duplicate_approvals_from_one_officer_count_once(plan, keys, nonce):
 def test_approval_signature_binds_plan_digest_and_nonce(plan, keys, nonce):
     ap = approvals.sign(plan, nonce, "bob", keys["bob"])
     assert (ap.officer, ap.plan_digest, ap.nonce) == ("bob", plan.digest, nonce)
-    pub = serialization.load_pem_public_key(plan.officers[1].approval_key.encode())
-    pub.verify(ap.signature, approvals.CONTEXT + plan.digest + nonce)  # raises if not
+    approvals._verify(plan.officers[1].approval_key, ap.signature,
+                      approvals.CONTEXT + plan.digest + nonce)  # raises if not
 
 
 def test_approval_json_round_trip(plan, keys, nonce, tmp_path):
@@ -213,7 +214,7 @@ def _edited_digest(plan, keys, nonce, pubs, tmp_path):
 
 def _no_context(plan, keys, nonce, pubs, tmp_path):
     # A signature over digest || nonce without the domain-separation context is not an approval.
-    sig = private(keys["bob"]).sign(plan.digest + nonce)
+    sig = FileSigner(keys["bob"]).sign(plan.digest + nonce)
     return Approval("bob", plan.digest, nonce, sig), "'bob': the signature does not verify"
 
 
@@ -291,13 +292,13 @@ def _pkcs8(key) -> bytes:
 
 @pytest.mark.parametrize("make", [
     lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
-    lambda: ec.generate_private_key(ec.SECP256R1()),
+    lambda: ec.generate_private_key(ec.SECP521R1()),
     ed448.Ed448PrivateKey.generate,
-], ids=["rsa", "p256", "ed448"])
-def test_sign_refuses_a_non_ed25519_key(plan, nonce, tmp_path, make):
+], ids=["rsa", "p521", "ed448"])
+def test_sign_refuses_a_key_of_another_kind(plan, nonce, tmp_path, make):
     path = tmp_path / "officer.key"
     path.write_bytes(_pkcs8(make()))
-    with pytest.raises(ApprovalError, match="is not an Ed25519 private key"):
+    with pytest.raises(ApprovalError, match="is not an ECDSA P-256/P-384"):
         approvals.sign(plan, nonce, "alice", path)
 
 
@@ -307,7 +308,7 @@ def test_sign_refuses_an_unreadable_key_file(plan, nonce, tmp_path, content):
     path = tmp_path / "officer.key"
     if content is not None:
         path.write_bytes(content)
-    with pytest.raises(ApprovalError, match="cannot load approval key"):
+    with pytest.raises(ApprovalError, match="cannot load officer key"):
         approvals.sign(plan, nonce, "alice", path)
 
 
@@ -316,7 +317,7 @@ def test_sign_refuses_encrypted_key_without_password(plan, keys, nonce, tmp_path
     enc.write_bytes(private(keys["alice"]).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.BestAvailableEncryption(b"secret-pass")))
-    with pytest.raises(ApprovalError, match="cannot load approval key"):
+    with pytest.raises(ApprovalError, match="cannot load officer key"):
         approvals.sign(plan, nonce, "alice", enc)
     ap = approvals.sign(plan, nonce, "alice", enc, password=b"secret-pass")
     assert approvals.check(plan, nonce, [ap, approvals.sign(plan, nonce, "bob", keys["bob"])]) \
@@ -387,10 +388,12 @@ def test_cli_keygen_writes_a_private_key_and_prints_a_plan_ready_public_key(pubs
     assert proc.returncode == 0, proc.stderr
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert b"PRIVATE KEY" in key.read_bytes()
-    pem = proc.stdout
+    pem, _, comment = proc.stdout.partition("-----END PUBLIC KEY-----\n")
+    pem += "-----END PUBLIC KEY-----\n"
     assert pem.startswith("-----BEGIN PUBLIC KEY-----\n")
-    assert pem.rstrip().endswith("-----END PUBLIC KEY-----")
-    assert "PRIVATE" not in pem
+    assert "PRIVATE" not in proc.stdout
+    # ...and, as comments, the fingerprint a region pins, in hex and PGP words.
+    assert comment.startswith("# SHA-256(SPKI)") and "# words" in comment
     # The printed key is accepted by the plan parser and matches the key file.
     officers = (("alice", "crypto-officer"), ("dave", "crypto-officer"))
     path = tmp_path / "plan.toml"

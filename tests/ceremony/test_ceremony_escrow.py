@@ -54,8 +54,9 @@ def test_a_later_region_receives_the_release_from_escrow_and_the_primary_keeps_n
                                "trust-recipients", "export:ap", "verify-bundles", "close"]
     proc = run(kit, plan_path)
     assert proc.returncode == 0, proc.stderr
-    verified = kit.cli("verify", p.output_dir, "--cert",
-                       kit.pki / f"{kit.primary.label}-signing.pem")
+    kit.countersign(p.output_dir)
+    verified = kit.cli("verify", p.output_dir, "--cert", kit.primary_cert, "--officers",
+                       kit.pins_file())
     assert verified.returncode == 0, verified.stderr
     # Only the new region's bundle; the same secrets (check values) and salt as the original.
     assert sorted(x.name for x in p.output_dir.glob("bundle-*")) == [
@@ -70,7 +71,7 @@ def test_a_later_region_receives_the_release_from_escrow_and_the_primary_keeps_n
     ap = kit.regionals["ap"].token
     report = importer.import_bundles(
         ap, region="ap", primary_cert_path=kit.pki / f"{kit.primary.label}-signing.pem",
-        bundle_dir=p.output_dir, allow_practice=False, history={})
+        bundle_dir=p.output_dir, allow_practice=False, history={}, officers=kit.pins())
     assert list(report.held) == [release.release] and report.refused == {}
     ops.destroy_session_secrets(ap, "release-")
     # The primary holds no secret object afterwards (the restored copies were session objects,

@@ -469,15 +469,15 @@ def _rsa_pem():
     (lambda: ed25519.Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()).decode(), "not a PEM public key"),
-    (_rsa_pem, "approval keys are Ed25519"),
-    (lambda: pem_of(ec.generate_private_key(ec.SECP256R1()).public_key()),
-     "approval keys are Ed25519"),
+    (_rsa_pem, "approval keys are ECDSA P-256/P-384"),
+    (lambda: pem_of(ec.generate_private_key(ec.SECP521R1()).public_key()),
+     "approval keys are ECDSA P-256/P-384"),
     (lambda: pem_of(ed448.Ed448PrivateKey.generate().public_key()),
-     "approval keys are Ed25519"),
+     "approval keys are ECDSA P-256/P-384"),
     (lambda: pem_of(x25519.X25519PrivateKey.generate().public_key()),
-     "approval keys are Ed25519"),
-], ids=["garbage", "truncated-pem", "private-key", "rsa", "p256", "ed448", "x25519"])
-def test_approval_key_must_be_an_ed25519_public_pem(pubs, tmp_path, make_pem, reason):
+     "approval keys are ECDSA P-256/P-384"),
+], ids=["garbage", "truncated-pem", "private-key", "rsa", "p521", "ed448", "x25519"])
+def test_approval_key_must_be_an_ecdsa_or_older_ed25519_public_pem(pubs, tmp_path, make_pem, reason):
     text = plan_text(with_officer_key(pubs, "carol", make_pem()))
     path, msg = load_error(tmp_path, text)
     # carol is the third officer; the line is her `approval_key = """` line.

@@ -126,7 +126,9 @@ def test_killed_ceremony_resumes_to_the_same_outputs(kit, checkpoint):
     assert resumed.returncode == 0, _outs(resumed)
 
     # 3. Offline verification passes.
-    verified = kit.cli("verify", out, "--cert", cert_path, "--json", env=_environ(kit))
+    kit.countersign(out)
+    verified = kit.cli("verify", out, "--cert", cert_path, "--json", "--officers",
+                       kit.pins_file(), env=_environ(kit))
     assert verified.returncode == 0, _outs(verified)
     result = json.loads(verified.stdout)
 
@@ -213,7 +215,8 @@ def test_killed_between_close_record_and_head_signature_resumes(kit):
 
     resumed = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit))
     assert resumed.returncode == 0, _outs(resumed)
-    verified = kit.cli("verify", out, "--cert", kit.pki / f"{kit.primary.label}-signing.pem",
-                       env=_environ(kit))
+    kit.countersign(out)
+    verified = kit.cli("verify", out, "--cert", kit.primary_cert, "--officers",
+                       kit.pins_file(), env=_environ(kit))
     assert verified.returncode == 0, _outs(verified)
     assert load(out / FILE) == records  # nothing to redo: only the head gets signed

@@ -31,13 +31,16 @@ def test_full_ceremony_closes_verifies_offline_and_openssl_accepts_bundles(kit):
     proc = kit.cli("run", plan_path, "--env", kit.env_file())
     assert proc.returncode == 0, proc.stderr
     out = plans.load(plan_path).output_dir
-    proc = kit.cli("verify", out, "--cert", kit.pki / f"{kit.primary.label}-signing.pem")
+    # Not yet countersigned: the readers refuse the release, naming the missing officers.
+    proc = kit.cli("verify", out, "--cert", kit.primary_cert, "--officers", kit.pins_file())
+    assert proc.returncode == 2 and "no officer signatures" in proc.stderr, proc.stderr
+    kit.countersign(out)
+    proc = kit.cli("verify", out, "--cert", kit.primary_cert, "--officers", kit.pins_file())
     assert proc.returncode == 0, proc.stderr
-    assert "4 bundles verified" in proc.stdout
+    assert "4 bundles verified" in proc.stdout and "countersigned by alice, bob" in proc.stdout
     for bundle in sorted(out.glob("bundle-*.p7")):
         v = subprocess.run(["openssl", "cms", "-verify", "-binary", "-inform", "DER", "-in",
-                            str(bundle), "-CAfile",
-                            str(kit.pki / f"{kit.primary.label}-signing.pem"), "-purpose", "any",
+                            str(bundle), "-CAfile", str(kit.anchors(bundle)), "-purpose", "any",
                             "-out", "/dev/null"], capture_output=True, text=True)
         assert v.returncode == 0, (bundle, v.stderr)
 
@@ -66,7 +69,7 @@ def test_regional_enrollment_ceremony_certifies_and_is_recorded(kit, softhsm_ses
     out = plans.load(plan_path).output_dir
     steps = [json.loads(line)["step"] for line in (out / "transcript.jsonl").read_text().splitlines()]
     assert steps == ["open", "approvals", "certify-regional", "close"]
-    assert kit.cli("verify", out, "--cert", root).returncode == 0
+    assert kit.cli("verify", out, "--cert", root, "--officers", kit.pins_file()).returncode == 0
 
 
 def test_enrollment_with_a_wrong_pinned_fingerprint_issues_nothing(kit,
@@ -167,7 +170,8 @@ def test_rehearsal_runs_the_plan_on_throwaway_tokens_stamped_practice(kit, tmp_p
     assert bundles and all(name.endswith("-PRACTICE.p7") for name in bundles)
     # The real output directory is untouched, and the rehearsal verifies with its own root.
     assert not plans.load(plan_path).output_dir.exists()
-    check = kit.cli("verify", out, "--cert", out / "PRACTICE-primary-signing.pem")
+    check = kit.cli("verify", out, "--cert", out / "PRACTICE-primary-signing.pem",
+                    "--officers", out / "PRACTICE-officers.toml")
     assert check.returncode == 0 and "(PRACTICE)" in check.stdout
 
 

@@ -199,8 +199,22 @@ def _remembering_bundle_verify(monkeypatch) -> None:
             real_head(cert, algorithm, signature, head, where)
             heads.add(key)
     monkeypatch.setattr(verify_mod, "_verify_head", verify_head)
-    # And the primary's signature inside a bundle, for unchanged inputs (a flip in an officer's
-    # SignerInfo leaves it as it was).
+    _remembering_signatures(monkeypatch)
+    # And the transcript, parsed and chain-checked once per distinct content.
+    real_load, loaded = verify_mod.load, {}
+
+    def load(path):
+        data = Path(path).read_bytes()
+        if data not in loaded:
+            loaded[data] = real_load(path)
+        return [dict(r) for r in loaded[data]]
+    monkeypatch.setattr(verify_mod, "load", load)
+
+
+def _remembering_signatures(monkeypatch) -> None:
+    """The signature checks inside a bundle, remembered for unchanged inputs: a flip in one
+    SignerInfo leaves the primary's and the other officer's exactly as they were. Both are pure
+    functions of their inputs; a changed input is always checked for real."""
     real_sig, sigs = bundles._check_signature, set()
 
     def check_signature(cert, algo, signature, data, where):
@@ -209,6 +223,14 @@ def _remembering_bundle_verify(monkeypatch) -> None:
             real_sig(cert, algo, signature, data, where)
             sigs.add(key)
     monkeypatch.setattr(bundles, "_check_signature", check_signature)
+    real_officer, officers = bundles._officer, {}
+
+    def officer(si, cert, content):
+        key = (si.dump(), cert.dump(), content)
+        if key not in officers:
+            officers[key] = real_officer(si, cert, content)
+        return officers[key]
+    monkeypatch.setattr(bundles, "_officer", officer)
 
 
 def _flip_every_byte(directory: Path, name: str, cert: Path) -> list[tuple[int, int]]:
@@ -256,6 +278,12 @@ def test_every_single_bit_flip_is_rejected(ceremonies, fast_copy, cert, which, m
 
 @functools.cache
 def _standalone_flips(bundle_path: Path, cert_path: Path) -> tuple[bytes, frozenset[int]]:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _remembering_signatures(monkeypatch)
+        return _standalone_flips_of(bundle_path, cert_path)
+
+
+def _standalone_flips_of(bundle_path: Path, cert_path: Path) -> tuple[bytes, frozenset[int]]:
     """What a receiver checks with only the bundle, the pinned certificate and its pinned
     officers (release.bundle.verify, release.quorum.check): the offsets whose flip it
     accepts."""
