@@ -125,7 +125,7 @@ _OVERHEAD = {
     "transcript append (excl. fsync)": (Transcript, "append"),
     "transcript load (Transcript.__init__)": (Transcript, "__init__"),
     "bundle/signature file write (write_new, excl. fsync)": (runner_mod, "write_new"),
-    "approvals: Ed25519 sign (officers' side)": (approvals, "sign"),
+    "approvals: ECDSA P-256 sign (officers' side)": (approvals, "sign"),
     "approvals: check (ceremony.approvals.check)": (approvals, "check"),
     "fsync (os.fsync)": (os, "fsync"),
 }

@@ -296,6 +296,7 @@ def _run_ceremonies(kit, root: Path, bundle_dir: Path) -> None:
             plan = plans.load(kit.write_plan(ceremony_id=cid, release=str(FIRST_RELEASE + i),
                                              regions=[REGION], output_dir=f"out-{cid}"))
             run_ceremony(plan, env, kit.officer_keys, OFFICERS)
+            kit.countersign(plan.output_dir, OFFICERS)  # regions take a release only with M
             made = sorted(plan.output_dir.glob(f"bundle-*-{REGION}.p7"))
             assert len(made) == 1, made
             shutil.copy(made[0], bundle_dir / made[0].name)

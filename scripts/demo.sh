@@ -77,7 +77,7 @@ bash scripts/demo-cloud.sh
 step "hsm audit (primary, after the cloud exports: the cloud key and the trusted import keys)"
 hsm audit --token primary
 
-step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"
+step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens, officers in $VAR/officers (make clean removes them)"
 cat <<'NEXT'
 
 What to try next (in a shell at the repository root):
@@ -85,5 +85,8 @@ What to try next (in a shell at the repository root):
   hsm audit --token regional-eu                       # every object against its key policy
   kms --config var/kms/eu.toml encrypt --org acme-prod "card 4111"      # prints a base64 blob
   kms --config var/kms/eu.toml decrypt --org acme-prod BLOB
-  ceremony verify var/ceremonies/release-1 --cert var/pki/primary-signing.pem   # offline
+  ceremony verify var/ceremonies/release-1 --cert var/pki/primary-signing.pem \
+      --officers var/officers/pins.toml                # offline: 2 of the pinned officers
+  # Officers' keys and PINs are not in var/demo-pins.env: alice's token and PIN file are in
+  # var/officers/alice/ (see docs/ceremony-quorum.md), bob's and carol's key files beside it.
 NEXT
