@@ -342,7 +342,7 @@ def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp
     zero_dir = tmp_path / "zero"
     zero_dir.mkdir()
     text = cfg.path.read_text().replace(str(tmp_path / "kms-eu.db"), str(zero_dir / "z.db"))
-    (zero_dir / "z.toml").write_text(text + "cache_max_entries = 0\n")
+    (zero_dir / "z.toml").write_text("cache_max_entries = 0\n" + text)  # a top-level key
     one_line(kms("status", config=zero_dir / "z.toml"), "cache_max_entries must be >= 1")
     assert not (zero_dir / "z.db").exists()
 
