@@ -306,7 +306,7 @@ def _node(kit, release, tmp_path):
     cfg.write_text(f'region = "eu"\ntoken = "{kit.regionals["eu"].label}"\n'
                    f'primary_certificate = "{kit.pki / (kit.primary.label + "-signing.pem")}"\n'
                    f'bundle_dir = "{p.output_dir}"\nstore = "{tmp_path / "kms.db"}"\n'
-                   "pbkdf2_iterations = 50\n")
+                   "pbkdf2_iterations = 50\n" + kit.pins_toml())
     clock = [1_900_000_000.0]
     node = Kms(configs.load(cfg), pin=kit.regionals["eu"].user_pin, clock=lambda: clock[0])
     node.start()
