@@ -28,9 +28,6 @@ from release import signers
 from .errors import ApprovalError
 from .verify import verify_directory
 
-LOCK = ".countersign.lock"
-
-
 @dataclass(frozen=True)
 class Outcome:
     bundle: str
@@ -56,9 +53,11 @@ def countersign(directory: Path, primary_cert_path: Path, signer: signers.Office
                             hint="make an ECDSA officer key with `ceremony keygen` and have "
                                  "the regions pin its fingerprint") from None
     certificate = signers.certificate(signer, officer)
-    lock_fd = os.open(directory / LOCK, os.O_WRONLY | os.O_CREAT, 0o644)
+    # The directory itself is the lock (flock on its descriptor): another officer
+    # countersigning at the same time waits, and no lock file is left among the outputs.
+    lock_fd = os.open(directory, os.O_RDONLY)
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # another officer countersigning at the same time
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         digest, names = release_digest_of(directory, primary_cert_path)
         if confirmed != digest:
             raise ApprovalError(
