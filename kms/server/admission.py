@@ -98,14 +98,14 @@ class Admission:
             del self.inflight[client]
 
     # ------------------------------------------------------------------ refusal records
-    def record_refusal(self, client: str) -> int | None:
-        """Whether this refusal of ``client`` is audited on its own: None when it is only
-        counted, else the number of its refusals counted but not audited before it (the
-        record carries that number, so the log accounts for every refusal)."""
+    def record_refusal(self, client: str) -> bool:
+        """Whether this refusal of ``client`` is audited on its own; when not, it is counted in
+        ``unrecorded`` (the service writes the counts as aggregate records on a timer, so the
+        log accounts for every refusal)."""
         if self._bucket(self._refusal_rates, client, self.refusal_rate).take(self.clock()):
             self.unrecorded[client] += 1
-            return None
-        return self.unrecorded.pop(client, 0)
+            return False
+        return True
 
     def _bucket(self, table: dict[str, TokenBucket], client: str, rate: float) -> TokenBucket:
         bucket = table.get(client)

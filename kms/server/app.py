@@ -265,31 +265,24 @@ class Service:
     def refusal(self, request, *, org=None, key_type=None, status=403, result="forbidden",
                 detail=None) -> None:
         """Audit a refusal, at most ``audited_refusals_per_second`` per client: beyond it the
-        refusal is only counted, and the client's next audited refusal (or the periodic
-        ``flush_refusals``) records how many were not recorded on their own."""
+        refusal is only counted, and ``flush_refusals`` records the counts."""
         _names, client = _peer(request)
-        skipped = self.admission.record_refusal(client)
-        if skipped is None:
+        if not self.admission.record_refusal(client):
             self.metrics.refusals_unrecorded.inc()
             return
-        if skipped:
-            detail = f"{detail or result}; {skipped} earlier refusals of this client counted only"
         self.record(request, "authz", org=org if org is None else org[:64],
                     key_type=key_type, result=result, status=status, detail=detail)
 
     def refuse_unnamed(self, names, request_id: str) -> None:
         """The guard refused a certificate the policy does not name (before any request)."""
         self.metrics.refused.labels("none").inc()
-        skipped = self.admission.record_refusal(UNNAMED)
-        if skipped is None:
+        if not self.admission.record_refusal(UNNAMED):
             self.metrics.refusals_unrecorded.inc()
             return
         if self.audit is not None:
-            detail = "not named by the policy" + (
-                f"; {skipped} earlier refusals of unnamed clients counted only" if skipped else "")
             self.audit.append(client=authz.shown(names), op="authz", result="forbidden",
                               status=403, request_id=request_id, worker=self.worker,
-                              detail=detail)
+                              detail="not named by the policy")
 
     def flush_refusals(self) -> None:
         """One aggregate record per client whose refusals were only counted (called on a

@@ -66,7 +66,10 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
                               budget=budget, svc=svc,
                               keepalive_timeout=s.limit("idle_timeout_seconds"),
                               access_log=None, max_line_size=8190, max_field_size=8190,
-                              max_headers=64)
+                              max_headers=64,
+                              # a body left unread (refused before it was read) is not waited
+                              # for: the connection is closed after the answer
+                              lingering_time=0)
     server = await loop.create_server(protocol, sock=sock, ssl=tls, backlog=1024,
                                       ssl_handshake_timeout=s.limit("handshake_timeout_seconds"))
     stop = asyncio.Event()
