@@ -207,7 +207,7 @@ def _peer(request: web.Request) -> tuple[tuple, str]:
     proto = request.protocol
     client = getattr(proto, "client", None)
     if client is not None:
-        return proto.peer_names, client
+        return getattr(proto, "peer_names"), client
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
     names = authz.identities(ssl_object.getpeercert() if ssl_object is not None else None)
     named = request.app["svc"].policy.client(names)
