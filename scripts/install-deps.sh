@@ -32,7 +32,7 @@ PY=.venv/bin/python
 # from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy
+import os, sys, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy, schemathesis
 ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (hsm, release, ceremony, kms))
 sys.exit(0 if ours else 1)") 2>/dev/null; then
     echo "installing the hsm-suite package (editable) and its test dependencies"

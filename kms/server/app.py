@@ -61,11 +61,11 @@ def _b64_field(body: dict, name: str, *, length: int | None = None) -> bytes:
 
 
 def _field(body: dict, name: str, kind, *, default=_MISSING, choices=None):
-    value = body.get(name, default)
-    if value is _MISSING:
-        raise HttpError(400, "bad_request", f"missing field {name!r}")
-    if value is default and default is not _MISSING:
-        return value
+    if name not in body:
+        if default is _MISSING:
+            raise HttpError(400, "bad_request", f"missing field {name!r}")
+        return default
+    value = body[name]     # present: of its type, never null (null is not "absent")
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise HttpError(400, "bad_request", f"field {name!r} must be {kind.__name__}")
     if choices is not None and value not in choices:
@@ -370,7 +370,8 @@ async def _frame(request: web.Request, handler):
     except web.HTTPException as exc:   # routing: 404 / 405 / 413 from aiohttp itself
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status, "http_error")
-        resp = _error_response(HttpError(exc.status, code, exc.reason), rid)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        resp = _error_response(HttpError(exc.status, code, exc.reason, allow), rid)
     except asyncio.TimeoutError:
         resp = _error_response(HttpError(408, "timeout", "request took too long"), rid)
     except (ConnectionError, ClientConnectionError):
