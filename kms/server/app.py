@@ -42,6 +42,7 @@ log = logging.getLogger("kms.server")
 
 OPENAPI = Path(__file__).with_name("openapi.json")
 _ORG = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]{1,255}$")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_JSON_DEPTH = 8        # the API's bodies are flat objects; anything deeper is refused
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MISSING = object()
@@ -162,7 +163,9 @@ def parse_json(raw: bytes) -> object:
         raise HttpError(400, exc.code, str(exc)) from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise HttpError(400, "malformed_json", "the request body is not valid JSON") from None
-    if not _utf8_ok(body):
+    # A lone surrogate can only come from a \\uD800-\\uDFFF escape (UTF-8 cannot carry one):
+    # walk the parsed body only when the raw one has such an escape.
+    if _SURROGATE_ESCAPE.search(raw) and not _utf8_ok(body):
         raise HttpError(400, "invalid_unicode", "the request body holds a lone UTF-16 "
                         "surrogate (\\ud800-\\udfff), which is not text")
     return body
