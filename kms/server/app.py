@@ -187,7 +187,11 @@ async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
                         "application/json")
     limits = request.app["limits"]
     try:
-        raw = await asyncio.wait_for(request.read(), limits["body_timeout_seconds"])
+        if request.content.is_eof():       # the body came whole with the header: no timer
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(limits["body_timeout_seconds"]):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise HttpError(413, "body_too_large",
                         f"request body over {limits['max_body_bytes']} bytes")
@@ -363,8 +367,10 @@ async def _frame(request: web.Request, handler):
             svc.inflight += 1
             svc.metrics.inflight.inc()
         try:
-            resp = await asyncio.wait_for(handler(request),
-                                          svc.settings.limit("request_timeout_seconds"))
+            # asyncio.timeout, not wait_for: no extra task per request (measurable at
+            # thousands of requests a second)
+            async with asyncio.timeout(svc.settings.limit("request_timeout_seconds")):
+                resp = await handler(request)
         finally:
             if limited:
                 svc.inflight -= 1
