@@ -15,7 +15,9 @@ C=$VAR/customer
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-if kms --config $EU status --json | grep -q '"org": "byok-co"'; then
+# grep reads the whole answer (no -q): an early exit would SIGPIPE kms, and pipefail would then
+# read the pipeline as "not found" and the second make demo would create the orgs again
+if kms --config $EU status --json | grep '"org": "byok-co"' >/dev/null; then
     step "customer-key orgs exist already (a second make demo): skipped"
     exit 0
 fi
