@@ -49,3 +49,67 @@ def test_test_folders_do_not_shadow_the_packages_they_test():
         assert Path(folder.__file__).resolve().parent == TESTS / name
     import tests.hsm.test_ops as ops_tests
     assert ops_tests.ops.__name__ == "hsm.ops"
+
+
+# ---------------------------------------------------------------------------------- links
+FENCE = re.compile(r"^(```|~~~)")
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _pages() -> list[Path]:
+    """Every page a reader can land on: README, the changelog, docs/ (any page, including ones
+    added later), and the examples' README."""
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "examples" / "README.md"]
+    return pages + sorted((ROOT / "docs").glob("*.md"))
+
+
+def _prose(text: str) -> str:
+    """The text outside fenced code blocks (a `# comment` in a shell block is no heading)."""
+    out, fenced = [], False
+    for line in text.splitlines():
+        if FENCE.match(line.lstrip()):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading ids: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*$", _prose(page.read_text()), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower().replace("`", "")).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def test_every_relative_link_and_anchor_resolves():
+    checked, broken = 0, []
+    for page in _pages():
+        for target in LINK.findall(_prose(page.read_text())):
+            if re.match(r"[a-z]+:", target):      # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            checked += 1
+            if not dest.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+    assert checked > 50
+    assert broken == []
+
+
+def test_nothing_links_into_the_readme_reference_any_more():
+    """The README is an entrance; its old sections live in docs/. A `README.md#section` link
+    anywhere in the repository points at a section that no longer exists."""
+    stale = []
+    for path in ROOT.rglob("*"):
+        if path.suffix not in {".md", ".py", ".sh", ".toml"} or \
+                {".venv", ".git", "var", "node_modules"} & set(path.relative_to(ROOT).parts):
+            continue
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if re.search(r"README\.md#", line) and path != Path(__file__).resolve():
+                stale.append(f"{path.relative_to(ROOT)}:{n}")
+    assert stale == []
