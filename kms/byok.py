@@ -26,10 +26,9 @@ from pathlib import Path
 
 from asn1crypto import pem as asn1_pem
 from cryptography.hazmat.primitives import hashes
-from pkcs11 import ObjectClass
 
 from hsm import byok as hbyok
-from hsm import keygen, roles, x509
+from hsm import keygen, ops, roles, x509
 from hsm.files import write_new
 from hsm.token import KeyRef
 
@@ -74,7 +73,7 @@ def certificate(kms, org_id: str, out: Path, *, purpose: str = "seed") -> dict:
         hbyok.generate(kms.token, org_id, purpose)
     hbyok.require(kms.token, org_id, purpose)
     issuer_key, issuer_cert = _issuer(kms)
-    spki = x509.public_key_info(kms.token, KeyRef(label, ObjectClass.PUBLIC_KEY))
+    spki = x509.public_key_info(kms.token, ops.public(label))
     cert = x509.issue(
         kms.token, issuer_key=issuer_key, signature=ISSUER_ROLE.signature,
         subject=x509.names(role=f"BYOK {purpose} key of org {org_id}",
