@@ -150,9 +150,10 @@ def _parser(program: str) -> argparse.ArgumentParser:
 
 
 def _shown_commands() -> list[tuple[str, str]]:
-    """(where, command line) for every command shown in README.md and docs/*.md."""
+    """(where, command line) for every command shown in README.md, docs/*.md and examples/."""
     out = []
-    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+    for page in [ROOT / "README.md", ROOT / "examples" / "README.md"] + \
+            sorted((ROOT / "docs").glob("*.md")):
         lines, fenced, lang = page.read_text().splitlines(), False, ""
         pending = ""
         for n, line in enumerate(lines, 1):
