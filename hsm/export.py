@@ -202,8 +202,8 @@ def _replace_trusted(so_token: Token, label: str, template: dict) -> None:
                                      object_label=label)
         for handle in old:
             check_rv(raw.destroy_object(lease.session.handle, handle))
-        lease.objects.clear()
     so_token.run_on_anchor("C_CreateObject", replace, label)
+    so_token.forget_objects()
 
 
 def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:

@@ -608,6 +608,15 @@ def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_i
             Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
             Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True})
         assert raw_rv(raw.wrap_key(h, kwp, None, mine, eph)) == "CKR_KEY_NOT_WRAPPABLE"
+        # Trusted as it is, it takes only cloud keys (its CKA_WRAP_TEMPLATE): not a release
+        # secret, which the user can make the ceremony's way.
+        export.ensure_secret(tt.token, "aes", "rel-eph", b"eph-id")
+        rel = raw_handles(tt.token, ops.secret("rel-eph"))[1]
+        assert raw_rv(raw.wrap_key(h, kwp, None, eph, rel)) == "CKR_KEY_NOT_WRAPPABLE"
+        rv, cloudish = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            **policies.cloud_key(kwp).creation_attributes(), Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False})
+        assert raw_rv(raw.wrap_key(h, kwp, None, eph, cloudish)) == "CKR_OK"
         for change in ({Attribute.TRUSTED: False}, {Attribute.WRAP_WITH_TRUSTED: False},
                        {Attribute.SENSITIVE: False}):
             assert raw_rv(raw.set_attributes(h, eph, change)) == "CKR_ACTION_PROHIBITED", change
