@@ -214,11 +214,11 @@ def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
     from . import x509 as hx
     from .errors import HsmError
     ref = KeyRef(label, ObjectClass.PUBLIC_KEY)
-    found = so_token.run("C_FindObjects", _find, label,
-                         {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
-                          Attribute.TRUSTED: True})
-    if len(found) != 1:
-        raise ObjectExists(f"{len(found)} trusted public keys are labelled {label!r}; want one",
+    ids = so_token.run("C_FindObjects", lambda lease: [o[Attribute.ID] for o in _find(
+        lease, {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.TRUSTED: True})], label)
+    if len(ids) != 1:
+        raise ObjectExists(f"{len(ids)} trusted public keys are labelled {label!r}; want one",
                            token=so_token.label, object_label=label,
                            hint="`hsm audit` lists the token's trusted keys (trusted-REGION, "
                                 "trusted-escrow)")
@@ -235,9 +235,8 @@ def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
         raise KeyPolicyViolation(f"{label!r} is weaker than a trusted key in other ways too: "
                                  + "; ".join(deviations), token=so_token.label,
                                  object_label=label, hint=_REPROVISION_TRUSTED)
-    key_id = so_token.run("C_GetAttributeValue", lambda lease: found[0][Attribute.ID], label)
     modulus, exponent = rsa_numbers(spki)
-    _replace_trusted(so_token, label, trusted_key_template(label, key_id, modulus, exponent))
+    _replace_trusted(so_token, label, trusted_key_template(label, ids[0], modulus, exponent))
     return "re-created"
 
 
