@@ -206,7 +206,8 @@ def cmd_info(args) -> int:
 def cmd_audit(args) -> int:
     """Every token object, its attributes, and each deviation from its role's policy; exit 1
     when there is one (so a script or a monitoring job can alert on it)."""
-    from . import audit
+    from . import audit, export
+    from . import policy as policies
     with _open_token(args) as token:
         rows = audit.audit(token)
         label = token.label
@@ -222,8 +223,14 @@ def cmd_audit(args) -> int:
         print(f"{r.object_class:<12} {r.label:<36} {r.role:<28} {status}")
         for d in r.deviations:
             print(f"    ! {d}")
+        if r.role == policies.TRUSTED_RECIPIENT.name and \
+                export.only_wrap_template_missing(r.deviations):
+            print(f"    -> made before wrap templates: the SO re-creates it with `hsm retrust "
+                  f"--token {label} --label {r.label} --fingerprint HEX` (HEX: the SPKI SHA-256 "
+                  "of its certificate), or the next ceremony does")
     print(f"\n{len(rows)} object(s), {bad} with deviations from policy"
-          + ("" if not bad else " - keys cannot be fixed in place: re-provision them"))
+          + ("" if not bad else " - keys cannot be fixed in place: re-provision them, "
+             "or re-create a trusted key as shown"))
     return 1 if bad else 0
 
 

@@ -87,6 +87,8 @@ def test_a_trusted_key_made_before_wrap_templates_is_flagged_and_retrusted(softh
     old = next(o for o in json.loads(audit.stdout)["objects"] if o["label"] == LABEL)
     assert [d.split(",")[0] for d in old["deviations"]] == [
         "CKA_WRAP_TEMPLATE: missing (any trusted-wrap key may be wrapped"]
+    table = run_hsm(tt, "audit", "--token", tt.label, env=_pins(tt))
+    assert f"`hsm retrust --token {tt.label} --label {LABEL} --fingerprint HEX`" in table.stdout
     # A fingerprint other than the key's: refused, one line, nothing changed.
     wrong = run_hsm(tt, "retrust", "--token", tt.label, "--label", LABEL, "--fingerprint",
                     "00" * 32, env=_pins(tt))

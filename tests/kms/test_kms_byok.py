@@ -336,3 +336,34 @@ def test_a_byok_certificate_signed_by_the_issuer_for_an_insiders_key_is_refused_
 def _pinned_at(pin_file) -> str:
     import json
     return json.loads(pin_file.read_text())["pins"]["acme"]["seed"]["pinned"]
+
+
+def _pin_one(path: str, org: str) -> None:
+    from pathlib import Path
+
+    from kms import byok_pins
+    with byok_pins.checked(Path(path), org, "seed", org.encode().hex().ljust(64, "0")):
+        pass
+
+
+def test_pins_from_concurrent_wraps_are_all_kept_and_a_broken_pin_file_is_named(tmp_path):
+    """Four processes pinning four orgs at once lose none (the lock), and a pin file that is
+    not one stops the wrap with one line naming it, leaving it as it was."""
+    import multiprocessing
+
+    from kms import byok_pins
+    path = tmp_path / "cfg" / "byok-pins.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_pin_one, args=(str(path), f"org{i}")) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    import json
+    assert sorted(json.loads(path.read_text())["pins"]) == [f"org{i}" for i in range(4)]
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    path.write_text("{not json")
+    with pytest.raises(KmsError, match="cannot read the BYOK pin file .*byok-pins.json"):
+        _pin_one(str(path), "org9")
+    assert path.read_text() == "{not json"
