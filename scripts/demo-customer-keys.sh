@@ -18,7 +18,8 @@ export HSM_SUITE_BYOK_PINS=$PWD/$C/byok-pins.json
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-if kms --config $EU status --json | grep -q '"org": "byok-co"'; then
+# grep reads all of it (no -q): under pipefail an early exit could SIGPIPE kms and fail the test.
+if kms --config $EU status --json | grep '"org": "byok-co"' >/dev/null; then
     step "customer-key orgs exist already (a second make demo): skipped"
     exit 0
 fi
