@@ -44,6 +44,18 @@ def token_target(args: argparse.Namespace) -> tuple[str, str | None, str, Pkcs11
     return label, serial, module, parsed
 
 
+def open_so(args: argparse.Namespace):
+    """The token named by ``--token``, logged in as the security officer (``--so-pin-source``,
+    else $HSM_SO_PIN[_LABEL], else a prompt): for the few objects only the SO may create."""
+    from . import pin as pins
+    from .token import Token
+    label, serial, module, _ = token_target(args)
+    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
+                          prompt=f"Security officer PIN for token {label}: ")
+    return Token.open(label, serial=serial, module=module, parameters=args.module_params,
+                      pin=so_pin, so=True)
+
+
 def confirm_fingerprint(digest: bytes, given: str | None, where: str) -> bytes:
     """Show a SHA-256 fingerprint (hex and PGP words) and return the one the officer confirms
     (``--fingerprint`` or typed at a terminal, hex or words), parsed; without one, refuse."""
