@@ -327,6 +327,15 @@ def _error_response(err: HttpError, request_id: str) -> web.Response:
 
 
 # --------------------------------------------------------------------------- middleware
+def _failure(exc: Exception, rid: str, route: str) -> web.Response:
+    err = classify(exc)
+    if err.status >= 500 and not isinstance(exc, HttpError):
+        # Once, with the request id and (for a bug) the traceback; never to the client.
+        log.error("request %s %s failed: %s", rid, route, type(exc).__name__,
+                  exc_info=err.code == "internal")
+    return _error_response(err, rid)
+
+
 @web.middleware
 async def _frame(request: web.Request, handler):
     """Request id, slow-client guard, load shedding, timeout, error JSON, metrics."""
@@ -383,19 +392,17 @@ async def _frame(request: web.Request, handler):
         resp = _error_response(HttpError(exc.status, code, exc.reason, allow), rid)
     except asyncio.TimeoutError:
         resp = _error_response(HttpError(408, "timeout", "request took too long"), rid)
-    except (ConnectionError, ClientConnectionError):
-        # The client went away mid-request (its body never came whole): nothing to answer,
-        # nothing to log as a failure of the node.
-        resp = _error_response(HttpError(400, "connection_lost", "the client closed the "
-                                         "connection"), rid)
-        resp.force_close()
+    except (ConnectionError, ClientConnectionError) as exc:
+        if request.transport is not None and not request.transport.is_closing():
+            resp = _failure(exc, rid, route)   # not the client's connection: the node's
+        else:
+            # The client went away mid-request (its body never came whole): nothing to
+            # answer, nothing to log as a failure of the node.
+            resp = _error_response(HttpError(400, "connection_lost", "the client closed the "
+                                             "connection"), rid)
+            resp.force_close()
     except Exception as exc:
-        err = classify(exc)
-        if err.status >= 500 and not isinstance(exc, HttpError):
-            # Once, with the request id and (for a bug) the traceback; never to the client.
-            log.error("request %s %s failed: %s", rid, route, type(exc).__name__,
-                      exc_info=err.code == "internal")
-        resp = _error_response(err, rid)
+        resp = _failure(exc, rid, route)
     finally:
         if admitted is not None:
             svc.admission.end(admitted)
