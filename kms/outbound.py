@@ -9,8 +9,10 @@ EKM org. The customer may drip, hang, redirect or lie; this module bounds what t
   code. So a request (and the credential in it) goes only to the URL it was registered with,
   over the TLS connection verified for that host.
 * **Per-org concurrency**: at most ``limit`` calls for one org run at once in a process
-  (``Gate``); one more is refused at once (``BUSY``) rather than queued, so a slow customer holds
-  at most that many of a worker's pool threads, each for at most the deadline.
+  (``Gate``), and at most ``total`` (half the worker's pool threads) for all orgs together; one
+  more is refused at once (``BUSY``) rather than queued. So a slow customer holds at most
+  ``limit`` of a worker's pool threads, slow customers together at most half of them, each for at
+  most the deadline: the other half always serves the DEKs in the node's store and ``/readyz``.
 * The answer's body is read up to ``max_body`` + 1 bytes and no further.
 """
 
@@ -98,20 +100,23 @@ def request(method: str, url: str, *, headers: dict, context: ssl.SSLContext,
 class Gate:
     """Calls in flight per org, in one process (all threads of a worker)."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, total: int):
+        self.limit, self.total = limit, total
         self._lock = threading.Lock()
         self._busy: dict[str, int] = {}
+        self._all = 0
 
     def __call__(self, org: str) -> _Held:
         with self._lock:
-            if self._busy.get(org, 0) >= self.limit:
+            if self._busy.get(org, 0) >= self.limit or self._all >= self.total:
                 raise Busy(org)
             self._busy[org] = self._busy.get(org, 0) + 1
+            self._all += 1
         return _Held(self, org)
 
     def release(self, org: str) -> None:
         with self._lock:
+            self._all -= 1
             self._busy[org] -= 1
             if not self._busy[org]:
                 del self._busy[org]
@@ -129,14 +134,19 @@ class _Held:
         return False
 
 
-DEFAULT_PER_ORG = 2
+DEFAULT_PER_ORG, DEFAULT_TOTAL = 2, 4
 
 
 def gate(kms) -> Gate:
-    """The node's gate: ``[service] outbound_per_org`` calls per org (default 2)."""
+    """The node's gate: ``[service] outbound_per_org`` calls per org (default 2), and half of
+    ``executor_threads`` (at least 1) for all orgs together."""
     found = getattr(kms, "_outbound_gate", None)
     if found is None:
         service = getattr(kms.config, "service", None)
-        limit = service.limit("outbound_per_org") if service is not None else DEFAULT_PER_ORG
-        found = kms._outbound_gate = Gate(limit)
+        if service is not None:
+            found = Gate(service.limit("outbound_per_org"),
+                         max(1, service.limit("executor_threads") // 2))
+        else:
+            found = Gate(DEFAULT_PER_ORG, DEFAULT_TOTAL)
+        kms._outbound_gate = found
     return found
