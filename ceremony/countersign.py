@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsm import fingerprint as fp
-from hsm.files import replace
+from suite.files import replace
 from release import bundle as bundles
 from release import certificates as certs
 from release import signers

@@ -7,8 +7,9 @@ primary certificate (:mod:`release.certificates`) and the reader's pinned office
 (:mod:`release.quorum`), and ordered by its release id (:func:`release.ids.release_key`).
 ``ceremony`` writes bundles and ``kms`` reads them; both depend on this package and neither on
 the other, so a KMS never imports the ceremony runner, and a change of the format is one change
-in one place. It depends on ``hsm`` only for fingerprints, signature algorithm identifiers and
-the strict TOML reader, and never touches a token.
+in one place. It depends on ``suite`` only (fingerprints, signature algorithm identifiers, the
+strict TOML reader, the error base), never on ``hsm``, and never touches a token: verifying a
+bundle needs no python-pkcs11.
 """
 
 from release.bundle import FORMAT, VERSION, Verified, build, verify

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from hsm import ops
+from suite.signatures import SIGNATURE_ALGORITHMS
 
 from release import signers
 from release.canonical import canonical
@@ -32,7 +32,7 @@ FORMAT = "hsm-suite-release-bundle"
 VERSION = 2
 VERSIONS = (1, 2)
 # The signature AlgorithmIdentifiers are the ones certificates use (hsm.ops).
-_SIG_ALGOS = ops.SIGNATURE_ALGORITHMS
+_SIG_ALGOS = SIGNATURE_ALGORITHMS
 MANIFEST_KEYS_V1 = {"format", "version", "ceremony_id", "release", "region", "recipient",
                     "created", "practice", "kdf_salt", "secrets"}
 MANIFEST_KEYS = MANIFEST_KEYS_V1 | {"plan_digest", "run_nonce"}

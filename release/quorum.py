@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import fingerprint as fp
-from hsm import tomlfile
+from suite import fingerprint as fp
+from suite import tomlfile
 
 from release.bundle import Verified
 from release.errors import PinsError, QuorumError
