@@ -183,6 +183,9 @@ def cmd_countersign(args) -> int:
     directory, cert = Path(args.directory), Path(args.cert)
     digest, names = release_digest_of(directory, cert)
     print(f"Ceremony {directory}: {len(names)} bundles ({', '.join(names)})")
+    if not args.digest and not (sys.stdin is not None and sys.stdin.isatty()):
+        raise UsageError("no release digest confirmed", hint="pass --digest HEX|WORDS: the "
+                         "release digest the ceremony showed at its close, as you noted it")
     confirmed = cliutil.confirm_fingerprint(digest, args.digest,
                                             "the ceremony showed at its close")
     with officers.signer_of(args) as signer:

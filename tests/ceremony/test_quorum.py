@@ -254,6 +254,15 @@ def test_a_wrong_confirmed_digest_signs_nothing(kit, release, tmp_path):
         countersign(out, kit.primary_cert, FileSigner(kit.officer_keys["alice"]), "alice",
                     bytes(32))
     assert "is not the one you confirmed" in str(info.value)
+    # The command: without a confirmed digest (no terminal to ask at), or with another one,
+    # it stops in one line and signs nothing.
+    args = ("countersign", str(out), "--cert", str(kit.primary_cert), "--officer", "alice",
+            "--key", str(kit.officer_keys["alice"]))
+    for extra, says in (((), "no release digest confirmed"),
+                        (("--digest", "00" * 32), "is not the one you confirmed")):
+        proc = run_cli("ceremony", *args, *extra, env=kit.environ(), cwd=kit.root)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
     assert before == {p.name: p.read_bytes() for p in out.glob("bundle-*")}
 
 
