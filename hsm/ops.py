@@ -200,6 +200,10 @@ def sign(token: Token, key: KeyRef, signature: str, data: bytes) -> bytes:
     ECDSA: SoftHSM2 has only raw CKM_ECDSA, so we hash on the host unless the profile shows
     CKM_ECDSA_SHA384; the token's r||s output is DER-encoded as X.509 and CMS expect.
     """
+    if signature == "ecdsa-sha256":   # the audit key's CKA_ALLOWED_MECHANISMS is raw ECDSA only
+        raw = token.run("C_Sign(ECDSA)", lambda lease: lease.key(key).sign(
+            hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA), key.label)
+        return algos.DSASignature.from_p1363(raw).dump()
     if signature == "ecdsa-sha384":
         if token.profile.ecdsa_with_hash:
             raw = token.run("C_Sign(ECDSA_SHA384)", lambda lease: lease.key(key).sign(
