@@ -62,6 +62,12 @@ def hmac_sha256(token: Token, key: KeyRef, data: bytes) -> bytes:
     return token.run("C_Sign(SHA256_HMAC)", _sign_hmac, key.label, key, data)
 
 
+def aes_cmac(token: Token, key: KeyRef, data: bytes) -> bytes:
+    """AES-CMAC (the 16-byte tag) in the token: a MAC that reveals no AES-ECB block of the key."""
+    return token.run("C_Sign(AES_CMAC)", lambda lease: lease.key(key).sign(
+        data, mechanism=Mechanism.AES_CMAC), key.label)
+
+
 def aes_gcm_encrypt(token: Token, key: KeyRef, nonce: bytes, plaintext: bytes,
                     aad: bytes | None = None) -> bytes:
     """AES-GCM with a caller-chosen 96-bit nonce; returns ciphertext || 16-byte tag."""
