@@ -15,7 +15,9 @@ C=$VAR/customer
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-if kms --config $EU status --json | grep -q '"org": "byok-co"'; then
+# Not `kms ... | grep -q`: grep stops at the first match, kms may then die of SIGPIPE, and
+# pipefail turns that into "no such org" (a second make demo failed that way).
+if grep -q '"org": "byok-co"' <(kms --config $EU status --json); then
     step "customer-key orgs exist already (a second make demo): skipped"
     exit 0
 fi
