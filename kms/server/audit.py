@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from .auditchain import (CHECKPOINT_OP, FORMAT, GENESIS, SEGMENT_OP, canonical,
-                         checkpoint_message, digest, segment_name, segment_order)
+                         checkpoint_message, digest, public_key, segment_name, segment_order,
+                         signature_holds)
 
 log = logging.getLogger("kms.server")
 
@@ -300,6 +301,12 @@ def _inspect(path: Path, signer) -> tuple[str, str, dict]:
         return "new", f"is signed by another key ({first.get('key')})", info
     if last.get("op") != CHECKPOINT_OP:
         return "new", "does not end with a checkpoint (damaged, or a write was cut short)", info
+    # A forged last checkpoint (right hash, no signature) must not become the base of the
+    # records to come: they would all follow a break. Checked with the public key, no token.
+    if not signature_holds(public_key(signer.spki),
+                            checkpoint_message(info["seq"], str(last.get("prev"))),
+                            last.get("sig")):
+        return "new", "ends with a checkpoint whose signature does not verify (damaged)", info
     return "continue", "", info
 
 

@@ -93,7 +93,7 @@ class Verdict:
                 f"checkpoints signed by key {self.key} ({pin}){tail}")
 
 
-def _public_key(spki_der: bytes):
+def public_key(spki_der: bytes):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_der_public_key
     key = load_der_public_key(spki_der)
@@ -102,7 +102,7 @@ def _public_key(spki_der: bytes):
     return key
 
 
-def _signature_holds(key, message: bytes, sig_hex) -> bool:
+def signature_holds(key, message: bytes, sig_hex) -> bool:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -139,7 +139,7 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
             v.signed = True
             try:
                 spki = bytes.fromhex(rec["spki"])
-                public = _public_key(spki)
+                public = public_key(spki)
             except (KeyError, ValueError, TypeError) as exc:
                 return broken(1, f"the segment's key is not an EC public key ({exc})")
             v.key = fingerprint_of(spki)
@@ -155,7 +155,7 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
         if rec.get("hash") != digest(rec):
             return broken(n, "its hash does not match its content")
         if v.signed and rec.get("op") == CHECKPOINT_OP:
-            if not _signature_holds(public, checkpoint_message(rec["seq"], rec["prev"]),
+            if not signature_holds(public, checkpoint_message(rec["seq"], rec["prev"]),
                                     rec.get("sig")):
                 return broken(n, f"the checkpoint's signature does not verify with the "
                                  f"segment's key {v.key}: a line before it was changed, "

@@ -151,8 +151,8 @@ def _run_sdk() -> wp.Outcome:
 # --------------------------------------------------------------------------- ECDSA
 def _audit_p256(group, test) -> bool:
     """The audit log's checkpoint verification (kms audit verify)."""
-    key = auditchain._public_key(bytes.fromhex(group["publicKeyDer"]))
-    return auditchain._signature_holds(key, bytes.fromhex(test["msg"]), test["sig"])
+    key = auditchain.public_key(bytes.fromhex(group["publicKeyDer"]))
+    return auditchain.signature_holds(key, bytes.fromhex(test["msg"]), test["sig"])
 
 
 def _bundle_p384(group, test) -> bool:

@@ -155,6 +155,20 @@ def test_a_garbage_line_does_not_stop_the_start_and_the_damage_is_recorded(signe
     assert lines[1].startswith(f"{second}: ") and "chain intact" in lines[1]
 
 
+def test_a_forged_last_checkpoint_is_not_continued(signer, tmp_path):
+    """A line with a right hash but a made-up signature at the end: the next start does not
+    build on it (its records would all follow a break) but starts a new segment."""
+    _write(tmp_path, signer, DEKS)
+    path = tmp_path / "audit-w0.jsonl"
+    records = _records(path)
+    forged = {"ts": 2.0, "op": "audit.checkpoint", "worker": 0, "sig": "30" + "00" * 8}
+    _rewrite(path, records + [forged])
+    AuditLog(tmp_path, 0, signer).close()
+    start = _records(tmp_path / "audit-w0.1.jsonl")[0]
+    assert start["detail"] == ("previous segment audit-w0.jsonl ends with a checkpoint whose "
+                               "signature does not verify (damaged); left as found")
+
+
 def test_a_partial_last_write_is_truncated_back_and_the_chain_continues(signer, tmp_path):
     _write(tmp_path, signer, DEKS)
     path = tmp_path / "audit-w0.jsonl"
