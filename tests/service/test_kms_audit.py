@@ -169,6 +169,20 @@ def test_a_forged_last_checkpoint_is_not_continued(signer, tmp_path):
                                "signature does not verify (damaged); left as found")
 
 
+def test_a_file_cut_after_a_record_starts_a_new_segment(signer, tmp_path):
+    """Cut at a line boundary inside a batch (its checkpoint gone): the records left are not
+    signed, so the start does not continue that chain; verify reports them."""
+    _write(tmp_path, signer, DEKS)
+    path = tmp_path / "audit-w0.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:-1]))          # the last checkpoint removed
+    AuditLog(tmp_path, 0, signer).close()
+    start = _records(tmp_path / "audit-w0.1.jsonl")[0]
+    assert start["detail"] == ("previous segment audit-w0.jsonl does not end with a checkpoint "
+                               "(damaged, or a write was cut short); left as found")
+    assert "after the last checkpoint are not signed" in _verify(path).stdout
+
+
 def test_a_partial_last_write_is_truncated_back_and_the_chain_continues(signer, tmp_path):
     _write(tmp_path, signer, DEKS)
     path = tmp_path / "audit-w0.jsonl"
