@@ -148,6 +148,9 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
             if key is not None and v.key != key.lower():
                 return broken(1, f"the segment is signed by key {v.key}, not the pinned key "
                                  f"{key.lower()}")
+            why = _previous_changed(Path(path).parent, rec.get("previous"))
+            if why:
+                return broken(1, why)
         if rec.get("prev") != prev:
             return broken(n, f"prev does not match the hash of line {n - 1}")
         if rec.get("seq") != seq + 1:
@@ -169,6 +172,34 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
                       f"{len(lines) - last_checkpoint} record(s) after the last checkpoint are "
                       "not signed (never acknowledged by the node, or added by someone else)")
     return v
+
+
+def _previous_changed(directory: Path, link) -> str | None:
+    """The segment before this one is never written again once this one began: its size (and
+    last hash) must still be what this segment's first record says. A truncated, extended,
+    rewritten or deleted earlier segment is reported here."""
+    if not isinstance(link, dict) or not isinstance(link.get("file"), str):
+        return None
+    name = Path(link["file"]).name
+    prev = directory / name
+    if not prev.exists():
+        return f"the previous segment {name} it names is missing"
+    size = prev.stat().st_size
+    if size != link.get("size"):
+        return (f"the previous segment {name} is {size} bytes, not the {link.get('size')} "
+                "recorded when this segment began (truncated or rewritten since)")
+    if link.get("last_hash"):
+        with open(prev, "rb") as f:
+            f.seek(max(0, size - 65536))
+            last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+        try:
+            same = json.loads(last).get("hash") == link["last_hash"]
+        except (ValueError, AttributeError):
+            same = False
+        if not same:
+            return (f"the previous segment {name} no longer ends with the record this segment "
+                    "follows (rewritten since)")
+    return None
 
 
 def segments(paths: list[Path]) -> list[Path]:

@@ -227,6 +227,13 @@ def test_a_legacy_log_of_the_previous_version_stays_verifiable_and_is_followed(s
         "hashes would not show)",
         f"{new}: {n} records, chain intact, {n - 2} checkpoints signed by key "
         f"{signer.fingerprint} (pinned)"]
+    # the unsigned legacy chain cannot show a cut tail itself; the segment after it does
+    legacy.write_text("".join(lines[:-1]))
+    proc = _verify(tmp_path, "--key", signer.fingerprint)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[1] == (
+        f"{new}: chain broken at line 1: the previous segment audit-w0.jsonl is "
+        f"{len(''.join(lines[:-1]))} bytes, not the {len(''.join(lines))} recorded when this "
+        "segment began (truncated or rewritten since)")
 
 
 def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(signer,
