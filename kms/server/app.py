@@ -11,8 +11,9 @@ answers. Inputs are checked strictly (content type, duplicate keys, nesting dept
 numbers, lone surrogates, unknown fields, wrong types, bad base64 → 4xx with a code) before the
 node sees them. Every key operation and admin action is audited (client, operation, org, key
 type, version, result, request id), never a key; refusals at a bounded rate per client. A DEK or
-admin answer is sent only once its record is durable (``Service.commit``), and while the audit
-log cannot be written they are refused with 503 ``audit_unavailable``.
+a successful admin answer is sent only once its record is durable (``Service.commit``); error
+answers are recorded without waiting; while the audit log cannot be written DEK and admin
+requests are refused with 503 ``audit_unavailable``.
 """
 
 from __future__ import annotations
@@ -527,8 +528,9 @@ async def dek(request):
             out = {"org": org, "key_type": key_type, "version": version}
     except Exception as exc:
         err = classify(exc)
-        await svc.commit(request, op, org=org, key_type=key_type, version=version,
-                         result=err.code, status=err.status)
+        # An error answer carries no key material: recorded in the next batch, not waited for.
+        svc.record(request, op, org=org, key_type=key_type, version=version, result=err.code,
+                   status=err.status)
         raise err from None
     await svc.commit(request, op, org=org, key_type=key_type, version=version)
     out["dek"] = base64.b64encode(key).decode()
@@ -546,8 +548,8 @@ async def _admin(request, op: str, org: str, key_type, fn, *args, status: int = 
         result = await svc.call(fn, *args)
     except Exception as exc:
         err = classify(exc)
-        await svc.commit(request, op, org=org, key_type=key_type, version=version,
-                         result=err.code, status=err.status)
+        svc.record(request, op, org=org, key_type=key_type, version=version, result=err.code,
+                   status=err.status)
         raise err from None
     row_version = getattr(result, "version", version)
     await svc.commit(request, op, org=org, key_type=key_type, version=row_version,
