@@ -48,6 +48,9 @@ def _announce(kms, op: str, org: str, key_type: str | None,
 
 def cmd_serve(args) -> int:
     from .server import supervisor
+    from .xks import worker as xks_node   # a TOML whose only table is [xks]: an XKS proxy
+    if xks_node.is_xks_only(_config_path(args)):
+        return xks_node.serve(args.config, host=args.host, port=args.port, workers=args.workers)
     cfg = configs.load(_config_path(args))
     if cfg.service is None:
         raise configs.ConfigError(f"{cfg.path}: no [service] section",
