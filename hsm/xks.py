@@ -165,7 +165,39 @@ def decrypt(token: Token, key: XksKey, iv: bytes, ciphertext: bytes, tag: bytes,
     if not key.decrypt:
         raise KeyUsageRefused(f"XKS key {key.key_id!r} may not decrypt", token=token.label,
                               object_label=key.ref.label)
-    return _refusing_usage(ops.aes_gcm_decrypt, token, key.ref, iv, ciphertext + tag, aad)
+    try:
+        return token.run("C_Decrypt(AES_GCM)", _decrypt, key.ref.label, token.module.raw,
+                         key.ref, iv, ciphertext + tag, aad)
+    except HsmError as exc:
+        if exc.ckr == "CKR_KEY_FUNCTION_NOT_PERMITTED":
+            raise KeyUsageRefused(str(exc), token=exc.token, object_label=exc.object_label,
+                                  ckr=exc.ckr, ckr_value=exc.ckr_value) from None
+        if exc.ckr_value in _TAG_FAILURES:
+            raise DecryptionFailed("AES-GCM authentication failed: wrong key, or the "
+                                   "ciphertext, IV, tag or associated data was altered",
+                                   operation=exc.operation, token=exc.token,
+                                   object_label=exc.object_label, ckr=exc.ckr,
+                                   ckr_value=exc.ckr_value) from None
+        raise
+
+
+# What a token answers to a GCM tag that does not verify: SoftHSM2 2.6.1 CKR_GENERAL_ERROR
+# (measured), the standard CKR_ENCRYPTED_DATA_INVALID (LEN_RANGE for a short input,
+# SIGNATURE_INVALID on some tokens).
+_TAG_FAILURES = (0x5, 0x40, 0x41, 0xC0)
+
+
+def _decrypt(lease, raw, ref: KeyRef, iv: bytes, data: bytes, aad: bytes) -> bytes:
+    """Raw C_DecryptInit/C_Decrypt: python-pkcs11 0.10's GCMParams refuses IVs over 12 bytes,
+    and AWS KMS may send 12- or 16-byte ones (the specification)."""
+    from ._cryptoki import gcm_params
+    h = lease.session.handle
+    params, _keep = gcm_params(iv, aad)
+    check_rv(raw.operation_init("C_DecryptInit", h, Mechanism.AES_GCM, params,
+                                lease.key(ref).handle))
+    rv, plain = raw.one_shot("C_Decrypt", h, data, out_max=max(len(data), 16))
+    check_rv(rv)
+    return plain
 
 
 def _refusing_usage(fn, token, ref, *args):

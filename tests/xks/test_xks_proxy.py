@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import ssl
+import subprocess
 
 import botocore.auth
 import pytest
@@ -392,7 +393,7 @@ def test_audit_has_request_id_and_principal_never_plaintext_or_aad(setup, main):
 # ------------------------------------------------------------------------------ rotation
 def test_credentials_rotate_on_sighup_without_a_restart(setup):
     """Add a second credential, then remove the first: each step by SIGHUP, never a restart.
-    (The last test of the module: it rewrites the node's configuration.)"""
+    (It rewrites the node's configuration; the other key stores stay as they were.)"""
     import signal
     import time
     node, root = setup["node"], setup["root"]
@@ -418,3 +419,40 @@ def test_credentials_rotate_on_sighup_without_a_restart(setup):
     assert c.health()[0] == 200
     c.close()
     assert node.proc.pid == pid and node.proc.poll() is None
+
+
+# ------------------------------------------------------------------------------ curl
+def test_curl_aws_sigv4_round_trip(setup):
+    """The specification's troubleshooting tool: curl --aws-sigv4 (7.75+) signs its own way
+    (its own SignedHeaders, content-type among them); the proxy verifies what it received.
+    The secret goes to curl on stdin (-K -), never on its command line."""
+    import shutil
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl is not installed")
+    version = subprocess.run([curl, "--version"], capture_output=True, text=True).stdout
+    if "--aws-sigv4" not in subprocess.run([curl, "--help", "all"], capture_output=True,
+                                           text=True).stdout:
+        pytest.skip(f"this curl has no --aws-sigv4: {version.splitlines()[0]}")
+    node, cred = setup["node"], setup["creds"]["env"]
+
+    def call(op, doc):
+        config = (f'user = "{cred.access_key_id}:{cred.secret}"\n'
+                  f'aws-sigv4 = "aws:amz:{kit.REGION}:kms-xks-proxy"\n')
+        proc = subprocess.run(
+            [curl, "-sS", "-K", "-", "--cacert", str(setup["tls"].ca), "-X", "POST",
+             "-H", "Content-Type: application/json", "--data-binary", json.dumps(doc),
+             node.base("/main") + f"/keys/both/{op}"],
+            input=config, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+    enc = call("encrypt", {"requestMetadata": request_metadata("Encrypt"),
+                           "plaintext": b64(b"Hello World!"), "encryptionAlgorithm": "AES_GCM",
+                           "additionalAuthenticatedData": b64(b"curl")})
+    assert "ciphertext" in enc, enc
+    dec = call("decrypt", {"requestMetadata": request_metadata("Decrypt"),
+                           "encryptionAlgorithm": "AES_GCM",
+                           "additionalAuthenticatedData": b64(b"curl"),
+                           **{k: enc[k] for k in ("ciphertext", "initializationVector",
+                                                  "authenticationTag")}})
+    assert dec == {"plaintext": b64(b"Hello World!")}
