@@ -14,9 +14,11 @@ order, each refusal the specification's error (``kms.xks.errors``) and an audit 
 5. the body: JSON, required fields, base64, sizes (``ValidationException``, or
    ``UnsupportedOperationException`` past the sizes the specification requires us to accept);
 6. the key: its id (``ValidationException``), whether this key store serves it
-   (``KeyNotFoundException``), whether it is enabled (``InvalidStateException``);
+   (``KeyNotFoundException``);
 7. secondary authorisation from ``requestMetadata`` (``AccessDeniedException``; never for health);
-8. the operation in the token, on a thread pool with a deadline (``DependencyTimeoutException``).
+8. a disabled key: GetKeyMetadata says ``keyStatus: DISABLED``, Encrypt and Decrypt are
+   ``InvalidStateException``;
+9. the operation in the token, on a thread pool with a deadline (``DependencyTimeoutException``).
 
 The audit line carries the key store, the operation, the principal, ``kmsRequestId``,
 ``kmsOperation``, the KMS key ARN, the access key id and the time taken: never plaintext, AAD,
@@ -264,9 +266,12 @@ class Proxy:
             return web.json_response(await self._health())
         key = self._key(store, key_id, call)
         self._authorise(store, op, key_id, meta)
-        if op == "metadata":
+        disabled = key_id in store.config.disabled_keys
+        if op == "metadata":      # a disabled key says so; AWS KMS then refuses CreateKey
             return web.json_response({"keySpec": "AES_256", "keyUsage": key.usage,
-                                      "keyStatus": "ENABLED"})
+                                      "keyStatus": "DISABLED" if disabled else "ENABLED"})
+        if disabled:
+            raise XksError("InvalidStateException", f"key {key_id!r} is disabled")
         if op == "encrypt":
             return web.json_response(await self._encrypt(key, doc))
         return web.json_response(await self._decrypt(key, doc))
@@ -279,8 +284,6 @@ class Proxy:
         key = store.keys[key_id]
         if key is None:
             raise XksError("KeyNotFoundException", f"key {key_id!r} is not in the key manager")
-        if key_id in store.config.disabled_keys:
-            raise XksError("InvalidStateException", f"key {key_id!r} is disabled")
         return key
 
     def _authorise(self, store: Store, op: str, key_id: str, meta: dict) -> None:

@@ -112,7 +112,8 @@ def test_metadata_reports_each_key_usage_and_a_disabled_key_its_state(main):
                           ("dec-only", ["DECRYPT"]), ("neither", [])):
         assert main.metadata(key_id) == (200, {"keySpec": "AES_256", "keyUsage": usage,
                                                "keyStatus": "ENABLED"})
-    assert error(main.metadata("disabled-k")) == (400, "InvalidStateException")
+    assert main.metadata("disabled-k") == (200, {"keySpec": "AES_256", "keyStatus": "DISABLED",
+                                                 "keyUsage": ["ENCRYPT", "DECRYPT"]})
 
 
 def test_encrypt_then_decrypt_with_aad_and_a_cdiv_checked_by_recomputing_it(main):
@@ -189,6 +190,8 @@ def test_each_key_usage_is_refused_where_it_must_be(main):
 
 def test_disabled_key_and_disabled_key_store_are_invalid_state(setup, main):
     assert error(main.encrypt("disabled-k", b"data")) == (400, "InvalidStateException")
+    _, enc = main.encrypt("both", b"data")
+    assert error(main.decrypt("disabled-k", enc)) == (400, "InvalidStateException")
     off = setup["node"].client("/off", setup["creds"]["off"])
     assert error(off.health()) == (400, "InvalidStateException")
     assert error(off.encrypt("off-key", b"data")) == (400, "InvalidStateException")
