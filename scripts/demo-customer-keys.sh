@@ -15,7 +15,9 @@ C=$VAR/customer
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-if kms --config $EU status --json | grep -q '"org": "byok-co"'; then
+# grep -c, not grep -q: -q exits at the first match, kms then dies of SIGPIPE and pipefail
+# turns the match into a failure (a second make demo then tried to create byok-co again).
+if kms --config $EU status --json | grep -c '"org": "byok-co"' > /dev/null; then
     step "customer-key orgs exist already (a second make demo): skipped"
     exit 0
 fi

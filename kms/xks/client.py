@@ -132,7 +132,7 @@ def probe(client: XksClient, key_id: str | None) -> int:
     if key_id:
         show("GetKeyMetadata", client.metadata, key_id)
         probe_text = b"xks probe " + uuid.uuid4().hex.encode()
-        enc = show("Encrypt", client.encrypt, key_id, probe_text, b"probe", True)
+        enc = show("Encrypt", lambda: client.encrypt(key_id, probe_text, b"probe", cdiv=True))
         if "ciphertext" in enc:
             dec = show("Decrypt", client.decrypt, key_id, enc, b"probe")
             ok = ok and base64.b64decode(dec.get("plaintext", "")) == probe_text

@@ -18,6 +18,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 
 import botocore.auth
 import pytest
@@ -459,3 +460,36 @@ def test_curl_aws_sigv4_round_trip(setup):
                            **{k: enc[k] for k in ("ciphertext", "initializationVector",
                                                   "authenticationTag")}})
     assert dec == {"plaintext": b64(b"Hello World!")}
+
+
+# ------------------------------------------------------------------------------ kms serve
+def test_two_workers_under_the_supervisor_probe_and_drain(env_and_token, tmp_path):
+    """An [xks]-only node with two worker processes (one socket, the KMS's supervisor): the
+    operator's probe (python -m kms.xks probe, botocore-signed) passes against it, and SIGTERM
+    drains both workers to exit 0 with a verifiable audit chain per worker."""
+    env, tt = env_and_token
+    tls = kit.make_tls(tmp_path / "tls")
+    cred = kit.env_cred(env)
+    config = kit.write_config(tmp_path, tt.label, tls, [
+        {"name": "two", "path_prefix": "/two", "region": kit.REGION, "keys": ["both"],
+         "credentials": [cred]}])
+    node = kit.start(config, tls, env, workers=2)
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-m", "kms.xks", "probe", "--url", node.base("/two"),
+             "--access-key-id", cred.access_key_id, "--secret-source", cred.source,
+             "--region", kit.REGION, "--key", "both", "--ca", str(tls.ca)],
+            capture_output=True, text=True, env=env, timeout=60)
+        assert probe.returncode == 0, probe.stdout + probe.stderr
+        lines = probe.stdout.splitlines()
+        assert [x.split()[0] for x in lines] == ["GetHealthStatus", "GetKeyMetadata", "Encrypt",
+                                                "Decrypt"]
+        assert all(x.split()[1] == "200" for x in lines)
+        assert cred.secret not in probe.stdout + probe.stderr
+    finally:
+        assert node.stop() == 0
+    from kms.server.audit import verify
+    for w in (0, 1):
+        path = tmp_path / "audit" / f"audit-w{w}.jsonl"
+        assert verify(path)[1] is None
+        assert '"op":"worker.stop"' in path.read_text()
