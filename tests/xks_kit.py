@@ -24,6 +24,7 @@ from kms.xks.client import XksClient
 
 AWS_CN = "cks.kms.us-east-1.amazonaws.com"
 REGION = "us-east-1"
+MONITOR_CN = "monitor.test"
 
 
 def access_key_id() -> str:
@@ -71,7 +72,9 @@ def make_tls(root: Path) -> Tls:
     ca.save(root)
     tls = Tls(root / "ca.pem", ca.server(root, "server"))
     tls.clients["aws"] = ca.write(root, "aws", *ca.issue(AWS_CN))
-    tls.clients["other-cn"] = ca.write(root, "other-cn", *ca.issue("cks.kms.eu-west-1.amazonaws.com"))
+    tls.clients["other-cn"] = ca.write(root, "other-cn",
+                                       *ca.issue("cks.kms.eu-west-1.amazonaws.com"))
+    tls.clients["monitor"] = ca.write(root, "monitor", *ca.issue(MONITOR_CN))
     return tls
 
 

@@ -14,6 +14,7 @@ start and on SIGHUP (which is how credentials are rotated without a restart)::
     private_key = "tls/server.key"
     client_ca = "tls/amazon-trust.pem"  # only if a key store requires mTLS
     audit_dir = "audit"
+    metrics_subjects = ["monitor.example.com"]   # client certificate CNs that may read /metrics
 
     [[xks.keystores]]
     name = "payments"
@@ -67,6 +68,7 @@ _FIELDS: dict[str, tomlfile.Kind] = {
     "token": str, "module": str, "module_params": str, "pin_source": str, "host": str,
     "port": int, "workers": int, "certificate": str, "private_key": str, "client_ca": str,
     "audit_dir": str, "fleet_size": int, "vendor": str, "keystores": list,
+    "metrics_subjects": list,
     **{k: v[0] for k, v in _LIMITS.items()}}
 _KEYSTORE_FIELDS: dict[str, tomlfile.Kind] = {
     "name": str, "path_prefix": str, "region": str, "keys": list, "disabled_keys": list,
@@ -122,6 +124,7 @@ class XksConfig:
     audit_dir: Path | None = None
     fleet_size: int = 1
     vendor: str = "hsm-suite"
+    metrics_subjects: tuple[str, ...] = ()   # client certificate CNs that may GET the metrics
     limits: dict = field(default_factory=lambda: {k: v[1] for k, v in _LIMITS.items()})
 
     @property
@@ -167,8 +170,10 @@ def parse(path: Path, data) -> XksConfig:
         limits[name] = value
     base = path.parent
     keystores = parse_keystores(path, data["keystores"])
-    if any(k.mtls_subject for k in keystores) and "client_ca" not in data:
-        raise ConfigError(f"{where}: a key store has mtls_subject but xks.client_ca is not set",
+    metrics = _strings(f"{where}.metrics_subjects", data["metrics_subjects"]) \
+        if "metrics_subjects" in data else ()
+    if (metrics or any(k.mtls_subject for k in keystores)) and "client_ca" not in data:
+        raise ConfigError(f"{where}: mtls_subject or metrics_subjects need xks.client_ca",
                           hint="client_ca: the CA bundle AWS KMS's client certificate chains to "
                                "(Amazon Trust Services)")
     return XksConfig(
@@ -176,6 +181,7 @@ def parse(path: Path, data) -> XksConfig:
         private_key=base / data["private_key"], keystores=keystores,
         client_ca=base / data["client_ca"] if "client_ca" in data else None,
         audit_dir=base / data["audit_dir"] if "audit_dir" in data else None, limits=limits,
+        metrics_subjects=metrics,
         **{k: data[k] for k in ("module", "module_params", "pin_source", "host", "port",
                                 "workers", "fleet_size", "vendor") if k in data})
 

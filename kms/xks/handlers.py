@@ -55,6 +55,7 @@ log = logging.getLogger("kms.xks")
 _ROUTE = re.compile(r"^(?P<prefix>(?:/[A-Za-z0-9_-]+)*?)/kms/xks/v1/(?:(?P<health>health)|"
                     r"keys/(?P<key>[^/]*)/(?P<op>metadata|encrypt|decrypt))$")
 PING = "/kms/xks/ping"          # load balancers' health check: GET, no token call, no auth
+METRICS = "/kms/xks/metrics"    # Prometheus text, to client certificates metrics_subjects names
 MAX_PLAINTEXT = 4300            # the sizes the specification requires; more is refused
 MAX_AAD = 8192
 MAX_ARN = 2048
@@ -186,6 +187,9 @@ class Proxy:
         try:
             if raw_path == PING and request.method in ("GET", "HEAD"):
                 return web.json_response({"status": "ok"})
+            if raw_path == METRICS and request.method == "GET":
+                call.op = "metrics"
+                return self._metrics(request)
             store, op, key_id = self._route(raw_path, request.rel_url.raw_query_string)
             call.store, call.op, call.key = store.config.name, op, key_id
             if request.method != "POST":
@@ -227,6 +231,16 @@ class Proxy:
                            + (" (XKS requests have no query string)" if query else ""))
         return store, ("health" if m["health"] else m["op"]), m["key"]
 
+    def _metrics(self, request: web.Request) -> web.Response:
+        """The worker's Prometheus metrics, only to a client certificate (verified by the TLS
+        layer against client_ca) whose subject CN ``metrics_subjects`` names."""
+        if self.metrics is None or not self.cfg.metrics_subjects or \
+                _peer_cn(request) not in self.cfg.metrics_subjects:
+            raise XksError("AccessDeniedException", "the metrics need a client certificate "
+                           "that xks.metrics_subjects names")
+        from kms.server.metrics import CONTENT_TYPE
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
     def _mtls(self, request: web.Request, store: Store) -> None:
         """A key store that requires AWS's client certificate: the TLS layer verified the chain
         against client_ca; the subject CN must be exactly the one configured. Anything else
@@ -234,11 +248,7 @@ class Proxy:
         wanted = store.config.mtls_subject
         if wanted is None:
             return
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport \
-            else None
-        cert = ssl_object.getpeercert() if ssl_object is not None else None
-        names = [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn
-                 if k == "commonName"]
+        names = _peer_cns(request)
         if names != [wanted]:
             self._record(Call(store.config.name, "mtls"), "AuthenticationFailedException", 0,
                          time.perf_counter(),
@@ -490,6 +500,18 @@ def _b64(doc: dict, name: str, *, required: bool = False, limit: int | None = No
 
 def _e(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _peer_cns(request: web.Request) -> list[str]:
+    """The subject CNs of the client certificate the TLS layer verified (none: [])."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    return [v for rdn in (cert or {}).get("subject", ()) for k, v in rdn if k == "commonName"]
+
+
+def _peer_cn(request: web.Request) -> str | None:
+    names = _peer_cns(request)
+    return names[0] if len(names) == 1 else None
 
 
 def _any(value: str, patterns) -> bool:

@@ -128,7 +128,7 @@ def _config(tmp_path: Path, keystore: dict, env: dict | None = None, **top) -> P
     ({"keys": ["ok", "bad/id"]}, "not a valid XKS key id"),
     ({"disabled_keys": ["other"]}, "names keys not in keys"),
     ({"requests_per_second": 0}, "must be > 0"),
-    ({"mtls_subject": "cks.kms.us-east-1.amazonaws.com"}, "client_ca is not set"),
+    ({"mtls_subject": "cks.kms.us-east-1.amazonaws.com"}, "need xks.client_ca"),
 ])
 def test_configuration_refusals(tmp_path, monkeypatch, change, message):
     cred = kit.env_cred(os.environ)

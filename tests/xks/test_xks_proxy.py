@@ -68,7 +68,7 @@ def setup(env_and_token, tmp_path_factory):
         {"name": "rot", "path_prefix": "/rot", "region": kit.REGION, "keys": ["rot-key"],
          "credentials": [creds["rot"]]},
     ]
-    config = kit.write_config(root, tt.label, tls, keystores)
+    config = kit.write_config(root, tt.label, tls, keystores, metrics_subjects=[kit.MONITOR_CN])
     node = kit.start(config, tls, env)
     yield {"node": node, "creds": creds, "root": root, "tls": tls, "keystores": keystores,
            "label": tt.label,
@@ -237,6 +237,22 @@ def test_load_balancer_ping_needs_no_signature_and_no_token(setup):
     conn.close()
 
 
+def test_metrics_only_to_the_monitor_certificate(setup, main):
+    assert main.encrypt("both", b"counted")[0] == 200
+    texts = {}
+    for who, status in (("monitor", 200), (None, 403), ("aws", 403)):
+        conn = http.client.HTTPSConnection("localhost", setup["node"].port,
+                                           context=setup["tls"].context(who))
+        conn.request("GET", "/kms/xks/metrics")
+        resp = conn.getresponse()
+        texts[who] = resp.read().decode()
+        conn.close()
+        assert resp.status == status, who
+    text = texts["monitor"]
+    assert 'kms_http_requests_total{method="POST",route="xks.encrypt",status="200"}' in text
+    assert 'kms_hsm_operations_total{operation="C_Encrypt(AES_GCM)"}' in text
+
+
 # ------------------------------------------------------------------------------ SigV4
 def test_signature_failures_are_authentication_failed(setup, main, monkeypatch):
     creds = setup["creds"]
@@ -353,7 +369,8 @@ def test_secondary_authorisation_from_request_metadata(setup):
         == (403, "AccessDeniedException")
     assert client.health()[0] == 200          # GetHealthStatus is never subject to it
     client.close()
-    lines = [r for r in setup["node"].audit() if r.get("result") == "AccessDeniedException"]
+    lines = [r for r in setup["node"].audit() if r.get("result") == "AccessDeniedException"
+             and r["op"] == "xks.encrypt"]
     assert lines and "mallory" in lines[0]["detail"] and "ReEncrypt" in lines[-1]["detail"]
 
 
@@ -406,7 +423,8 @@ def test_credentials_rotate_on_sighup_without_a_restart(setup):
 
     def rewrite(creds):
         stores[-1]["credentials"] = creds
-        kit.write_config(root, setup["label"], setup["tls"], stores)
+        kit.write_config(root, setup["label"], setup["tls"], stores,
+                         metrics_subjects=[kit.MONITOR_CN])
         node.proc.send_signal(signal.SIGHUP)
         time.sleep(1.0)
     pid = node.proc.pid
