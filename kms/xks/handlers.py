@@ -340,15 +340,16 @@ class Proxy:
             raise validation("ciphertextDataIntegrityValueAlgorithm must be SHA_256")
         plaintext = _b64(doc, "plaintext", required=True, limit=MAX_PLAINTEXT)
         aad = _b64(doc, "additionalAuthenticatedData", limit=MAX_AAD)
-        iv, ct, tag = await self.call(_encrypt_in_token, self.token, key, plaintext, aad)
+        iv, ct, tag = await self._token_op(key, _encrypt_in_token, self.token, key, plaintext,
+                                           aad)
         out = {"ciphertext": _e(ct), "initializationVector": _e(iv), "authenticationTag": _e(tag)}
         if cdiv_algorithm is not None:
             # Appendix C: the hash first, over what is returned, then the round trip through
             # the token, so a fault after the hash cannot produce a matching CDIV over bad data.
             out["ciphertextDataIntegrityValue"] = _e(cdiv(aad, None, iv, ct, tag))
             if key.decrypt:
-                back = await self.call(_decrypt_in_token, self.token, key, iv, ct, tag, aad,
-                                       None)
+                back = await self._token_op(key, _decrypt_in_token, self.token, key, iv, ct,
+                                            tag, aad, None)
                 if not hmac.compare_digest(back, plaintext):
                     raise XksError("InternalException", "the encryption did not round-trip")
         return out
@@ -376,11 +377,21 @@ class Proxy:
         aad = part("additionalAuthenticatedData", False, limit=MAX_AAD)
         meta = _b64(doc, "ciphertextMetadata", limit=MAX_METADATA, over="ValidationException")
         try:
-            plaintext = await self.call(_decrypt_in_token, self.token, key, iv, ct, tag, aad, meta)
+            plaintext = await self._token_op(key, _decrypt_in_token, self.token, key, iv, ct,
+                                             tag, aad, meta)
         except DecryptionFailed:
             raise XksError("InvalidCiphertextException", "the ciphertext, IV, tag or AAD is "
                            "not what this key encrypted") from None
         return {"plaintext": _e(plaintext)}
+
+    async def _token_op(self, key: tokenkeys.XksKey, fn, *args):
+        """A key that vanished from the token since start (destroyed by someone holding the
+        PIN) is KeyNotFoundException, not an internal error."""
+        try:
+            return await self.call(fn, *args)
+        except ObjectNotFound:
+            raise XksError("KeyNotFoundException",
+                           f"key {key.key_id!r} is no longer in the key manager") from None
 
     # ------------------------------------------------------------------ audit
     def _record(self, call: Call, result: str, status: int, t0: float, why: str | None = None):

@@ -31,7 +31,7 @@ ALLOWED = "arn:aws:iam::111122223333:role/allowed"
 KEYS = {"both": (True, True), "enc-only": (True, False), "dec-only": (False, True),
         "neither": (False, False), "disabled-k": (True, True), "q-key": (True, True),
         "root-key": (True, True), "off-key": (True, True), "m-key": (True, True),
-        "rot-key": (True, True)}
+        "rot-key": (True, True), "gone": (True, True)}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def setup(env_and_token, tmp_path_factory):
              "rot": kit.file_cred(root)}
     keystores = [
         {"name": "main", "path_prefix": "/main", "region": kit.REGION,
-         "keys": ["both", "enc-only", "dec-only", "neither", "disabled-k", "missing-k"],
+         "keys": ["both", "enc-only", "dec-only", "neither", "disabled-k", "missing-k", "gone"],
          "disabled_keys": ["disabled-k"], "credentials": [creds["file"], creds["env"]]},
         {"name": "quota", "path_prefix": "/quota/a-b_c", "region": kit.REGION,
          "keys": ["q-key"], "requests_per_second": 2, "credentials": [creds["quota"]]},
@@ -205,6 +205,49 @@ def test_unknown_keys_and_invalid_key_ids(setup, main):
     assert error(main.encrypt("q-key", b"x")) == (404, "KeyNotFoundException")  # other store
     for bad in ("bad$id", "x" * 129, "..", "key%2Fid"):
         assert error(main.metadata(bad)) == (400, "ValidationException"), bad
+
+
+def test_a_key_destroyed_behind_the_proxy_is_key_not_found(env_and_token, main):
+    """Someone with the user PIN destroys a key the running proxy has cached (XKS keys stay
+    destroyable: that is the customer's crypto-shredding): the next use is KeyNotFoundException."""
+    from pkcs11 import Attribute
+    _, tt = env_and_token
+    assert main.encrypt("gone", b"before")[0] == 200
+    with tt.token.lease() as lease:
+        (obj,) = lease.session.get_objects({Attribute.LABEL: "xks-gone"})
+        obj.destroy()
+    assert error(main.encrypt("gone", b"after")) == (404, "KeyNotFoundException")
+
+
+def test_a_saturated_token_path_is_dependency_timeout(env_and_token, tmp_path):
+    """One token thread and a 1 ms deadline: concurrent requests queue for the token and the
+    late ones are answered DependencyTimeoutException (503) instead of waiting."""
+    import threading
+    env, tt = env_and_token
+    tls = kit.make_tls(tmp_path / "tls")
+    cred = kit.env_cred(env)
+    config = kit.write_config(tmp_path, tt.label, tls, [
+        {"name": "slow", "path_prefix": "/slow", "region": kit.REGION, "keys": ["both"],
+         "credentials": [cred]}], token_timeout_seconds=0.001, executor_threads=1)
+    node = kit.start(config, tls, env)
+    answers: list = []
+
+    def client():
+        c = node.client("/slow", cred)
+        for _ in range(15):
+            answers.append(error(c.encrypt("both", os.urandom(4300), os.urandom(8192),
+                                           cdiv=True)))
+        c.close()
+    try:
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        node.stop()
+    assert set(answers) <= {(200, None), (503, "DependencyTimeoutException")}, set(answers)
+    assert (503, "DependencyTimeoutException") in answers
 
 
 @pytest.mark.parametrize("path", ["/nope/kms/xks/v1/health", "/kms/xks/v1/health/",
