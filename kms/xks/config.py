@@ -61,7 +61,7 @@ _LIMITS: dict[str, tuple[tomlfile.Kind, float, float]] = {
     "max_connections": (int, 1024, 1),
     "executor_threads": (int, 8, 1),
     "audit_batch_ms": (int, 50, 1),
-    "token_timeout_seconds": ((int, float), 0.5, 0.001),
+    "token_timeout_seconds": ((int, float), 0.5, 0.0001),
     "health_interval_seconds": ((int, float), 10.0, 0.1),
 }
 _FIELDS: dict[str, tomlfile.Kind] = {
