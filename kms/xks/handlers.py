@@ -52,8 +52,9 @@ from .errors import METHOD_NOT_ALLOWED, XksError, response, validation
 
 log = logging.getLogger("kms.xks")
 
-_ROUTE = re.compile(r"^(?P<prefix>(?:/[A-Za-z0-9_-]+)*?)/kms/xks/v1/(?:(?P<health>health)|"
-                    r"keys/(?P<key>[^/]*)/(?P<op>metadata|encrypt|decrypt))$")
+_ROUTE = re.compile(r"^(?P<prefix>(?:/[A-Za-z0-9_-]+)*?)" + re.escape(API_PATH)
+                    + r"/(?:(?P<health>health)|keys/(?P<key>[^/]*)/(?P<op>metadata|encrypt|"
+                      r"decrypt))$")
 PING = "/kms/xks/ping"          # load balancers' health check: GET, no token call, no auth
 METRICS = "/kms/xks/metrics"    # Prometheus text, to client certificates metrics_subjects names
 MAX_PLAINTEXT = 4300            # the sizes the specification requires; more is refused

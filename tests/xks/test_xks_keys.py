@@ -174,3 +174,18 @@ def test_three_credentials_or_a_key_in_two_key_stores_are_refused(tmp_path, monk
     same = [dict(twice[0]), {**twice[1], "path_prefix": "/a", "keys": ["j"]}]
     with pytest.raises(ConfigError, match="used by another key store"):
         configs.load(kit.write_config(tmp_path, "t", tls, same))
+
+
+def test_the_example_xks_node_is_valid_and_shows_every_key(monkeypatch):
+    import re
+    example = Path(__file__).resolve().parents[2] / "examples" / "xks-node.toml"
+    monkeypatch.setenv("XKS_SECRET_PAYMENTS", kit.secret_key())
+    cfg = configs.load(example)
+    (ks,) = cfg.keystores
+    assert (ks.prefix, ks.region, ks.disabled_keys) == ("/payments", "eu-west-1",
+                                                        frozenset({"payments-old"}))
+    assert ks.mtls_subject == "cks.kms.eu-west-1.amazonaws.com" and len(ks.rules) == 1
+    shown = set(re.findall(r"^\s*(?:#\s*)?([a-z0-9_]+)\s*=", example.read_text(), re.M))
+    every = set(configs._FIELDS) | set(configs._KEYSTORE_FIELDS) | \
+        set(configs._CREDENTIAL_FIELDS) | set(configs._RULE_FIELDS)
+    assert every - {"keystores", "credentials", "rules"} <= shown
