@@ -59,8 +59,10 @@ def cmd_serve(args) -> int:
     workers = args.workers if args.workers is not None else s.workers
     if not 1 <= workers <= 64:
         raise configs.ConfigError("--workers must be 1-64")
+    run = xks_node.beside(cfg, args.host) if cfg.xks is not None else None   # and an XKS listener
     return supervisor.serve(cfg, host=args.host or s.host,
-                            port=s.port if args.port is None else args.port, workers=workers)
+                            port=s.port if args.port is None else args.port, workers=workers,
+                            run=run)
 
 
 def cmd_audit(args) -> int:

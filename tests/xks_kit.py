@@ -92,7 +92,7 @@ class XksNode:
         self.port = int(line.split()[3].rsplit(":", 1)[1])
         threading.Thread(target=self._read, daemon=True).start()
         deadline = time.monotonic() + timeout
-        while sum(1 for x in self.lines if x.endswith(" serving")) < workers:
+        while sum(1 for x in self.lines if " serving on port " in x) < workers:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(f"xks node not serving:\n{self.stderr()}")
@@ -137,11 +137,9 @@ class XksNode:
             self.proc.wait(30)
 
 
-def write_config(root: Path, token_label: str, tls: Tls, keystores: list[dict],
-                 **top) -> Path:
-    """``keystores``: dicts of the key store's fields plus ``credentials`` ([Cred]) and
-    ``rules`` (list of dicts)."""
-    root.mkdir(parents=True, exist_ok=True)
+def xks_section(token_label: str, tls: Tls, keystores: list[dict], **top) -> str:
+    """The ``[xks]`` table. ``keystores``: dicts of the key store's fields plus ``credentials``
+    ([Cred]) and ``rules`` (list of dicts)."""
     xks = {"token": token_label, "pin_source": "env:HSM_PIN", "host": "127.0.0.1", "port": 0,
            "certificate": str(tls.server[0]), "private_key": str(tls.server[1]),
            "client_ca": str(tls.ca), "audit_dir": "audit", **top}
@@ -154,8 +152,15 @@ def write_config(root: Path, token_label: str, tls: Tls, keystores: list[dict],
                       f"secret_source = {_toml(c.source)}"]
         for r in ks.get("rules", []):
             lines += ["[[xks.keystores.rules]]"] + [f"{k} = {_toml(v)}" for k, v in r.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_config(root: Path, token_label: str, tls: Tls, keystores: list[dict],
+                 **top) -> Path:
+    """An ``[xks]``-only node configuration in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "xks.toml"
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text(xks_section(token_label, tls, keystores, **top))
     return path
 
 

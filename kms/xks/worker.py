@@ -1,12 +1,17 @@
-"""One process of an XKS node under ``kms serve``: the token, the XKS listener, until SIGTERM.
+"""The XKS listener in a worker process of ``kms serve``, alone or beside a KMS node.
 
-``kms --config XKS.toml serve`` on a configuration whose only table is ``[xks]`` runs this through
-the same supervisor as a KMS node (``kms.server.supervisor``: one socket bound before the fork,
-N workers started one after another, restarts, death with the parent, SIGTERM drain, SIGHUP).
-Each worker logs in once, resolves its keys, makes the health check's session key and serves the
-XKS routes with the KMS service's connection guard (slow headers cut, connections bounded) and
-audit log. SIGHUP re-reads the key stores (credential rotation without a restart); a file that
-does not parse keeps the old ones and says why.
+``kms --config XKS.toml serve`` on a configuration whose only table is ``[xks]`` runs :func:`run`
+through the same supervisor as a KMS node (``kms.server.supervisor``: one socket bound before the
+fork, N workers started one after another, restarts, death with the parent, SIGTERM drain,
+SIGHUP). A KMS node whose TOML also has ``[xks]`` gets, from :func:`beside`, a second socket
+bound before the fork and a worker body that runs the KMS worker with a :class:`Listener` in the
+same event loop (``kms.server.worker.run(extra=...)``).
+
+A :class:`Listener` logs in once (sharing the KMS node's login when it is the same token),
+resolves its keys, makes the health check's session key and serves the XKS routes with the KMS
+service's connection guard (slow headers cut, connections bounded) and its own audit file.
+SIGHUP re-reads the key stores (credential rotation without a restart); a file that does not
+parse keeps the old ones and says why.
 
 TLS: 1.2 or later, ECDHE with AES-GCM or ChaCha20 only (the specification's suites among them).
 Client certificates are *optional* on this listener (AWS KMS presents one only to key stores
@@ -68,34 +73,91 @@ def tls_context(cfg: configs.XksConfig) -> ssl.SSLContext:
     return ctx
 
 
-async def _serve(proxy: handlers.Proxy, sock, tls: ssl.SSLContext) -> None:
-    cfg = proxy.cfg
-    loop = asyncio.get_running_loop()
-    runner = web.AppRunner(handlers.build(proxy), access_log=None, handle_signals=False,
-                           shutdown_timeout=cfg.limit("shutdown_timeout_seconds"))
-    await runner.setup()
-    budget = ConnectionBudget(cfg.limit("max_connections"))
-    manager = runner.server
+class Listener:
+    """The XKS listener of one worker process: its token (logged in once), key stores, TLS
+    context (client certificates optional), audit file and the aiohttp server on ``sock``.
+    ``open`` blocks (token, keys); ``serve`` and ``close`` run in the worker's event loop, which
+    is an XKS node's own or, beside a KMS node, the KMS worker's (``kms.server.worker``)."""
 
-    def protocol():
-        return GuardedHandler(manager, loop=loop, header_timeout=cfg.limit("header_timeout_seconds"),
-                              budget=budget, keepalive_timeout=cfg.limit("idle_timeout_seconds"),
-                              access_log=None, max_line_size=8190, max_field_size=8190,
-                              max_headers=64)
-    server = await loop.create_server(protocol, sock=sock, ssl=tls, backlog=1024,
-                                      ssl_handshake_timeout=cfg.limit("handshake_timeout_seconds"))
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(proxy)))
-    health = asyncio.ensure_future(proxy.health_loop(stop))
-    print(f"kms: xks worker {proxy.worker} serving", flush=True)
-    await stop.wait()
-    await health
-    log.info("xks worker %d: SIGTERM, draining", proxy.worker)
-    server.close()
-    await runner.cleanup()
-    await server.wait_closed()
+    def __init__(self, cfg: configs.XksConfig, sock, worker: int):
+        self.cfg, self.sock, self.worker = cfg, sock, worker
+        self.token: Token | None = None
+        self.proxy: handlers.Proxy | None = None
+        self.audit: AuditLog | None = None
+        self._stop: asyncio.Event | None = None
+        self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._health: asyncio.Future | None = None
+
+    def open(self) -> None:
+        cfg = self.cfg
+        self.tls = tls_context(cfg)
+        pin = pins.resolve(cfg.pin_source, default_env="HSM_PIN", token_label=cfg.token,
+                           prompt=f"User PIN for {cfg.token}: ")
+        self.token = Token.open(cfg.token, module=cfg.module, parameters=cfg.module_params,
+                                pin=pin)
+        metrics = Metrics(self.worker)
+        _time_token(self.token, metrics)
+        if cfg.audit_dir is not None:
+            self.audit = AuditLog(cfg.audit_dir / f"audit-w{self.worker}.jsonl",
+                                  batch_ms=cfg.limit("audit_batch_ms"))
+        self.proxy = handlers.Proxy(cfg, self.token, worker=self.worker, metrics=metrics,
+                                    audit=self.audit)
+        self.proxy.start()
+        if self.audit is not None:
+            self.audit.append(op="worker.start", result="ok", worker=self.worker,
+                              detail="xks " + ", ".join(k.name for k in cfg.keystores))
+
+    async def serve(self) -> None:
+        cfg, proxy = self.cfg, self.proxy
+        assert proxy is not None
+        loop = asyncio.get_running_loop()
+        self._runner = runner = web.AppRunner(
+            handlers.build(proxy), access_log=None, handle_signals=False,
+            shutdown_timeout=cfg.limit("shutdown_timeout_seconds"))
+        await runner.setup()
+        budget = ConnectionBudget(cfg.limit("max_connections"))
+        manager = runner.server
+
+        def protocol():
+            return GuardedHandler(manager, loop=loop,
+                                  header_timeout=cfg.limit("header_timeout_seconds"),
+                                  budget=budget, keepalive_timeout=cfg.limit("idle_timeout_seconds"),
+                                  access_log=None, max_line_size=8190, max_field_size=8190,
+                                  max_headers=64)
+        self._server = await loop.create_server(
+            protocol, sock=self.sock, ssl=self.tls, backlog=1024,
+            ssl_handshake_timeout=cfg.limit("handshake_timeout_seconds"))
+        self._stop = asyncio.Event()
+        self._health = asyncio.ensure_future(proxy.health_loop(self._stop))
+        port = self.sock.getsockname()[1]
+        print(f"kms: xks worker {self.worker} serving on port {port}", flush=True)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the key stores (credential rotation) in the background."""
+        if self.proxy is not None:
+            asyncio.ensure_future(_reload(self.proxy))
+
+    async def drain(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+        if self._health is not None:
+            await self._health
+        if self._server is not None:
+            self._server.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def close(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+        if self.token is not None:
+            self.token.close()
+        if self.audit is not None:
+            self.audit.append(op="worker.stop", result="ok", worker=self.worker)
+            self.audit.close()
 
 
 async def _reload(proxy: handlers.Proxy) -> None:
@@ -111,35 +173,52 @@ async def _reload(proxy: handlers.Proxy) -> None:
                            detail=f"{len(keystores)} key stores")
 
 
+async def _serve_alone(listener: Listener) -> None:
+    loop = asyncio.get_running_loop()
+    await listener.serve()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, listener.reload)
+    await stop.wait()
+    log.info("xks worker %d: SIGTERM, draining", listener.worker)
+    await listener.drain()
+
+
 def run(cfg: configs.XksConfig, sock, worker: int = 0, started=None) -> int:
+    """An XKS node's worker (``kms serve`` on an ``[xks]``-only TOML)."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"kms-xks[w{worker}] %(levelname)s %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    tls = tls_context(cfg)
-    pin = pins.resolve(cfg.pin_source, default_env="HSM_PIN", token_label=cfg.token,
-                       prompt=f"User PIN for {cfg.token}: ")
-    token = Token.open(cfg.token, module=cfg.module, parameters=cfg.module_params, pin=pin)
-    audit = proxy = None
+    listener = Listener(cfg, sock, worker)
     try:
-        metrics = Metrics(worker)
-        _time_token(token, metrics)
-        if cfg.audit_dir is not None:
-            audit = AuditLog(cfg.audit_dir / f"audit-w{worker}.jsonl",
-                             batch_ms=cfg.limit("audit_batch_ms"))
-        proxy = handlers.Proxy(cfg, token, worker=worker, metrics=metrics, audit=audit)
-        proxy.start()
-        if audit is not None:
-            audit.append(op="worker.start", result="ok", worker=worker,
-                         detail="xks " + ", ".join(k.name for k in cfg.keystores))
+        listener.open()
         if started is not None:
             started()
-        asyncio.run(_serve(proxy, sock, tls))
+        asyncio.run(_serve_alone(listener))
     finally:
-        if proxy is not None:
-            proxy.close()
-        token.close()
-        if audit is not None:
-            audit.append(op="worker.stop", result="ok", worker=worker)
-            audit.close()
+        listener.close()
     log.info("xks worker %d: stopped", worker)
     return 0
+
+
+# ---------------------------------------------------------------------- beside a KMS node
+def beside(config, host: str | None = None):
+    """For a KMS node whose TOML also has ``[xks]``: bind the XKS socket now (before the
+    supervisor forks) and return the worker body that runs the KMS worker with the XKS listener
+    in the same event loop. The KMS listener keeps its mandatory client certificates; the XKS
+    listener serves only the XKS routes."""
+    from kms.errors import ConfigError
+    from kms.server import supervisor
+    xks = config.xks
+    service = config.service
+    if service is not None and xks.audit_dir is not None and xks.audit_dir == service.audit_dir:
+        raise ConfigError(f"{config.path}: xks.audit_dir is service.audit_dir; each listener "
+                          "keeps its own hash chain", hint="give [xks] its own audit_dir")
+    sock = supervisor.bind(host or xks.host, xks.port)   # its port: each worker's first line
+
+    def run(cfg, kms_sock, worker: int = 0, started=None) -> int:
+        from kms.server import worker as kms_worker
+        return kms_worker.run(cfg, kms_sock, worker, started,
+                              extra=Listener(cfg.xks, sock, worker))
+    return run
