@@ -182,6 +182,18 @@ class Proxy:
 
     # ------------------------------------------------------------------ the pipeline
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Every request, with the connection guard told when it starts and ends (a request
+        being served is not a slow header; kms.server.guard)."""
+        guard = request.protocol
+        if hasattr(guard, "request_started"):
+            guard.request_started()
+        try:
+            return await self._dispatch(request)
+        finally:
+            if hasattr(guard, "request_finished"):
+                guard.request_finished()
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
         call = Call()
         raw_path = request.rel_url.raw_path

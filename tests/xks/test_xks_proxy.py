@@ -19,6 +19,7 @@ import os
 import ssl
 import subprocess
 import sys
+import time
 
 import botocore.auth
 import pytest
@@ -249,6 +250,43 @@ def test_a_saturated_token_path_is_dependency_timeout(env_and_token, tmp_path):
         node.stop()
     assert set(answers) <= {(200, None), (503, "DependencyTimeoutException")}, set(answers)
     assert (503, "DependencyTimeoutException") in answers
+
+
+def test_slow_headers_are_cut_and_kept_alive_connections_are_not(env_and_token, tmp_path):
+    """The KMS service's connection guard on the XKS listener: a request header that dribbles
+    in is cut after header_timeout_seconds; a kept-alive connection that AWS KMS reuses for
+    longer than that is not."""
+    import socket
+    env, tt = env_and_token
+    tls = kit.make_tls(tmp_path / "tls")
+    cred = kit.env_cred(env)
+    config = kit.write_config(tmp_path, tt.label, tls, [
+        {"name": "g", "path_prefix": "/g", "region": kit.REGION, "keys": ["both"],
+         "credentials": [cred]}], header_timeout_seconds=0.3)
+    node = kit.start(config, tls, env)
+    try:
+        client = node.client("/g", cred)
+        for _ in range(8):                    # ~1 s on one connection
+            assert client.health()[0] == 200
+            time.sleep(0.12)
+        conn = client.conn
+        assert conn is not None and client.health()[0] == 200 and client.conn is conn
+        client.close()
+        raw = tls_socket(node.port, setup_tls=tls)
+        raw.sendall(b"POST /g/kms/xks/v1/health HTTP/1.1\r\nHost: x")
+        time.sleep(0.8)
+        with pytest.raises((ConnectionError, ssl.SSLError, socket.timeout, AssertionError)):
+            raw.sendall(b"\r\n\r\n")
+            assert raw.recv(1), "a slow header was answered"
+        raw.close()
+    finally:
+        node.stop()
+
+
+def tls_socket(port: int, *, setup_tls):
+    import socket
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return setup_tls.context().wrap_socket(sock, server_hostname="localhost")
 
 
 @pytest.mark.parametrize("path", ["/nope/kms/xks/v1/health", "/kms/xks/v1/health" + "/",
