@@ -26,10 +26,15 @@ METHOD_NOT_ALLOWED = "MethodNotAllowed"   # 405 for GET: the specification names
 
 
 class XksError(Exception):
+    """``message`` goes to the client; ``detail`` (default: the message) to the log and the
+    audit line only - e.g. why a signature failed, which would tell a prober which access key
+    ids exist."""
+
     def __init__(self, name: str, message: str, *, status: int | None = None,
-                 headers: dict | None = None):
+                 headers: dict | None = None, detail: str | None = None):
         super().__init__(message)
         self.name, self.message = name, message
+        self.detail = detail if detail is not None else message
         self.status = status if status is not None else STATUS[name]
         self.headers = headers or {}
 

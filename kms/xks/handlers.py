@@ -220,7 +220,7 @@ class Proxy:
             self._record(call, "ok", 200, t0)
             return resp
         except XksError as refused:
-            self._record(call, refused.name, refused.status, t0, refused.message)
+            self._record(call, refused.name, refused.status, t0, refused.detail)
             return response(refused)
         except asyncio.TimeoutError:
             late = XksError("DependencyTimeoutException", "the request took too long")
@@ -278,7 +278,8 @@ class Proxy:
             body = await _read(request, self.cfg.limit("max_body_bytes"))
             sigv4.verify(signed, request.method, request.rel_url.raw_path, request.headers, body)
         except sigv4.AuthFailure as exc:
-            raise XksError("AuthenticationFailedException", f"SigV4: {exc}") from None
+            raise XksError("AuthenticationFailedException", "SigV4 authentication failed",
+                           detail=f"SigV4: {exc}") from None
         if not store.bucket.take():
             raise XksError("ThrottlingException", f"key store {store.config.name} is over its "
                            f"quota of {store.config.requests_per_second:g} requests/s")

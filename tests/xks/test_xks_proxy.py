@@ -354,6 +354,11 @@ def test_signature_failures_are_authentication_failed(setup, main, monkeypatch):
         monkeypatch.setattr(botocore.auth, "get_current_datetime",
                             lambda remove_tzinfo=True, at=at: at)
         assert error(main.health()) == (401, "AuthenticationFailedException"), minutes
+    # the client learns only that it failed; why (here: an unknown access key id) is in the log
+    status, doc = main.health(access_key_id=kit.access_key_id())
+    assert doc == {"errorName": "AuthenticationFailedException",
+                   "errorMessage": "SigV4 authentication failed"}
+    assert any("unknown access key id" in r.get("detail", "") for r in setup["node"].audit())
     at = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(minutes=4)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda remove_tzinfo=True: at)
     assert main.health()[0] == 200          # four minutes of skew is inside the window
