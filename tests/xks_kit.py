@@ -75,6 +75,8 @@ def make_tls(root: Path) -> Tls:
     tls.clients["other-cn"] = ca.write(root, "other-cn",
                                        *ca.issue("cks.kms.eu-west-1.amazonaws.com"))
     tls.clients["monitor"] = ca.write(root, "monitor", *ca.issue(MONITOR_CN))
+    other = Authority.create("not AWS")      # the right CN from a CA client_ca does not hold
+    tls.clients["other-ca"] = other.write(root, "other-ca", *other.issue(AWS_CN))
     return tls
 
 
