@@ -183,7 +183,7 @@ class Proxy:
     # ------------------------------------------------------------------ the pipeline
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         """Every request, with the connection guard told when it starts and ends (a request
-        being served is not a slow header; kms.server.guard)."""
+        being served is not a slow header; kms.xks.guard)."""
         guard = request.protocol
         if hasattr(guard, "request_started"):
             guard.request_started()

@@ -8,8 +8,9 @@ bound before the fork and a worker body that runs the KMS worker with a :class:`
 same event loop (``kms.server.worker.run(extra=...)``).
 
 A :class:`Listener` logs in once (sharing the KMS node's login when it is the same token),
-resolves its keys, makes the health check's session key and serves the XKS routes with the KMS
-service's connection guard (slow headers cut, connections bounded) and its own audit file.
+resolves its keys, makes the health check's session key and serves the XKS routes behind its
+own connection guard (``kms.xks.guard``: slow headers cut, connections bounded) and its own
+audit file.
 SIGHUP re-reads the key stores (credential rotation without a restart); a file that does not
 parse keeps the old ones and says why.
 
@@ -33,11 +34,11 @@ from aiohttp import web
 from hsm import pin as pins
 from hsm.token import Token
 from kms.server.audit import AuditLog
-from kms.server.guard import ConnectionBudget, GuardedHandler
 from kms.server.metrics import Metrics, _time_token
 
 from . import config as configs
 from . import handlers
+from .guard import Budget, XksGuard
 
 log = logging.getLogger("kms.xks")
 
@@ -116,11 +117,11 @@ class Listener:
             handlers.build(proxy), access_log=None, handle_signals=False,
             shutdown_timeout=cfg.limit("shutdown_timeout_seconds"))
         await runner.setup()
-        budget = ConnectionBudget(cfg.limit("max_connections"))
+        budget = Budget(cfg.limit("max_connections"))
         manager = runner.server
 
         def protocol():
-            return GuardedHandler(manager, loop=loop,
+            return XksGuard(manager, loop=loop,
                                   header_timeout=cfg.limit("header_timeout_seconds"),
                                   budget=budget, keepalive_timeout=cfg.limit("idle_timeout_seconds"),
                                   access_log=None, max_line_size=8190, max_field_size=8190,

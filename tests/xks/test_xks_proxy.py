@@ -253,7 +253,7 @@ def test_a_saturated_token_path_is_dependency_timeout(env_and_token, tmp_path):
 
 
 def test_slow_headers_are_cut_and_kept_alive_connections_are_not(env_and_token, tmp_path):
-    """The KMS service's connection guard on the XKS listener: a request header that dribbles
+    """The XKS listener's connection guard (kms.xks.guard): a request header that dribbles
     in is cut after header_timeout_seconds; a kept-alive connection that AWS KMS reuses for
     longer than that is not."""
     import socket
