@@ -64,7 +64,7 @@ def load(path: str | Path) -> KmsConfig:
         data["service"] = settings.parse(path, data["service"])
     if "xks" in data:
         from .xks import config as xks_config
-        data["xks"] = xks_config.parse(path, data["xks"])
+        data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them
     store = data["store"]
     if "://" not in store:
         store = f"sqlite:///{(base / store).resolve()}"

@@ -148,7 +148,9 @@ def load(path: str | Path) -> XksConfig:
     return parse(path, data["xks"])
 
 
-def parse(path: Path, data) -> XksConfig:
+def parse(path: Path, data, *, secrets: bool = True) -> XksConfig:
+    """``secrets=False`` checks everything but does not read the secret access keys (a KMS
+    node's other commands load its TOML without needing them; ``kms serve`` reads them)."""
     where = f"{path}: xks"
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a table ([xks])")
@@ -169,7 +171,7 @@ def parse(path: Path, data) -> XksConfig:
             raise ConfigError(f"{where}.{name} must be >= {minimum}")
         limits[name] = value
     base = path.parent
-    keystores = parse_keystores(path, data["keystores"])
+    keystores = parse_keystores(path, data["keystores"], secrets=secrets)
     metrics = _strings(f"{where}.metrics_subjects", data["metrics_subjects"]) \
         if "metrics_subjects" in data else ()
     if (metrics or any(k.mtls_subject for k in keystores)) and "client_ca" not in data:
@@ -208,7 +210,7 @@ def _strings(where: str, value, pattern: re.Pattern | None = None,
     return tuple(value)
 
 
-def parse_keystores(path: Path, items) -> tuple[KeyStore, ...]:
+def parse_keystores(path: Path, items, *, secrets: bool = True) -> tuple[KeyStore, ...]:
     if not isinstance(items, list) or not items:
         raise ConfigError(f"{path}: xks.keystores must be a non-empty array of tables "
                           "([[xks.keystores]])")
@@ -242,7 +244,7 @@ def parse_keystores(path: Path, items) -> tuple[KeyStore, ...]:
         rps = item.get("requests_per_second", 1800.0)
         if rps <= 0:
             raise ConfigError(f"{where}.requests_per_second must be > 0")
-        creds = _credentials(path, where, item["credentials"], access_keys)
+        creds = _credentials(path, where, item["credentials"], access_keys, secrets)
         rules = tuple(_rule(f"{where}.rules[{j}]", r) for j, r in enumerate(item.get("rules", [])))
         out.append(KeyStore(item["name"], prefix, item["region"], keys, frozenset(disabled),
                             creds, item.get("enabled", True), float(rps),
@@ -250,7 +252,8 @@ def parse_keystores(path: Path, items) -> tuple[KeyStore, ...]:
     return tuple(out)
 
 
-def _credentials(path: Path, where: str, items, seen: set[str]) -> tuple[Credential, ...]:
+def _credentials(path: Path, where: str, items, seen: set[str],
+                 secrets: bool = True) -> tuple[Credential, ...]:
     if not isinstance(items, list) or not 1 <= len(items) <= 2:
         raise ConfigError(f"{where}.credentials must hold one or two credentials "
                           "([[xks.keystores.credentials]]): two while rotating")
@@ -274,6 +277,9 @@ def _credentials(path: Path, where: str, items, seen: set[str]) -> tuple[Credent
                               "secret itself")
         if kind == "file":
             source = f"file:{path.parent / rest}"
+        if not secrets:
+            out.append(Credential(akid, None))
+            continue
         try:
             secret = pins.from_source(source)
         except HsmError as exc:

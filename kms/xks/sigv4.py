@@ -41,7 +41,7 @@ _AUTH = re.compile(
 @dataclass(frozen=True)
 class Credential:
     access_key_id: str
-    secret: Pin           # never printed, never pickled
+    secret: Pin | None    # never printed, never pickled; None: not read (config checks only)
 
 
 class AuthFailure(Exception):
@@ -77,7 +77,7 @@ def authenticate_headers(headers, credentials: dict[str, Credential], region: st
         raise AuthFailure(f"credential scope names region {m['region']!r}, this key store "
                           f"expects {region!r}")
     credential = credentials.get(m["akid"])
-    if credential is None:
+    if credential is None or credential.secret is None:
         raise AuthFailure(f"unknown access key id {m['akid'][:32]!r}")
     signed = tuple(m["headers"].split(";"))
     if "host" not in signed or "x-amz-date" not in signed:
@@ -125,7 +125,9 @@ def _hmac(key: bytes, text: str) -> bytes:
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).digest()
 
 
-def signature(secret: Pin, scope: str, amz_date: str, canonical: str) -> str:
+def signature(secret: Pin | None, scope: str, amz_date: str, canonical: str) -> str:
+    if secret is None:
+        raise AuthFailure("the credential's secret was not loaded")
     date, region, service, term = scope.split("/")
     key = _hmac(("AWS4" + secret.reveal()).encode("utf-8"), date)
     for part in (region, service, term):

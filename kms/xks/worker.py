@@ -211,7 +211,7 @@ def beside(config, host: str | None = None):
     listener serves only the XKS routes."""
     from kms.errors import ConfigError
     from kms.server import supervisor
-    xks = config.xks
+    xks = configs.load(config.path)     # again, now with the secret access keys
     service = config.service
     if service is not None and xks.audit_dir is not None and xks.audit_dir == service.audit_dir:
         raise ConfigError(f"{config.path}: xks.audit_dir is service.audit_dir; each listener "
@@ -220,6 +220,5 @@ def beside(config, host: str | None = None):
 
     def run(cfg, kms_sock, worker: int = 0, started=None) -> int:
         from kms.server import worker as kms_worker
-        return kms_worker.run(cfg, kms_sock, worker, started,
-                              extra=Listener(cfg.xks, sock, worker))
+        return kms_worker.run(cfg, kms_sock, worker, started, extra=Listener(xks, sock, worker))
     return run

@@ -83,3 +83,22 @@ def test_one_audit_directory_for_both_listeners_is_refused(service_kit, tmp_path
             audit_dir="audit"))
     with pytest.raises(ConfigError, match="own audit_dir"):
         worker.beside(configs.load(config))
+
+
+def test_the_nodes_other_commands_do_not_need_the_xks_secrets(service_kit, tmp_path):
+    """`kms --config NODE.toml tenant ...` loads the TOML without reading the SigV4 secrets (the
+    [xks] table is still checked strictly); `serve` reads them and says which one is missing."""
+    from kms import config as configs
+    from kms.errors import ConfigError
+    from kms.xks import worker
+    tls = kit.make_tls(tmp_path / "xks-tls")
+    cred = kit.Cred(kit.access_key_id(), kit.secret_key(), "env:XKS_SECRET_NOT_SET_HERE")
+    config = service_kit.config()
+    with open(config, "a") as f:
+        f.write("\n" + kit.xks_section("t", tls, [
+            {"name": "b", "region": kit.REGION, "keys": ["k"], "credentials": [cred]}],
+            audit_dir="audit-xks"))
+    cfg = configs.load(config)
+    assert cfg.xks is not None and cfg.xks.keystores[0].credentials[0].secret is None
+    with pytest.raises(ConfigError, match="XKS_SECRET_NOT_SET_HERE"):
+        worker.beside(cfg)
