@@ -1,8 +1,8 @@
 """``hsm audit``: every object on a token, with its attributes and each deviation from its policy.
 
 Roles are recognised by the labels this suite gives (``<token>-signing``, ``<token>-encryption``,
-``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, and cloud
-keys by their CKA_ID prefix). An object no role claims is
+``<token>-audit``, ``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, ``xks-*``, and
+cloud keys by their CKA_ID prefix). An object no role claims is
 listed as ``unrecognised``: it may belong to another application, so it is shown, not failed.
 """
 
@@ -51,8 +51,11 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-encryption":
         # The primary is the token that also holds the signing key.
         return policies.PRIMARY_ENCRYPTION if has_signing else policies.REGIONAL_ENCRYPTION
+    if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-audit":
+        return policies.AUDIT_SIGNING
     if cls is ObjectClass.PUBLIC_KEY and label in (f"{token_label}-signing",
-                                                   f"{token_label}-encryption"):
+                                                   f"{token_label}-encryption",
+                                                   f"{token_label}-audit"):
         return policies.PUBLIC_KEY
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("trusted-"):
         return policies.TRUSTED_RECIPIENT
@@ -68,6 +71,8 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
         return policies.SIGNING_ECDSA
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("byok-"):
         return policies.PUBLIC_KEY
+    if cls is ObjectClass.SECRET_KEY and label.startswith("xks-"):
+        return policies.XKS_KEY
     if cls is ObjectClass.DATA and app == APPLICATION and label.startswith(RECORD_PREFIX):
         return policies.RELEASE_RECORD
     return None

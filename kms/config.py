@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
     from .server.settings import ServiceSettings
+    from .xks.config import XksConfig
 
 _FIELDS: dict[str, tomlfile.Kind] = {
     "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
@@ -23,6 +24,7 @@ _FIELDS: dict[str, tomlfile.Kind] = {
     "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
     "service": dict,  # [service]: the network service (kms.server.settings, parsed strictly)
     "officers": list,  # [[officers]]: the pinned officer sets (release.quorum), by release
+    "xks": dict,      # [xks]: an AWS KMS external key store proxy beside it (kms.xks.config)
 }
 _REQUIRED = ("region", "token", "primary_certificate", "bundle_dir", "store")
 
@@ -46,6 +48,7 @@ class KmsConfig:
     # The officers whose signatures a release needs here. None only on a rehearsal node
     # (allow_practice = true), which then takes PRACTICE bundles only.
     officers: quorum.Pins | None = None
+    xks: XksConfig | None = None            # when [xks] is present
 
 
 def load(path: str | Path) -> KmsConfig:
@@ -76,6 +79,9 @@ def load(path: str | Path) -> KmsConfig:
     if "service" in data:
         from .server import settings
         data["service"] = settings.parse(path, data["service"])
+    if "xks" in data:
+        from .xks import config as xks_config
+        data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them
     store = data["store"]
     if "://" not in store:
         store = f"sqlite:///{(base / store).resolve()}"
@@ -85,5 +91,5 @@ def load(path: str | Path) -> KmsConfig:
                      **{k: data[k] for k in ("module", "module_params", "pin_source",
                                              "allow_practice", "pbkdf2_iterations",
                                              "cache_max_entries", "cache_flush_hours",
-                                             "service", "officers")
+                                             "service", "officers", "xks")
                         if k in data})
