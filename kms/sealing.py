@@ -47,6 +47,7 @@ SEAL_AAD = b"hsm-suite org seal v1"
 WRAP_AAD = b"hsm-suite org kek wrap v1"
 LABEL_PREFIX = "kms-kek"
 RECHECK_S = 1.0
+FIND_RETRY_PAUSES_S = (0.02, 0.05, 0.1, 0.3, None)
 # The columns of a version the sealed state records (the blob is recorded by its SHA-256).
 SEALED_COLUMNS = ("state", "source", "derivation", "release", "iterations", "created_at",
                   "usable_from", "destroyed_at")
@@ -125,11 +126,23 @@ class Keks:
         with self._lock:
             handle = self._handles.get((org_id, generation))
         if handle is None:
-            handle = orgkek.find(self.token, self.label(org_id, generation))
+            handle = self._find(self.label(org_id, generation))
             if handle is not None:
                 with self._lock:
                     self._handles[(org_id, generation)] = handle
         return handle
+
+    def _find(self, label: str) -> int | None:
+        """One search; if it finds nothing, a few more over about half a second. SoftHSM2 2.6.1
+        keeps one view of the token per process and refreshes it when the token's generation
+        counter moves; when two processes write the token at once, one of them can miss the
+        other's new object until a later write (measured: found again within 50 ms)."""
+        for pause in FIND_RETRY_PAUSES_S:
+            handle = orgkek.find(self.token, label)
+            if handle is not None or pause is None:
+                return handle
+            time.sleep(pause)
+        return None
 
     def use(self, org_id: str, generation: int, fn: Callable[[int, str], bytes]) -> bytes:
         """``fn(handle, label)`` with the KEK; :class:`orgkek.KekGone` if the token no longer
@@ -164,6 +177,11 @@ class Keks:
             return org_id in self._elsewhere or any(org == org_id for org, _ in self._handles)
 
     def create(self, org_id: str, generation: int) -> int:
+        """Under the store's token lock (every node's KEK writes take turns): one search
+        first, so this process's view of the token takes in every other node's writes before
+        its own write moves the token's change counter past them (SoftHSM2 2.6.1 would
+        otherwise never show it those objects)."""
+        orgkek.find(self.token, self.label(org_id, generation))
         handle = orgkek.generate(self.token, self.label(org_id, generation))
         with self._lock:
             self._handles[(org_id, generation)] = handle
@@ -174,12 +192,14 @@ class Keks:
             self._handles.pop((org_id, generation), None)
 
     def destroy(self, org_id: str, generation: int) -> bool:
-        """Destroy the KEK (if this node knows or can find it); False if it was gone."""
-        handle = self.handle(org_id, generation)
+        """Destroy the KEK (if this node knows or can find it); False if it was gone. Under
+        the store's token lock, like :meth:`create`; the search refreshes this process's view."""
+        label = self.label(org_id, generation)
         self.forget(org_id, generation)
+        handle = orgkek.find(self.token, label)
         if handle is None:
             return False
-        return orgkek.destroy(self.token, handle, self.label(org_id, generation))
+        return orgkek.destroy(self.token, handle, label)
 
 
 # ----------------------------------------------------------------------------- a verified org
@@ -222,10 +242,12 @@ class OrgView:
 class Sealing:
     """Wrap, unwrap, seal and verify one store's orgs with their KEKs."""
 
-    def __init__(self, token: Token, keks: Keks, checkpoint: Callable[[str], None]):
+    def __init__(self, token: Token, keks: Keks, checkpoint: Callable[[str], None],
+                 under_token_lock: Callable[[Callable[[], object]], object]):
         self.token = token
         self.keks = keks
         self.checkpoint = checkpoint
+        self.under_token_lock = under_token_lock
 
     # --------------------------------------------------------------- blobs
     def _aad(self, org_id: str, row: SecretRow, generation: int) -> bytes:
@@ -446,8 +468,8 @@ class Sealer:
         """Destroy every older KEK of the org; the generations destroyed."""
         keks = self.sealing.keks
         gone = [g for g in keks.generations(self.org_id) if self.new is not None and g < self.new]
-        for g in gone:
-            keks.destroy(self.org_id, g)
+        if gone:
+            self.sealing.under_token_lock(lambda: [keks.destroy(self.org_id, g) for g in gone])
         self.sealing.checkpoint("seal:old-kek-destroyed")
         return gone
 
@@ -459,8 +481,10 @@ class Sealer:
         if self.new is not None and committed_generation == self.new:
             self.committed()           # COMMIT went through after all
             return
-        for g in self._made:
-            self.sealing.keks.destroy(self.org_id, g)
+        made = list(self._made)
+        if made:
+            self.sealing.under_token_lock(
+                lambda: [self.sealing.keks.destroy(self.org_id, g) for g in made])
 
 
 def sweep(keks: Keks, committed: dict[str, int | None],

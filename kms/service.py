@@ -122,7 +122,8 @@ class Kms:
         (the one-time upgrade; each line goes into the start-up report)."""
         keks = sealing.Keks(self.token, self.store.store_id())
         keks.load()
-        self._sealing = sealing.Sealing(self.token, keks, self.store.db.checkpoint)
+        self._sealing = sealing.Sealing(self.token, keks, self.store.db.checkpoint,
+                                        self.store.under_token_lock)
         notes = sealing.sweep(keks, self.store.org_generations(), self.store.under_org_lock)
         unsealed = [org for org, g in self.store.org_generations().items() if g is None]
         sealed = 0

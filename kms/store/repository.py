@@ -385,6 +385,7 @@ class Store:
         state sealed; the generation is compare-and-swapped, so two writers never both win."""
         if sealer is None:
             return None
+        self._token_lock(conn)
         rows = self._org_rows(conn, org_id)
         out = sealer.reseal(rows, frozenset(fresh or ()))
         for row in rows.secrets:
@@ -402,11 +403,24 @@ class Store:
         self.db.checkpoint("reseal:updated")
         return out
 
+    def _token_lock(self, conn) -> None:
+        if self.db.backend.token_lock:
+            self._x(conn, self.db.backend.token_lock)
+
+    def under_token_lock(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` while no other node writes an org KEK (kms.sealing: the token's writers
+        take turns, so each sees the others' objects)."""
+        def body(conn):
+            self._token_lock(conn)
+            return fn()
+        return self.db.write("write org keys", body)
+
     def under_org_lock(self, org_id: str, fn: Callable[[int | None], Any]) -> Any:
         """``fn(the org's committed generation)`` while holding the org's write lock (the
         start-up sweep: a change in flight on another node is waited for)."""
         def body(conn):
             self._lock_org(conn, org_id)
+            self._token_lock(conn)
             g = self._x(conn, "SELECT generation FROM orgs WHERE org_id = ?",
                         (org_id,)).fetchone()[0]
             return fn(None if g is None else int(g))
