@@ -113,7 +113,9 @@ def org_keys_case(bench_token_factory, tmp_path_factory):
         node.create_tenant(org, "production")
         node.generate_secret(org)
     t1 = perf_counter()
+    node._seals().keks.refresh_before_write = False     # setup only: this process alone
     _bulk_orgs(node, [f"org-{i:05d}" for i in range(ORGS - SERVED)])
+    node._seals().keks.refresh_before_write = True
     bulk_s = perf_counter() - t1
     assert len(orgkek.find_all(node.token)) == ORGS
     yield {"kit": kit, "cfg": cfg, "node": node, "clock": clock, "served": served,
@@ -216,7 +218,8 @@ def test_org_keys_at_scale(benchmark, org_keys_case, bench_reports):
     summary = {
         "orgs": ORGS, "kek_objects": kek_objects,
         "setup_s": case["setup_s"], "bulk_create_s": case["bulk_s"],
-        "bulk_create_ms_per_org": case["bulk_s"] / (ORGS - SERVED) * ms,
+        "bulk_create_ms_per_org (setup: no search before each KEK write)":
+            case["bulk_s"] / (ORGS - SERVED) * ms,
         "start_median_s": statistics.median(starts), "starts_s": starts,
         "find_all_median_ms": median(inter.samples["find_all"]) * ms,
         "find_one_median_ms": median(inter.samples["find_one"]) * ms,

@@ -104,6 +104,9 @@ class Keks:
         self._lock = threading.Lock()
         self._handles: dict[tuple[str, int], int] = {}    # this store's: (org, gen) -> handle
         self._elsewhere: set[str] = set()                 # orgs with a KEK of another store id
+        # The search before each write (below). Only a single-process bulk load (the scale
+        # benchmark's setup) may switch it off.
+        self.refresh_before_write = True
 
     def load(self) -> None:
         handles, elsewhere = {}, set()
@@ -181,7 +184,8 @@ class Keks:
         first, so this process's view of the token takes in every other node's writes before
         its own write moves the token's change counter past them (SoftHSM2 2.6.1 would
         otherwise never show it those objects)."""
-        orgkek.find(self.token, self.label(org_id, generation))
+        if self.refresh_before_write:
+            orgkek.find(self.token, self.label(org_id, generation))
         handle = orgkek.generate(self.token, self.label(org_id, generation))
         with self._lock:
             self._handles[(org_id, generation)] = handle
