@@ -9,15 +9,22 @@ policy; every AWS failure is a ``KeyUnavailable`` that names the cause, and the 
 never touched by a failure.
 
 AWS credentials come from boto3's ordinary chain (environment, shared files, instance role):
-never from this project's configuration.
+never from this project's configuration. botocore signs each request (SigV4); the request itself
+goes through ``kms.outbound``: one total deadline of ``FETCH_TIMEOUT_S`` for the whole call (boto3's
+connect and read timeouts are per socket operation: an endpoint dripping a byte a second would
+hold a call for ever), no redirect followed, HTTPS only, at most ``[service] outbound_per_org``
+calls per org at once.
 """
 
 from __future__ import annotations
 
 import base64
-import os
+import json
 import re
+import ssl
+import urllib.parse
 
+from . import outbound
 from .errors import KeyUnavailable, KmsError
 
 KIND = "ekm"
@@ -103,8 +110,8 @@ def read_ca(path: str) -> str:
 def register(kms, org_id: str, key_id: str, *, endpoint_url: str | None = None,
              aws_region: str | None = None, ca_bundle: str | None = None) -> dict:
     m = check_key_arn(key_id)
-    if endpoint_url is not None and not endpoint_url.startswith(("https://", "http://")):
-        raise KmsError(f"--endpoint-url must be an http(s) URL, not {endpoint_url!r}")
+    if endpoint_url is not None and not endpoint_url.startswith("https://"):
+        raise KmsError(f"--endpoint-url must be an https URL, not {endpoint_url!r}")
     spec = {"key_id": key_id, "endpoint_url": endpoint_url,
             "aws_region": aws_region or m.group(1), "ca_bundle": ca_bundle,
             "ca_pem": read_ca(ca_bundle) if ca_bundle else None}
@@ -116,56 +123,82 @@ def context(org_id: str, key_type: str, version: int) -> dict[str, str]:
     return {"org": org_id, "key_type": key_type, "version": str(version)}
 
 
-_ca_files: dict[str, str] = {}
+_MAX_ANSWER = 64 * 1024
 
 
-def _ca_file(pem: str) -> str:
-    """botocore takes a CA bundle only as a path: the sealed bytes go into a file of this
-    process's own 0700 temporary directory, named by their hash (never the registered path)."""
-    import hashlib
-    import tempfile
-    digest = hashlib.sha256(pem.encode()).hexdigest()
-    path = _ca_files.get(digest)
-    if path is None:
-        folder = tempfile.mkdtemp(prefix="kms-ekm-ca-")
-        path = os.path.join(folder, digest + ".pem")
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
-            f.write(pem)
-        _ca_files[digest] = path
-    return path
+def _endpoint(spec: dict) -> str:
+    return spec.get("endpoint_url") or f"https://kms.{spec['aws_region']}.amazonaws.com/"
 
 
-def _client(spec: dict):
-    import boto3
-    from botocore.config import Config
-    cfg = Config(connect_timeout=FETCH_TIMEOUT_S, read_timeout=FETCH_TIMEOUT_S,
-                 retries={"max_attempts": 1, "mode": "standard"})
-    # Only the sealed CA bytes: a registration of the path alone (made before sealing and not
-    # upgraded) verifies against the system's roots, never against a file someone can rewrite.
-    verify = _ca_file(spec["ca_pem"]) if spec.get("ca_pem") else True
-    return boto3.session.Session().client(
-        "kms", region_name=spec["aws_region"], endpoint_url=spec.get("endpoint_url"),
-        verify=verify, config=cfg)
-
-
-def _call(org_id: str, what: str, fn):
-    """Run one AWS call; every failure becomes one KeyUnavailable line naming the cause."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    try:
-        return fn()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        cause = _CAUSES.get(code, "AWS KMS refused the request")
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what} failed: {cause} ({code})",
-                             hint="the customer controls this key in their AWS account") from None
-    except NoCredentialsError:
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what}: no AWS credentials for "
+def _aws(org_id: str, spec: dict, action: str, params: dict) -> dict:
+    import botocore.session
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    url = _endpoint(spec)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: the endpoint {url!r} "
+                             "is not https", hint="re-register it with an https:// URL")
+    credentials = botocore.session.get_session().get_credentials()
+    if credentials is None:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: no AWS credentials for "
                              "this node", hint="set them the ordinary boto3 way (environment, "
-                             "shared credentials file, instance role)") from None
-    except BotoCoreError as exc:  # unreachable endpoint, TLS failure, timeout
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what}: AWS KMS unreachable "
-                             f"({type(exc).__name__})", hint="check the endpoint and the "
-                             "network; the stored key is unchanged") from None
+                             "shared credentials file, instance role)")
+    body = json.dumps(params).encode()
+    host = parts.netloc.removesuffix(":443")
+    req = AWSRequest(method="POST", url=url, data=body, headers={
+        "Host": host, "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": f"TrentService.{action}"})
+    SigV4Auth(credentials.get_frozen_credentials(), "kms", spec["aws_region"]).add_auth(req)
+    try:
+        # Only the CA bundle's bytes sealed with the registration, never the file at its path
+        # (anyone who can write that file could name their own endpoint's CA); a registration
+        # made before sealing was upgraded at the node's start (kms.service).
+        ctx = ssl.create_default_context(cadata=spec["ca_pem"]) if spec.get("ca_pem") else \
+            ssl.create_default_context()
+        answer = outbound.request("POST", url, headers=dict(req.headers.items()), body=body,
+                                  context=ctx, deadline_s=FETCH_TIMEOUT_S, max_body=_MAX_ANSWER)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.reason if isinstance(exc, outbound.OutboundFailure) else type(exc).__name__
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS unreachable "
+                             f"({reason})", hint="check the endpoint and the network; the "
+                             "stored key is unchanged") from None
+    except outbound.OutboundFailure as exc:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS unreachable "
+                             f"({exc.reason}, {FETCH_TIMEOUT_S:g} s deadline)", hint="check the "
+                             "endpoint and the network; the stored key is unchanged") from None
+    if 300 <= answer.status < 400:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: the endpoint answered "
+                             f"HTTP {answer.status}, a redirect (not followed)", code="REDIRECT")
+    try:
+        doc = json.loads(answer.body) if len(answer.body) <= _MAX_ANSWER else None
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS answered HTTP "
+                             f"{answer.status} with no JSON object")
+    if answer.status != 200:
+        code = str(doc.get("__type", "?")).rsplit("#", 1)[-1][:100]
+        cause = _CAUSES.get(code, "AWS KMS refused the request")
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action} failed: {cause} ({code})",
+                             hint="the customer controls this key in their AWS account")
+    return doc
+
+
+def _blob(org_id: str, doc: dict, field: str) -> bytes:
+    try:
+        return base64.b64decode(doc[field], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise KeyUnavailable(f"key unavailable: org {org_id}: AWS KMS answered without a "
+                             f"valid {field}") from None
+
+
+def _gated(kms, org_id: str):
+    try:
+        return outbound.gate(kms)(org_id)
+    except outbound.Busy:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: its AWS KMS calls are at their "
+                             "limit; retry (BUSY)", code="BUSY") from None
 
 
 def rotate(kms, org_id: str, key_type: str = "field"):
@@ -173,17 +206,16 @@ def rotate(kms, org_id: str, key_type: str = "field"):
     spec = kms.customer_key(org_id, KIND)
     if spec is None:
         raise KmsError(f"org {org_id} has no EKM root key", hint="register it with `kms ekm add`")
-    client = _client(spec)
 
     # Called inside the store's write transaction (the version is known only there): the AWS
-    # call is bounded by the 3 s timeouts, and a failure rolls the transaction back whole.
+    # call is bounded by the 3 s total deadline, and a failure rolls the transaction back whole.
     def descriptor(version: int) -> dict:
-        out = _call(org_id, "GenerateDataKeyWithoutPlaintext", lambda: (
-            client.generate_data_key_without_plaintext(
-                KeyId=spec["key_id"], KeySpec="AES_256",
-                EncryptionContext=context(org_id, key_type, version))))
-        return {"kind": KIND, "key_id": spec["key_id"],
-                "blob": base64.b64encode(out["CiphertextBlob"]).decode()}
+        with _gated(kms, org_id):
+            out = _aws(org_id, spec, "GenerateDataKeyWithoutPlaintext", {
+                "KeyId": spec["key_id"], "KeySpec": "AES_256",
+                "EncryptionContext": context(org_id, key_type, version)})
+        blob = _blob(org_id, out, "CiphertextBlob")
+        return {"kind": KIND, "key_id": spec["key_id"], "blob": base64.b64encode(blob).decode()}
     return kms.add_remote(org_id, key_type, descriptor)
 
 
@@ -192,12 +224,11 @@ def dek(kms, row, descriptor: dict) -> bytes:
     spec = kms.customer_key(row.org_id, KIND)      # as sealed in the HSM
     if spec is None:
         raise KeyUnavailable(f"key unavailable: org {row.org_id}: its EKM registration is gone")
-    client = _client(spec)
-    blob = base64.b64decode(descriptor["blob"])
-    out = _call(row.org_id, "Decrypt", lambda: client.decrypt(
-        CiphertextBlob=blob, KeyId=descriptor["key_id"],
-        EncryptionContext=context(row.org_id, row.key_type, row.version)))
-    return out["Plaintext"]
+    with _gated(kms, row.org_id):
+        out = _aws(row.org_id, spec, "Decrypt", {
+            "CiphertextBlob": descriptor["blob"], "KeyId": descriptor["key_id"],
+            "EncryptionContext": context(row.org_id, row.key_type, row.version)})
+    return _blob(row.org_id, out, "Plaintext")
 
 
 def enable(kms) -> None:

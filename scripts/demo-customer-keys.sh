@@ -12,10 +12,14 @@ set -a; . $VAR/demo-pins.env; set +a
 step() { printf '\n== %s\n' "$*"; }
 EU=$VAR/kms/eu.toml
 C=$VAR/customer
+# The customer's BYOK key pins (`kms byok wrap` pins per user, in ~/.config by default): the
+# demo's customer keeps them with the demo, so `make clean` forgets them with the keys.
+export HSM_SUITE_BYOK_PINS=$PWD/$C/byok-pins.json
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-if kms --config $EU status --json | grep -q '"org": "byok-co"'; then
+# grep reads all of it (no -q): under pipefail an early exit could SIGPIPE kms and fail the test.
+if kms --config $EU status --json | grep '"org": "byok-co"' >/dev/null; then
     step "customer-key orgs exist already (a second make demo): skipped"
     exit 0
 fi

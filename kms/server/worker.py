@@ -63,9 +63,13 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
 
     def protocol():
         return GuardedHandler(manager, loop=loop, header_timeout=s.limit("header_timeout_seconds"),
-                              budget=budget, keepalive_timeout=s.limit("idle_timeout_seconds"),
+                              budget=budget, svc=svc,
+                              keepalive_timeout=s.limit("idle_timeout_seconds"),
                               access_log=None, max_line_size=8190, max_field_size=8190,
-                              max_headers=64)
+                              max_headers=64,
+                              # a body left unread (refused before it was read) is not waited
+                              # for: the connection is closed after the answer
+                              lingering_time=0)
     server = await loop.create_server(protocol, sock=sock, ssl=tls, backlog=1024,
                                       ssl_handshake_timeout=s.limit("handshake_timeout_seconds"))
     stop = asyncio.Event()
@@ -73,9 +77,12 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(svc))
     retries = asyncio.ensure_future(_retry_unavailable_keys(svc, stop))
+    refusals = asyncio.ensure_future(_flush_refusals(svc, stop))
     print(f"kms: worker {svc.worker} serving", flush=True)
     await stop.wait()
     retries.cancel()
+    refusals.cancel()
+    svc.flush_refusals()
     log.info("worker %d: SIGTERM, draining", svc.worker)
     svc.ready = False
     server.close()                   # stop accepting; established connections go on
@@ -102,6 +109,17 @@ async def _retry_unavailable_keys(svc: apps.Service, stop: asyncio.Event,
         except Exception as exc:  # a retry that fails says so in the log, never stops serving
             log.warning("worker %d: retrying unavailable keys failed: %s", svc.worker,
                         type(exc).__name__)
+
+
+async def _flush_refusals(svc: apps.Service, stop: asyncio.Event, every: float = 10.0) -> None:
+    """Refusals counted beyond the audited rate are recorded as one line per client every
+    ``every`` seconds (kms.server.admission)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            pass
+        svc.flush_refusals()
 
 
 def _reload(svc: apps.Service) -> None:

@@ -198,9 +198,7 @@ def test_the_ca_bundle_file_rewritten_after_registration_changes_nothing(node, t
     original = Path(pki.ca).read_text()
     ekm.register(node, "ca-org", arn, endpoint_url="https://127.0.0.1:1", ca_bundle=str(pki.ca))
     Path(pki.ca).write_text("-----BEGIN CERTIFICATE-----\nthe writer's CA\n")
-    spec = node.customer_key("ca-org", "ekm")
-    assert spec["ca_pem"] == original
-    assert Path(ekm._ca_file(spec["ca_pem"])).read_text() == original
+    assert node.customer_key("ca-org", "ekm")["ca_pem"] == original   # what _aws verifies with
 
 
 def test_deleting_the_newest_tombstone_does_not_revive_the_older_version(node, url):
