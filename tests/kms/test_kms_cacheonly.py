@@ -374,7 +374,7 @@ def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, c
             with pytest.raises(KeyUnavailable) as info:
                 cacheonly.dek(env.node, _Row("shop", "field", 994), {
                     "kind": "cache-only", "url": crafted, "kid": "shop-r",
-                    "ca": str(env.server.ca), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
+                    "ca_pem": env.server.ca.read_text(), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
             assert info.value.code == "REDIRECT" and f"HTTP {status}" in str(info.value)
         time.sleep(0.5)
     finally:
