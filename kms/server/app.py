@@ -643,7 +643,7 @@ async def tenant_destroy(request):
 async def tenant_list(request):
     svc: Service = request.app["svc"]
     org = _org(request.match_info["org"])
-    rows = await _admin(request, "tenant.list", org, None, svc.kms.store.secrets, org)
+    rows = await _admin(request, "tenant.list", org, None, svc.kms.secrets, org)
     return _ok({"org": org, "secrets": [
         {"key_type": r.key_type, "version": r.version, "state": r.state, "source": r.source,
          "derivation": r.derivation, "release": r.release, "created_at": r.created_at,
