@@ -140,6 +140,22 @@ class Kit:
         path.write_bytes(b"".join(to_pem(c.chosen) for c in certs))
         return path
 
+    def previous_format_bundle(self, plan: plans.Plan, region: str) -> bytes:
+        """``region``'s bundle of ``plan`` as the version before officers countersigned wrote
+        it: a version-1 manifest (no plan digest, no run nonce) signed by the primary alone."""
+        from hsm import ops
+        from hsm.token import Token
+        from release import bundle as bundles
+        from release.certificates import as_asn1, load as load_cert
+        cert = as_asn1(load_cert(self.primary_cert, "primary signing"))
+        name = f"bundle-{plan.release}-{region}.p7"
+        v2 = bundles.verify((plan.output_dir / name).read_bytes(), cert).manifest
+        v1 = {k: v for k, v in v2.items() if k not in ("plan_digest", "run_nonce")}
+        v1["version"] = 1
+        with Token.open(self.primary.label, pin=self.primary.user_pin) as token:
+            return bundles.build(v1, cert, "ecdsa-sha384", lambda data: ops.sign(
+                token, ops.private(f"{token.label}-signing"), "ecdsa-sha384", data))
+
     def fingerprint(self, officer: str) -> str:
         return signers.fingerprint(FileSigner(self.officer_keys[officer]).spki).hex()
 

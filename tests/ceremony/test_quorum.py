@@ -301,11 +301,8 @@ def test_a_release_of_the_previous_format_migrates_by_countersigning_and_serves_
     out = tmp_path / "v1"
     out.mkdir()
     name = eu_name(release)
-    v2 = bundles.verify((release.output_dir / name).read_bytes(), primary_cert).manifest
-    v1 = {k: v for k, v in v2.items() if k not in ("plan_digest", "run_nonce")} | {"version": 1}
-    with Token.open(kit.primary.label, pin=kit.primary.user_pin) as token:
-        old = bundles.build(v1, primary_cert, "ecdsa-sha384", lambda data: ops.sign(
-            token, ops.private(f"{token.label}-signing"), "ecdsa-sha384", data))
+    old = kit.previous_format_bundle(release, "eu")
+    v1 = bundles.verify(old, primary_cert).manifest
     (out / name).write_bytes(old)
     store = tmp_path / "store"
     store.mkdir()

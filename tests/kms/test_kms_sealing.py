@@ -473,6 +473,18 @@ _LEGACY = textwrap.dedent("""
 """)
 
 
+def countersign_bundle(kit, path: Path, officers) -> None:
+    from ceremony.officers import FileSigner
+    from release import bundle as bundles
+    from release import signers
+    from release.certificates import as_asn1, load as load_cert
+    cert = as_asn1(load_cert(kit.primary_cert, "primary signing"))
+    for name in officers:
+        signer = FileSigner(kit.officer_keys[name])
+        path.write_bytes(bundles.countersign(path.read_bytes(), cert, signer,
+                                             signers.certificate(signer, name)))
+
+
 def test_a_store_made_by_the_previous_code_is_sealed_at_start_and_serves_the_same_deks(
         kit, release, tmp_path):
     repo = Path(__file__).resolve().parents[2]
@@ -486,12 +498,22 @@ def test_a_store_made_by_the_previous_code_is_sealed_at_start_and_serves_the_sam
                     "(a shallow clone)")
     subprocess.run(["tar", "-x", "-C", str(legacy)], input=archive.stdout, check=True)
     url = f"sqlite:///{tmp_path}/kms-eu.db"
-    cfg = kms_config(kit, tmp_path, release.output_dir, store=url)
+    # The previous code reads bundles of its own format (a version-1 manifest, the primary's
+    # signature only) and a configuration without [[officers]]; officers countersign the
+    # bundle afterwards, as the upgrade says (docs/ceremony-quorum.md).
+    bundles = tmp_path / "bundles"
+    bundles.mkdir()
+    bundle = bundles / f"bundle-{release.release}-eu.p7"
+    bundle.write_bytes(kit.previous_format_bundle(release, "eu"))
+    cfg = kms_config(kit, tmp_path, bundles, store=url)
+    legacy_cfg = tmp_path / "legacy-kms-eu.toml"
+    legacy_cfg.write_text(cfg.path.read_text().split("\n[[officers]]")[0])
     env = {**os.environ, **kit.regionals["eu"].env, "PYTHONPATH": str(legacy),
            "NODE_PIN": kit.regionals["eu"].user_pin.reveal()}
-    made = subprocess.run([sys.executable, "-c", _LEGACY, json.dumps({"config": str(cfg.path)})],
+    made = subprocess.run([sys.executable, "-c", _LEGACY, json.dumps({"config": str(legacy_cfg)})],
                           env=env, capture_output=True, text=True, timeout=300, cwd=legacy)
     assert made.returncode == 0, made.stderr
+    countersign_bundle(kit, bundle, ("alice", "bob"))
     before = json.loads(made.stdout.splitlines()[-1])
     clock = Clock()
     clock.now += 2 * DAY
