@@ -99,7 +99,7 @@ B_CERT_ASN1 = "primary certificate to asn1crypto (certs.as_asn1)"
 B_SPKI = "SPKI read + SHA-256 (importer.own_key_fingerprint)"
 B_FILES = "file reads (Path.read_bytes: bundles, certificate)"
 B_CMS = "CMS verify: parse + envelope checks (bundles.verify excl. below)"
-B_CMS_SIG = "CMS verify: ECDSA P-384 signature check (bundles._check_signature)"
+B_CMS_SIG = "CMS verify: ECDSA P-384 signature check (bundles.check_signature)"
 B_CMS_MANIFEST = "CMS verify: manifest parse (bundles._parse_manifest)"
 B_SWEEP = "pre-unwrap sweep: C_FindObjects for a stale copy (ops.destroy_session_object)"
 B_UNWRAP = "token op: RSA-OAEP unwrap incl. layer (ops.unwrap_release_secret)"
@@ -112,7 +112,7 @@ _PATCHES = [  # (owner, attribute, bucket); functions are looked up through thes
     (Store, "releases", B_HISTORY), (Store, "record_release", B_STORE_WRITE),
     (certs, "check_primary", B_CERT), (certs, "as_asn1", B_CERT_ASN1),
     (importer, "own_key_fingerprint", B_SPKI), (Path, "read_bytes", B_FILES),
-    (bundles, "verify", B_CMS), (bundles, "_check_signature", B_CMS_SIG),
+    (bundles, "verify", B_CMS), (bundles, "check_signature", B_CMS_SIG),
     (bundles, "_parse_manifest", B_CMS_MANIFEST),
     (ops, "destroy_session_object", B_SWEEP), (ops, "unwrap_release_secret", B_UNWRAP),
     (export, "check_value", B_KCV), (ops, "generate_session_secret", B_MASTER),

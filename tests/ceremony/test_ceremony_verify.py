@@ -215,14 +215,14 @@ def _remembering_signatures(monkeypatch) -> None:
     """The signature checks inside a bundle, remembered for unchanged inputs: a flip in one
     SignerInfo leaves the primary's and the other officer's exactly as they were. Both are pure
     functions of their inputs; a changed input is always checked for real."""
-    real_sig, sigs = bundles._check_signature, set()
+    real_sig, sigs = bundles.check_signature, set()
 
-    def check_signature(cert, algo, signature, data, where):
-        key = (cert.dump(), algo.dump(), signature, data)
+    def check_signature(spki, algo, signature, data, where):
+        key = (spki.dump(), algo.dump(), signature, data)
         if key not in sigs:
-            real_sig(cert, algo, signature, data, where)
+            real_sig(spki, algo, signature, data, where)
             sigs.add(key)
-    monkeypatch.setattr(bundles, "_check_signature", check_signature)
+    monkeypatch.setattr(bundles, "check_signature", check_signature)
     real_officer, officers = bundles._officer, {}
 
     def officer(si, cert, content):
