@@ -27,7 +27,7 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import derive, importer, policy
+from . import derive, importer, policy, rowcache
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -75,6 +75,10 @@ class Kms:
         # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
         # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
+        # The hot path's row reads, kept while the store says nothing changed (kms.rowcache):
+        # SQLite's data_version from start(); on PostgreSQL the server sets one on its
+        # invalidation listener. None: every DEK request reads its row.
+        self.rows: rowcache.FreshRows | None = None
 
     @property
     def started(self) -> bool:
@@ -104,6 +108,7 @@ class Kms:
         self._token = Token.open(self.config.token, module=self.config.module,
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)
+        self.rows = rowcache.for_store(self._store, self.clock)
         self._load_session_keys()
         self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * policy.HOUR)
@@ -157,6 +162,8 @@ class Kms:
                     ops.destroy_session_object(self._token, ref)
                 except HsmError:
                     pass       # the login is gone already: the session objects went with it
+        if self.rows is not None:
+            self.rows.close()
         if self._store is not None:
             self._store.close()
         if self._token is not None:
@@ -259,11 +266,13 @@ class Kms:
         row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
                                     release=rel.release, iterations=iterations, now=now,
                                     wrap=wrap, upload_sha256=upload_sha256)
+        self._changed()
         self.cache.invalidate(org_id, key_type)
         return row
 
     def destroy(self, org_id: str, key_type: str, version: int) -> SecretRow:
         row = self.store.destroy_secret(org_id, key_type, version, now=self.clock())
+        self._changed()
         self.cache.invalidate(org_id, key_type, version)
         return row
 
@@ -324,7 +333,8 @@ class Kms:
     def dek_for_encrypt(self, org_id: str, key_type: str = "field",
                         fragment: str | None = None) -> tuple[int, str, bytes]:
         generation = self.cache.generation()
-        row = self.store.active(org_id, key_type, now=self.clock())
+        row = self._row(("active", org_id, key_type),
+                        lambda: self.store.active(org_id, key_type, now=self.clock()))
         if row is None:
             self.store.org_type(org_id)  # UnknownTenant if it does not exist
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
@@ -335,8 +345,31 @@ class Kms:
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
                         fragment: str | None = None) -> bytes:
         generation = self.cache.generation()
-        row = self.store.get(org_id, key_type, version)
+        row = self._row(("get", org_id, key_type, version),
+                        lambda: self.store.get(org_id, key_type, version))
         return self._dek(row, fragment, generation)
+
+    # -- the hit path's row reads (kms.rowcache): the only place DEK requests read rows
+    def _row(self, key: tuple, read):
+        return read() if self.rows is None else self.rows.get(key, read)
+
+    def _changed(self) -> None:
+        """This node wrote a secret: no row read before may answer again."""
+        if self.rows is not None:
+            self.rows.clear()
+
+    def answers_locally(self, org_id: str, key_type: str, version: int | None,
+                        fragment: str | None, *, purpose: str) -> bool:
+        """Whether a DEK request would need neither the HSM nor a network store: its DEK is
+        cached and its row is kept fresh (or the store is a local SQLite file). A hint for the
+        server, which then answers on its event loop instead of its thread pool."""
+        if version is None or not self.cache.holds(org_id, (key_type, version, fragment)):
+            return False
+        if self.store.kind == "sqlite":
+            return True
+        key = ("active", org_id, key_type) if purpose == "encrypt" else \
+            ("get", org_id, key_type, version)
+        return self.rows is not None and self.rows.fresh(key)
 
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:
@@ -410,6 +443,7 @@ class Kms:
                            "altered or belongs to another tenant") from None
         data = json.loads(plain)
         self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
+        self._changed()
         self.cache.invalidate(org_id)
         return org_id
 

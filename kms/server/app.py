@@ -234,11 +234,10 @@ class Service:
                                        thread_name_prefix="kms-node")
         self.inflight = 0
         self.ready = True  # false once draining
-        # DEK fetches that will hit the node's cache run on the event loop itself when the store
-        # is a local SQLite file (a read of a few tens of µs): the hop to the pool and back costs
+        # DEK fetches that will hit the node's cache, with a row that is kept fresh or read from
+        # a local SQLite file, run on the event loop itself: the hop to the pool and back costs
         # more than the work (about a third of the worker's CPU per request, measured). Anything
-        # that may call the HSM or a network store goes to the pool.
-        self.inline_hits = getattr(kms.store, "kind", None) == "sqlite" if kms else False
+        # that may call the HSM or a network store goes to the pool (Kms.answers_locally).
         self._current: dict[tuple, int] = {}   # (org, key_type, fragment) -> version last served
 
     async def call(self, fn, *args):
@@ -246,10 +245,10 @@ class Service:
 
     async def dek_call(self, org: str, key_type: str, version, fragment, fn, *args):
         """``fn(*args)`` inline if the DEK it needs is in the node's cache, else on the pool."""
+        purpose = "decrypt" if version is not None else "encrypt"
         if version is None:
             version = self._current.get((org, key_type, fragment))
-        if self.inline_hits and version is not None and \
-                self.kms.cache.holds(org, (key_type, version, fragment)):
+        if self.kms.answers_locally(org, key_type, version, fragment, purpose=purpose):
             self.metrics.inline.inc()
             return fn(*args)
         return await self.call(fn, *args)
