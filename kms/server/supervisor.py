@@ -46,7 +46,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: a killed parent may leave workers that finish their connections
 
 
-def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
+def _spawn(config, sock, worker: int, parent: int, run=None) -> tuple[int, bool]:
     """Fork worker ``worker`` and wait (bounded) until it has logged in and imported its
     releases: workers start one after another, so no two log in to the token at once (SoftHSM2
     answers concurrent C_Login from two processes with CKR_GENERAL_ERROR)."""
@@ -74,7 +74,7 @@ def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
             os.write(ready_w, b"1")
             os.close(ready_w)
 
-        code = workers.run(config, sock, worker, started=announce_ready)
+        code = (run or workers.run)(config, sock, worker, started=announce_ready)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # one line, like the CLI; the parent decides what next
@@ -86,14 +86,16 @@ def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
         os._exit(code)
 
 
-def serve(config, *, host: str, port: int, workers: int) -> int:
+def serve(config, *, host: str, port: int, workers: int, run=None) -> int:
+    """``run(config, sock, worker, started=None)`` is the worker's body: a KMS node's by
+    default, ``kms.xks.worker.run`` for an XKS node."""
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     print(f"kms: listening on https://{host}:{bound} ({workers} worker"
           f"{'s' if workers > 1 else ''}, region {config.region})", flush=True)
     if workers == 1:
         from . import worker as single
-        return single.run(config, sock, 0)
+        return (run or single.run)(config, sock, 0)
     parent = os.getpid()
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks to stderr, see worker
     children: dict[int, int] = {}   # pid -> worker id
@@ -113,7 +115,7 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
         signal.signal(sig, forward)
 
     def start(w: int) -> bool:
-        pid, started = _spawn(config, sock, w, parent)
+        pid, started = _spawn(config, sock, w, parent, run)
         children[pid] = w
         if stopping:      # SIGTERM arrived while it was starting: it stops too
             os.kill(pid, signal.SIGTERM)

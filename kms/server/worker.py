@@ -55,7 +55,7 @@ def _notifier(kms, worker: int, metrics):
     return listener
 
 
-async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
+async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> None:
     s = svc.settings
     loop = asyncio.get_running_loop()
     app = apps.build(svc)
@@ -79,7 +79,9 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(svc))
+    loop.add_signal_handler(signal.SIGHUP, _reload, svc, extra)
+    if extra is not None:            # the XKS listener beside the node (kms.xks.worker)
+        await extra.serve()
     retries = asyncio.ensure_future(_retry_unavailable_keys(svc, stop))
     refusals = asyncio.ensure_future(_flush_refusals(svc, stop))
     print(f"kms: worker {svc.worker} serving", flush=True)
@@ -90,6 +92,8 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
     log.info("worker %d: SIGTERM, draining", svc.worker)
     svc.ready = False
     server.close()                   # stop accepting; established connections go on
+    if extra is not None:
+        await extra.drain()
     await runner.cleanup()           # idle connections closed, in-flight requests finish
     server.close()
     await server.wait_closed()
@@ -126,7 +130,9 @@ async def _flush_refusals(svc: apps.Service, stop: asyncio.Event, every: float =
         svc.flush_refusals()
 
 
-def _reload(svc: apps.Service) -> None:
+def _reload(svc: apps.Service, extra=None) -> None:
+    if extra is not None:            # the XKS listener re-reads its key stores
+        extra.reload()
     from .authz import Policy
     try:
         clients = settings_mod.reload_policy(svc.kms.config.path)
@@ -140,7 +146,7 @@ def _reload(svc: apps.Service) -> None:
                          detail=f"{len(clients)} clients")
 
 
-def run(config, sock, worker: int = 0, started=None) -> int:
+def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"kms[w{worker}] %(levelname)s %(message)s")
     # SIGUSR1 dumps every thread's stack to stderr: how to see what a stuck worker waits for.
@@ -149,6 +155,8 @@ def run(config, sock, worker: int = 0, started=None) -> int:
     tls = tls_context(s)
     kms = Kms(config)
     kms.start()
+    if extra is not None:
+        extra.open()
     if started is not None:
         started()      # the supervisor starts the next worker once this one is logged in
     audit = metrics = notifier = svc = None
@@ -163,12 +171,14 @@ def run(config, sock, worker: int = 0, started=None) -> int:
         notifier = _notifier(kms, worker, metrics)
         svc = apps.Service(kms, s, worker=worker, metrics=metrics, audit=audit,
                            notifier=notifier)
-        asyncio.run(_serve(svc, sock, tls))
+        asyncio.run(_serve(svc, sock, tls, extra))
     finally:
         if svc is not None:
             svc.pool.shutdown(wait=True)
         if notifier is not None:
             notifier.close()
+        if extra is not None:
+            extra.close()
         kms.close()
         if audit is not None:
             audit.append(op="worker.stop", result="ok", worker=worker)

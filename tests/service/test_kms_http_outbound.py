@@ -92,7 +92,9 @@ def node(service_kit, drip):
 def test_dripping_customer_services_do_not_delay_other_orgs(node, drip):
     """20 clients ask for DEKs of five dripping orgs at once (more than the worker's 8 pool
     threads): each is answered 503 key_unavailable within DRIP_BOUND_S (the 3 s deadline, or at
-    once: BUSY past 2 calls per org or 4 in all, or the failure policy's retry time).
+    once: BUSY past 2 calls per org or 4 in all, or the failure policy's retry time), or 429
+    client_concurrency_limited at once when more than the client's 16 are in flight together
+    (all 20 share one identity; on a loaded machine they do overlap).
     Meanwhile every DEK fetch of org "calm" and every /readyz answers within OTHER_BOUND_S."""
     results = []
 
@@ -118,8 +120,10 @@ def test_dripping_customer_services_do_not_delay_other_orgs(node, drip):
         time.sleep(0.2)
     attackers.join(60)
     assert len(results) == 20
+    assert sum(status == 503 for _, status, _, _ in results) >= 4   # the drip calls were made
     for org, status, error, took in results:
-        assert (status, error) == (503, "key_unavailable"), (org, status, error)
+        assert (status, error) in {(503, "key_unavailable"),
+                                   (429, "client_concurrency_limited")}, (org, status, error)
         assert took < DRIP_BOUND_S, (org, took)
     assert drip[2].calls >= 2          # the drip server was really called (and dripped)
 
