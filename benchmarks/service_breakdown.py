@@ -104,7 +104,7 @@ def main(seconds: float, store_kind: str) -> None:
     for org in orgs:
         assert node.call("POST", "/v1/tenants", {"org": org}, who="admin")[0] == 201
     cert, key = kit.tls.clients["data"]
-    pool = LoadPool(4, cert, key, kit.tls.ca)
+    pool = LoadPool(4, cert, key, kit.tls.ca, connections=8)
     loads = {"healthz": [http_request("GET", "/healthz")],
              "dek": [http_request("POST", "/v1/dek", json.dumps(
                  {"org": o, "purpose": "encrypt"}).encode()) for o in orgs]}

@@ -26,12 +26,13 @@ from typing import Any
 log = logging.getLogger("kms.invalidation")
 
 CHANNEL = "kms_invalidate"
+APPLICATION_NAME = "hsm-suite-kms-invalidation"     # how operators (and tests) find it
 
 
 def _connect(url: str):
     import psycopg
     return psycopg.connect(url, autocommit=True, connect_timeout=5,
-                           application_name="hsm-suite-kms-invalidation")
+                           application_name=APPLICATION_NAME)
 
 
 class Publisher:
