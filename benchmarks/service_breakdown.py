@@ -69,7 +69,7 @@ def profile(pid: int, seconds: float, out: Path) -> collections.Counter:
     """py-spy's raw (collapsed) samples of ``pid`` over ``seconds``, counted per bucket."""
     pyspy = Path(sys.executable).with_name("py-spy")
     subprocess.run([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
-                    "--rate", "500", "--format", "raw", "--threads", "--nonblocking",
+                    "--rate", "500", "--format", "raw", "--threads", "--nonblocking", "--gil",
                     "--output", str(out)], check=True, capture_output=True)
     counts: collections.Counter = collections.Counter()
     for line in out.read_text().splitlines():
