@@ -99,7 +99,9 @@ def main(seconds: float, store_kind: str) -> None:
         store = server.create_database("breakdown")
     else:
         store = str(base / "breakdown.db")
-    node = kit.start(kit.config(store=store, audit=True), workers=1)
+    node = kit.start(kit.config(store=store, audit=True, max_concurrent_per_client=256,
+                               requests_per_second_per_client=100_000,
+                               max_connections_per_client=256, max_concurrent=256), workers=1)
     orgs = [f"org-{i}" for i in range(8)]
     for org in orgs:
         assert node.call("POST", "/v1/tenants", {"org": org}, who="admin")[0] == 201
