@@ -67,8 +67,10 @@ class TokenSigner:
 
 
 class AuditLog:
-    def __init__(self, directory: Path, worker: int, signer, *, retry_ms: int = 50,
+    def __init__(self, directory: Path, worker: int, signer=None, *, retry_ms: int = 50,
                  max_pending: int = 100_000):
+        """``signer`` (a :class:`TokenSigner`) signs a checkpoint per batch; without one the
+        segments are chained but unsigned (the XKS proxy's log, whose token may be any)."""
         self.dir, self.worker, self.signer = Path(directory), worker, signer
         self.dir.mkdir(parents=True, exist_ok=True)
         self._retry = retry_ms / 1000.0
@@ -184,12 +186,13 @@ class AuditLog:
             prev, line = chained_line({**rec, "seq": seq, "prev": prev})
             lines.append(line)
         try:
-            seq += 1
-            cp = {"seq": seq, "ts": round(time.time(), 6), "prev": prev, "op": CHECKPOINT_OP,
-                  "worker": self.worker,
-                  "sig": self.signer.sign(checkpoint_message(seq, prev)).hex()}
-            cp["hash"] = digest(cp)
-            lines.append(canonical(cp) + b"\n")
+            if self.signer is not None:
+                seq += 1
+                cp = {"seq": seq, "ts": round(time.time(), 6), "prev": prev,
+                      "op": CHECKPOINT_OP, "worker": self.worker,
+                      "sig": self.signer.sign(checkpoint_message(seq, prev)).hex()}
+                cp["hash"] = prev = digest(cp)
+                lines.append(canonical(cp) + b"\n")
             if self._dirty:                      # a failed write left bytes: cut them first
                 os.ftruncate(self._fd, self._size)
                 self._dirty = False
@@ -201,7 +204,7 @@ class AuditLog:
             self._failed(batch, done, exc)
             return False
         self._size += sum(map(len, lines))
-        self._seq, self._prev = seq, cp["hash"]
+        self._seq, self._prev = seq, prev
         self.batches += 1
         self.records += len(records)
         if self._outage is not None:
@@ -328,8 +331,10 @@ def _inspect(path: Path, signer) -> tuple[str, str, dict]:
         return "new", "ends with a line that is not a chained record (damaged)", info
     if first.get("op") != SEGMENT_OP or first.get("format") != FORMAT:
         return "new", "is a legacy segment (unsigned, written by an earlier version)", info
-    if first.get("key") != signer.fingerprint:
+    if first.get("key") != (signer.fingerprint if signer is not None else None):
         return "new", f"is signed by another key ({first.get('key')})", info
+    if signer is None:      # an unsigned log (no audit key): the chain alone
+        return "continue", "", info
     if last.get("op") != CHECKPOINT_OP:
         return "new", "does not end with a checkpoint (damaged, or a write was cut short)", info
     # A forged last checkpoint (right hash, no signature) must not become the base of the
@@ -350,11 +355,21 @@ def _new_segment(directory: Path, worker: int, k: int, signer, detail: str, link
     finally:
         os.close(dfd)
     start = {"ts": round(time.time(), 6), "op": SEGMENT_OP, "format": FORMAT, "worker": worker,
-             "key": signer.fingerprint, "spki": signer.spki.hex(), "detail": detail,
-             "pid": os.getpid()}
+             "key": None, "detail": detail, "pid": os.getpid()}
+    if signer is not None:
+        start.update(key=signer.fingerprint, spki=signer.spki.hex())
     if link is not None:
         start["previous"] = link
     return path, fd, 0, GENESIS, 0, [start]
+
+
+def verify(path: Path) -> tuple[int, str | None]:
+    """(records, None) if the segment at ``path`` verifies, else (line of the first break,
+    why): the earlier API, kept for callers that check one file (kms.server.auditchain has the
+    full verdict, pinned keys and directories)."""
+    from .auditchain import verify as verify_segment
+    v = verify_segment(Path(path))
+    return (v.records, None) if v.intact else (v.broken_at or 0, v.why)
 
 
 class AuditCollector:

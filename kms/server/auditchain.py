@@ -74,6 +74,7 @@ class Verdict:
     broken_at: int | None = None  # line number of the first break
     why: str | None = None
     partial_tail: int = 0         # bytes of an unfinished last line (not a record)
+    keyless: bool = False         # a format-2 segment written without an audit key
 
     @property
     def intact(self) -> bool:
@@ -84,6 +85,9 @@ class Verdict:
             return f"{self.path}: chain broken at {self.why}"
         tail = (f"; {self.partial_tail} bytes of an unfinished last write after it (not a "
                 "record; the node truncates them at its next start)") if self.partial_tail else ""
+        if self.keyless:
+            return (f"{self.path}: {self.records} records, chain intact (unsigned: written "
+                    f"without an audit key){tail}")
         if not self.signed:
             return (f"{self.path}: {self.records} records, chain intact (legacy segment: "
                     f"unsigned, an edit with recomputed hashes would not show){tail}")
@@ -135,7 +139,13 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             return broken(n, f"not a JSON record ({exc})")
-        if n == 1 and rec.get("op") == SEGMENT_OP and rec.get("format") == FORMAT:
+        if n == 1 and rec.get("op") == SEGMENT_OP and rec.get("format") == FORMAT and \
+                rec.get("key") is None:
+            v.keyless = True     # written without an audit key: the chain alone
+            why = _previous_changed(Path(path).parent, rec.get("previous"))
+            if why:
+                return broken(1, why)
+        elif n == 1 and rec.get("op") == SEGMENT_OP and rec.get("format") == FORMAT:
             v.signed = True
             try:
                 spki = bytes.fromhex(rec["spki"])

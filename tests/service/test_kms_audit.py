@@ -366,3 +366,19 @@ def test_a_damaged_log_does_not_stop_the_node_and_a_full_disk_means_503_then_rec
     outage = next(r for r in records if r["op"] == "audit.outage")
     assert "OSError: File too large" in outage["detail"]
     assert _verify(audit_dir).returncode == 1       # the damaged first segment still shows
+
+
+def test_a_log_without_an_audit_key_is_chained_unsigned_and_reported_so(tmp_path):
+    """The XKS proxy's log (its token may be any): same segments and durability, no
+    checkpoints; verify says it is unsigned, and a restart continues the chain."""
+    for _ in range(2):
+        log = AuditLog(tmp_path, 0)
+        log.append(op="worker.start", result="ok", worker=0).result(10)
+        log.close()
+    path = tmp_path / "audit-w0.jsonl"
+    records = _records(path)
+    assert [r["op"] for r in records] == ["segment.start", "worker.start", "worker.start"]
+    assert records[0]["key"] is None and not (tmp_path / "audit-w0.1.jsonl").exists()
+    proc = _verify(path)
+    assert proc.returncode == 0 and proc.stdout == (
+        f"{path}: 3 records, chain intact (unsigned: written without an audit key)\n")
