@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import hashlib
 import json
 import logging
@@ -125,11 +126,15 @@ class AuditLog:
             self.refuse()
         done = self.append(**fields)
         loop = asyncio.get_running_loop()
-        waiter = self._waiters.get((done, loop))
+        key = (done, loop)
+        waiter = self._waiters.get(key)
         if waiter is None:
-            waiter = self._waiters[(done, loop)] = asyncio.wrap_future(done, loop=loop)
-            waiter.add_done_callback(lambda _f, key=(done, loop): self._waiters.pop(key, None))
+            waiter = self._waiters[key] = asyncio.wrap_future(done, loop=loop)
+            waiter.add_done_callback(functools.partial(self._forget, key))
         await asyncio.shield(waiter)
+
+    def _forget(self, key, _future) -> None:
+        self._waiters.pop(key, None)
 
     def refuse(self):
         """Count a request refused because the log is unwritable, and raise."""
