@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # (bucket, substrings of "function (file)" in a stack frame): the first bucket whose pattern
 # occurs in a sample's stack, scanning buckets in this order, takes the sample.
-# Patterns are "function@file-suffix" (either part may be empty).
+# Patterns are "function@file-suffix" (either part may be empty; a method matches by its name).
 BUCKETS = [
-    ("audit record (append: canonical JSON, SHA-256)", ("append@kms/server/audit.py",)),
-    ("audit writer thread (write, fsync)", ("@kms/server/audit.py",)),
+    ("audit: queue the record, wait for its batch", ("append@kms/server/audit.py",
+                                                     "commit@kms/server/audit.py",
+                                                     "commit@kms/server/app.py")),
+    ("audit writer thread (chain, HSM sign, write, fsync)", ("_run@kms/server/audit.py",)),
     ("store read (pool lease, SELECT, row check)", ("@kms/store/",)),
     ("DEK cache hit (lock, AES-GCM decrypt)", ("@kms/cache.py",)),
     ("node (dek_for_encrypt, _dek)", ("@kms/service.py", "@kms/rowcache.py")),
@@ -59,7 +61,7 @@ def bucket_of(stack: str) -> str:
     for name, patterns in BUCKETS:
         for p in patterns:
             func, _, where = p.partition("@")
-            if any((not func or f == func) and (not where or where in path)
+            if any((not func or f.rsplit(".", 1)[-1] == func) and (not where or where in path)
                    for f, path in frames):
                 return name
     return "other"
