@@ -251,10 +251,10 @@ class Service:
                                        thread_name_prefix="kms-node")
         self.inflight = 0
         self.ready = True  # false once draining
-        # DEK fetches that will hit the node's cache, with a row that is kept fresh or read from
-        # a local SQLite file, run on the event loop itself: the hop to the pool and back costs
-        # more than the work (about a third of the worker's CPU per request, measured). Anything
-        # that may call the HSM or a network store goes to the pool (Kms.answers_locally).
+        # DEK fetches that will hit the node's cache, with the org's head kept fresh and its view
+        # verified, run on the event loop itself: the hop to the pool and back costs more than
+        # the work (about a third of the worker's CPU per request, measured). Anything that may
+        # call the HSM or the store goes to the pool (Kms.answers_locally).
         self._current: dict[tuple, int] = {}   # (org, key_type, fragment) -> version last served
 
     async def call(self, fn, *args):
@@ -262,10 +262,9 @@ class Service:
 
     async def dek_call(self, org: str, key_type: str, version, fragment, fn, *args):
         """``fn(*args)`` inline if the DEK it needs is in the node's cache, else on the pool."""
-        purpose = "decrypt" if version is not None else "encrypt"
         if version is None:
             version = self._current.get((org, key_type, fragment))
-        if self.kms.answers_locally(org, key_type, version, fragment, purpose=purpose):
+        if self.kms.answers_locally(org, key_type, version, fragment):
             self.metrics.inline.inc()
             return fn(*args)
         return await self.call(fn, *args)
@@ -651,7 +650,7 @@ async def tenant_destroy(request):
 async def tenant_list(request):
     svc: Service = request.app["svc"]
     org = _org(request.match_info["org"])
-    rows = await _admin(request, "tenant.list", org, None, svc.kms.store.secrets, org)
+    rows = await _admin(request, "tenant.list", org, None, svc.kms.secrets, org)
     return _ok({"org": org, "secrets": [
         {"key_type": r.key_type, "version": r.version, "state": r.state, "source": r.source,
          "derivation": r.derivation, "release": r.release, "created_at": r.created_at,
