@@ -11,8 +11,8 @@ interleaved block by block:
   beside it - the same server stack (TLS, aiohttp, the middleware) answering a ~30-byte JSON;
 * ``dek_1w`` / ``dek_2w`` (SQLite, 1 / 2 workers) and ``dek_pg`` (PostgreSQL, 1 worker):
   ``POST /v1/dek`` (purpose encrypt) for one of 8 orgs whose DEKs are in the node's cache:
-  authorisation, the audit record, the destroy check (the row, kept while the store says
-  nothing changed: kms.rowcache), the cache hit. Target: ``ratio_vs_floor`` (floor rps / DEK
+  authorisation, the audit record, the destroy check (the org's verified state, its head
+  kept while the store says nothing changed: kms.rowcache), the cache hit. Target: ``ratio_vs_floor`` (floor rps / DEK
   rps) <= 1.3 on SQLite and on PostgreSQL;
 * ``dek_1w_noaudit``: ``dek_1w`` on a node without an audit log (``audit_cost``);
 * ``pykmip_get``: PyKMIP's server, ``Get`` of a 32-byte AES key, by the same client processes
@@ -273,8 +273,8 @@ def _kill_listener(url: str, name: str) -> int:
 
 
 def test_cross_node_invalidation_delay(benchmark, kit, pg_url, bench_reports):
-    """The cross-node destroy bound: B keeps a DEK request's row while its listener hears no
-    change, never longer than kms.rowcache.MAX_AGE. Every KILL_EVERY-th trial kills the
+    """The cross-node destroy bound: B keeps what a DEK request read from the store while its
+    listener hears no change, never longer than kms.rowcache.MAX_AGE. Every KILL_EVERY-th trial kills the
     nodes' LISTEN connections (pg_terminate_backend) just before the destroy."""
     from kms import invalidation, rowcache
     server, _ = pg_url
@@ -295,7 +295,7 @@ def test_cross_node_invalidation_delay(benchmark, kit, pg_url, bench_reports):
             org = f"inv-{n}"
             killed = n % kill_every == kill_every - 1
             assert a.call("POST", "/v1/tenants", {"org": org}, who="admin")[0] == 201
-            for _ in range(2):     # the second one answers from B's kept row and cache
+            for _ in range(2):     # the second one answers from B's kept head and cache
                 assert b.call("POST", "/v1/dek", {"org": org, "purpose": "decrypt",
                                                   "version": 1})[0] == 200
             before = remote_count()

@@ -1,15 +1,16 @@
 """Cross-node DEK cache invalidation for nodes sharing one PostgreSQL store (LISTEN/NOTIFY).
 
-A node keeps the rows its DEK requests read while its listener is connected and no notification
-came (``kms.rowcache``, at most ``rowcache.MAX_AGE`` seconds), and its encrypted DEK cache. So
+A node keeps what its DEK requests read from the store while its listener is connected and no
+notification came (``kms.rowcache``, at most ``rowcache.MAX_AGE`` seconds), and its encrypted DEK
+cache. So
 the node that makes a change announces it (``Publisher.announce`` → ``NOTIFY kms_invalidate,
 '{"op", "org", ...}'``), and each node's ``Listener`` thread, as the notification arrives
-(milliseconds on one host; the benchmark measures it), first moves its ``stamp`` (no kept row
-answers again: the next request reads the row, which says DESTROYED) and then drops the named
-entries from its cache.
+(milliseconds on one host; the benchmark measures it), first moves its ``stamp`` (nothing kept
+answers again: the next request reads the org's state, which says DESTROYED) and then drops the
+named entries from its cache.
 
 Notifications are not queued for a listener that is not connected. While it is not connected
-its ``stamp`` is None (no row is kept: every request reads its row). After a lost connection the
+its ``stamp`` is None (nothing is kept: every request reads the store). After a lost connection the
 listener reconnects (bounded back-off) and then flushes its *whole* cache: whatever it missed,
 the next requests re-read from the store. The CLI announces its own changes too
 (``kms tenant destroy`` on a PostgreSQL store). The payload names only org, key type, version
@@ -58,7 +59,7 @@ class Publisher:
                     self._close()
                     if attempt:
                         # The change is committed; other nodes still refuse a destroyed key
-                        # (they read the row), and their caches age out. Say so, do not fail.
+                        # (within kms.rowcache.MAX_AGE), and their caches age out. Say so, do not fail.
                         log.warning("invalidation not announced (%s): %s", type(exc).__name__,
                                     op)
 
@@ -151,7 +152,7 @@ class Listener(Publisher):
             log.warning("invalidation: ignored a malformed notification")
             return
         self.received += 1
-        self._stamp += 1      # first: no kept row answers again, then the cache entries go
+        self._stamp += 1      # first: nothing kept answers again, then the cache entries go
         if key_type is not None and version is not None:
             self.cache.invalidate(org, key_type, version)
         elif key_type is not None:

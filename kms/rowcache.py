@@ -1,9 +1,10 @@
 """The DEK hot path's store reads, kept while the store says nothing was written since.
 
-A cache-hit DEK fetch needs its secret's row only for the version, the derivation and whether
-the key was destroyed. ``FreshRows`` keeps the last row read per lookup and hands it back while
-its *watch* says that no write can have been committed since the row was read, and never for
-longer than ``max_age`` seconds:
+A cache-hit DEK fetch reads one thing from the store: the org's head (its generation and seal),
+which says whether the org's verified state (``kms.sealing``: versions, destroyed or not) is
+still current. ``FreshRows`` keeps the last value read per lookup and hands it back while its
+*watch* says that no write can have been committed since it was read, and never for longer than
+``max_age`` seconds:
 
 * ``SqliteWatch``: ``PRAGMA data_version`` on a connection of its own that never writes. Its
   value changes whenever any *other* connection commits: this process's pool, another worker,
@@ -12,11 +13,11 @@ longer than ``max_age`` seconds:
   stamp moves with every notification it receives and every time its connection is lost or
   made again; while it is not connected nothing is kept. A destroy made on another node is
   refused here as soon as its NOTIFY arrives (milliseconds on one host), and in any case once
-  ``max_age`` has passed since the row was read - also when notifications are lost.
+  ``max_age`` has passed since the value was read - also when notifications are lost.
 
-The watch's stamp is read *before* the store: a write committed during the read leaves the row
+The watch's stamp is read *before* the store: a write committed during the read leaves the value
 stored under an older stamp, so it is read again next time. ``clear()`` (this node changed a
-secret) also stops a read that was under way from storing its row. Rows hold only what the
+secret) also stops a read that was under way from storing its value. Values hold only what the
 store holds (wrapped secrets): nothing here is key material in the clear.
 """
 
@@ -74,9 +75,8 @@ class ListenerWatch:
 
 
 class FreshRows:
-    """``node_clock``: the node's clock (``Kms.clock``), which decides which secret is usable
-    now: a kept row also expires when it moved ``max_age`` on, so a secret whose activation
-    delay ends is served (at most ``max_age`` late), also under a test's clock."""
+    """``node_clock``: the node's clock (``Kms.clock``): a kept value also expires once that
+    clock moved ``max_age`` on (or back), so a test's clock that jumps hours sees fresh reads."""
 
     def __init__(self, watch: Watch, *, max_age: float = MAX_AGE,
                  node_clock: Callable[[], float] = time.time, max_entries: int = MAX_ENTRIES):
