@@ -30,7 +30,7 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import derive, importer, policy, sealing
+from . import derive, importer, policy, rowcache, sealing
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -81,6 +81,10 @@ class Kms:
         # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
         # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
+        # The hot path's read of an org's head (generation, seal), kept while the store says
+        # nothing changed (kms.rowcache): SQLite's data_version from start(); on PostgreSQL the
+        # server sets one on its invalidation listener. None: every DEK request reads it.
+        self.rows: rowcache.FreshRows | None = None
 
     @property
     def started(self) -> bool:
@@ -110,6 +114,7 @@ class Kms:
         self._token = Token.open(self.config.token, module=self.config.module,
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)
+        self.rows = rowcache.for_store(self._store, self.clock)
         self._load_session_keys()
         self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * policy.HOUR)
@@ -194,6 +199,8 @@ class Kms:
                     ops.destroy_session_object(self._token, ref)
                 except HsmError:
                     pass       # the login is gone already: the session objects went with it
+        if self.rows is not None:
+            self.rows.close()
         if self._store is not None:
             self._store.close()
         if self._token is not None:
@@ -267,15 +274,17 @@ class Kms:
             raise
         finally:
             self._views.pop(org_id, None)
+            self._changed()
         sealer.committed()
         return result
 
-    def _view(self, org_id: str) -> sealing.OrgView:
+    def _view(self, org_id: str, *, hot: bool = False) -> sealing.OrgView:
         """The org's state as verified in the HSM. Per request one indexed read of the org's
         generation and seal; the full rows are read and verified only when those changed, and
         the seal is re-checked in the token every ``sealing.RECHECK_S`` seconds (so a KEK
-        another node destroyed is noticed within that bound)."""
-        generation, seal = self.store.org_head(org_id)
+        another node destroyed is noticed within that bound). ``hot`` (DEK requests): that
+        read is kept while the store says nothing changed (``_head``)."""
+        generation, seal = self._head(org_id) if hot else self.store.org_head(org_id)
         view = self._views.get(org_id)
         if view is not None and view.generation == generation and view.seal == seal:
             if time.monotonic() - view.checked < sealing.RECHECK_S:
@@ -465,7 +474,7 @@ class Kms:
     def dek_for_encrypt(self, org_id: str, key_type: str = "field",
                         fragment: str | None = None) -> tuple[int, str, bytes]:
         generation = self.cache.generation()
-        view = self._view(org_id)
+        view = self._view(org_id, hot=True)
         row = view.active(key_type, self.clock())
         if row is None:
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
@@ -476,8 +485,29 @@ class Kms:
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
                         fragment: str | None = None) -> bytes:
         generation = self.cache.generation()
-        view = self._view(org_id)
+        view = self._view(org_id, hot=True)
         return self._dek(view.get(key_type, version), fragment, generation, view)
+
+    # -- the hit path's store read (kms.rowcache): DEK requests read the org's head only here
+    def _head(self, org_id: str):
+        read = lambda: self.store.org_head(org_id)  # noqa: E731
+        return read() if self.rows is None else self.rows.get(("head", org_id), read)
+
+    def _changed(self) -> None:
+        """This node wrote an org's state: no head read before may answer again."""
+        if self.rows is not None:
+            self.rows.clear()
+
+    def answers_locally(self, org_id: str, key_type: str, version: int | None,
+                        fragment: str | None) -> bool:
+        """Whether a DEK request would need neither the HSM nor the store: its DEK is cached,
+        the org's head is kept fresh and its verified view needs no re-check in the token. A
+        hint for the server, which then answers on its event loop instead of its pool."""
+        if version is None or not self.cache.holds(org_id, (key_type, version, fragment)):
+            return False
+        view = self._views.get(org_id)
+        return (self.rows is not None and self.rows.fresh(("head", org_id))
+                and view is not None and time.monotonic() - view.checked < sealing.RECHECK_S)
 
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:
