@@ -24,7 +24,7 @@ from asn1crypto import keys
 from . import fingerprint as fp
 from . import x509 as certs
 from .errors import HsmError, UsageError
-from .files import write_new
+from .files import check_writable, write_new
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
 from .token import Token
@@ -86,13 +86,25 @@ def _cert_matches(path: Path, spki: keys.PublicKeyInfo) -> bool:
             from None
 
 
-def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo) -> Path:
+def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo, *,
+                     key_label: str | None = None, token_label: str | None = None) -> Path:
     if path.exists():
         if not _cert_matches(path, spki):
             raise UsageError(f"{path} holds a certificate for another key",
                              hint="it is stale; move it away and run again")
         return path
-    return write_new(path, certs.to_pem(make()))
+    pem = certs.to_pem(make())
+    try:
+        return write_new(path, pem)
+    except UsageError as exc:
+        if key_label is None:
+            raise
+        # The key pair is on the token already: say so, and that a re-run adopts it (it is
+        # never generated twice) rather than leaving a key nobody knows about.
+        raise UsageError(str(exc).split(" - ")[0], hint=(
+            f"the key pair {key_label!r} stays on token {token_label!r}; fix the directory and "
+            "run the same command again: it adopts the key pair and writes the certificate")) \
+            from None
 
 
 def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
@@ -121,7 +133,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
                             issuer_spki=sig_spki, ca=True,
                             key_usage={"key_cert_sign", "crl_sign", "digital_signature"},
                             days=CERT_DAYS["primary-signing"]),
-        sig_spki)
+        sig_spki, key_label=sign_label, token_label=token.label)
     issuer_name = certs.load_pem(sig_cert.read_bytes()).subject
     enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label,
                                            allow_weak_token=allow_weak_token)
@@ -134,7 +146,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
                             subject_spki=enc_spki, issuer_name=issuer_name, issuer_spki=sig_spki,
                             ca=False, key_usage={"key_encipherment"},
                             days=CERT_DAYS["primary-encryption"]),
-        enc_spki)
+        enc_spki, key_label=enc_label, token_label=token.label)
     return [Outcome("primary-signing", sign_label, sig_status, certs.fingerprint(sig_spki),
                     certificate=sig_cert),
             Outcome("primary-encryption", enc_label, enc_status, certs.fingerprint(enc_spki),
@@ -154,12 +166,14 @@ def _check_out_dir(out_dir: Path) -> None:
     a tree somewhere else (the directory itself is created if its parent is there)."""
     out_dir = Path(out_dir)
     if out_dir.is_dir():
+        check_writable(out_dir, what="--out directory")  # before any key is generated
         return
     if out_dir.exists():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     if not out_dir.parent.is_dir():
         raise UsageError(f"--out {out_dir}: its parent directory {out_dir.parent} does not exist",
                          hint="create it first, or give an existing directory")
+    check_writable(out_dir, what="--out directory")
     out_dir.mkdir(mode=0o755)
 
 

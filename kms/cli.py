@@ -125,6 +125,14 @@ def cmd_tenant(args) -> int:
                if getattr(args, name) is None]
     if missing:
         raise UsageError(f"`kms tenant {args.action}` needs {' and '.join(missing)}")
+    if args.action == "create" and args.source == "ekm":
+        raise UsageError("`kms tenant create` makes the first secret from the HSM; an EKM "
+                         "org's keys come from its AWS KMS root key",
+                         hint=f"run `kms tenant create --org {args.org} --no-secret`, then "
+                              f"`kms ekm add --org {args.org} --key-id ARN`, then `kms tenant "
+                              f"rotate --org {args.org} --source ekm`; nothing was made")
+    if args.action == "import" and args.org is not None:
+        _backup_must_be_of(Path(args.file), args.org)
     with _kms(args) as kms:
         if args.action == "create":
             kms.create_tenant(args.org, args.type)
@@ -170,6 +178,20 @@ def cmd_tenant(args) -> int:
             _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
     return 0
+
+
+def _backup_must_be_of(path: Path, org: str) -> None:
+    """`tenant import --org X` restores X or nothing: the backup names its org in the clear
+    (bound to its ciphertext, so the HSM refuses an edited one on import)."""
+    from hsm.files import read_regular
+    try:
+        named = json.loads(read_regular(path, 64 << 20, what="tenant backup")).get("org")
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as a backup: the import itself says why
+    if named != org:
+        raise UsageError(f"backup {path} is of org {named!r}, not --org {org!r}",
+                         hint="give the backup of that org, or leave --org out; nothing was "
+                              "imported")
 
 
 def cmd_ekm(args) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from hsm import module as modules
 from hsm import tomlfile
 
-from . import policy
+from . import limits, policy
 from .errors import ConfigError
 
 if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
@@ -44,8 +44,9 @@ class KmsConfig:
 
 def load(path: str | Path) -> KmsConfig:
     path = Path(path)
-    data, _, _ = tomlfile.read(path, what="KMS configuration", error=ConfigError)
+    data, _, text = tomlfile.read(path, what="KMS configuration", error=ConfigError)
     tomlfile.check_keys(data, _FIELDS, where=str(path), error=ConfigError, required=_REQUIRED)
+    limits.check_node(path, text, data)  # every number finite and within its range
     if "pin_source" in data and not data["pin_source"].startswith(("env:", "file:")):
         raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
     if data.get("pbkdf2_iterations", 1) < 1:

@@ -27,7 +27,7 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import derive, importer, policy
+from . import derive, importer, orgid, policy
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -204,6 +204,7 @@ class Kms:
 
     # ------------------------------------------------------------------------- tenants
     def create_tenant(self, org_id: str, org_type: str) -> None:
+        orgid.check(org_id)  # no look-alike ids: blanks, invisible or control characters
         if org_type not in policy.ORG_TYPES:
             raise KmsError(f"org type must be one of {', '.join(policy.ORG_TYPES)}")
         # A tenant's first secret needs a release: refuse now rather than leave an org row

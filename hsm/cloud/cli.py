@@ -20,7 +20,7 @@ from pkcs11 import ObjectClass
 from .. import pin as pins
 from .. import cliutil
 from ..errors import UsageError
-from ..files import write_new
+from ..files import check_writable, write_set
 from ..token import KeyRef, Token
 from . import keys, providers, wrap
 
@@ -122,6 +122,7 @@ def cmd_export(args, open_token) -> int:
         raise UsageError(f"{prov.name} needs --kid: the key identifier URL of the KEK "
                          "(https://...)", hint="`az keyvault key show` prints it as 'kid'")
     out = Path(args.out)
+    check_writable(out, what="--out directory")  # before the token wraps anything
     with open_token(args) as token:
         oaep_hashes = list(token.profile.oaep_hashes)
         alg = prov.algorithm(args.algorithm, oaep_hashes)
@@ -156,12 +157,11 @@ def cmd_export(args, open_token) -> int:
     wrapped_name, files = providers.outputs(prov, alg, args.key, wrapped,
                                             import_token=import_token, kid=args.kid,
                                             generator=_generator())
-    for name, data in files.items():
-        write_new(out / name, data)
     manifest = {"provider": prov.name, "algorithm": alg.name, "key": args.key,
                 "check_value": kcv, "wrapped_file": wrapped_name, "files": sorted(files),
                 "wrapping_key_sha256": digest.hex(), "wrap": route}
-    write_new(out / "export.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    # All the provider's files and export.json, or none of them (and no empty directory).
+    write_set(out, {**files, "export.json": (json.dumps(manifest, indent=2) + "\n").encode()})
     print(f"cloud key {args.key!r} wrapped inside token {p11_label(args)} for {prov.name} "
           f"with {alg.name} ({route})")
     print(f"check_value {kcv}   (AES-CMAC of a zero block, first 5 bytes)")

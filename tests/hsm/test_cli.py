@@ -575,3 +575,39 @@ def test_info_objects_lists_data_objects_without_an_id(softhsm_token):
     softhsm_token.close()
     objs = objects_on(softhsm_token)
     assert {"class": "data", "label": "hsm-suite-release-4242", "id": ""} in objs
+
+
+# ----------------------------------------------------------------------- outputs that cannot be written
+def test_init_primary_into_a_read_only_directory_makes_no_key(softhsm_token, tmp_path):
+    from tests.helpers import small_filesystem
+    with small_filesystem(tmp_path / "ro", read_only=True) as out:
+        result = run_hsm(softhsm_token, "init-primary", "--token", softhsm_token.label,
+                         "--out", str(out), env=pin_env(softhsm_token))
+    line = assert_one_line_error(result)
+    assert result.returncode == 2
+    assert "Read-only file system" in line and "nothing was made" in line, line
+    assert [o for o in objects_on(softhsm_token) if o["class"] != "data"] == []
+
+
+def test_init_primary_into_a_full_directory_keeps_the_key_pair_and_the_rerun_adopts_it(
+        softhsm_token, tmp_path):
+    """The signing key pair is made before its certificate can be written: the message says it
+    stays on the token, and the same command run again adopts it (never a second key)."""
+    from tests.helpers import small_filesystem
+    tt, sign = softhsm_token, f"{softhsm_token.label}-signing"
+    with small_filesystem(tmp_path / "full") as out:
+        result = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out),
+                         env=pin_env(tt))
+        line = assert_one_line_error(result)
+        assert result.returncode == 2
+        assert "No space left on device" in line and f"the key pair {sign!r} stays" in line
+        assert "run the same command again: it adopts the key pair" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [".filler"]  # no certificate, no temp
+    keys = [(o["class"], o["label"]) for o in objects_on(tt) if o["class"] != "data"]
+    assert sorted(keys) == [("private_key", sign), ("public_key", sign)]
+    again = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out), env=pin_env(tt))
+    assert again.returncode == 0, again.stderr
+    assert outcome_status(again.stdout, sign) == "exists"
+    cert = x509.load_pem_x509_certificate((out / f"{sign}.pem").read_bytes())
+    assert [o["label"] for o in objects_on(tt)].count(sign) == 2  # one pair, adopted
+    assert cert.subject == cert.issuer

@@ -382,3 +382,48 @@ def test_node_reimports_after_its_sessions_are_closed_behind_its_back(node):
     assert node.token.module.raw.close_all_sessions(node.token.slot_id) == 0
     assert sdk.decrypt("survivor", blob) == b"still here"
     assert sdk.decrypt("survivor", sdk.encrypt("survivor", b"new")) == b"new"
+
+
+def test_cli_lookalikes_of_bundles_orgs_and_outputs_are_refused_in_one_line(kit, release,
+                                                                            tmp_path):
+    """A FIFO and a link to /dev/zero named like bundles are refused (they once hung the
+    import); look-alike org ids are refused; `tenant create --source ekm` and `tenant import
+    --org` with another org's backup refuse and make nothing; an unwritable backup path is one
+    line."""
+    import os
+
+    from tests.helpers import small_filesystem
+    bundles = tmp_path / "bundles"
+    shutil.copytree(release.output_dir, bundles)
+    os.mkfifo(bundles / "bundle-9999-eu.p7")
+    (bundles / "bundle-9998-eu.p7").symlink_to("/dev/zero")
+    cfg = kms_config(kit, tmp_path, bundles)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+
+    def one_line(proc, *needles):
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    imported = kms("import")
+    assert imported.returncode == 4, imported.stderr  # 4: some bundles were refused
+    assert f"imported release {release.release}" in imported.stdout
+    for name in ("bundle-9999-eu.p7", "bundle-9998-eu.p7"):
+        assert f"{name}: " in imported.stdout and "not a regular file" in imported.stdout
+    for bad in (" acme", "acme ", "ac\u200bme", "acme\u2028", "ac\x07me"):
+        one_line(kms("tenant", "create", "--org", bad), "org id")
+    assert kms("tenant", "create", "--org", "ekm-org", "--source", "ekm").returncode == 2
+    assert "ekm-org" not in kms("status").stdout
+    for org in ("kept", "other"):
+        assert kms("tenant", "create", "--org", org).returncode == 0
+    backup = tmp_path / "kept.backup"
+    assert kms("tenant", "export", "--org", "kept", "--file", backup).returncode == 0
+    one_line(kms("tenant", "import", "--org", "other", "--file", backup),
+             "is of org 'kept', not --org 'other'", "nothing was imported")
+    with small_filesystem(tmp_path / "ro", read_only=True) as ro:
+        one_line(kms("tenant", "export", "--org", "kept", "--file", ro / "b.json"),
+                 "Read-only file system")
