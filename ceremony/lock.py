@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +37,8 @@ class CeremonyBusy(CeremonyError):
 def lock_dir() -> Path:
     """This user's directory for token locks (0700, owned by us: nobody else can pre-create or
     swap a lock file to block or fake a run)."""
-    path = Path(tempfile.gettempdir()) / f"hsm-suite-locks-{os.getuid()}"
+    # A fixed place, not $TMPDIR: two runs with different TMPDIRs must find the same lock.
+    path = Path("/tmp") / f"hsm-suite-locks-{os.getuid()}"
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
     st = os.lstat(path)

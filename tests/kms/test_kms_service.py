@@ -427,3 +427,42 @@ def test_cli_lookalikes_of_bundles_orgs_and_outputs_are_refused_in_one_line(kit,
     with small_filesystem(tmp_path / "ro", read_only=True) as ro:
         one_line(kms("tenant", "export", "--org", "kept", "--file", ro / "b.json"),
                  "Read-only file system")
+
+
+def test_cli_customer_key_registrations_are_checked_before_anything_is_registered(
+        kit, release, tmp_path):
+    """`cache-only add` once registered a missing --ca file, port 99999 or a URL with a password
+    (echoing it) as the org's ACTIVE key, using up its rate limit; `ekm add` took http://, a
+    missing CA bundle and a region the ARN contradicts. Each is one line; nothing registered."""
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+    assert kms("tenant", "create", "--org", "reg-co", "--no-secret").returncode == 0
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    add = ("cache-only", "add", "--org", "reg-co", "--kid", "k1")
+    arn = "arn:aws:kms:eu-west-1:123456789012:key/0123abcd-12ab-34cd-56ef-1234567890ab"
+    cases = [
+        ((*add, "--url", "https://127.0.0.1:8443", "--ca", tmp_path / "no-ca.pem"),
+         "--ca", "is not a file"),
+        ((*add, "--url", "https://127.0.0.1:99999", "--ca", ca), "port outside 1-65535"),
+        ((*add, "--url", "https://alice:s3cret-pw@127.0.0.1:8443", "--ca", ca),
+         "carries a user or password"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--endpoint-url",
+          "http://127.0.0.1:4566"), "must be an https:// URL"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--endpoint-url",
+          "https://127.0.0.1:4566", "--ca-bundle", tmp_path / "none.pem"), "--ca-bundle"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--aws-region", "us-east-1"),
+         "contradicts the key ARN's region eu-west-1"),
+    ]
+    for args, *needles in cases:
+        proc = kms(*args)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, (args, err)
+        assert "Traceback" not in err and "s3cret-pw" not in err + proc.stdout, err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    listed = kms("tenant", "list", "--org", "reg-co")
+    assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stdout
