@@ -192,7 +192,8 @@ class Runner:
             if self._user_pin is None:
                 self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
                                               token_label=self.env.primary_token,
-                                              prompt="Primary HSM user PIN: ")
+                                              prompt="Primary HSM user PIN: ",
+                                              option="user_pin_source in the --env file")
             self._token = Token.open(self.env.primary_token, module=self.env.module,
                                      parameters=self.env.module_params, pin=self._user_pin)
             self._check_primary_keys(self._token)
@@ -220,7 +221,8 @@ class Runner:
         self._close_user_token()
         so_pin = pins.resolve(self.env.so_pin_source, default_env="HSM_SO_PIN",
                               token_label=self.env.primary_token,
-                              prompt="Primary HSM security officer PIN: ")
+                              prompt="Primary HSM security officer PIN: ",
+                              option="so_pin_source in the --env file")
         return Token.open(self.env.primary_token, module=self.env.module,
                           parameters=self.env.module_params, pin=so_pin, so=True)
 

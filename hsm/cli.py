@@ -29,7 +29,8 @@ def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
     p.add_argument("--serial", help="select the token by serial as well")
     cliutil.add_module_args(p)
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="where the user PIN comes from (default: $HSM_PIN, else a prompt)")
+                   help="where the user PIN comes from (default: $HSM_PIN_<LABEL>, the label "
+                        "upper-cased with '-' as '_', else $HSM_PIN, else a prompt)")
 
 
 def _open_token(args, *, login: bool = True) -> Token:
@@ -42,6 +43,9 @@ def _open_token(args, *, login: bool = True) -> Token:
         pin_source = pin_source or parsed.pin_source
     user_pin: pins.Pin | None = None
     if login:
+        # A missing token is said to be missing, not asked for its PIN first.
+        from .token import find_token
+        find_token(modules.load(module, args.module_params), label=label, serial=serial)
         user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
                                 prompt=f"User PIN for token {label or serial}: ")
     return Token.open(label, serial=serial, module=module, parameters=args.module_params,
@@ -236,9 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True)
     cliutil.add_module_args(p)
     p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="SO PIN source (default: $HSM_SO_PIN, else a prompt)")
+                   help="SO PIN source (default: $HSM_SO_PIN_<LABEL>, else $HSM_SO_PIN, else a "
+                        "prompt)")
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="user PIN source (default: $HSM_PIN, else a prompt)")
+                   help="user PIN source (default: $HSM_PIN_<LABEL>, else $HSM_PIN, else a "
+                        "prompt)")
     p.set_defaults(func=cmd_init_token)
 
     p = sub.add_parser("init-primary", help="signing + encryption key pairs and certificates")

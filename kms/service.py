@@ -100,7 +100,8 @@ class Kms:
     def start(self) -> importer.ImportReport:
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
                                         token_label=self.config.token,
-                                        prompt=f"User PIN for {self.config.token}: ")
+                                        prompt=f"User PIN for {self.config.token}: ",
+                                        option="pin_source in the node configuration")
         self._token = Token.open(self.config.token, module=self.config.module,
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)

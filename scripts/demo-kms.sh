@@ -9,7 +9,8 @@ step() { printf '\n== %s\n' "$*"; }
 mkdir -p $VAR/kms
 for region in eu us; do
     CFG=$VAR/kms/$region.toml
-    [ -f $CFG ] || cat > $CFG <<TOML
+    # written whole or not at all: an interrupted run must not leave half a configuration
+    [ -f $CFG ] || cat > $CFG.tmp <<TOML
 region = "$region"
 token = "regional-$region"
 pin_source = "env:HSM_PIN_REGIONAL_${region^^}"
@@ -17,23 +18,28 @@ primary_certificate = "../pki/primary-signing.pem"
 bundle_dir = "../ceremonies/release-1"
 store = "kms-$region.db"
 TOML
+    [ -f $CFG ] || mv $CFG.tmp $CFG
     step "KMS $region: import release bundles"
     kms --config $CFG init
     kms --config $CFG import
 done
 
 EU=$VAR/kms/eu.toml
-# grep without -q reads to the end: with -q it may exit before kms's last write (SIGPIPE, exit
-# 141, and pipefail then takes the tenants for missing)
-if kms --config $EU status --json | grep '"org": "acme-prod"' >/dev/null; then
-    step "tenants exist already (a second make demo): status only"
+. scripts/demo-lib.sh
+if complete acme-prod && complete acme-dev && complete acme-sbx; then
+    step "tenants complete already (a second make demo): status only"
     kms --config $EU status
     exit 0
 fi
 step "KMS eu: a tenant per org type"
-kms --config $EU tenant create --org acme-prod --type production
-kms --config $EU tenant create --org acme-dev --type developer
-kms --config $EU tenant create --org acme-sbx --type sandbox
+for org_type in acme-prod:production acme-dev:developer acme-sbx:sandbox; do
+    org=${org_type%%:*}
+    if ! has_org $org; then
+        kms --config $EU tenant create --org $org --type ${org_type#*:}
+    elif ! complete $org; then   # created, then interrupted before its first secret
+        kms --config $EU tenant rotate --org $org
+    fi
+done
 
 step "encrypt sample records for acme-prod"
 OLD=$(kms --config $EU encrypt --org acme-prod "card 4111-1111-1111-1111")

@@ -38,6 +38,10 @@ def read_wrapping_key(path: Path) -> asn1keys.PublicKeyInfo:
         raise UsageError(f"{path}: too large for a public key or certificate")
     if pem.detect(data):
         kind, _, der = pem.unarmor(data)
+        if "PRIVATE KEY" in kind:
+            raise UsageError(f"{path} is a private key; the provider's wrapping key is its "
+                             "public import key", hint="give the public key or certificate the "
+                             "provider published; never hand a private key around")
     else:
         kind, der = None, data
         try:
@@ -52,8 +56,9 @@ def read_wrapping_key(path: Path) -> asn1keys.PublicKeyInfo:
             _ = spki["public_key"].parsed["modulus"].native  # parse now: a bad key stops here
         return spki
     except (ValueError, TypeError, KeyError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
         raise UsageError(f"{path}: not a public key (SubjectPublicKeyInfo) or X.509 "
-                         f"certificate: {exc}") from None
+                         f"certificate: {detail}") from None
 
 
 def _looks_like_certificate(der: bytes) -> bool:

@@ -414,7 +414,7 @@ def test_wrong_pin_stops_the_ceremony_without_showing_the_pin(kit):
     wrong = "wrong-" + os.urandom(6).hex()
     environ = {**kit.environ(), "HSM_PIN": wrong}
     proc = run(kit, plan_path, environ=environ)
-    assert_refused(proc, plan_path, "CKR_PIN_INCORRECT")
+    assert_refused(proc, plan_path, "CKR_PIN_INCORRECT", "user_pin_source in the --env file")
     assert wrong not in proc.stderr + proc.stdout
     assert kit.primary.user_pin.reveal() not in proc.stderr + proc.stdout
 
