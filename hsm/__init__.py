@@ -9,11 +9,28 @@ token and read back), :mod:`hsm.provision` (primary and regional HSMs), :mod:`hs
 providers' BYOK imports), :mod:`hsm.testing` (pytest fixtures for throw-away tokens).
 """
 
-from hsm.errors import (DecryptionFailed, HsmError, KeyPolicyViolation, MechanismUnsupported,
-                        ModuleLoadError, ObjectExists, ObjectNotFound, PinError, SessionLost,
-                        SuiteError, TokenNotFound, UsageError)
-from hsm.pin import Pin
-from hsm.token import KeyRef, Token
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hsm.errors import (DecryptionFailed, HsmError, KeyPolicyViolation,
+                            MechanismUnsupported, ModuleLoadError, ObjectExists, ObjectNotFound,
+                            PinError, SessionLost, SuiteError, TokenNotFound, UsageError)
+    from hsm.pin import Pin
+    from hsm.token import KeyRef, Token
+
+# The names load on first use, so importing a light submodule (hsm.entry, the commands' entry
+# point) does not load pkcs11 first: a Ctrl-C during start-up is then answered in one line.
+_EXPORTS = {"Pin": "hsm.pin", "KeyRef": "hsm.token", "Token": "hsm.token"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module 'hsm' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS.get(name, "hsm.errors")), name)
+
 
 __all__ = [
     "DecryptionFailed",

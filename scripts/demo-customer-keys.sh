@@ -27,7 +27,7 @@ mkdir -p $C/keys
 # + client cert for the key service's mTLS); made again if an interrupted run left it half-made.
 if [ ! -f $C/tls-client/leaf.key ]; then
     rm -rf $C/tls-server $C/tls-client
-    python3 - $C <<'PY'
+    py - $C <<'PY'
 import sys
 from pathlib import Path
 from tests.localtls import make_pki
@@ -94,7 +94,7 @@ moto_server -H 127.0.0.1 -p $MP -c $C/tls-server/leaf.pem -k $C/tls-server/leaf.
     >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port $MP
-ARN=$(python3 - https://127.0.0.1:$MP $C/tls-server/ca.pem <<'PY'
+ARN=$(py - https://127.0.0.1:$MP $C/tls-server/ca.pem <<'PY'
 import sys, boto3
 kms = boto3.client("kms", endpoint_url=sys.argv[1], verify=sys.argv[2], region_name="eu-west-1")
 print(kms.create_key(Description="ekm-co root key")["KeyMetadata"]["Arn"])

@@ -59,7 +59,7 @@ python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.con
 sed 's/^store = .*/store = "kms-eu-a-day-later.db"/' $EU > $LATER
 step "a day later, on a copy of the store ($LATER; the demo drives the library with a clock 25 h ahead): rotate"
 # The kms command has no clock override, on purpose; only library callers can pass a clock.
-NEW=$(python3 - "$LATER" <<'PY'
+NEW=$(py - "$LATER" <<'PY'
 import base64, sys, time
 from kms import config
 from kms.sdk import FieldEncryptor

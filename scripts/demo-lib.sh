@@ -11,3 +11,13 @@ complete() {
     # no grep -q: it could exit before kms's last write (SIGPIPE under pipefail)
     kms --config "$EU" tenant list --org "$1" | grep ' ACTIVE ' >/dev/null
 }
+# `py - ARGS <<'PY' ... PY`: python3 for the demo's inline snippets, with Ctrl-C answered by a
+# quiet exit 130 instead of a KeyboardInterrupt traceback (the handler is set before the
+# snippet's imports, which is where an interrupt usually lands).
+py() {
+    python3 -c 'import signal, sys
+signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+source = sys.stdin.read()
+sys.argv = sys.argv[1:]
+exec(compile(source, "<demo snippet>", "exec"), {"__name__": "__main__"})' "$@"
+}

@@ -4,6 +4,7 @@
 # certificates are reported, never duplicated (`make clean` starts over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/demo-lib.sh
 VAR=var
 PKI=$VAR/pki
 mkdir -p "$PKI"
@@ -18,7 +19,7 @@ if [ -f $VAR/demo-pins.env ] && ! grep -q '^HSM_PIN_PRIMARY=' $VAR/demo-pins.env
     exit 1
 fi
 if [ ! -f $VAR/demo-pins.env ]; then  # written whole, then renamed: never half a file
-    python3 - > $VAR/demo-pins.env.tmp <<'PY'
+    py - > $VAR/demo-pins.env.tmp <<'PY'
 import secrets
 for label in ("PRIMARY", "REGIONAL_EU", "REGIONAL_US"):
     print(f"HSM_SO_PIN_{label}={secrets.token_hex(8)}")
