@@ -27,7 +27,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv (this checkout's own Python environment)"
     $PY -m venv .venv
 fi
-PY=.venv/bin/python
+PY=$(pwd -P)/.venv/bin/python  # absolute: the check below runs from /
 # Reinstall unless each package is importable from *this* checkout (an editable install made
 # from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
