@@ -165,6 +165,11 @@ def cmd_tenant(args) -> int:
             _announce(kms, "destroy", args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
                   "(wrapped material erased; cached DEKs invalidated)")
+            from . import advice
+            if not advice.has_active(kms, args.org, args.key_type):
+                print(f"kms: warning: {args.org} has no ACTIVE {args.key_type} key now: "
+                      f"encryption is refused until it has one; "
+                      + advice.next_key(kms, args.org, args.key_type), file=sys.stderr)
         elif args.action == "list":
             for row in kms.store.secrets(args.org):
                 print(f"{row.key_type:<9} v{row.version:<3} {row.state:<9} {row.source:<8} "

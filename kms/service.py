@@ -27,7 +27,7 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import derive, importer, orgid, policy
+from . import advice, derive, importer, orgid, policy
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -330,8 +330,7 @@ class Kms:
         if row is None:
             self.store.org_type(org_id)  # UnknownTenant if it does not exist
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
-                           hint="`kms tenant rotate` generates one (database secrets become "
-                                "usable 24 h after upload)")
+                           hint=advice.next_key(self, org_id, key_type))
         return row.version, row.derivation, self._dek(row, fragment, generation)
 
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,

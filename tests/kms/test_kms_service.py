@@ -466,3 +466,27 @@ def test_cli_customer_key_registrations_are_checked_before_anything_is_registere
             assert needle in err, (needle, err)
     listed = kms("tenant", "list", "--org", "reg-co")
     assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stdout
+
+
+def test_cli_destroying_the_only_active_key_warns_and_encrypt_names_when_a_new_one_can_be_made(
+        kit, release, tmp_path):
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+    assert kms("tenant", "create", "--org", "last-key").returncode == 0
+    destroyed = kms("tenant", "destroy", "--org", "last-key", "--version", "1")
+    assert destroyed.returncode == 0, destroyed.stderr
+    warning = destroyed.stderr.strip()
+    assert warning.startswith("kms: warning: last-key has no ACTIVE field key now"), warning
+    assert "(the rate limit)" in warning and "kms tenant rotate --org last-key" in warning
+    refused = kms("encrypt", "--org", "last-key", "text")
+    err = refused.stderr.strip()
+    assert refused.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "has no usable field secret" in err and "a new key can be made from 20" in err, err
+    # What the hint says is what the rate limit says.
+    rotate = kms("tenant", "rotate", "--org", "last-key")
+    assert rotate.returncode == 2 and "next allowed at" in rotate.stderr
+    when = err.split("a new key can be made from ", 1)[1].split(" ", 1)[0]
+    assert when[:16] in rotate.stderr.replace("Z", "+00:00"), (when, rotate.stderr)
