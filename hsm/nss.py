@@ -6,7 +6,7 @@ NSS softokn (``libsoftokn3.so``) is a software token whose state lives in an NSS
 ``C_GetFunctionList``, so :class:`hsm._cryptoki.RawModule` pre-initialises it unchanged. Being a
 PKCS#11 module, it is initialised once per process: one database per process.
 
-Measured on Debian 12, NSS 3.87 (see tests/test_nss_backend.py for the evidence):
+Measured on Debian 12, NSS 3.87 (see tests/hsm/test_nss_backend.py for the evidence):
 
 - The slot with the database and the login is "NSS User Private Key and Certificate Services",
   token label :data:`TOKEN_LABEL`. The other token ("NSS Generic Crypto Services") has no login

@@ -51,7 +51,7 @@ def cmd_serve(args) -> int:
     cfg = configs.load(_config_path(args))
     if cfg.service is None:
         raise configs.ConfigError(f"{cfg.path}: no [service] section",
-                                  hint="see README, The KMS service")
+                                  hint="see docs/kms.md, The service")
     s = cfg.service
     workers = args.workers if args.workers is not None else s.workers
     if not 1 <= workers <= 64:

@@ -6,7 +6,7 @@
 
 Every HMAC is a C_Sign with the seed object (:func:`hsm.kdf.pbkdf2_hmac_sha256`); the seed never
 leaves the token. The result equals ``hashlib.pbkdf2_hmac("sha256", seed_value, dek_salt(...),
-iterations, 32)`` for the same seed value (proved in tests/test_kms_derive.py with an imported
+iterations, 32)`` for the same seed value (proved in tests/kms/test_kms_derive.py with an imported
 known seed).
 
 **Context encoding.** :meth:`KeyContext.encode` is injective: a version tag, then every field

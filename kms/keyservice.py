@@ -45,6 +45,14 @@ def make_jwe(dek: bytes, cert_pem: bytes, kid: str, nonce: str, *,
     return token.serialize(compact=True)
 
 
+def read_key(keys: Path, kid: str) -> tuple[bytes, bytes]:
+    """The key directory's entry for ``kid``: the DEK (``<kid>.dek``, base64) and the PEM BYOK
+    certificate it is encrypted to (``<kid>.pem``). FileNotFoundError when either is missing
+    (a revoked key); binascii.Error or ValueError when the DEK is not base64."""
+    dek = base64.b64decode((keys / f"{kid}.dek").read_text().strip(), validate=True)
+    return dek, (keys / f"{kid}.pem").read_bytes()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     keys: Path
 
@@ -61,10 +69,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         nonce = urllib.parse.parse_qs(url.query).get("requestId", [""])[0]
         if not _KID.match(kid) or not _NONCE.match(nonce):
             return self._send(400, b'{"error": "bad kid or requestId"}')
-        dek_file, cert_file = self.keys / f"{kid}.dek", self.keys / f"{kid}.pem"
         try:
-            dek = base64.b64decode(dek_file.read_text().strip(), validate=True)
-            cert = cert_file.read_bytes()
+            dek, cert = read_key(self.keys, kid)
         except FileNotFoundError:
             return self._send(404, b'{"error": "no such key"}')
         except (OSError, binascii.Error, ValueError):

@@ -12,7 +12,7 @@ umask 077
 # Demo PINs: random, a different SO/user pair per token, made once, kept in a git-ignored 0600
 # file and never printed or put on a command line. The CLIs look up HSM_PIN_<LABEL> and
 # HSM_SO_PIN_<LABEL> (label upper-cased, '-' -> '_'), so `set -a; . var/demo-pins.env` is all a
-# user needs to run the README's commands against the demo tokens.
+# user needs to run the documented commands against the demo tokens.
 if [ -f $VAR/demo-pins.env ] && ! grep -q '^HSM_PIN_PRIMARY=' $VAR/demo-pins.env; then
     echo "var/ was made by an older version of this demo (one PIN for every token, keys" >&2
     echo "without the key policy): run 'make clean' and then 'make demo' again." >&2

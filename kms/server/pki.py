@@ -3,7 +3,7 @@
 A small CA (ECDSA P-256), server certificates (SAN: 127.0.0.1, ::1, localhost and the region's
 name) and client certificates (clientAuth EKU; identity as a SAN URI such as
 ``spiffe://hsm-suite/encryption-service``, or a bare CN). Private keys are written 0600 with
-O_EXCL, unencrypted PEM: for the demo and the tests only. Production uses its own PKI (README:
+O_EXCL, unencrypted PEM: for the demo and the tests only. Production uses its own PKI (docs/kms.md,
 "Your own PKI"). ``python -m kms.server.pki OUT_DIR --regions eu us`` makes the demo set.
 """
 

@@ -54,7 +54,7 @@ def test_aes_gcm_round_trip_and_host_interop(hsm_token):
         ops.aes_gcm_decrypt(token, ref, nonce, host_ct, aad=b"tenant-2")
     if hsm_token.backend == "nss":
         # NSS 3.87 under-reports the C_Encrypt(AES_GCM) output length (the tag is left out),
-        # and python-pkcs11 0.10 then fails with "Buffer was too small"; see README.
+        # and python-pkcs11 0.10 then fails with "Buffer was too small"; see docs/tokens.md.
         with pytest.raises(HsmError, match="Buffer was too small") as info:
             ops.aes_gcm_encrypt(token, ref, nonce, b"secret field", aad=b"tenant-1")
         assert type(info.value) is HsmError and "C_Encrypt(AES_GCM)" in str(info.value)

@@ -4,7 +4,7 @@ regional SoftHSM2 token, ceremony bundles from a real release.
 moto 5.2.5 enforces: the encryption context, the key a blob belongs to, a key that does not
 exist. It does NOT enforce key policies (no AccessDenied from a policy) and still generates and
 decrypts with disabled or pending-deletion keys; those paths are mapped in kms.ekm but not
-exercised here (README, "EKM").
+exercised here (docs/customer-keys.md, "EKM on AWS KMS").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The TenantSecret store (kms/store.py) on SQLite and on a real PostgreSQL 15 (tests/pg.py).
+"""The TenantSecret store (kms/store/) on SQLite and on a real PostgreSQL 15 (tests/pg.py).
 
 Every test that takes ``store``/``store_url`` runs on both backends. Beyond the API: rows corrupted
 with raw SQL are reported and nothing else is affected; 8 threads x 2 processes lose no update and
