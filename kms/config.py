@@ -46,7 +46,6 @@ def load(path: str | Path) -> KmsConfig:
     path = Path(path)
     data, _, text = tomlfile.read(path, what="KMS configuration", error=ConfigError)
     tomlfile.check_keys(data, _FIELDS, where=str(path), error=ConfigError, required=_REQUIRED)
-    limits.check_node(path, text, data)  # every number finite and within its range
     if "pin_source" in data and not data["pin_source"].startswith(("env:", "file:")):
         raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
     if data.get("pbkdf2_iterations", 1) < 1:
@@ -56,6 +55,7 @@ def load(path: str | Path) -> KmsConfig:
                           "being served)")
     if data.get("cache_flush_hours", 1) <= 0:
         raise ConfigError(f"{path}: cache_flush_hours must be > 0")
+    limits.check_node(path, text, data)  # every number finite and within its range
     base = path.parent
     if "service" in data:
         from .server import settings
