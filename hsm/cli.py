@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from . import fingerprint as fp
@@ -50,6 +51,12 @@ def _open_token(args, *, login: bool = True) -> Token:
                                 prompt=f"User PIN for token {label or serial}: ")
     return Token.open(label, serial=serial, module=module, parameters=args.module_params,
                       pin=user_pin)
+
+
+def _progress(message: str) -> None:
+    """What a long operation is doing, as it starts (stdout, before the result; stderr stays
+    the one line of an error)."""
+    print(message, flush=True)
 
 
 def _print_outcomes(outcomes) -> None:
@@ -101,7 +108,8 @@ def cmd_init_primary(args) -> int:
     with _open_token(args) as token:
         outcomes = provision.init_primary(token, Path(args.out), signing=args.signing,
                                           organization=args.org,
-                                          allow_weak_token=args.allow_weak_token)
+                                          allow_weak_token=args.allow_weak_token,
+                                          progress=_progress)
     _print_outcomes(outcomes)
     return 0
 
@@ -109,7 +117,8 @@ def cmd_init_primary(args) -> int:
 def cmd_init_regional(args) -> int:
     with _open_token(args) as token:
         outcome = provision.init_regional(token, args.region, Path(args.out),
-                                          allow_weak_token=args.allow_weak_token)
+                                          allow_weak_token=args.allow_weak_token,
+                                          progress=_progress)
     _print_outcomes([outcome])
     print("Read the fingerprint above to the primary officer; they type it into "
           "`hsm certify-regional`.")

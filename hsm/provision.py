@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,14 @@ class Outcome:
 
 
 def _ensure_keypair(token: Token, role: KeyRole, label: str, *,
-                    allow_weak_token: bool = False) -> tuple[KeyPairInfo, str]:
+                    allow_weak_token: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[KeyPairInfo, str]:
     info = existing_keypair(token, role, label)
     if info is not None:
         return info, "exists"
+    if progress is not None:  # RSA-4096 takes seconds on SoftHSM2, longer on some HSMs
+        kind = f"RSA-{role.bits}" if role.algorithm == "rsa" else f"EC {role.curve}"
+        progress(f"generating the {kind} key pair {label!r} in token {token.label!r}...")
     return generate_keypair(token, role, label, allow_weak_token=allow_weak_token), "created"
 
 
@@ -108,8 +113,8 @@ def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo, *,
 
 
 def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
-                 organization: str = DEFAULT_ORG, allow_weak_token: bool = False
-                 ) -> list[Outcome]:
+                 organization: str = DEFAULT_ORG, allow_weak_token: bool = False,
+                 progress: Callable[[str], None] | None = None) -> list[Outcome]:
     """Signing key pair + self-signed certificate, encryption key pair + certificate."""
     _check_out_dir(out_dir)
     if signing not in SIGNING_ROLES:
@@ -122,7 +127,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
     if existing is not None:
         role = _signing_role_of(token, existing)
     sig_info, sig_status = _ensure_keypair(token, role, sign_label,
-                                           allow_weak_token=allow_weak_token)
+                                           allow_weak_token=allow_weak_token, progress=progress)
     sig_spki = certs.public_key_info(token, sig_info.public)
     root_name = certs.names(role="signing", token_label=token.label, organization=organization,
                             serial=token.serial)
@@ -136,7 +141,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
         sig_spki, key_label=sign_label, token_label=token.label)
     issuer_name = certs.load_pem(sig_cert.read_bytes()).subject
     enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label,
-                                           allow_weak_token=allow_weak_token)
+                                           allow_weak_token=allow_weak_token, progress=progress)
     enc_spki = certs.public_key_info(token, enc_info.public)
     enc_cert = _write_cert_once(
         out_dir / f"{enc_label}.pem",
@@ -178,14 +183,15 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def init_regional(token: Token, region: str, out_dir: Path, *,
-                  allow_weak_token: bool = False) -> Outcome:
+                  allow_weak_token: bool = False,
+                  progress: Callable[[str], None] | None = None) -> Outcome:
     """Regional encryption key pair and its certification request file."""
     if not region or not region.replace("-", "").isalnum():
         raise UsageError(f"bad region name {region!r}", hint="use letters, digits and '-'")
     _check_out_dir(out_dir)
     label = f"{token.label}-encryption"
     info, status = _ensure_keypair(token, REGIONAL_ENCRYPTION, label,
-                                   allow_weak_token=allow_weak_token)
+                                   allow_weak_token=allow_weak_token, progress=progress)
     spki = certs.public_key_info(token, info.public)
     digest = certs.fingerprint(spki)
     request = {

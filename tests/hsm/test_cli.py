@@ -608,6 +608,9 @@ def test_init_primary_into_a_full_directory_keeps_the_key_pair_and_the_rerun_ado
     again = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out), env=pin_env(tt))
     assert again.returncode == 0, again.stderr
     assert outcome_status(again.stdout, sign) == "exists"
+    # A long operation says what it does as it starts (stdout; stderr stays an error's line).
+    assert f"generating the RSA-4096 key pair '{tt.label}-encryption'" in again.stdout
+    assert "generating" not in again.stdout.split(f"'{tt.label}-encryption'")[1]
     cert = x509.load_pem_x509_certificate((out / f"{sign}.pem").read_bytes())
     assert [o["label"] for o in objects_on(tt)].count(sign) == 2  # one pair, adopted
     assert cert.subject == cert.issuer
