@@ -98,6 +98,11 @@ class Kms:
 
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
+        if self._pin is None:  # a missing token is said to be missing, not asked for a PIN
+            from hsm import module as modules
+            from hsm.token import find_token
+            find_token(modules.load(self.config.module, self.config.module_params),
+                       label=self.config.token)
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
                                         token_label=self.config.token,
                                         prompt=f"User PIN for {self.config.token}: ",

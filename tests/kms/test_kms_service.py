@@ -490,3 +490,14 @@ def test_cli_destroying_the_only_active_key_warns_and_encrypt_names_when_a_new_o
     assert rotate.returncode == 2 and "next allowed at" in rotate.stderr
     when = err.split("a new key can be made from ", 1)[1].split(" ", 1)[0]
     assert when[:16] in rotate.stderr.replace("Z", "+00:00"), (when, rotate.stderr)
+
+
+def test_cli_a_missing_token_is_said_to_be_missing_before_any_pin_is_asked(kit, release,
+                                                                           tmp_path):
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    cfg.path.write_text(cfg.path.read_text().replace(kit.regionals["eu"].label, "no-such-token"))
+    env = {k: v for k, v in kit.environ().items() if not k.startswith("HSM_")}
+    proc = run_cli("kms", "--config", cfg.path, "status", env=env, timeout=60)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "no token with label='no-such-token'" in err and "PIN" not in err, err
