@@ -432,3 +432,14 @@ def test_cli_approve_checks_the_nonce_and_officer_before_writing(pubs, keys, tmp
                     keys["alice"], cwd=tmp_path)
     assert good.returncode == 0, good.stderr
     assert Approval.load(approvals_dir / "alice.json").officer == "alice"
+
+
+@pytest.mark.slow
+def test_cli_keygen_into_a_directory_that_cannot_be_written_is_one_line(tmp_path):
+    from tests.helpers import small_filesystem
+    with small_filesystem(tmp_path / "ro", read_only=True) as ro:
+        proc = ceremony("keygen", "--out", ro / "officer.key", cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("ceremony: error: cannot write") and "Read-only file system" in err
+    assert proc.stdout == ""  # no public key printed for a key that was not kept
