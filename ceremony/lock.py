@@ -67,10 +67,22 @@ def token_key(module_path: str, serial: str, label: str) -> str:
     return f"{os.path.realpath(module_path)}\x00{serial}\x00{label}"
 
 
-def _lock_token(key: str, label: str) -> int:
-    name = hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock"
-    fd = os.open(lock_dir() / name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    return _flock(fd, f"the primary token {label!r}")
+def _token_lock_path(key: str) -> Path:
+    return lock_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".lock")
+
+
+def _lock_token(path: Path, label: str) -> int:
+    """Lock the token's file. The holder removes it when it is done (no lock files pile up), so
+    a lock taken on a file that was removed meanwhile is retried on the new one."""
+    while True:
+        fd = _flock(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600),
+                    f"the primary token {label!r}")
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -80,12 +92,18 @@ def exclusive(plan_path: Path, output_dir: Path,
     primary token for the block; refuse at once with :class:`CeremonyBusy` if another run
     holds any of them."""
     fds: list[int] = []
+    token_file: Path | None = None
     try:
         fds.append(_lock_path(plan_path, f"the plan {plan_path}"))
         fds.append(_lock_path(output_dir, f"the output directory {output_dir}"))
         if token is not None:
-            fds.append(_lock_token(token_key(*token), token[2]))
+            path = _token_lock_path(token_key(*token))
+            fds.append(_lock_token(path, token[2]))
+            token_file = path
         yield
     finally:
+        if token_file is not None:  # removed while still held: see _lock_token
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(token_file)
         for fd in fds:
             os.close(fd)

@@ -483,6 +483,8 @@ def test_a_run_while_another_holds_the_plan_output_or_primary_is_refused_in_one_
         holder.wait(10)
     proc = kit.cli("run", plan_path, "--env", kit.env_file())
     assert proc.returncode == 0, proc.stderr
+    # The token's lock file goes with the run that held it: none piles up.
+    assert not lock._token_lock_path(lock.token_key(*_primary_identity(kit))).exists()
 
 
 def test_two_concurrent_runs_of_one_plan_make_one_ceremony(kit):
