@@ -14,6 +14,7 @@ exactly as `make` does (about 15 s a clone).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sysconfig
@@ -25,10 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hsm", "release", "ceremony", "kms")
 
 
+def _plain_env() -> dict[str, str]:
+    """This environment (pip's configuration included) without any virtual environment in it:
+    `python3` is the machine's, as for someone who just cloned."""
+    path = ":".join(d for d in os.environ.get("PATH", "/usr/bin:/bin").split(":")
+                    if "/.venv/" not in d + "/")
+    return {**{k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")},
+            "PATH": path, "PYTHON": "python3"}
+
+
 def _clone(tmp_path: Path, name: str) -> Path:
     target = tmp_path / name
     subprocess.run(["git", "clone", "-q", str(ROOT), str(target)], check=True, timeout=120)
-    subprocess.run(["python3", "-m", "venv", str(target / ".venv")], check=True, timeout=120)
+    subprocess.run(["python3", "-m", "venv", str(target / ".venv")], check=True, timeout=120,
+                   env=_plain_env())
     site = next((target / ".venv" / "lib").glob("python3*/site-packages"))
     (site / "suite-test-deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     return target
@@ -36,8 +47,7 @@ def _clone(tmp_path: Path, name: str) -> Path:
 
 def _install(clone: Path) -> str:
     proc = subprocess.run(["bash", "scripts/install-deps.sh"], cwd=clone, capture_output=True,
-                          text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
-                                                       "PYTHON": "python3", "HOME": "/root"})
+                          text=True, timeout=600, env=_plain_env())
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
