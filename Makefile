@@ -26,7 +26,7 @@ demo: deps $(SOFTHSM2_CONF)
 test: deps
 	$(RUNPY) -m pytest -q
 
-# The type checker over hsm, release, ceremony and kms (configuration: pyproject.toml [tool.mypy]).
+# The type checker over suite, hsm, release, ceremony and kms (configuration: pyproject.toml [tool.mypy]).
 lint: deps
 	$(RUNPY) -m mypy
 

@@ -210,6 +210,11 @@ class Runner:
         if self.plan.type != "regional-enrollment":
             policy.require(token, ops.private(f"{token.label}-encryption"),
                            policy.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
+            # Release secrets leave only under trusted keys whose wrap template the token must
+            # keep (an escrow-export generates nothing, so the generate step's check is not
+            # enough).
+            from hsm.profile import require_enforcement
+            require_enforcement(token, "export release secrets", allow_weak=self.plan.practice)
 
     def _close_user_token(self) -> None:
         self._destroy_restored()

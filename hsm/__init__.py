@@ -7,6 +7,10 @@ neutral base of the whole suite, and :class:`HsmError` with its kinds). Modules 
 token and read back), :mod:`hsm.provision` (primary and regional HSMs), :mod:`hsm.profile`
 (what a token can do and enforces), :mod:`hsm.audit`, :mod:`hsm.cloud` (exports to cloud
 providers' BYOK imports), :mod:`hsm.testing` (pytest fixtures for throw-away tokens).
+
+The names load on first use, so importing a submodule that needs no token (the pytest entry
+point :mod:`hsm.pytest_plugin`, the re-exports of :mod:`suite` at their old paths) does not
+load ``pkcs11``; what the token layer shares without a token lives in :mod:`suite`.
 """
 
 from __future__ import annotations
@@ -14,16 +18,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Where each name of __all__ lives.
+_EXPORTS = {"Pin": "hsm.pin", "KeyRef": "hsm.token", "Token": "hsm.token"}
 if TYPE_CHECKING:
-    from hsm.errors import (DecryptionFailed, HsmError, KeyPolicyViolation,
-                            MechanismUnsupported, ModuleLoadError, ObjectExists, ObjectNotFound,
-                            PinError, SessionLost, SuiteError, TokenNotFound, UsageError)
+    from hsm.errors import (DecryptionFailed, HsmError, KeyPolicyViolation, MechanismUnsupported,
+                            ModuleLoadError, ObjectExists, ObjectNotFound, PinError, SessionLost,
+                            SuiteError, TokenNotFound, UsageError)
     from hsm.pin import Pin
     from hsm.token import KeyRef, Token
-
-# The names load on first use, so importing a light submodule (hsm.entry, the commands' entry
-# point) does not load pkcs11 first: a Ctrl-C during start-up is then answered in one line.
-_EXPORTS = {"Pin": "hsm.pin", "KeyRef": "hsm.token", "Token": "hsm.token"}
 
 
 def __getattr__(name: str) -> Any:

@@ -155,6 +155,24 @@ def cmd_fingerprint(args) -> int:
     return 0
 
 
+def cmd_retrust(args) -> int:
+    """Re-create a trusted recipient made before trusted keys had a CKA_WRAP_TEMPLATE (a key
+    cannot gain one): as the SO, after the officer confirms the key's fingerprint."""
+    from . import export
+    from pkcs11 import ObjectClass
+    with cliutil.open_so(args) as so:
+        spki = certs.public_key_info(so, KeyRef(args.label, ObjectClass.PUBLIC_KEY))
+        print(f"Trusted key {args.label!r} on token {so.label!r}:")
+        confirmed = cliutil.confirm_fingerprint(
+            certs.fingerprint(spki), args.fingerprint,
+            "from the region's certificate or console (or this primary's encryption key)")
+        status = export.retrust(so, args.label, confirmed)
+    print(f"{args.label}: " + ("re-created by the security officer with its wrap template "
+                               "(release secrets only)" if status == "re-created" else
+                               "already carries its wrap template; nothing changed"))
+    return 0
+
+
 def cmd_info(args) -> int:
     with _open_token(args, login=not args.no_login) as token:
         prof = token.profile
@@ -174,7 +192,8 @@ def cmd_info(args) -> int:
           f"RSA_AES_KEY_WRAP: {'yes' if prof.rsa_aes_key_wrap else 'no'}")
     print(f"KDFs       HKDF: {_yn(prof.hkdf)}   SP800-108: {_yn(prof.sp800_108)}   "
           f"PBKDF2: {_yn(prof.pbkdf2)}")
-    print(f"Trusted    CKA_WRAP_WITH_TRUSTED enforced: {_yn(prof.trusted_wrap_enforced)}")
+    print(f"Trusted    CKA_WRAP_WITH_TRUSTED enforced: {_yn(prof.trusted_wrap_enforced)}   "
+          f"CKA_WRAP_TEMPLATE enforced: {_yn(prof.wrap_template_enforced)}")
     print(f"Policy     enforced: CKA_UNWRAP_TEMPLATE {_yn(prof.unwrap_template_enforced)}   "
           f"CKA_ALLOWED_MECHANISMS {_yn(prof.allowed_mechanisms_enforced)}   "
           f"CKA_MODIFIABLE {_yn(prof.modifiable_enforced)}   "
@@ -200,7 +219,8 @@ def cmd_info(args) -> int:
 def cmd_audit(args) -> int:
     """Every token object, its attributes, and each deviation from its role's policy; exit 1
     when there is one (so a script or a monitoring job can alert on it)."""
-    from . import audit
+    from . import audit, export
+    from . import policy as policies
     with _open_token(args) as token:
         rows = audit.audit(token)
         label = token.label
@@ -216,8 +236,14 @@ def cmd_audit(args) -> int:
         print(f"{r.object_class:<12} {r.label:<36} {r.role:<28} {status}")
         for d in r.deviations:
             print(f"    ! {d}")
+        if r.role == policies.TRUSTED_RECIPIENT.name and \
+                export.only_wrap_template_missing(r.deviations):
+            print(f"    -> made before wrap templates: the SO re-creates it with `hsm retrust "
+                  f"--token {label} --label {r.label} --fingerprint HEX` (HEX: the SPKI SHA-256 "
+                  "of its certificate), or the next ceremony does")
     print(f"\n{len(rows)} object(s), {bad} with deviations from policy"
-          + ("" if not bad else " - keys cannot be fixed in place: re-provision them"))
+          + ("" if not bad else " - keys cannot be fixed in place: re-provision them, "
+             "or re-create a trusted key as shown"))
     return 1 if bad else 0
 
 
@@ -286,6 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "else TOKEN-encryption)")
     p.add_argument("--hex-only", action="store_true", help="print only the hex digest")
     p.set_defaults(func=cmd_fingerprint)
+
+    p = sub.add_parser("retrust", help="re-create a trusted key made before wrap templates "
+                       "(SO PIN, after its fingerprint is confirmed)")
+    _add_token_args(p)
+    p.add_argument("--label", required=True, help="trusted-REGION or trusted-escrow")
+    p.add_argument("--fingerprint", default=None,
+                   help="SHA-256 of the key's SPKI from an independent source (hex or words)")
+    p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
+                   help="SO PIN source (default: $HSM_SO_PIN, else a prompt)")
+    p.set_defaults(func=cmd_retrust)
 
     p = sub.add_parser("info", help="the token's capability profile")
     _add_token_args(p)

@@ -1,7 +1,9 @@
-"""What the three commands (hsm, ceremony, kms) share: one clear line on error, exit codes.
+"""The command-line options that name a module or a token (``--module``, ``--token``,
+``--serial``) and the officer's fingerprint confirmation, for hsm's commands.
 
-Exit 2: a project error (wrong PIN, missing token, refused input) - the message says what and
-what to do. Exit 3: anything unexpected (a bug). 130: interrupted. --debug re-raises.
+What all three commands share and needs no token (the top-level parser, one way to answer
+errors, exit codes) is :mod:`suite.cli`; its names are re-exported here (``cliutil.parser``,
+``cliutil.main``, ``cliutil.run``) until the next release.
 """
 
 from __future__ import annotations
@@ -9,29 +11,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+
+from suite.cli import main, parser, run  # noqa: F401 (re-exported at the old path)
 
 from . import module as modules
 from . import uri
+from .errors import UsageError
 from .uri import Pkcs11Uri
-from .errors import SuiteError, UsageError
-
-
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The top-level parser of each command, with the options all three share."""
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--debug", action="store_true",
-                   help="on an error, show the traceback too (never a PIN)")
-    return p
-
-
-def main(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None,
-         before: Callable[[argparse.Namespace], None] | None = None) -> int:
-    """Parse, run the subcommand's ``func``, and answer errors the one way (:func:`run`)."""
-    args = parser.parse_args(argv)
-    if before is not None:
-        before(args)
-    return run(prog, args.func, args, debug=args.debug)
 
 
 def add_module_args(p: argparse.ArgumentParser) -> None:
@@ -58,46 +44,22 @@ def token_target(args: argparse.Namespace) -> tuple[str, str | None, str, Pkcs11
     return label, serial, module, parsed
 
 
-def run(prog: str, func: Callable[[object], int], args, *, debug: bool) -> int:
-    try:
-        return func(args)
-    except SuiteError as exc:
-        if debug:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `... | head`: the reader left; not an error worth a message
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except OSError as exc:
-        # A file or directory the system refused (read-only, full, missing, not a directory):
-        # the environment, not a bug. Named with its path; nothing here holds a secret.
-        if debug or exc.filename is None:
-            if debug:
-                raise
-            return _unexpected(prog, exc)
-        print(f"{prog}: error: {exc.strerror or exc}: {exc.filename} - check the path and "
-              "its permissions, free space and file type, then run again", file=sys.stderr)
-        return 2
-    except Exception as exc:  # a bug or an unexpected answer: still one clear line
-        if debug:
-            raise
-        return _unexpected(prog, exc)
-
-
-def _unexpected(prog: str, exc: BaseException) -> int:
-    print(f"{prog}: unexpected error: {type(exc).__name__}: {exc} (run with --debug for "
-          "the traceback)", file=sys.stderr)
-    return 3
+def open_so(args: argparse.Namespace):
+    """The token named by ``--token``, logged in as the security officer (``--so-pin-source``,
+    else $HSM_SO_PIN[_LABEL], else a prompt): for the few objects only the SO may create."""
+    from . import pin as pins
+    from .token import Token
+    label, serial, module, _ = token_target(args)
+    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
+                          prompt=f"Security officer PIN for token {label}: ")
+    return Token.open(label, serial=serial, module=module, parameters=args.module_params,
+                      pin=so_pin, so=True)
 
 
 def confirm_fingerprint(digest: bytes, given: str | None, where: str) -> bytes:
     """Show a SHA-256 fingerprint (hex and PGP words) and return the one the officer confirms
     (``--fingerprint`` or typed at a terminal, hex or words), parsed; without one, refuse."""
-    from . import fingerprint as fp
+    from suite import fingerprint as fp
     print("\n".join(fp.display(digest)))
     if given:
         typed = given

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 
 import pkcs11.exceptions as p11x
 
+from suite import errors as _suite
+from suite.errors import SuiteError  # the base of every error: re-exported at its old path
+
 # CKR codes (PKCS#11 v2.40 §11.1) for the python-pkcs11 exception classes.
 CKR_BY_EXCEPTION: dict[type, tuple[str, int]] = {
     p11x.AttributeTypeInvalid: ("CKR_ATTRIBUTE_TYPE_INVALID", 0x12),
@@ -115,19 +118,6 @@ _HINTS = {
 }
 
 
-class SuiteError(Exception):
-    """The neutral base of every error this suite raises on purpose: ``str()`` is one line fit
-    for an operator (what was wrong, then ``- what to do``). The three CLIs answer it with that
-    line and exit 2; anything else is a bug. It lives here, in the bottom package, only because
-    every package can depend on it; :class:`HsmError`, ``ceremony.errors.CeremonyError`` and
-    ``kms.errors.KmsError`` derive from it side by side, so ``except HsmError`` means the token
-    and nothing else."""
-
-    def __init__(self, message: str, *, hint: str | None = None):
-        self.hint = hint
-        super().__init__(f"{message} - {hint}" if hint else message)
-
-
 class HsmError(SuiteError):
     """An error of the hsm layer: a token, module, PIN or key failed, or bad input reached it.
     The message names the operation, token, object and CKR code where there is one."""
@@ -189,9 +179,10 @@ class SessionLost(HsmError):
     """The token kept reporting the session invalid after the bounded number of retries."""
 
 
-class UsageError(HsmError, ValueError):
-    """Bad input from the caller (malformed URI, bad file, unusable parameter), detected before
-    a token is touched. A ``ValueError`` too, like every misuse error of the suite."""
+class UsageError(HsmError, _suite.UsageError):
+    """Bad input for the token layer (malformed URI, bad file, unusable parameter), detected
+    before a token is touched: an :class:`HsmError` and a :class:`suite.errors.UsageError`
+    (hence a ``ValueError`` too, like every misuse error of the suite)."""
 
 
 def _class_for(ckr: str) -> type[HsmError]:

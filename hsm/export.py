@@ -133,7 +133,10 @@ def destroy_secret(token: Token, label: str, key_id: bytes) -> str:
 def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
                               spki: keys.PublicKeyInfo) -> str:
     """Create (as the SO) an RSA public key object with CKA_TRUSTED and CKA_WRAP, or adopt the
-    identical one. Returns 'created' or 'adopted'."""
+    identical one. Returns 'created', 'adopted' or 're-created': the same key made by a version
+    before trusted keys had a CKA_WRAP_TEMPLATE (which cannot be added to an object) is replaced
+    by one that has it - the caller has checked ``spki`` (pinned fingerprint, own key), and the
+    replacement only narrows what the key may wrap."""
     if spki.algorithm != "rsa":
         raise KeyPolicyViolation(f"trusted wrapping keys must be RSA, got {spki.algorithm}",
                                  object_label=label)
@@ -154,6 +157,10 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
                                hint="trusted keys are never replaced; investigate the token")
         found = policies.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY),
                                policies.TRUSTED_RECIPIENT)
+        if found and only_wrap_template_missing(found):
+            _replace_trusted(so_token, label, trusted_key_template(label, key_id, modulus,
+                                                                   exponent))
+            return "re-created"
         if found:
             raise KeyPolicyViolation(f"{label!r} is weaker than a trusted wrapping key must be: "
                                      + "; ".join(found), token=so_token.label,
@@ -167,6 +174,74 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
         check_rv(rv)
     so_token.run_on_anchor("C_CreateObject", create, label)
     return "created"
+
+
+def only_wrap_template_missing(deviations: list[str]) -> bool:
+    """The deviations of a trusted key made before wrap templates, and nothing else."""
+    return bool(deviations) and all(d.startswith("CKA_WRAP_TEMPLATE: missing")
+                                    for d in deviations)
+
+
+def _replace_trusted(so_token: Token, label: str, template: dict) -> None:
+    """Create the new trusted key first, then destroy the old one: killed in between, the
+    token holds both (same key, same label; the next run finds two and stops for a person to
+    look), never neither. The new object is read back against the policy before the old one
+    goes."""
+    raw = so_token.module.raw
+
+    def replace(lease):
+        old = [o.handle for o in _find(lease, {Attribute.LABEL: label,
+                                               Attribute.CLASS: ObjectClass.PUBLIC_KEY})]
+        rv, new = raw.create_object(lease.session.handle, template)
+        check_rv(rv)
+        weaker = policies.deviations(raw, lease.session.handle, new, policies.TRUSTED_RECIPIENT)
+        if weaker:
+            raw.destroy_object(lease.session.handle, new)
+            raise KeyPolicyViolation(f"the re-created {label!r} is weaker than its policy: "
+                                     + "; ".join(weaker), token=so_token.label,
+                                     object_label=label)
+        for handle in old:
+            check_rv(raw.destroy_object(lease.session.handle, handle))
+    so_token.run_on_anchor("C_CreateObject", replace, label)
+    so_token.forget_objects()
+
+
+def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
+    """``hsm retrust``: re-create the trusted recipient ``label`` with the wrap template of
+    today's policy, after the officer confirmed ``fingerprint`` (SHA-256 of its SPKI, read from
+    the certificate or the key's own token). Returns 're-created' or 'current' (it already has
+    it: nothing changes). A key the fingerprint does not name is refused and left alone."""
+    from . import x509 as hx
+    from .errors import HsmError
+    ref = KeyRef(label, ObjectClass.PUBLIC_KEY)
+    ids = so_token.run("C_FindObjects", lambda lease: [o[Attribute.ID] for o in _find(
+        lease, {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
+                Attribute.TRUSTED: True})], label)
+    if len(ids) != 1:
+        raise ObjectExists(f"{len(ids)} trusted public keys are labelled {label!r}; want one",
+                           token=so_token.label, object_label=label,
+                           hint="`hsm audit` lists the token's trusted keys (trusted-REGION, "
+                                "trusted-escrow)")
+    spki = hx.public_key_info(so_token, ref)
+    if hx.fingerprint(spki) != fingerprint:
+        raise HsmError(f"{label!r} is not the key whose fingerprint was confirmed (token: "
+                       f"{hx.fingerprint(spki).hex()}); nothing was changed",
+                       token=so_token.label, object_label=label,
+                       hint="compare with the region's certificate or its console again")
+    deviations = policies.check(so_token, ref, policies.TRUSTED_RECIPIENT)
+    if not deviations:
+        return "current"
+    if not only_wrap_template_missing(deviations):
+        raise KeyPolicyViolation(f"{label!r} is weaker than a trusted key in other ways too: "
+                                 + "; ".join(deviations), token=so_token.label,
+                                 object_label=label, hint=_REPROVISION_TRUSTED)
+    modulus, exponent = rsa_numbers(spki)
+    _replace_trusted(so_token, label, trusted_key_template(label, ids[0], modulus, exponent))
+    return "re-created"
+
+
+_REPROVISION_TRUSTED = ("only a missing wrap template is repaired in place; destroy the key as "
+                        "the SO and let the next ceremony trust the region again")
 
 
 def rsa_numbers(spki: keys.PublicKeyInfo) -> tuple[bytes, bytes]:

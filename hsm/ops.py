@@ -15,6 +15,8 @@ from asn1crypto import algos
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
+from suite import signatures
+
 from .token import KeyRef, Token
 
 
@@ -185,13 +187,9 @@ def _oaep_params(hash_name: str) -> tuple:
 
 
 # --------------------------------------------------------------------------- signatures
-SIGNATURE_ALGORITHMS = {
-    "ecdsa-sha384": {"algorithm": "sha384_ecdsa"},
-    "rsa-pss-sha384": {"algorithm": "rsassa_pss", "parameters": {
-        "hash_algorithm": {"algorithm": "sha384"},
-        "mask_gen_algorithm": {"algorithm": "mgf1", "parameters": {"algorithm": "sha384"}},
-        "salt_length": 48, "trailer_field": "trailer_field_bc"}},
-}
+# The identifiers certificates and bundles carry, by the names sign() takes (token-free, for
+# release): re-exported here at their old path.
+SIGNATURE_ALGORITHMS = signatures.SIGNATURE_ALGORITHMS
 
 
 def sign(token: Token, key: KeyRef, signature: str, data: bytes) -> bytes:

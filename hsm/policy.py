@@ -53,9 +53,36 @@ REGIONAL_UNWRAP_TEMPLATE = {A.SENSITIVE: True, A.EXTRACTABLE: False, A.TOKEN: Fa
                             A.ALLOWED_MECHANISMS: KMS_SECRET_MECHANISMS}
 # What the primary may unwrap an escrow bundle into (restore): a session object that can leave
 # the token again only under a key the SO trusted, and otherwise only compute its check value.
+# (The order is the one primary keys made since the key policy carry in their unwrap template;
+# the token stores the resulting key's list as a set, so it equals RELEASE_SECRET_MECHANISMS.)
 ESCROW_SECRET_MECHANISMS = (M.AES_CMAC, M.SHA256_HMAC)
 ESCROW_UNWRAP_TEMPLATE = {A.SENSITIVE: True, A.EXTRACTABLE: True, A.WRAP_WITH_TRUSTED: True,
                           A.TOKEN: False, A.ALLOWED_MECHANISMS: ESCROW_SECRET_MECHANISMS}
+
+# Every release secret that can leave the primary - generated there (seed or AES) or restored
+# from the escrow bundle - carries exactly this CKA_ALLOWED_MECHANISMS, and no other wrappable
+# key the suite makes does (cloud keys: [AES_CMAC, AES_KEY_WRAP_PAD]). It is the mark by which
+# the trusted recipients' CKA_WRAP_TEMPLATE admits release secrets and nothing else: SoftHSM2
+# 2.6.1 compares a wrap-template entry byte for byte with the key's attribute, stores a key's
+# mechanism list as a sorted set but a template's list as given (measured), so a template's list
+# must be ascending and duplicate-free or it matches nothing. Sharing one list between the two
+# key types adds no use: an AES key cannot HMAC and a generic secret cannot CMAC
+# (CKR_KEY_TYPE_INCONSISTENT, measured). Regional copies keep REGIONAL_UNWRAP_TEMPLATE's list:
+# it is fixed in every regional key already made, and those copies are never extractable.
+RELEASE_SECRET_MECHANISMS = tuple(sorted({int(M.SHA256_HMAC), int(M.AES_CMAC)}))
+assert set(RELEASE_SECRET_MECHANISMS) == {int(m) for m in ESCROW_SECRET_MECHANISMS}
+
+
+def wrap_template_list(mechanisms) -> list[int]:
+    """A CKA_ALLOWED_MECHANISMS value for a CKA_WRAP_TEMPLATE: ascending, no duplicates, the
+    way the token stores a key's list (see RELEASE_SECRET_MECHANISMS)."""
+    return sorted({int(m) for m in mechanisms})
+
+
+# What a trusted recipient (a region's key, the escrow key) may wrap: a release secret only.
+RELEASE_WRAP_TEMPLATE = {A.CLASS: ObjectClass.SECRET_KEY, A.SENSITIVE: True,
+                         A.WRAP_WITH_TRUSTED: True,
+                         A.ALLOWED_MECHANISMS: wrap_template_list(RELEASE_SECRET_MECHANISMS)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +99,10 @@ class KeyPolicy:
     mechanisms: frozenset[int] | None = None
     unwrap_template: dict | None = None
     hint: str = ""
-    wrap_template: dict | None = None  # CKA_WRAP_TEMPLATE: what this key may wrap (cloud import)
+    wrap_template: dict | None = None  # CKA_WRAP_TEMPLATE: what this (trusted) key may wrap
+    # The key's CKA_ALLOWED_MECHANISMS must be all of ``mechanisms``, not a subset: the list is
+    # what a trusted key's wrap template matches (release secrets).
+    exact_mechanisms: bool = False
 
     def creation_attributes(self, mechanisms: tuple[int, ...] | None = None) -> dict:
         """The attributes to create the object with (without label, id and key size)."""
@@ -117,18 +147,24 @@ TRUSTED_RECIPIENT = KeyPolicy(
     "trusted recipient", ObjectClass.PUBLIC_KEY,
     {A.TOKEN: True, A.PRIVATE: False, A.TRUSTED: True, A.MODIFIABLE: False,
      **usages(A.WRAP, among=_PUBLIC_USAGES)}, mechanisms=frozenset({M.RSA_PKCS_OAEP}),
-    hint="trusted keys are created by the SO; a weaker one must be replaced by a new token "
-         "or by the SO destroying it and re-running the ceremony's trust step")
+    hint="a trusted key cannot gain a wrap template: the SO re-creates it, after confirming "
+         "its fingerprint, with `hsm retrust --token TOKEN --label LABEL --fingerprint HEX` "
+         "(or the next ceremony's trust step does)",
+    wrap_template=RELEASE_WRAP_TEMPLATE)
 _SECRET_READ_BACK = {A.LOCAL: True, A.ALWAYS_SENSITIVE: True}
+# Both release secret kinds carry RELEASE_SECRET_MECHANISMS; each uses only its own check-value
+# MAC (HMAC-SHA256 on the seed, AES-CMAC on the AES key): the other is refused by key type.
 RELEASE_SEED = KeyPolicy(
     "release secret (KDF seed)", ObjectClass.SECRET_KEY,
     {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: True,
      A.WRAP_WITH_TRUSTED: True, A.MODIFIABLE: False, A.COPYABLE: False, **usages(A.SIGN)},
-    _SECRET_READ_BACK, frozenset({M.SHA256_HMAC}),
-    hint="do not export this secret; it was not made by this suite's ceremony")
+    _SECRET_READ_BACK, frozenset(RELEASE_SECRET_MECHANISMS),
+    hint="do not export this secret; it was not made by this suite's ceremony (or by a "
+         "version before trusted keys had wrap templates: run the ceremony again)",
+    exact_mechanisms=True)
 RELEASE_AES = KeyPolicy(
     "release secret (AES)", ObjectClass.SECRET_KEY, RELEASE_SEED.attributes, _SECRET_READ_BACK,
-    frozenset({M.AES_CMAC}), hint=RELEASE_SEED.hint)
+    frozenset(RELEASE_SECRET_MECHANISMS), hint=RELEASE_SEED.hint, exact_mechanisms=True)
 
 
 # ------------------------------------------------------------------------------ cloud export
@@ -157,7 +193,7 @@ def cloud_key(kwp: int) -> KeyPolicy:
 def cloud_wrap_template(kwp: int) -> dict:
     return {A.CLASS: ObjectClass.SECRET_KEY, A.KEY_TYPE: 0x1F,  # CKK_AES
             A.SENSITIVE: True, A.WRAP_WITH_TRUSTED: True,
-            A.ALLOWED_MECHANISMS: list(cloud_mechanisms(kwp))}
+            A.ALLOWED_MECHANISMS: wrap_template_list(cloud_mechanisms(kwp))}
 
 
 def cloud_import_key(kwp: int, rsa_aes_key_wrap: bool = False) -> KeyPolicy:
@@ -182,7 +218,9 @@ def cloud_ephemeral(kwp: int) -> KeyPolicy:
         "cloud ephemeral key", ObjectClass.SECRET_KEY,
         {A.TOKEN: False, A.PRIVATE: False, A.TRUSTED: True, A.SENSITIVE: True,
          A.EXTRACTABLE: True, A.WRAP_WITH_TRUSTED: True, A.MODIFIABLE: False,
-         A.COPYABLE: False, **usages(A.WRAP)}, mechanisms=frozenset(cloud_mechanisms(kwp)))
+         A.COPYABLE: False, **usages(A.WRAP)}, mechanisms=frozenset(cloud_mechanisms(kwp)),
+        # It is CKA_TRUSTED too, so it also wraps only cloud keys (not a release secret).
+        wrap_template=cloud_wrap_template(kwp))
 
 
 # BYOK. The org's seed key (PBKDF2 uploads, cache-only JWE): whatever it unwraps is a
@@ -265,6 +303,10 @@ def deviations(raw: _cryptoki.RawModule, session: int, obj: int, policy: KeyPoli
         elif not set(mechs) <= policy.mechanisms:
             found.append(f"CKA_ALLOWED_MECHANISMS: got {_names(mechs)}, want a subset of "
                          f"{_names(policy.mechanisms)}")
+        elif policy.exact_mechanisms and set(mechs) != policy.mechanisms:
+            found.append(f"CKA_ALLOWED_MECHANISMS: got {_names(mechs)}, want exactly "
+                         f"{_names(policy.mechanisms)} (what the trusted keys' wrap template "
+                         "admits)")
     for attr, want_template, missing in (
             (A.UNWRAP_TEMPLATE, policy.unwrap_template,
              "missing (anything may be unwrapped as extractable)"),

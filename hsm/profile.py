@@ -83,6 +83,7 @@ class Profile:
     allowed_mechanisms_enforced: bool | None = None
     modifiable_enforced: bool | None = None
     destroyable_enforced: bool | None = None
+    wrap_template_enforced: bool | None = None   # a wrapping key's CKA_WRAP_TEMPLATE
     ecdsa_with_hash: bool = False          # CKM_ECDSA_SHA384 on the token, else hash on the host
     kwp_length_query_short: bool = False   # NSS: C_WrapKey(KWP) size query is too small
     notes: list[str] = field(default_factory=list)
@@ -127,7 +128,8 @@ class Profile:
                   "CKA_ALLOWED_MECHANISMS": self.allowed_mechanisms_enforced,
                   "CKA_MODIFIABLE": self.modifiable_enforced,
                   "CKA_DESTROYABLE": self.destroyable_enforced,
-                  "CKA_WRAP_WITH_TRUSTED": self.trusted_wrap_enforced}
+                  "CKA_WRAP_WITH_TRUSTED": self.trusted_wrap_enforced,
+                  "CKA_WRAP_TEMPLATE": self.wrap_template_enforced}
         return [name for name, enforced in checks.items() if enforced is not True]
 
     def to_json(self) -> str:
@@ -267,6 +269,8 @@ def _probe_policy(token, prof: Profile) -> None:
                     prof.unwrap_template_enforced = True
                 except pkcs11.PKCS11Error:
                     prof.unwrap_template_enforced = None
+        if prof.aes_kwp or prof.aes_key_wrap:
+            prof.wrap_template_enforced = _probe_wrap_template(raw, h, prof, aes)
         # CKA_DESTROYABLE: a data object that must not be destroyable.
         rv, obj = raw.create_object(h, {
             Attribute.CLASS: ObjectClass.DATA, Attribute.TOKEN: False,
@@ -275,6 +279,34 @@ def _probe_policy(token, prof: Profile) -> None:
             prof.destroyable_enforced = raw.destroy_object(h, obj) != 0
     finally:
         raw.close_session(h)  # never session.close(): that would C_Logout every session
+
+
+def _probe_wrap_template(raw, h: int, prof: Profile, aes: dict) -> bool | None:
+    """CKA_WRAP_TEMPLATE: a wrapping key whose template admits only keys allowed [AES_CMAC,
+    SHA256_HMAC] (the trusted keys' way of telling release secrets apart) must wrap such a key
+    and refuse one allowed [AES_CMAC] alone. True: enforced; False: the other key was wrapped
+    too; None: even the admitted key was refused, so the probe says nothing."""
+    from .policy import wrap_template_list
+    _, mech = prof.aes_wrap_choice(32)
+    admitted = wrap_template_list((Mechanism.AES_CMAC, Mechanism.SHA256_HMAC))
+    rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+        **aes, Attribute.LABEL: _PROBE_LABEL + "-t", Attribute.WRAP: True,
+        Attribute.EXTRACTABLE: False,
+        Attribute.WRAP_TEMPLATE: {Attribute.ALLOWED_MECHANISMS: admitted}})
+    if rv != 0:
+        return None
+    results = []
+    for mechs in (admitted, [int(Mechanism.AES_CMAC)]):
+        rv, target = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            **aes, Attribute.LABEL: _PROBE_LABEL + "-c", Attribute.EXTRACTABLE: True,
+            Attribute.SIGN: True, Attribute.ALLOWED_MECHANISMS: mechs})
+        if rv != 0:
+            return None
+        results.append(raw.wrap_key(h, int(mech), None, wrapper, target)[0])
+    admitted_rv, other_rv = results
+    if admitted_rv != 0:
+        return None
+    return other_rv != 0
 
 
 # A fixed odd 2048-bit number: RSA encryption is defined for any modulus, and a token checks

@@ -25,7 +25,7 @@ from asn1crypto import keys
 from . import fingerprint as fp
 from . import x509 as certs
 from .errors import HsmError, UsageError
-from .files import check_writable, write_new
+from suite.files import check_writable, write_new
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
 from .token import Token

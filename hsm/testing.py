@@ -1,7 +1,7 @@
 """pytest plugin: fresh, real SoftHSM2 tokens (and an NSS softokn token) for integration tests.
 
-Installed as the ``hsm_tokens`` pytest11 entry point, so any project that depends on this package
-gets the fixtures::
+Installed as the ``hsm_tokens`` pytest11 entry point (through :mod:`hsm.pytest_plugin`), so
+any project that depends on this package with its token side gets the fixtures::
 
     def test_wraps(softhsm_token):           # a fresh token, logged in, per test
         tok = softhsm_token.token             # hsm.token.Token

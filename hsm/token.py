@@ -247,6 +247,13 @@ class Token:
                     self._discard(lease)
             self.recoveries += 1
 
+    def forget_objects(self) -> None:
+        """Drop every session's cached object handles, after a token object that others may
+        have cached was destroyed: a token may give its handle to another object (SoftHSM2
+        does), and a stale handle would then name the wrong key."""
+        with self._lock:
+            self._generation += 1
+
     # ----------------------------------------------------------------- the pool
     def _new_lease(self) -> Lease:
         with translated("C_OpenSession", self.label):

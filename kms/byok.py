@@ -19,20 +19,22 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from asn1crypto import pem as asn1_pem
 from cryptography.hazmat.primitives import hashes
-from pkcs11 import ObjectClass
 
 from hsm import byok as hbyok
-from hsm import keygen, roles, x509
+from hsm import keygen, ops, roles, x509
 from hsm.files import write_new
 from hsm.token import KeyRef
 
+from . import byok_pins
 from .errors import KmsError, PolicyViolation
 
 KIND = "byok"
@@ -74,7 +76,7 @@ def certificate(kms, org_id: str, out: Path, *, purpose: str = "seed") -> dict:
         hbyok.generate(kms.token, org_id, purpose)
     hbyok.require(kms.token, org_id, purpose)
     issuer_key, issuer_cert = _issuer(kms)
-    spki = x509.public_key_info(kms.token, KeyRef(label, ObjectClass.PUBLIC_KEY))
+    spki = x509.public_key_info(kms.token, ops.public(label))
     cert = x509.issue(
         kms.token, issuer_key=issuer_key, signature=ISSUER_ROLE.signature,
         subject=x509.names(role=f"BYOK {purpose} key of org {org_id}",
@@ -141,8 +143,16 @@ def upload_wrapped(kms, org_id: str, key_type: str, ciphertext: bytes, digest: b
 
 # ----------------------------------------------------------------------------- customer side
 def _load_rsa_cert(path: Path):
-    from cryptography import x509 as cx509
     from cryptography.hazmat.primitives.asymmetric import rsa
+    cert = _load_cert(path)
+    key = cert.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 3072:
+        raise KmsError(f"{path}: a BYOK certificate carries an RSA key of at least 3072 bits")
+    return cert, key
+
+
+def _load_cert(path: Path):
+    from cryptography import x509 as cx509
     try:
         data = Path(path).read_bytes()
         if asn1_pem.detect(data):
@@ -153,21 +163,81 @@ def _load_rsa_cert(path: Path):
         raise KmsError(f"cannot read certificate {path}: {exc.strerror}") from None
     except ValueError:
         raise KmsError(f"{path} is not an X.509 certificate") from None
-    key = cert.public_key()
-    if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 3072:
-        raise KmsError(f"{path}: a BYOK certificate carries an RSA key of at least 3072 bits")
-    return key
+    return cert
 
 
-def wrap(cert: Path, out_dir: Path, *, secret: bytes | None = None, hash_name: str = "sha1"
-         ) -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class Pinning:
+    """``kms byok wrap``'s key pin (:mod:`kms.byok_pins`): the pin file, the org the customer
+    expects (None: the one the certificate names) and a new key they accept by fingerprint."""
+    path: Path
+    org: str | None = None
+    accept: str | None = None
+
+
+def spki_sha256(cert) -> str:
+    """Hex SHA-256 of the certificate's SubjectPublicKeyInfo: what `kms byok certificate`
+    prints, read from the token."""
+    from cryptography.hazmat.primitives import serialization
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def _pin_target(cert, path: Path, expected_org: str | None) -> tuple[str, str]:
+    """(org, purpose) of a BYOK certificate; the org the customer expects must be the one it
+    names."""
+    from cryptography.x509.oid import NameOID
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    found = byok_pins.subject_org(str(names[0].value)) if names else None
+    if found is None:
+        raise KmsError(f"{path} is not a BYOK certificate of this suite (its subject names no "
+                       "org and purpose)", hint="use the PEM file `kms byok certificate` wrote")
+    purpose, org = found
+    if expected_org is not None and org != expected_org:
+        raise byok_pins.PinMismatch(f"{path} is a BYOK certificate for org {org}, not "
+                                    f"{expected_org}; nothing was written")
+    return org, purpose
+
+
+def wrap(cert: Path, out_dir: Path, *, secret: bytes | None = None, hash_name: str = "sha1",
+         pinning: Pinning | None = None) -> tuple[Path, Path]:
     """Encrypt a 32-byte secret to the certificate (RSA-OAEP, MGF1 with the same hash, no
     label) and write ``secret.b64`` and ``secret.sha256.b64``. ``secret`` None: a fresh one from
-    the OS CSPRNG, which is never written anywhere."""
+    the OS CSPRNG, which is never written anywhere. With ``pinning`` (the CLI always), the
+    certificate's key must be the one pinned for its org, or is pinned on first use."""
+    with _pinned(cert, pinning):
+        return _wrap(cert, out_dir, secret=secret, hash_name=hash_name)
+
+
+@contextlib.contextmanager
+def _pinned(cert: Path, pinning: Pinning | None):
+    if pinning is None:
+        yield None
+        return
+    loaded = _load_rsa_cert(cert)[0]
+    org, purpose = _pin_target(loaded, cert, pinning.org)
+    with byok_pins.checked(pinning.path, org, purpose, spki_sha256(loaded),
+                           accept=pinning.accept) as result:
+        yield result
+    _report_pin(result)
+
+
+def _report_pin(result: byok_pins.PinResult) -> None:
+    import sys
+    what = {"pinned": "pinned on first use: compare it with the fingerprint the KMS operator "
+                      "read from the token",
+            "matched": "the key pinned for this org",
+            "replaced": f"accepted, replacing {result.previous}"}[result.status]
+    print(f"org {result.org} BYOK {result.purpose} key SPKI SHA-256 {result.fingerprint} "
+          f"({what}; pins in {result.path})", file=sys.stderr)
+
+
+def _wrap(cert: Path, out_dir: Path, *, secret: bytes | None, hash_name: str
+          ) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import padding
     if hash_name not in WRAP_HASHES:
         raise KmsError(f"OAEP hash must be one of {', '.join(WRAP_HASHES)}")
-    key = _load_rsa_cert(cert)
+    key = _load_rsa_cert(cert)[1]
     if secret is None:
         secret = os.urandom(32)       # getrandom(2): the OS CSPRNG, every byte value possible
     if len(secret) != 32:

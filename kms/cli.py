@@ -188,7 +188,7 @@ def cmd_tenant(args) -> int:
 def _backup_must_be_of(path: Path, org: str) -> None:
     """`tenant import --org X` restores X or nothing: the backup names its org in the clear
     (bound to its ciphertext, so the HSM refuses an edited one on import)."""
-    from hsm.files import read_regular
+    from suite.files import read_regular
     try:
         named = json.loads(read_regular(path, 64 << 20, what="tenant backup")).get("org")
     except (OSError, ValueError, AttributeError):
@@ -225,7 +225,11 @@ def cmd_byok(args) -> int:
         if args.cert is None or args.out is None or (args.generate == (args.input is not None)):
             raise UsageError("`kms byok wrap` needs --cert, --out and one of --generate / --in")
         secret = None if args.generate else byok.read_secret_file(Path(args.input))
-        a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep)
+        from .byok_pins import default_path
+        pinning = byok.Pinning(Path(args.pin_file) if args.pin_file else default_path(),
+                               org=args.org, accept=args.accept_new_key)
+        a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep,
+                         pinning=pinning)
         print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with `kms tenant upload`")
         return 0
     if args.org is None or args.out is None:
@@ -233,7 +237,8 @@ def cmd_byok(args) -> int:
     with _kms(args) as kms:
         info = byok.certificate(kms, args.org, Path(args.out), purpose=args.purpose)
     print(f"{args.org}: BYOK {args.purpose} certificate written to {args.out} (key "
-          f"{info['label']}, SPKI SHA-256 {info['spki_sha256']}); signed by the regional "
+          f"{info['label']}, SPKI SHA-256 {info['spki_sha256']}, read from the token: give it "
+          f"to the customer out of band, `kms byok wrap` pins it); signed by the regional "
           f"issuer, SPKI SHA-256 {info['issuer_sha256']}")
     return 0
 
@@ -311,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_tenant)
     p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
     p.add_argument("action", choices=["certificate", "wrap"])
-    p.add_argument("--org")
+    p.add_argument("--org", help="certificate: the org; wrap: the org you expect the "
+                   "certificate to be for (default: the one it names)")
     p.add_argument("--purpose", choices=["seed", "dek"], default="seed",
                    help="certificate: seed (PBKDF2 uploads, cache-only keys) or dek (NONE)")
     p.add_argument("--out", help="certificate: the PEM file; wrap: the output directory")
@@ -320,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", help="wrap: a file with your 32-byte secret")
     p.add_argument("--oaep", choices=tuple(OAEP_HASHES), default="sha1",
                    help="wrap: RSA-OAEP hash (MGF1 the same); default SHA-1")
+    p.add_argument("--pin-file", default=None, help="wrap: the file of pinned BYOK keys "
+                   "(default: $HSM_SUITE_BYOK_PINS, else "
+                   "$XDG_CONFIG_HOME/hsm-suite/byok-pins.json)")
+    p.add_argument("--accept-new-key", default=None, metavar="SHA256",
+                   help="wrap: accept (and pin) a different key for the org, named by the exact "
+                        "SPKI SHA-256 `kms byok certificate` printed")
     p.set_defaults(func=cmd_byok)
     p = sub.add_parser("cache-only", help="cache-only keys: the DEK hosted by the customer")
     p.add_argument("action", choices=["add"])

@@ -8,7 +8,7 @@ imports every error it may catch from one module.
 
 from __future__ import annotations
 
-from hsm.errors import SuiteError
+from suite.errors import SuiteError
 
 
 class KmsError(SuiteError):

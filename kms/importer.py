@@ -18,7 +18,7 @@ from pathlib import Path
 from hsm import ops, policy
 from hsm import x509 as hx
 from hsm.errors import HsmError
-from hsm.files import read_regular
+from suite.files import read_regular
 from hsm.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs

@@ -5,8 +5,9 @@ A release is a set of secrets made in the primary HSM and sent, wrapped, to each
 offline against the pinned primary certificate (:mod:`release.certificates`), and ordered by its
 release id (:func:`release.ids.release_key`). ``ceremony`` writes bundles and ``kms`` reads them;
 both depend on this package and neither on the other, so a KMS never imports the ceremony
-runner, and a change of the format is one change in one place. It depends on ``hsm`` only for
-fingerprints and signature algorithm identifiers, and never touches a token.
+runner, and a change of the format is one change in one place. It depends on ``suite`` only
+(fingerprints, signature algorithm identifiers, the error base), never on ``hsm``, and never
+touches a token: verifying a bundle needs no python-pkcs11.
 """
 
 from release.bundle import FORMAT, VERSION, Verified, build, verify

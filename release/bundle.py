@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from hsm import ops
+from suite.signatures import SIGNATURE_ALGORITHMS
 
 from release.canonical import canonical
 from release.errors import VerificationError
@@ -27,7 +27,7 @@ from release.errors import VerificationError
 FORMAT = "hsm-suite-release-bundle"
 VERSION = 1
 # The signature AlgorithmIdentifiers are the ones certificates use (hsm.ops).
-_SIG_ALGOS = ops.SIGNATURE_ALGORITHMS
+_SIG_ALGOS = SIGNATURE_ALGORITHMS
 MANIFEST_KEYS = {"format", "version", "ceremony_id", "release", "region", "recipient",
                  "created", "practice", "kdf_salt", "secrets"}
 SECRET_KEYS = {"name", "type", "key_type", "bits", "wrap", "wrapped", "check_value"}

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from hsm import fingerprint as fp
+from suite import fingerprint as fp
 
 from release.errors import CertificateError
 

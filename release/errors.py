@@ -3,7 +3,7 @@ checking a release never touches a token."""
 
 from __future__ import annotations
 
-from hsm.errors import SuiteError
+from suite.errors import SuiteError
 
 
 class ReleaseError(SuiteError):

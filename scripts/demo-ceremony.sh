@@ -87,8 +87,16 @@ so_pin_source = "env:HSM_SO_PIN_PRIMARY"
 TOML
 
 OUT=$CER/release-$RELEASE
+spki_sha256() { openssl x509 -in "$1" -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum | cut -d' ' -f1; }
 if [ -f $OUT/transcript.sig.json ]; then
     step "ceremony demo-release-$RELEASE already closed; verifying it again"
+    # A var/ made before trusted keys had a CKA_WRAP_TEMPLATE: the SO re-creates each one after
+    # comparing its fingerprint with the certificate's (a key that has it: nothing changes).
+    for name in eu us escrow; do
+        cert=$PKI/regional-$name.pem; [ $name = escrow ] && cert=$PKI/primary-encryption.pem
+        hsm retrust --token primary --label trusted-$name --fingerprint "$(spki_sha256 $cert)" |
+            tail -n 1
+    done
 else
     step "ceremony plan"
     ceremony plan $PLAN

@@ -12,6 +12,9 @@ set -a; . $VAR/demo-pins.env; set +a
 step() { printf '\n== %s\n' "$*"; }
 EU=$VAR/kms/eu.toml
 C=$VAR/customer
+# The customer's BYOK key pins (`kms byok wrap` pins per user, in ~/.config by default): the
+# demo's customer keeps them with the demo, so `make clean` forgets them with the keys.
+export HSM_SUITE_BYOK_PINS=$PWD/$C/byok-pins.json
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT

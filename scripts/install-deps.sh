@@ -27,14 +27,14 @@ if [ ! -x .venv/bin/python ]; then
     echo "creating .venv (this checkout's own Python environment)"
     $PY -m venv .venv
 fi
-PY=$(pwd -P)/.venv/bin/python  # absolute: the check below runs from /
+PY=$PWD/.venv/bin/python   # absolute: the import check below runs from /
 # Reinstall unless each package is importable from *this* checkout (an editable install made
 # from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy
-ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (hsm, release, ceremony, kms))
+import os, sys, suite, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy
+ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (suite, hsm, release, ceremony, kms))
 sys.exit(0 if ours else 1)") 2>/dev/null || ! grep -q "hsm.entry" .venv/bin/kms; then
-    echo "installing the hsm-suite package (editable) and its test dependencies"
-    $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[test]"
+    echo "installing the hsm-suite package (editable) with its token side and test dependencies"
+    $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[hsm,test]"
 fi

@@ -7,6 +7,23 @@ import pytest
 from hsm import provision
 
 
+@pytest.fixture(scope="session")
+def _byok_pin_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("byok-pins")
+
+
+@pytest.fixture(autouse=True)
+def byok_pin_file(_byok_pin_dir, request, monkeypatch):
+    """Each test's own BYOK pin file (``kms byok wrap`` pins keys per user): never the real
+    ~/.config of whoever runs the tests, and no pin leaks from one test into another.
+    Subprocesses inherit it through the environment."""
+    import hashlib
+    path = _byok_pin_dir / (hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:16]
+                            + ".json")
+    monkeypatch.setenv("HSM_SUITE_BYOK_PINS", str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def module_token_factory(softhsm_session_token_factory):
     """Fresh SoftHSM2 tokens for a whole test module (RSA-4096 keygen is slow)."""

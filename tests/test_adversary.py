@@ -525,20 +525,14 @@ def test_the_cloud_key_leaves_only_to_trusted_keys_and_the_user_cannot_make_one(
 
 def test_a_trusted_ceremony_key_gives_no_readable_copy_of_the_cloud_key(
         kit, primary, cloud_primary):
-    """The ceremony's trusted escrow key may wrap the cloud key (both are the SO's), but the
-    primary's encryption key unwraps it only under its unwrap template: no readable copy."""
-    enc = f"{kit.primary.label}-encryption"
+    """The ceremony's trusted escrow key takes release secrets only (its CKA_WRAP_TEMPLATE):
+    the token refuses to wrap the cloud key to it, so the primary's encryption key never gets
+    a cloud key to unwrap (and would unwrap it only under its unwrap template)."""
     with primary.lease() as lease:
         key = lease.key(ops.secret(cloud_primary["key"]))
         escrow = lease.key(ops.public(runner.recipient_label("escrow")))
-        wrapped = escrow.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
-                                  mechanism_param=OAEP_SHA1)
-        for template in ({Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True},
-                         {Attribute.EXTRACTABLE: True, Attribute.WRAP_WITH_TRUSTED: False}):
-            assert ckr(lambda: lease.key(ops.private(enc)).unwrap_key(
-                ObjectClass.SECRET_KEY, KeyType.AES, wrapped, mechanism=Mechanism.RSA_PKCS_OAEP,
-                mechanism_param=OAEP_SHA1, store=False, template=template)) == \
-                "CKR_TEMPLATE_INCONSISTENT"
+        assert ckr(lambda: escrow.wrap_key(key, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                           mechanism_param=OAEP_SHA1)) == "CKR_KEY_NOT_WRAPPABLE"
 
 
 def test_the_cloud_import_key_wraps_no_release_secret_and_no_long_term_key(
@@ -614,6 +608,15 @@ def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_i
             Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
             Attribute.VALUE_LEN: 32, Attribute.TOKEN: False, Attribute.WRAP: True})
         assert raw_rv(raw.wrap_key(h, kwp, None, mine, eph)) == "CKR_KEY_NOT_WRAPPABLE"
+        # Trusted as it is, it takes only cloud keys (its CKA_WRAP_TEMPLATE): not a release
+        # secret, which the user can make the ceremony's way.
+        export.ensure_secret(tt.token, "aes", "rel-eph", b"eph-id")
+        rel = raw_handles(tt.token, ops.secret("rel-eph"))[1]
+        assert raw_rv(raw.wrap_key(h, kwp, None, eph, rel)) == "CKR_KEY_NOT_WRAPPABLE"
+        rv, cloudish = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
+            **policies.cloud_key(kwp).creation_attributes(), Attribute.KEY_TYPE: KeyType.AES,
+            Attribute.VALUE_LEN: 32, Attribute.TOKEN: False})
+        assert raw_rv(raw.wrap_key(h, kwp, None, eph, cloudish)) == "CKR_OK"
         for change in ({Attribute.TRUSTED: False}, {Attribute.WRAP_WITH_TRUSTED: False},
                        {Attribute.SENSITIVE: False}):
             assert raw_rv(raw.set_attributes(h, eph, change)) == "CKR_ACTION_PROHIBITED", change
@@ -763,3 +766,140 @@ def test_byok_keys_pass_the_audit_and_a_ciphertext_for_one_is_nothing_to_the_oth
                            lease)
     assert raw_rv(got) != "CKR_OK"
     sweep(eu.token)
+
+
+# ================================================================ trusted keys' cargo (issue 15)
+# Every CKA_TRUSTED key the suite makes has a CKA_WRAP_TEMPLATE that admits only its cargo:
+# regional recipients and the escrow key take release secrets (CKA_ALLOWED_MECHANISMS exactly
+# hsm.policy.RELEASE_SECRET_MECHANISMS), cloud import keys take cloud keys. Each row is one
+# wrappable key kind, each column one trusted-key kind; the cell is what SoftHSM2 2.6.1
+# answers C_WrapKey(RSA-OAEP SHA-1) with, the user PIN logged in.
+_OK, _NO, _UNEXTRACTABLE = "CKR_OK", "CKR_KEY_NOT_WRAPPABLE", "CKR_KEY_UNEXTRACTABLE"
+_PRIMARY_MATRIX = {           # (regional recipient, escrow key, cloud import key)
+    "release seed": (_OK, _OK, _NO),
+    "release AES key": (_OK, _OK, _NO),
+    "escrow-restored seed": (_OK, _OK, _NO),
+    "escrow-restored AES key": (_OK, _OK, _NO),
+    "cloud key": (_NO, _NO, _OK),
+    "user's own AES key": (_NO, _NO, _NO),
+    "primary-encryption private key": (_UNEXTRACTABLE,) * 3,
+}
+
+
+def _so_trusts_on(tt, root, *, recipient_cert, provider_key_file, provider_key):
+    """As the SO, in another process (this one holds the user's login): a trusted recipient
+    and a cloud import key on the token ``tt``, each made by the suite's own code."""
+    import subprocess
+    import sys
+
+    from tests import cloud_kit as ck
+    code = ("import sys; from hsm.token import Token; from hsm.pin import Pin; "
+            "from hsm import export; from release.certificates import load, as_asn1; "
+            "spki = as_asn1(load(sys.argv[2], 'r')).public_key; "
+            "t = Token.open(sys.argv[1], pin=Pin(sys.argv[3]), so=True); "
+            "print(export.ensure_trusted_public_key(t, 'trusted-matrix', b'matrix', spki)); "
+            "t.close()")
+    r = subprocess.run([sys.executable, "-c", code, tt.label, str(recipient_cert),
+                        tt.so_pin.reveal()], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **tt.env})
+    assert r.returncode == 0 and r.stdout.strip() == "created", r.stderr
+    r = ck.trust(tt, "aws", provider_key_file, provider_key)
+    assert r.returncode == 0, r.stderr
+
+
+def test_each_trusted_key_takes_only_its_own_cargo_on_the_primary(kit, release, primary,
+                                                                  cloud_primary):
+    """The matrix on the primary after a real ceremony and `hsm cloud-key`: only the intended
+    pairs wrap. The insider attack of issue 15 (the cloud key wrapped to trusted-eu with the
+    primary's user PIN, to be unwrapped in the region as an AES-GCM oracle) is the
+    cloud-key x regional-recipient cell: CKR_KEY_NOT_WRAPPABLE."""
+    _, manifests = release
+    enc = f"{kit.primary.label}-encryption"
+    seed, aes, key_id = f"rel-mx-{next(_label)}", f"rel-mx-{next(_label)}", os.urandom(16)
+    export.ensure_secret(primary, "generic-secret", seed, key_id)
+    export.ensure_secret(primary, "aes", aes, key_id)
+    restored = {}
+    for entry in entries(manifests["escrow"]):
+        ref, _, _ = ops.unwrap_release_secret(
+            primary, ops.private(enc), ops.Wrapped(bytes.fromhex(entry["wrapped"]), "",
+                                                   {"hash": entry["wrap"]["hash"]}),
+            kind=entry["key_type"], usage="sign", label=f"atk-{next(_label)}", escrow=True)
+        restored[entry["key_type"]] = ref
+    try:
+        with primary.lease() as lease:
+            own = lease.session.generate_key(KeyType.AES, 256, store=False, template={
+                Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True,
+                Attribute.LABEL: f"atk-{next(_label)}"})
+            keys = {"release seed": lease.key(ops.secret(seed)),
+                    "release AES key": lease.key(ops.secret(aes)),
+                    "escrow-restored seed": lease.key(restored["generic-secret"]),
+                    "escrow-restored AES key": lease.key(restored["aes"]),
+                    "cloud key": lease.key(ops.secret(cloud_primary["key"])),
+                    "user's own AES key": own,
+                    "primary-encryption private key": lease.key(ops.private(enc))}
+            trusted = [lease.key(ops.public(runner.recipient_label("eu"))),
+                       lease.key(ops.public(runner.recipient_label("escrow"))),
+                       lease.key(ops.public(cloud_primary["import"]))]
+            got = {kind: tuple(_oaep_wrap(primary, lease, t, key) for t in trusted)
+                   for kind, key in keys.items()}
+    finally:
+        for label in (seed, aes):
+            export.destroy_secret(primary, label, key_id)
+        sweep(primary)
+    assert got == _PRIMARY_MATRIX
+
+
+_REGION_MATRIX = {            # (trusted recipient, cloud import key)
+    "release seed (imported)": (_UNEXTRACTABLE,) * 2,
+    "release AES key (imported)": (_UNEXTRACTABLE,) * 2,
+    "tenant wrapping key": (_UNEXTRACTABLE,) * 2,
+    "BYOK DEK (unwrapped)": (_NO, _NO),
+    "cloud key": (_NO, _OK),
+}
+
+
+def test_each_trusted_key_takes_only_its_own_cargo_on_a_region(kit, release, byok_keys,
+                                                               tmp_path):
+    """The same on the eu regional token, with both trusted-key kinds the suite's code can put
+    on any token made there by its SO (in another process): what the KMS unwraps or generates
+    never leaves the token at all (CKR_KEY_UNEXTRACTABLE); the BYOK DEK, readable by design,
+    is no trusted key's cargo; a cloud key goes only to a cloud import key."""
+    from tests import cloud_kit as ck
+    from tests.helpers import run_hsm
+    from hsm.cloud.keys import import_label
+    _, manifests = release
+    eu = kit.regionals["eu"]
+    provider = ck.new_rsa(2048)
+    _so_trusts_on(eu, tmp_path, recipient_cert=kit.pki / f"{kit.primary.label}-encryption.pem",
+                  provider_key_file=ck.write_key(provider, tmp_path / "aws.pem"),
+                  provider_key=provider)
+    r = run_hsm(eu, "cloud-key", "create", "--token", eu.label, "--label", "cloud-mx",
+                env=ck.pins(eu))
+    assert r.returncode == 0, r.stderr
+    imported = {}
+    for entry in entries(manifests["eu"]):
+        usage = "sign" if entry["key_type"] == "generic-secret" else "encrypt-decrypt"
+        ref, _, _ = ops.unwrap_release_secret(
+            eu.token, ops.private(f"{eu.label}-encryption"),
+            ops.Wrapped(bytes.fromhex(entry["wrapped"]), "", {"hash": entry["wrap"]["hash"]}),
+            kind=entry["key_type"], usage=usage, label=f"atk-{next(_label)}")
+        imported[entry["key_type"]] = ref
+    tenant = ops.generate_session_secret(eu.token, kind="aes", usage="encrypt-decrypt",
+                                         label=f"atk-{next(_label)}")
+    label, _, ct = byok_keys["dek"]
+    with _eu_anchor(kit) as (token, raw, lease, h):
+        rv, dek = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+                                                  Attribute.SIGN: False}, lease)
+        assert raw_rv(rv) == "CKR_OK"
+        keys = {"release seed (imported)": lease.key(imported["generic-secret"]).handle,
+                "release AES key (imported)": lease.key(imported["aes"]).handle,
+                "tenant wrapping key": lease.key(tenant).handle,
+                "BYOK DEK (unwrapped)": dek,
+                "cloud key": lease.key(ops.secret("cloud-mx")).handle}
+        trusted = [lease.key(ops.public("trusted-matrix")).handle, lease.key(ops.public(
+            import_label("aws", bytes.fromhex(ck.fingerprint(provider))))).handle]
+        from hsm.cloud.wrap import oaep_params
+        got = {kind: tuple(raw_rv(raw.wrap_key(h, Mechanism.RSA_PKCS_OAEP, oaep_params("sha1"),
+                                               t, key)) for t in trusted)
+               for kind, key in keys.items()}
+    assert got == _REGION_MATRIX

@@ -150,9 +150,10 @@ def _parser(program: str) -> argparse.ArgumentParser:
 
 
 def _shown_commands() -> list[tuple[str, str]]:
-    """(where, command line) for every command shown in README.md and docs/*.md."""
+    """(where, command line) for every command shown in README.md, docs/*.md and examples/."""
     out = []
-    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+    for page in [ROOT / "README.md", ROOT / "examples" / "README.md"] + \
+            sorted((ROOT / "docs").glob("*.md")):
         lines, fenced, lang = page.read_text().splitlines(), False, ""
         pending = ""
         for n, line in enumerate(lines, 1):
@@ -337,3 +338,38 @@ def test_every_path_the_code_cites_exists():
                     missing.append(f"{path.relative_to(ROOT)}:{n}: {cited}")
     assert checked > 15
     assert missing == []
+
+
+def _python_snippets() -> list[tuple[str, str]]:
+    out = []
+    for page in [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md")):
+        for m in re.finditer(r"^```python\n(.*?)^```", page.read_text(), re.M | re.S):
+            line = page.read_text()[:m.start()].count("\n") + 1
+            out.append((f"{page.relative_to(ROOT)}:{line}", m.group(1)))
+    return out
+
+
+def test_every_python_snippet_compiles_and_imports_what_exists():
+    """A snippet a reader copies parses, and each name it imports is there (`...` stands for
+    the reader's own code)."""
+    import ast
+    import importlib
+    import importlib.util
+    snippets, problems = _python_snippets(), []
+    for where, code in snippets:
+        try:
+            tree = ast.parse(code)
+        except SyntaxError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                module = importlib.import_module(node.module)
+                problems += [f"{where}: {node.module}.{a.name}" for a in node.names
+                             if not hasattr(module, a.name)
+                             and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    importlib.import_module(a.name)
+    assert len(snippets) >= 3
+    assert problems == []

@@ -20,7 +20,7 @@ from pkcs11 import ObjectClass
 from .. import pin as pins
 from .. import cliutil
 from ..errors import UsageError
-from ..files import check_writable, write_set
+from suite.files import check_writable, write_set
 from ..token import KeyRef, Token
 from . import keys, providers, wrap
 
@@ -79,14 +79,6 @@ def _confirm(args, digest: bytes) -> None:
                          "nothing trusted", hint="get the import key again from the provider")
 
 
-def _open_so(args) -> Token:
-    label, serial, module, _ = cliutil.token_target(args)
-    so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
-                          prompt=f"Security officer PIN for token {label}: ")
-    return Token.open(label, serial=serial, module=module, parameters=args.module_params,
-                      pin=so_pin, so=True)
-
-
 def _describe(spki, path) -> tuple[bytes, int]:
     bits = keys.load_rsa_spki(spki, str(path))
     print(f"Import key {path}: RSA-{bits}")
@@ -109,7 +101,7 @@ def cmd_trust(args, open_token) -> int:
     spki = read_wrapping_key(Path(args.wrapping_key))
     digest, _ = _describe(spki, args.wrapping_key)
     _confirm(args, digest)
-    with _open_so(args) as so:
+    with cliutil.open_so(args) as so:
         label, status = keys.trust(so, prov.name, spki, digest)
     print(f"{prov.name} import key {label!r} " + (
         "created as CKA_TRUSTED by the security officer" if status == "created" else

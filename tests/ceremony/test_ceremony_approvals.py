@@ -21,7 +21,7 @@ from ceremony import approvals
 from ceremony import plan as plans
 from ceremony.approvals import Approval
 from ceremony.errors import ApprovalError
-from hsm.errors import UsageError
+from suite.errors import UsageError
 from tests.ceremony_kit import ceremony_without_pins as ceremony
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),

@@ -693,7 +693,10 @@ def test_cli_plan_prints_digest_words_steps_and_templates(pubs, tmp_path):
         assert found > pos, (step, out)
         pos = found
     for word in ("CKA_WRAP_WITH_TRUSTED", "CKA_TRUSTED", "CKM_RSA_PKCS_OAEP",
-                 "CKA_ALLOWED_MECHANISMS=[AES_CMAC]", "CKA_ALLOWED_MECHANISMS=[SHA256_HMAC]",
+                 "CKA_ALLOWED_MECHANISMS=[SHA256_HMAC, AES_CMAC]",
+                 # the trusted recipients take release secrets only (issue 15)
+                 "CKA_WRAP_TEMPLATE={CKA_CLASS=SECRET_KEY CKA_SENSITIVE=true "
+                 "CKA_WRAP_WITH_TRUSTED=true CKA_ALLOWED_MECHANISMS=[SHA256_HMAC, AES_CMAC]}",
                  "CKA_MODIFIABLE=false", "CKA_DESTROYABLE=false", "destroy-secrets"):
         assert word in out
     assert "PRACTICE" in out and "release 42" in out

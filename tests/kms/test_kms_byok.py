@@ -260,3 +260,110 @@ def test_cli_byok_flow(kit, node, tmp_path):
     assert "replayed upload" in again.stderr or "one new field secret" in again.stderr
     for stream in (w.stdout, up.stdout, enc.stdout, c.stdout, again.stderr):
         assert kit.regionals["eu"].user_pin.reveal() not in stream
+
+
+def _forged_byok_certificate(node, org: str, purpose: str, path):
+    """The regional user-PIN holder's move: one C_Sign with ``byok-issuer-eu`` over a
+    certificate with the org's subject for an RSA key the insider generated (and so can
+    decrypt with)."""
+    from asn1crypto import keys as asn1keys
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from hsm import x509 as hx
+    from hsm.token import KeyRef
+    from pkcs11 import ObjectClass
+    mine = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    spki = asn1keys.PublicKeyInfo.load(mine.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+    issuer_label = f"byok-issuer-{node.config.region}"
+    issuer_spki = hx.public_key_info(node.token, KeyRef(issuer_label, ObjectClass.PUBLIC_KEY))
+    issuer_pem = node.certs[(org, purpose)].read_bytes().split(b"-----END CERTIFICATE-----\n",
+                                                               1)[1]
+    issuer_name = cx509.load_pem_x509_certificate(issuer_pem)
+    from asn1crypto import x509 as asn1x509
+    cert = hx.issue(node.token, issuer_key=KeyRef(issuer_label, ObjectClass.PRIVATE_KEY),
+                    signature=byok.ISSUER_ROLE.signature,
+                    subject=hx.names(role=f"BYOK {purpose} key of org {org}",
+                                     token_label=node.token.label, organization="hsm-suite",
+                                     region=node.config.region),
+                    subject_spki=spki,
+                    issuer_name=asn1x509.Certificate.load(issuer_name.public_bytes(
+                        serialization.Encoding.DER)).subject,
+                    issuer_spki=issuer_spki, ca=False, key_usage={"key_encipherment"}, days=30)
+    path.write_bytes(hx.to_pem(cert) + issuer_pem)
+    return path
+
+
+def test_a_byok_certificate_signed_by_the_issuer_for_an_insiders_key_is_refused_once_pinned(
+        node, tmp_path, byok_pin_file):
+    """`kms byok wrap` pins the org's key on first use; the insider's certificate, though the
+    regional issuer really signed it, carries another key and is refused: one line, exit 2,
+    nothing written. Only the exact new fingerprint, given on purpose, is accepted."""
+    genuine = node.certs[("acme", "seed")]
+    want = node.store.customer_key("acme", byok.KIND)["seed"]["spki_sha256"]  # from the token
+
+    def wrap(cert, out, *extra):
+        return run_cli("kms", "byok", "wrap", "--cert", cert, "--generate", "--out", out, *extra)
+    first = wrap(genuine, tmp_path / "first")
+    assert first.returncode == 0, first.stderr
+    assert f"SPKI SHA-256 {want} (pinned on first use" in first.stderr
+    assert str(byok_pin_file) in first.stderr and byok_pin_file.stat().st_mode & 0o077 == 0
+    again = wrap(genuine, tmp_path / "again")
+    assert again.returncode == 0 and "the key pinned for this org" in again.stderr
+
+    forged = _forged_byok_certificate(node, "acme", "seed", tmp_path / "forged.pem")
+    leaf, issuer = cx509.load_pem_x509_certificates(forged.read_bytes())
+    leaf.verify_directly_issued_by(issuer)     # the issuer's signature alone proves nothing
+    got = byok.spki_sha256(leaf)
+    refused = wrap(forged, tmp_path / "refused")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        f"kms: error: the BYOK seed certificate for org acme carries key {got}, not the key "
+        f"pinned for that org on {_pinned_at(byok_pin_file)} ({want}) in {byok_pin_file}; "
+        "nothing was written - if the KMS operator confirms the new key out of band, run "
+        f"again with --accept-new-key {got}")
+    assert not (tmp_path / "refused").exists()
+    wrong = wrap(forged, tmp_path / "wrong", "--accept-new-key", want)
+    assert wrong.returncode == 2 and "is not the key of this certificate" in wrong.stderr
+    other_org = wrap(genuine, tmp_path / "other", "--org", "other")
+    assert other_org.returncode == 2 and "for org acme, not other" in other_org.stderr
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "other").exists()
+    accepted = wrap(forged, tmp_path / "accepted", "--accept-new-key", got.upper())
+    assert accepted.returncode == 0 and f"accepted, replacing {want}" in accepted.stderr
+    assert wrap(genuine, tmp_path / "back").returncode == 2   # now the old key is the stranger
+
+
+def _pinned_at(pin_file) -> str:
+    import json
+    return json.loads(pin_file.read_text())["pins"]["acme"]["seed"]["pinned"]
+
+
+def _pin_one(path: str, org: str) -> None:
+    from pathlib import Path
+
+    from kms import byok_pins
+    with byok_pins.checked(Path(path), org, "seed", org.encode().hex().ljust(64, "0")):
+        pass
+
+
+def test_pins_from_concurrent_wraps_are_all_kept_and_a_broken_pin_file_is_named(tmp_path):
+    """Four processes pinning four orgs at once lose none (the lock), and a pin file that is
+    not one stops the wrap with one line naming it, leaving it as it was."""
+    import multiprocessing
+
+    from kms import byok_pins
+    path = tmp_path / "cfg" / "byok-pins.json"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_pin_one, args=(str(path), f"org{i}")) for i in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    import json
+    assert sorted(json.loads(path.read_text())["pins"]) == [f"org{i}" for i in range(4)]
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    path.write_text("{not json")
+    with pytest.raises(KmsError, match="cannot read the BYOK pin file .*byok-pins.json"):
+        _pin_one(str(path), "org9")
+    assert path.read_text() == "{not json"
