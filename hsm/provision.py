@@ -25,6 +25,7 @@ from asn1crypto import keys
 from . import fingerprint as fp
 from . import x509 as certs
 from .errors import HsmError, UsageError
+from suite import errors as suite_errors
 from suite.files import check_writable, write_new
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
@@ -101,7 +102,7 @@ def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo, *,
     pem = certs.to_pem(make())
     try:
         return write_new(path, pem)
-    except UsageError as exc:
+    except suite_errors.UsageError as exc:  # suite.files raises the token-free kind
         if key_label is None:
             raise
         # The key pair is on the token already: say so, and that a re-run adopts it (it is
