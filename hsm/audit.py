@@ -1,8 +1,8 @@
 """``hsm audit``: every object on a token, with its attributes and each deviation from its policy.
 
 Roles are recognised by the labels this suite gives (``<token>-signing``, ``<token>-encryption``,
-``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, and cloud
-keys by their CKA_ID prefix). An object no role claims is
+``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, ``xks-*``, and
+cloud keys by their CKA_ID prefix). An object no role claims is
 listed as ``unrecognised``: it may belong to another application, so it is shown, not failed.
 """
 
@@ -68,6 +68,8 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
         return policies.SIGNING_ECDSA
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("byok-"):
         return policies.PUBLIC_KEY
+    if cls is ObjectClass.SECRET_KEY and label.startswith("xks-"):
+        return policies.XKS_KEY
     if cls is ObjectClass.DATA and app == APPLICATION and label.startswith(RECORD_PREFIX):
         return policies.RELEASE_RECORD
     return None

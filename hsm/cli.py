@@ -247,6 +247,27 @@ def cmd_audit(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_xks_create(args) -> int:
+    from . import xks
+    encrypt, decrypt = xks.parse_usage(args.usage)
+    xks.label_of(args.id)       # a bad id stops before the PIN prompt
+    with _open_token(args) as token:
+        key, status = xks.create(token, args.id, encrypt=encrypt, decrypt=decrypt,
+                                 allow_weak_token=args.allow_weak_token)
+    print(f"XKS key {key.key_id!r} {status}: AES-256, label {key.ref.label!r}, usage "
+          f"{','.join(key.usage) or 'none'}")
+    return 0
+
+
+def cmd_xks_list(args) -> int:
+    from . import xks
+    with _open_token(args) as token:
+        keys = [xks.describe(token, key_id) for key_id in xks.list_keys(token)]
+    for key in keys:
+        print(f"{key.key_id:<40} {','.join(key.usage) or 'none'}")
+    return 0
+
+
 def _yn(value) -> str:
     return {True: "yes", False: "no", None: "unknown"}[value]
 
@@ -337,6 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .cloud import cli as cloud_cli
     cloud_cli.register(sub, _add_token_args, _add_weak_arg, _open_token)
+    p = sub.add_parser("xks-key", help="AWS KMS external key store keys: create, list")
+    xks = p.add_subparsers(dest="xks_command", required=True)
+    c = xks.add_parser("create", help="an AES-256 XKS key, generated in the token")
+    _add_token_args(c)
+    c.add_argument("--id", required=True, help="the externalKeyId AWS KMS will use")
+    c.add_argument("--usage", default="encrypt,decrypt",
+                   help="encrypt,decrypt (default) | encrypt | decrypt | none")
+    _add_weak_arg(c)
+    c.set_defaults(func=cmd_xks_create)
+    c = xks.add_parser("list", help="the XKS keys on the token and their usage")
+    _add_token_args(c)
+    c.set_defaults(func=cmd_xks_list)
     return parser
 
 

@@ -245,6 +245,26 @@ BYOK_SEED = KeyPolicy(
 BYOK_DEK = KeyPolicy(
     "byok-dek", ObjectClass.PRIVATE_KEY, {**_LONG_TERM_PRIVATE, **private_usages(A.UNWRAP)},
     _GENERATED_INSIDE, frozenset({M.RSA_PKCS_OAEP}), BYOK_DEK_UNWRAP_TEMPLATE, _BYOK_HINT)
+# XKS. An AWS KMS external key store key (``hsm xks-key create``): AES-256 made in the token,
+# never readable or wrappable, not modifiable (a user-PIN holder cannot switch CKA_DECRYPT on an
+# encrypt-only key, or CKA_EXTRACTABLE on), not copyable, AES-GCM only (no ECB or CBC oracle).
+# Its usage - ENCRYPT, DECRYPT, both or neither - is chosen at creation and is what the proxy
+# reports as keyUsage; the policy leaves those two attributes to the key and fixes the rest.
+XKS_KEY = KeyPolicy(
+    "xks key", ObjectClass.SECRET_KEY,
+    {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
+     A.MODIFIABLE: False, A.COPYABLE: False,
+     **usages(among=(A.SIGN, A.VERIFY, A.WRAP, A.UNWRAP, A.DERIVE))},
+    {**_SECRET_READ_BACK, A.NEVER_EXTRACTABLE: True}, frozenset({M.AES_GCM}),
+    hint="an XKS key's policy cannot be changed after creation: make a new key with "
+         "`hsm xks-key create` and a new AWS KMS key on it")
+
+
+def xks_key_attributes(encrypt: bool, decrypt: bool) -> dict:
+    """The creation template of an XKS key with this usage (without label, id and length)."""
+    return {**XKS_KEY.creation_attributes(), A.ENCRYPT: encrypt, A.DECRYPT: decrypt}
+
+
 RELEASE_RECORD = KeyPolicy(
     "release record", ObjectClass.DATA,
     {A.TOKEN: True, A.PRIVATE: True, A.MODIFIABLE: False, A.DESTROYABLE: False,

@@ -6,6 +6,11 @@ when registered), a fresh 32-hex-character nonce each time, answer ``{"kid", "jw
 (compact, RSA-OAEP + A256GCM, ``jti`` = the nonce) is parsed and its header validated with
 jwcrypto, and decrypted by the token with the org's BYOK seed key (``hsm.byok.decrypt_jwe``).
 
+Every fetch runs under ``kms.outbound``: one total deadline (``FETCH_TIMEOUT_S``, 3 s: connect,
+TLS, headers and body together), no redirect followed (a 3xx is ``REDIRECT``; the registered
+credential goes only to the registered URL), at most ``[service] outbound_per_org`` fetches per
+org at once per worker (one more is ``BUSY`` at once, and does not count as a failure).
+
 Failure policy: a failed fetch makes the key unavailable; operations under it fail with "key
 unavailable" and do not call the key service again until the next retry time: once a minute for
 the first 5 minutes, then every 5 minutes until 24 h after the first failure, then not at all
@@ -21,14 +26,13 @@ import os
 import re
 import ssl
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from hsm import byok as hbyok
 
+from . import outbound
 from .errors import KeyUnavailable, KmsError
 
 KIND = "cache-only"
@@ -158,27 +162,36 @@ def _ssl_context(d: dict) -> ssl.SSLContext:
 
 
 def fetch(descriptor: dict, nonce: str, *, timeout: float = FETCH_TIMEOUT_S) -> dict:
-    """One GET; the parsed JSON answer, or KeyUnavailable with the event code."""
+    """One GET under one total deadline of ``timeout`` seconds; the parsed JSON answer, or
+    KeyUnavailable with the event code."""
     url = f"{descriptor['url']}/{urllib.parse.quote(descriptor['kid'])}?requestId={nonce}"
-    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if not url.startswith("https://"):
+        raise _refuse("UNREACHABLE", "the key service URL is not https")
+    headers = {"Accept": "application/json"}
     if descriptor.get("basic_auth_env"):
         cred = os.environ.get(descriptor["basic_auth_env"])
         if not cred or ":" not in cred:
             raise _refuse("AUTHENTICATION_FAILURE", f"${descriptor['basic_auth_env']} is not "
                           "set to USER:PASSWORD")
-        req.add_header("Authorization", "Basic " + base64.b64encode(cred.encode()).decode())
+        headers["Authorization"] = "Basic " + base64.b64encode(cred.encode()).decode()
     try:
         ctx = _ssl_context(descriptor)
-        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
-            status, body = resp.status, resp.read(MAX_BODY + 1)
-    except urllib.error.HTTPError as exc:
-        code = ("AUTHENTICATION_FAILURE_RESPONSE" if exc.code in (401, 403) else
-                "DESTROY_HTTP_CODE" if exc.code in (404, 410) else "ERROR_HTTP_CODE")
-        raise _refuse(code, f"the key service answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", exc)
+        answer = outbound.request("GET", url, headers=headers, context=ctx, deadline_s=timeout,
+                                  max_body=MAX_BODY)
+    except (OSError, ssl.SSLError) as exc:      # the client certificate or CA file
         raise _refuse("UNREACHABLE", f"the key service is unreachable "
-                      f"({type(reason).__name__})") from None
+                      f"({type(exc).__name__})") from None
+    except outbound.OutboundFailure as exc:
+        raise _refuse("UNREACHABLE", f"the key service is unreachable ({exc.reason}, "
+                      f"{timeout:g} s deadline)") from None
+    status, body = answer.status, answer.body
+    if 300 <= status < 400:
+        raise _refuse("REDIRECT", f"the key service answered HTTP {status} (a redirect, not "
+                      "followed: register the URL that serves the key)")
+    if status in (401, 403):
+        raise _refuse("AUTHENTICATION_FAILURE_RESPONSE", f"the key service answered HTTP {status}")
+    if status in (404, 410):
+        raise _refuse("DESTROY_HTTP_CODE", f"the key service answered HTTP {status}")
     if status != 200:
         raise _refuse("ERROR_HTTP_CODE", f"the key service answered HTTP {status}")
     if not body.strip():
@@ -189,7 +202,7 @@ def fetch(descriptor: dict, nonce: str, *, timeout: float = FETCH_TIMEOUT_S) -> 
         doc = json.loads(body)
         if not isinstance(doc, dict):
             raise ValueError
-    except ValueError:
+    except (ValueError, RecursionError):
         raise _refuse("ILLEGAL_RESPONSE", "the key service's answer is not a JSON object") \
             from None
     return doc
@@ -246,8 +259,15 @@ def dek(kms, row, descriptor: dict) -> bytes:
     av.check(key, now)
     nonce = os.urandom(16).hex()
     try:
-        parts = parse_jwe(fetch(descriptor, nonce, timeout=getattr(
-            kms.config, "cache_only_timeout", FETCH_TIMEOUT_S)), descriptor["kid"], nonce)
+        held = outbound.gate(kms)(row.org_id)
+    except outbound.Busy:
+        raise KeyUnavailable(f"key unavailable: {row.org_id} {row.key_type} v{row.version}: "
+                             "this org's key service calls are at their limit; retry (BUSY)",
+                             code="BUSY") from None
+    try:
+        with held:
+            doc = fetch(descriptor, nonce, timeout=FETCH_TIMEOUT_S)
+        parts = parse_jwe(doc, descriptor["kid"], nonce)
         try:
             plain = hbyok.decrypt_jwe(kms.token, row.org_id, **parts)
         except hbyok.ByokRefused as exc:

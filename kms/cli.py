@@ -48,6 +48,9 @@ def _announce(kms, op: str, org: str, key_type: str | None,
 
 def cmd_serve(args) -> int:
     from .server import supervisor
+    from .xks import worker as xks_node   # a TOML whose only table is [xks]: an XKS proxy
+    if xks_node.is_xks_only(_config_path(args)):
+        return xks_node.serve(args.config, host=args.host, port=args.port, workers=args.workers)
     cfg = configs.load(_config_path(args))
     if cfg.service is None:
         raise configs.ConfigError(f"{cfg.path}: no [service] section",
@@ -56,8 +59,10 @@ def cmd_serve(args) -> int:
     workers = args.workers if args.workers is not None else s.workers
     if not 1 <= workers <= 64:
         raise configs.ConfigError("--workers must be 1-64")
+    run = xks_node.beside(cfg, args.host) if cfg.xks is not None else None   # and an XKS listener
     return supervisor.serve(cfg, host=args.host or s.host,
-                            port=s.port if args.port is None else args.port, workers=workers)
+                            port=s.port if args.port is None else args.port, workers=workers,
+                            run=run)
 
 
 def cmd_audit(args) -> int:

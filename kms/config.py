@@ -14,12 +14,14 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
     from .server.settings import ServiceSettings
+    from .xks.config import XksConfig
 
 _FIELDS: dict[str, tomlfile.Kind] = {
     "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
     "primary_certificate": str, "bundle_dir": str, "store": str, "allow_practice": bool,
     "pbkdf2_iterations": int, "cache_max_entries": int, "cache_flush_hours": (int, float),
     "service": dict,  # [service]: the network service (kms.server.settings, parsed strictly)
+    "xks": dict,      # [xks]: an AWS KMS external key store proxy beside it (kms.xks.config)
 }
 _REQUIRED = ("region", "token", "primary_certificate", "bundle_dir", "store")
 
@@ -40,6 +42,7 @@ class KmsConfig:
     cache_max_entries: int = policy.CACHE_MAX_ENTRIES
     cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
     service: ServiceSettings | None = None  # when [service] is present
+    xks: XksConfig | None = None            # when [xks] is present
 
 
 def load(path: str | Path) -> KmsConfig:
@@ -60,6 +63,9 @@ def load(path: str | Path) -> KmsConfig:
     if "service" in data:
         from .server import settings
         data["service"] = settings.parse(path, data["service"])
+    if "xks" in data:
+        from .xks import config as xks_config
+        data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them
     store = data["store"]
     if "://" not in store:
         store = f"sqlite:///{(base / store).resolve()}"
@@ -69,5 +75,5 @@ def load(path: str | Path) -> KmsConfig:
                      **{k: data[k] for k in ("module", "module_params", "pin_source",
                                              "allow_practice", "pbkdf2_iterations",
                                              "cache_max_entries", "cache_flush_hours",
-                                             "service")
+                                             "service", "xks")
                         if k in data})

@@ -9,15 +9,23 @@ policy; every AWS failure is a ``KeyUnavailable`` that names the cause, and the 
 never touched by a failure.
 
 AWS credentials come from boto3's ordinary chain (environment, shared files, instance role):
-never from this project's configuration.
+never from this project's configuration. botocore signs each request (SigV4); the request itself
+goes through ``kms.outbound``: one total deadline of ``FETCH_TIMEOUT_S`` for the whole call (boto3's
+connect and read timeouts are per socket operation: an endpoint dripping a byte a second would
+hold a call for ever), no redirect followed, HTTPS only, at most ``[service] outbound_per_org``
+calls per org at once.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
+import ssl
+import urllib.parse
 from pathlib import Path
 
+from . import outbound
 from .errors import KeyUnavailable, KmsError
 
 KIND = "ekm"
@@ -107,34 +115,78 @@ def context(org_id: str, key_type: str, version: int) -> dict[str, str]:
     return {"org": org_id, "key_type": key_type, "version": str(version)}
 
 
-def _client(spec: dict):
-    import boto3
-    from botocore.config import Config
-    cfg = Config(connect_timeout=FETCH_TIMEOUT_S, read_timeout=FETCH_TIMEOUT_S,
-                 retries={"max_attempts": 1, "mode": "standard"})
-    return boto3.session.Session().client(
-        "kms", region_name=spec["aws_region"], endpoint_url=spec.get("endpoint_url"),
-        verify=spec.get("ca_bundle") or True, config=cfg)
+_MAX_ANSWER = 64 * 1024
 
 
-def _call(org_id: str, what: str, fn):
-    """Run one AWS call; every failure becomes one KeyUnavailable line naming the cause."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    try:
-        return fn()
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "?")
-        cause = _CAUSES.get(code, "AWS KMS refused the request")
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what} failed: {cause} ({code})",
-                             hint="the customer controls this key in their AWS account") from None
-    except NoCredentialsError:
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what}: no AWS credentials for "
+def _endpoint(spec: dict) -> str:
+    return spec.get("endpoint_url") or f"https://kms.{spec['aws_region']}.amazonaws.com/"
+
+
+def _aws(org_id: str, spec: dict, action: str, params: dict) -> dict:
+    import botocore.session
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    url = _endpoint(spec)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: the endpoint {url!r} "
+                             "is not https", hint="re-register it with an https:// URL")
+    credentials = botocore.session.get_session().get_credentials()
+    if credentials is None:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: no AWS credentials for "
                              "this node", hint="set them the ordinary boto3 way (environment, "
-                             "shared credentials file, instance role)") from None
-    except BotoCoreError as exc:  # unreachable endpoint, TLS failure, timeout
-        raise KeyUnavailable(f"key unavailable: org {org_id}: {what}: AWS KMS unreachable "
-                             f"({type(exc).__name__})", hint="check the endpoint and the "
-                             "network; the stored key is unchanged") from None
+                             "shared credentials file, instance role)")
+    body = json.dumps(params).encode()
+    host = parts.netloc.removesuffix(":443")
+    req = AWSRequest(method="POST", url=url, data=body, headers={
+        "Host": host, "Content-Type": "application/x-amz-json-1.1",
+        "X-Amz-Target": f"TrentService.{action}"})
+    SigV4Auth(credentials.get_frozen_credentials(), "kms", spec["aws_region"]).add_auth(req)
+    try:
+        ctx = ssl.create_default_context(cafile=spec.get("ca_bundle") or None)
+        answer = outbound.request("POST", url, headers=dict(req.headers.items()), body=body,
+                                  context=ctx, deadline_s=FETCH_TIMEOUT_S, max_body=_MAX_ANSWER)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.reason if isinstance(exc, outbound.OutboundFailure) else type(exc).__name__
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS unreachable "
+                             f"({reason})", hint="check the endpoint and the network; the "
+                             "stored key is unchanged") from None
+    except outbound.OutboundFailure as exc:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS unreachable "
+                             f"({exc.reason}, {FETCH_TIMEOUT_S:g} s deadline)", hint="check the "
+                             "endpoint and the network; the stored key is unchanged") from None
+    if 300 <= answer.status < 400:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: the endpoint answered "
+                             f"HTTP {answer.status}, a redirect (not followed)", code="REDIRECT")
+    try:
+        doc = json.loads(answer.body) if len(answer.body) <= _MAX_ANSWER else None
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action}: AWS KMS answered HTTP "
+                             f"{answer.status} with no JSON object")
+    if answer.status != 200:
+        code = str(doc.get("__type", "?")).rsplit("#", 1)[-1][:100]
+        cause = _CAUSES.get(code, "AWS KMS refused the request")
+        raise KeyUnavailable(f"key unavailable: org {org_id}: {action} failed: {cause} ({code})",
+                             hint="the customer controls this key in their AWS account")
+    return doc
+
+
+def _blob(org_id: str, doc: dict, field: str) -> bytes:
+    try:
+        return base64.b64decode(doc[field], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise KeyUnavailable(f"key unavailable: org {org_id}: AWS KMS answered without a "
+                             f"valid {field}") from None
+
+
+def _gated(kms, org_id: str):
+    try:
+        return outbound.gate(kms)(org_id)
+    except outbound.Busy:
+        raise KeyUnavailable(f"key unavailable: org {org_id}: its AWS KMS calls are at their "
+                             "limit; retry (BUSY)", code="BUSY") from None
 
 
 def rotate(kms, org_id: str, key_type: str = "field"):
@@ -142,17 +194,16 @@ def rotate(kms, org_id: str, key_type: str = "field"):
     spec = kms.store.customer_key(org_id, KIND)
     if spec is None:
         raise KmsError(f"org {org_id} has no EKM root key", hint="register it with `kms ekm add`")
-    client = _client(spec)
 
     # Called inside the store's write transaction (the version is known only there): the AWS
-    # call is bounded by the 3 s timeouts, and a failure rolls the transaction back whole.
+    # call is bounded by the 3 s total deadline, and a failure rolls the transaction back whole.
     def descriptor(version: int) -> dict:
-        out = _call(org_id, "GenerateDataKeyWithoutPlaintext", lambda: (
-            client.generate_data_key_without_plaintext(
-                KeyId=spec["key_id"], KeySpec="AES_256",
-                EncryptionContext=context(org_id, key_type, version))))
-        return {"kind": KIND, "key_id": spec["key_id"],
-                "blob": base64.b64encode(out["CiphertextBlob"]).decode()}
+        with _gated(kms, org_id):
+            out = _aws(org_id, spec, "GenerateDataKeyWithoutPlaintext", {
+                "KeyId": spec["key_id"], "KeySpec": "AES_256",
+                "EncryptionContext": context(org_id, key_type, version)})
+        blob = _blob(org_id, out, "CiphertextBlob")
+        return {"kind": KIND, "key_id": spec["key_id"], "blob": base64.b64encode(blob).decode()}
     return kms.add_remote(org_id, key_type, descriptor)
 
 
@@ -161,12 +212,11 @@ def dek(kms, row, descriptor: dict) -> bytes:
     spec = kms.store.customer_key(row.org_id, KIND)
     if spec is None:
         raise KeyUnavailable(f"key unavailable: org {row.org_id}: its EKM registration is gone")
-    client = _client(spec)
-    blob = base64.b64decode(descriptor["blob"])
-    out = _call(row.org_id, "Decrypt", lambda: client.decrypt(
-        CiphertextBlob=blob, KeyId=descriptor["key_id"],
-        EncryptionContext=context(row.org_id, row.key_type, row.version)))
-    return out["Plaintext"]
+    with _gated(kms, row.org_id):
+        out = _aws(row.org_id, spec, "Decrypt", {
+            "CiphertextBlob": descriptor["blob"], "KeyId": descriptor["key_id"],
+            "EncryptionContext": context(row.org_id, row.key_type, row.version)})
+    return _blob(row.org_id, out, "Plaintext")
 
 
 def enable(kms) -> None:

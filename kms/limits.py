@@ -54,6 +54,16 @@ SERVICE: dict[str, Range] = {
                               "scale with workers"),
     "audit_batch_ms": Range(1, 10_000, "audit records wait at most this long in memory "
                             "before they are written and fsynced"),
+    "body_timeout_seconds": Range(0.1, 3600, "seconds to an hour"),
+    "max_connections_per_client": Range(1, 100_000, "open connections per client and worker "
+                                        "(file descriptors)"),
+    "max_concurrent_per_client": Range(1, 10_000, "requests in flight per client and worker"),
+    "requests_per_second_per_client": Range(0.1, 1_000_000, "a worker answers tens of "
+                                            "thousands of requests a second at most"),
+    "audited_refusals_per_second": Range(0.1, 10_000, "refusals written to the audit log per "
+                                         "client and second; beyond it, one aggregate line"),
+    "outbound_per_org": Range(1, 64, "calls to one org's key service or AWS KMS at once per "
+                              "worker; the worker's pool threads bound them anyway"),
 }
 
 

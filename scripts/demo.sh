@@ -78,6 +78,7 @@ bash scripts/demo-cloud.sh
 
 step "hsm audit (primary, after the cloud exports: the cloud key and the trusted import keys)"
 hsm audit --token primary
+bash scripts/demo-xks.sh
 
 step "done: certificates in $PKI, ceremony outputs in $VAR/ceremonies, tokens in $VAR/tokens (make clean removes them)"
 cat <<'NEXT'

@@ -37,8 +37,8 @@ DEFAULT_CLIENTS = [
     {"identity": DATA_ID, "roles": ["data"], "orgs": ["*"]},
     {"identity": ADMIN_ID, "roles": ["admin"], "orgs": ["*"]},
     {"identity": ACME_ID, "roles": ["data"], "orgs": ["acme-*"], "key_types": ["field"]},
-    {"identity": STATUS_ID, "roles": ["status"]},
-    {"identity": CN_ID, "roles": ["data"], "orgs": ["cn-*"]},
+    {"identity": "dns:" + STATUS_ID, "roles": ["status"]},
+    {"identity": "cn:" + CN_ID, "roles": ["data"], "orgs": ["cn-*"]},
 ]
 _n = itertools.count()
 

@@ -44,8 +44,8 @@ def test_node_configuration_is_valid_and_comments_every_key():
     assert (cfg.region, cfg.token, cfg.store) == (
         "eu", "regional-eu", f"sqlite:///{(EXAMPLES / 'kms-eu.db').resolve()}")
     assert cfg.service is not None and cfg.service.workers == 2
-    assert [c.identity for c in cfg.service.clients] == ["spiffe://acme/encryption-service",
-                                                         "ops.acme.example"]
+    assert [c.name for c in cfg.service.clients] == [("uri", "spiffe://acme/encryption-service"),
+                                                     ("dns", "ops.acme.example")]
     assert cfg.service.clients[1].roles == {"admin"}
     # Every key of the three tables, shown; and every line that sets one says what it is.
     known = (set(config._FIELDS) - {"service"}) | (set(settings._FIELDS) - {"clients"}) | \

@@ -1,11 +1,16 @@
 """Routes and handlers: the JSON API over one started ``kms.service.Kms`` node.
 
-Every route but the probes and ``/openapi.json`` is authorised from the client certificate the
-TLS layer verified (``request.transport.get_extra_info("ssl_object").getpeercert()``); no header
-is ever read as an identity. Node calls block (token, store), so they run on a small thread pool;
-the event loop only parses, authorises, audits and answers. Inputs are checked strictly (unknown
-fields, wrong types, bad base64 → 400) before the node sees them. Every key operation and admin
-action is audited (client, operation, org, key type, version, result, request id), never a key.
+Every request is authorised from the client certificate the TLS layer verified, read once per
+connection by the guard (``kms.server.guard``); no header is ever read as an identity. A
+certificate the policy does not name is answered 403 by the guard and never reaches this app.
+For a named client the middleware checks the route's role, the client's rate and its requests in
+flight *before* the request takes a concurrency slot or a body byte is read; the org and key type
+are checked once the body (bounded in size and in time) is parsed. Node calls block (token,
+store), so they run on a small thread pool; the event loop only parses, authorises, audits and
+answers. Inputs are checked strictly (content type, duplicate keys, nesting depth, non-finite
+numbers, lone surrogates, unknown fields, wrong types, bad base64 → 4xx with a code) before the
+node sees them. Every key operation and admin action is audited (client, operation, org, key
+type, version, result, request id), never a key; refusals at a bounded rate per client.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ from aiohttp import web
 
 from kms import policy
 
+from aiohttp import ClientConnectionError
+
 from . import authz
+from .admission import UNNAMED, Admission
 from .errors import HttpError, classify
 from .metrics import CONTENT_TYPE
 
 log = logging.getLogger("kms.server")
 
 OPENAPI = Path(__file__).with_name("openapi.json")
-_ORG = re.compile(r"^[^\x00-\x1f\x7f]{1,255}$")
+_ORG = re.compile(r"^[^\x00-\x1f\x7f\ud800-\udfff]{1,255}$")
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+MAX_JSON_DEPTH = 8        # the API's bodies are flat objects; anything deeper is refused
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MISSING = object()
 
@@ -52,11 +62,11 @@ def _b64_field(body: dict, name: str, *, length: int | None = None) -> bytes:
 
 
 def _field(body: dict, name: str, kind, *, default=_MISSING, choices=None):
-    value = body.get(name, default)
-    if value is _MISSING:
-        raise HttpError(400, "bad_request", f"missing field {name!r}")
-    if value is default and default is not _MISSING:
-        return value
+    if name not in body:
+        if default is _MISSING:
+            raise HttpError(400, "bad_request", f"missing field {name!r}")
+        return default
+    value = body[name]     # present: of its type, never null (null is not "absent")
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise HttpError(400, "bad_request", f"field {name!r} must be {kind.__name__}")
     if choices is not None and value not in choices:
@@ -76,16 +86,119 @@ def _version(value) -> int:
     return value
 
 
-async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
+def _depth_ok(raw: bytes, limit: int) -> bool:
+    """Whether no array/object in ``raw`` nests deeper than ``limit`` (json.loads would recurse
+    once per level, up to a RecursionError: this scan does not)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:        # backslash
+                escaped = True
+            elif byte == 0x22:        # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):    # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+class _BadJson(ValueError):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _pairs(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _BadJson("duplicate_key", f"the key {key!r} appears twice in one object")
+        out[key] = value
+    return out
+
+
+def _constant(name):
+    raise _BadJson("non_finite_number", f"{name} is not a JSON number this API accepts")
+
+
+def _finite(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _BadJson("non_finite_number", "a number too large for a double")
+    return value
+
+
+def _utf8_ok(value) -> bool:
+    """No lone surrogate (valid JSON ``"\\ud800"``, but no Unicode text) anywhere in ``value``."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_utf8_ok(k) and _utf8_ok(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_utf8_ok(v) for v in value)
+    return True
+
+
+def parse_json(raw: bytes) -> object:
+    """The body as JSON, or HttpError 400 with a code saying what is wrong with it."""
+    if not _depth_ok(raw, MAX_JSON_DEPTH):
+        raise HttpError(400, "too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        raw = await request.read()
+        body = json.loads(raw, object_pairs_hook=_pairs, parse_constant=_constant,
+                          parse_float=_finite)
+    except _BadJson as exc:
+        raise HttpError(400, exc.code, str(exc)) from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise HttpError(400, "malformed_json", "the request body is not valid JSON") from None
+    # A lone surrogate can only come from a \\uD800-\\uDFFF escape (UTF-8 cannot carry one):
+    # walk the parsed body only when the raw one has such an escape.
+    if _SURROGATE_ESCAPE.search(raw) and not _utf8_ok(body):
+        raise HttpError(400, "invalid_unicode", "the request body holds a lone UTF-16 "
+                        "surrogate (\\ud800-\\udfff), which is not text")
+    return body
+
+
+def _content_type_ok(request: web.Request) -> bool:
+    """JSON bodies only; a request with no Content-Type is read as JSON (older clients)."""
+    given = request.headers.get("Content-Type")
+    if given is None:
+        return True
+    mime = given.split(";", 1)[0].strip().lower()
+    return mime == "application/json" or (mime.startswith("application/")
+                                          and mime.endswith("+json"))
+
+
+async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
+    if not _content_type_ok(request):
+        raise HttpError(415, "unsupported_media_type", "the request body must be "
+                        "application/json")
+    limits = request.app["limits"]
+    try:
+        if request.content.is_eof():       # the body came whole with the header: no timer
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(limits["body_timeout_seconds"]):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise HttpError(413, "body_too_large",
-                        f"request body over {request.app['limits']['max_body_bytes']} bytes")
-    try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        raise HttpError(400, "malformed_json", "the request body is not valid JSON") from None
+                        f"request body over {limits['max_body_bytes']} bytes")
+    except asyncio.TimeoutError:
+        raise HttpError(408, "body_timeout", "the request body did not arrive within "
+                        f"{limits['body_timeout_seconds']:g} s") from None
+    body = parse_json(raw) if raw else {}
     if not isinstance(body, dict):
         raise HttpError(400, "bad_request", "the request body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
@@ -94,18 +207,18 @@ async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
     return body
 
 
-def _peer_names(request: web.Request) -> tuple[str, ...]:
-    """The verified peer's names, read once per TLS connection (its certificate cannot change:
-    renegotiation is off, see worker.tls_context) and kept on the connection's protocol."""
+def _peer(request: web.Request) -> tuple[tuple, str]:
+    """The verified peer's typed names and its client key (policy identity or UNNAMED), read
+    once per TLS connection by the guard (its certificate cannot change: renegotiation is off,
+    see worker.tls_context). Without the guard (an app run on another protocol) read here."""
     proto = request.protocol
-    names = getattr(proto, "peer_names", None)
-    if names is None:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport \
-            else None
-        names = authz.identities(ssl_object.getpeercert() if ssl_object is not None else None)
-        if hasattr(proto, "peer_names"):
-            proto.peer_names = names
-    return names
+    client = getattr(proto, "client", None)
+    if client is not None:
+        return getattr(proto, "peer_names"), client
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    names = authz.identities(ssl_object.getpeercert() if ssl_object is not None else None)
+    named = request.app["svc"].policy.client(names)
+    return names, named.identity if named is not None else UNNAMED
 
 
 # --------------------------------------------------------------------------- the service
@@ -115,6 +228,7 @@ class Service:
     def __init__(self, kms, settings, *, worker: int, metrics, audit=None, notifier=None):
         self.kms, self.settings, self.worker = kms, settings, worker
         self.policy = authz.Policy(settings.clients)
+        self.admission = Admission(settings.limits)
         self.metrics, self.audit, self.notifier = metrics, audit, notifier
         self.pool = ThreadPoolExecutor(settings.limit("executor_threads"),
                                        thread_name_prefix="kms-node")
@@ -146,15 +260,48 @@ class Service:
         self._current[(org, key_type, fragment)] = version
 
     def authorise(self, request, role: str, org=None, key_type=None) -> str | None:
-        names = _peer_names(request)
+        names, _client = _peer(request)
         decision = self.policy.decide(names, role, org, key_type)
         request["client"] = decision.identity
         if not decision.allowed:
             self.metrics.refused.labels(role).inc()
-            self.record(request, "authz", org=org, key_type=key_type, result="forbidden",
-                        status=403, detail=f"role {role}")
+            self.refusal(request, org=org, key_type=key_type, detail=f"role {role}")
             raise HttpError(403, "forbidden", decision.reason)
         return decision.identity
+
+    def refusal(self, request, *, org=None, key_type=None, status=403, result="forbidden",
+                detail=None) -> None:
+        """Audit a refusal, at most ``audited_refusals_per_second`` per client: beyond it the
+        refusal is only counted, and ``flush_refusals`` records the counts."""
+        _names, client = _peer(request)
+        if not self.admission.record_refusal(client):
+            self.metrics.refusals_unrecorded.inc()
+            return
+        self.record(request, "authz", org=org if org is None else org[:64],
+                    key_type=key_type, result=result, status=status, detail=detail)
+
+    def refuse_unnamed(self, names, request_id: str) -> None:
+        """The guard refused a certificate the policy does not name (before any request)."""
+        self.metrics.refused.labels("none").inc()
+        if not self.admission.record_refusal(UNNAMED):
+            self.metrics.refusals_unrecorded.inc()
+            return
+        if self.audit is not None:
+            self.audit.append(client=authz.shown(names), op="authz", result="forbidden",
+                              status=403, request_id=request_id, worker=self.worker,
+                              detail="not named by the policy")
+
+    def flush_refusals(self) -> None:
+        """One aggregate record per client whose refusals were only counted (called on a
+        timer), so the audit log accounts for every refusal at a bounded rate."""
+        pending, self.admission.unrecorded = dict(self.admission.unrecorded), \
+            type(self.admission.unrecorded)(int)
+        if self.audit is None:
+            return
+        for client, count in pending.items():
+            self.audit.append(client=client, op="authz.aggregate", result="forbidden",
+                              status=403, worker=self.worker,
+                              detail=f"{count} refusals counted, not recorded one by one")
 
     def record(self, request, op: str, *, org=None, key_type=None, version=None,
                result="ok", status=200, detail=None) -> None:
@@ -180,6 +327,15 @@ def _error_response(err: HttpError, request_id: str) -> web.Response:
 
 
 # --------------------------------------------------------------------------- middleware
+def _failure(exc: Exception, rid: str, route: str) -> web.Response:
+    err = classify(exc)
+    if err.status >= 500 and not isinstance(exc, HttpError):
+        # Once, with the request id and (for a bug) the traceback; never to the client.
+        log.error("request %s %s failed: %s", rid, route, type(exc).__name__,
+                  exc_info=err.code == "internal")
+    return _error_response(err, rid)
+
+
 @web.middleware
 async def _frame(request: web.Request, handler):
     """Request id, slow-client guard, load shedding, timeout, error JSON, metrics."""
@@ -193,7 +349,25 @@ async def _frame(request: web.Request, handler):
         guard.request_started()
     t0 = time.perf_counter()
     limited = route.startswith("/v1/")
+    admitted: str | None = None
     try:
+        _names, client = _peer(request)
+        role = ROLES.get(route)
+        if role is not None or client == UNNAMED:
+            # Identity and role, before a slot is taken or a body byte read (the org and key
+            # type are checked once the body is parsed). UNNAMED only without the guard,
+            # which answers those itself.
+            svc.authorise(request, role or "status")
+        if limited:
+            refused = svc.admission.begin(client)
+            if refused is not None:
+                svc.metrics.client_limited.labels(refused.code).inc()
+                request["client"] = client
+                svc.refusal(request, status=refused.status, result=refused.code,
+                            detail=refused.message)
+                raise HttpError(refused.status, refused.code, refused.message,
+                                {"Retry-After": refused.retry_after or "1"})
+            admitted = client
         if limited and svc.inflight >= svc.settings.limit("max_concurrent"):
             svc.metrics.shed.inc()
             raise HttpError(503, "overloaded", "this worker is at its concurrent-request limit",
@@ -202,8 +376,10 @@ async def _frame(request: web.Request, handler):
             svc.inflight += 1
             svc.metrics.inflight.inc()
         try:
-            resp = await asyncio.wait_for(handler(request),
-                                          svc.settings.limit("request_timeout_seconds"))
+            # asyncio.timeout, not wait_for: no extra task per request (measurable at
+            # thousands of requests a second)
+            async with asyncio.timeout(svc.settings.limit("request_timeout_seconds")):
+                resp = await handler(request)
         finally:
             if limited:
                 svc.inflight -= 1
@@ -212,18 +388,28 @@ async def _frame(request: web.Request, handler):
     except web.HTTPException as exc:   # routing: 404 / 405 / 413 from aiohttp itself
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             exc.status, "http_error")
-        resp = _error_response(HttpError(exc.status, code, exc.reason), rid)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        resp = _error_response(HttpError(exc.status, code, exc.reason, allow), rid)
     except asyncio.TimeoutError:
         resp = _error_response(HttpError(408, "timeout", "request took too long"), rid)
+    except (ConnectionError, ClientConnectionError) as exc:
+        if request.transport is not None and not request.transport.is_closing():
+            resp = _failure(exc, rid, route)   # not the client's connection: the node's
+        else:
+            # The client went away mid-request (its body never came whole): nothing to
+            # answer, nothing to log as a failure of the node.
+            resp = _error_response(HttpError(400, "connection_lost", "the client closed the "
+                                             "connection"), rid)
+            resp.force_close()
     except Exception as exc:
-        err = classify(exc)
-        if err.status >= 500 and not isinstance(exc, HttpError):
-            log.error("request %s %s failed: %s", rid, route, type(exc).__name__,
-                      exc_info=err.code == "internal")
-        resp = _error_response(err, rid)
+        resp = _failure(exc, rid, route)
     finally:
+        if admitted is not None:
+            svc.admission.end(admitted)
         if hasattr(guard, "request_finished"):
             guard.request_finished()
+    if not request.content.is_eof():
+        resp.force_close()   # answered before its body was read whole: do not read the rest
     svc.metrics.requests.labels(route, request.method, str(resp.status)).inc()
     svc.metrics.latency.labels(route).observe(time.perf_counter() - t0)
     return resp
@@ -441,6 +627,13 @@ async def tenant_export(request):
     doc = await _admin(request, "tenant.export", org, None, export)
     return _ok(doc)
 
+
+# The role each route needs; the probes and this API's description need a named client only.
+ROLES = {"/metrics": "status", "/v1/status": "status", "/v1/dek": "data",
+         "/v1/tenants": "admin", "/v1/tenants/{org}": "admin",
+         "/v1/tenants/{org}/rotate": "admin", "/v1/tenants/{org}/upload": "admin",
+         "/v1/tenants/{org}/byok-upload": "admin", "/v1/tenants/{org}/destroy": "admin",
+         "/v1/tenants/{org}/export": "admin"}
 
 # Every route, once: the app is built from this table and a test compares it with openapi.json.
 ROUTES = (

@@ -1,9 +1,11 @@
 """Who is calling, and may they? Identity comes only from the certificate the TLS layer verified.
 
 ``identities(peercert)`` reads the dict ``ssl.SSLObject.getpeercert()`` returns after the
-handshake verified the chain against the configured CA: the SAN URIs and DNS names, or the
-subject CN when the certificate has neither. Nothing the client *sends* (headers, body) is ever
-an identity. ``Policy.decide`` is default deny: a verified client that no ``[[service.clients]]``
+handshake verified the chain against the configured CA: typed names, ``("uri", ...)`` for each SAN
+URI and ``("dns", ...)`` for each SAN DNS name, or ``("cn", ...)`` for the subject CN when the
+certificate has neither. A policy identity names one type (``uri:``, ``dns:``, ``cn:``) and
+matches only a name of that type: a CN or a DNS name spelling a SAN URI is not that URI.
+Nothing the client *sends* (headers, body) is ever an identity. ``Policy.decide`` is default deny: a verified client that no ``[[service.clients]]``
 entry names, or one named without the role, org or key type asked for, is refused.
 """
 
@@ -15,19 +17,29 @@ from dataclasses import dataclass
 from .settings import Client
 
 
-def identities(peercert: dict | None) -> tuple[str, ...]:
-    """Names of a verified peer, most specific first: SAN URIs, SAN DNS names, else the CN."""
+Name = tuple[str, str]   # (kind, value): kind is one of settings.KINDS
+
+
+def identities(peercert: dict | None) -> tuple[Name, ...]:
+    """Typed names of a verified peer, most specific first: SAN URIs, SAN DNS names, else the
+    CN."""
     if not peercert:
         return ()
     sans = peercert.get("subjectAltName", ())
-    names = [v for k, v in sans if k == "URI"] + [v for k, v in sans if k == "DNS"]
+    names = [("uri", v) for k, v in sans if k == "URI"] + \
+        [("dns", v) for k, v in sans if k == "DNS"]
     if names:
         return tuple(names)
     for rdn in peercert.get("subject", ()):
         for key, value in rdn:
             if key == "commonName":
-                return (value,)
+                return (("cn", value),)
     return ()
+
+
+def shown(names: tuple[Name, ...]) -> str | None:
+    """How an unnamed peer is written in refusals and audit records: its first typed name."""
+    return f"{names[0][0]}:{names[0][1]}"[:300] if names else None
 
 
 @dataclass(frozen=True)
@@ -39,21 +51,26 @@ class Decision:
 
 class Policy:
     def __init__(self, clients: tuple[Client, ...]):
-        self.clients = {c.identity: c for c in clients}
+        self.clients = {c.name: c for c in clients}
 
-    def client(self, names: tuple[str, ...]) -> Client | None:
+    def client(self, names: tuple[Name, ...]) -> Client | None:
         for name in names:
             found = self.clients.get(name)
             if found is not None:
                 return found
         return None
 
-    def decide(self, names: tuple[str, ...], role: str, org: str | None = None,
+    def decide(self, names: tuple[Name, ...], role: str, org: str | None = None,
                key_type: str | None = None) -> Decision:
-        shown = names[0] if names else None
         client = self.client(names)
         if client is None:
-            return Decision(False, shown, "the client certificate is not named by the policy")
+            return Decision(False, shown(names),
+                            "the client certificate is not named by the policy")
+        return self.decide_client(client, role, org, key_type)
+
+    @staticmethod
+    def decide_client(client: Client, role: str, org: str | None = None,
+                      key_type: str | None = None) -> Decision:
         if role not in client.roles and not (role == "status" and "admin" in client.roles):
             return Decision(False, client.identity, f"{client.identity} lacks the {role} role")
         if org is not None and not any(fnmatch.fnmatchcase(org, pat) for pat in client.orgs):

@@ -41,6 +41,14 @@ class Metrics:
                               "(cache hit, SQLite store)", registry=r)
         self.shed = Counter("kms_requests_shed", "requests refused: worker at max_concurrent",
                             registry=r)
+        self.client_cut = Counter("kms_client_connections_cut", "connections aborted at once: "
+                                  "the client at max_connections_per_client", registry=r)
+        self.client_limited = Counter("kms_client_requests_limited", "requests refused 429: "
+                                      "the client over its rate or in-flight cap", ["code"],
+                                      registry=r)
+        self.refusals_unrecorded = Counter("kms_audit_refusals_aggregated", "refusals counted "
+                                           "in an aggregate audit record instead of their own",
+                                           registry=r)
         info = Gauge("kms_worker", "this worker process (value 1)", ["worker", "pid"],
                      registry=r)
         import os

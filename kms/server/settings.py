@@ -14,7 +14,7 @@ policy (``[[service.clients]]``) is parsed here too, so SIGHUP can re-read it fr
     client_ca = "tls/ca.pem"               # CA(s) that client certificates must chain to
     audit_dir = "audit-eu"                 # one hash-chained file per worker
     [[service.clients]]
-    identity = "spiffe://demo/encryption-service"   # SAN URI or DNS name, else subject CN
+    identity = "uri:spiffe://demo/encryption-service"   # uri:, dns: or cn: (docs/service-hardening.md)
     roles = ["data"]                                # data, admin, status
     orgs = ["*"]                                    # exact ids or fnmatch patterns
     key_types = ["field", "database"]
@@ -22,6 +22,7 @@ policy (``[[service.clients]]``) is parsed here too, so SIGHUP can re-read it fr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,18 @@ _LIMITS: dict[str, tuple[tomlfile.Kind, float, float]] = {
     "max_connections": (int, 1024, 1),
     "executor_threads": (int, 8, 1),
     "audit_batch_ms": (int, 50, 1),
+    # A request body must arrive whole within this many seconds of its header (slow bodies).
+    "body_timeout_seconds": ((int, float), 10.0, 0.1),
+    # Per client identity (one policy entry; every identity the policy does not name counts as
+    # one client together), per worker: so one client cannot starve another.
+    "max_connections_per_client": (int, 64, 1),
+    "max_concurrent_per_client": (int, 16, 1),
+    "requests_per_second_per_client": ((int, float), 5000.0, 0.1),
+    # Refusals (401/403/429 from authorisation and the caps above) recorded in the audit log
+    # per client and second; beyond it they are counted and recorded as one aggregate line.
+    "audited_refusals_per_second": ((int, float), 5.0, 0.1),
+    # Calls to customer key services and AWS KMS running at once for one org, per worker.
+    "outbound_per_org": (int, 2, 1),
 }
 _FIELDS: dict[str, tomlfile.Kind] = {"host": str, "port": int, "workers": int, "certificate": str, "private_key": str,
            "client_ca": str, "audit_dir": str, "clients": list,
@@ -50,12 +63,37 @@ _FIELDS: dict[str, tomlfile.Kind] = {"host": str, "port": int, "workers": int, "
 _CLIENT_FIELDS: dict[str, tomlfile.Kind] = {"identity": str, "roles": list, "orgs": list, "key_types": list}
 
 
+KINDS = ("uri", "dns", "cn")
+# An untyped identity written before identities were typed: a string with a URI scheme is a SAN
+# URI (what every untyped identity the demo and the docs wrote was); anything else is refused,
+# since "monitor.example" could be a DNS name or a CN and guessing is what let a CN stand in for
+# a SAN URI.
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def typed(identity: str) -> tuple[str, str] | None:
+    """``(kind, name)`` of a policy identity, or None when it cannot be read as one type."""
+    kind, sep, name = identity.partition(":")
+    if sep and kind in KINDS and name:
+        return kind, name
+    if _URI.match(identity):
+        return "uri", identity
+    return None
+
+
 @dataclass(frozen=True)
 class Client:
-    identity: str
+    identity: str                 # as written in the configuration (audit records name it)
     roles: frozenset[str]
     orgs: tuple[str, ...] = ("*",)
     key_types: frozenset[str] = frozenset(policy.KEY_TYPES)
+
+    @property
+    def name(self) -> tuple[str, str]:
+        """The ``(kind, name)`` the certificate must present (settings refused any other)."""
+        got = typed(self.identity)
+        assert got is not None
+        return got
 
 
 @dataclass(frozen=True)
@@ -86,6 +124,18 @@ def _strings(where: str, value, *, allowed=None) -> list[str]:
     return value
 
 
+def _line(path: Path, key: str, nth: int = 0) -> str:
+    """``path:line`` of the ``nth`` assignment of ``key`` in the file (best effort: the file
+    was parsed already, this only points the operator at the line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return str(path)
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    hits = [i + 1 for i, text in enumerate(lines) if pattern.match(text)]
+    return f"{path}:{hits[nth]}" if nth < len(hits) else str(path)
+
+
 def parse_clients(path: Path, items) -> tuple[Client, ...]:
     if not isinstance(items, list):
         raise ConfigError(f"{path}: service.clients must be an array of tables "
@@ -98,9 +148,16 @@ def parse_clients(path: Path, items) -> tuple[Client, ...]:
         tomlfile.check_keys(item, _CLIENT_FIELDS, where=where, error=ConfigError)
         if not item.get("identity"):
             raise ConfigError(f"{where}: identity is required")
-        if item["identity"] in seen:
+        kind_name = typed(item["identity"])
+        if kind_name is None:
+            ident = item["identity"]
+            raise ConfigError(
+                f"{_line(path, 'identity', i)}: service.clients[{i}].identity {ident!r} has no "
+                f"type: write \"uri:{ident}\" (a SAN URI), \"dns:{ident}\" (a SAN DNS name) or "
+                f"\"cn:{ident}\" (the subject CN of a certificate without SAN URI/DNS names)")
+        if kind_name in seen:
             raise ConfigError(f"{where}: identity {item['identity']!r} is named twice")
-        seen.add(item["identity"])
+        seen.add(kind_name)
         roles = _strings(f"{where}.roles", item.get("roles"), allowed=ROLES)
         orgs = _strings(f"{where}.orgs", item.get("orgs", ["*"]))
         kts = _strings(f"{where}.key_types", item.get("key_types", list(policy.KEY_TYPES)),
@@ -125,7 +182,8 @@ def parse(path: Path, data) -> ServiceSettings:
     for name, (_kind, default, minimum) in _LIMITS.items():
         value = data.get(name, default)
         if value < minimum:
-            raise ConfigError(f"{path}: service.{name} must be >= {minimum}")
+            raise ConfigError(f"{_line(path, name)}: service.{name} must be >= {minimum} "
+                              f"(default {default})")
         limits[name] = value
     base = path.parent
     return ServiceSettings(

@@ -52,7 +52,7 @@ def _die_with_parent() -> None:
         pass  # not Linux: a killed parent may leave workers that finish their connections
 
 
-def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
+def _spawn(config, sock, worker: int, parent: int, run=None) -> tuple[int, bool]:
     """Fork worker ``worker`` and wait (bounded) until it has logged in and imported its
     releases: workers start one after another, so no two log in to the token at once (SoftHSM2
     answers concurrent C_Login from two processes with CKR_GENERAL_ERROR)."""
@@ -80,7 +80,7 @@ def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
             os.write(ready_w, b"1")
             os.close(ready_w)
 
-        code = workers.run(config, sock, worker, started=announce_ready)
+        code = (run or workers.run)(config, sock, worker, started=announce_ready)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException as exc:  # one line, like the CLI; the parent decides what next
@@ -92,17 +92,23 @@ def _spawn(config, sock, worker: int, parent: int) -> tuple[int, bool]:
         os._exit(code)
 
 
-def serve(config, *, host: str, port: int, workers: int) -> int:
-    s = config.service
+def serve(config, *, host: str, port: int, workers: int, run=None) -> int:
+    """``run(config, sock, worker, started=None)`` is the worker's body: a KMS node's by
+    default, ``kms.xks.worker.run`` for an XKS node."""
     preflight.check_port(port)
-    preflight.tls_files(s.certificate, s.private_key, s.client_ca)  # before "listening"
+    service = getattr(config, "service", None)
+    if service is not None:   # a KMS node: its [service] TLS files, before "listening"
+        preflight.tls_files(service.certificate, service.private_key, service.client_ca)
+    else:                     # an XKS node: the same keys at the top of its file
+        preflight.tls_files(config.certificate, config.private_key, config.client_ca,
+                            names=("certificate", "private_key", "client_ca"))
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     print(f"kms: listening on https://{host}:{bound} ({workers} worker"
           f"{'s' if workers > 1 else ''}, region {config.region})", flush=True)
     if workers == 1:
         from . import worker as single
-        return single.run(config, sock, 0)
+        return (run or single.run)(config, sock, 0)
     parent = os.getpid()
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # stacks to stderr, see worker
     children: dict[int, int] = {}   # pid -> worker id
@@ -122,7 +128,7 @@ def serve(config, *, host: str, port: int, workers: int) -> int:
         signal.signal(sig, forward)
 
     def start(w: int) -> bool:
-        pid, started = _spawn(config, sock, w, parent)
+        pid, started = _spawn(config, sock, w, parent, run)
         children[pid] = w
         if stopping:      # SIGTERM arrived while it was starting: it stops too
             os.kill(pid, signal.SIGTERM)

@@ -51,7 +51,7 @@ def _notifier(kms, worker: int, metrics):
                                  on_remote=metrics.remote_invalidations.inc)
 
 
-async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
+async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> None:
     s = svc.settings
     loop = asyncio.get_running_loop()
     app = apps.build(svc)
@@ -63,22 +63,33 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext) -> None:
 
     def protocol():
         return GuardedHandler(manager, loop=loop, header_timeout=s.limit("header_timeout_seconds"),
-                              budget=budget, keepalive_timeout=s.limit("idle_timeout_seconds"),
+                              budget=budget, svc=svc,
+                              keepalive_timeout=s.limit("idle_timeout_seconds"),
                               access_log=None, max_line_size=8190, max_field_size=8190,
-                              max_headers=64)
+                              max_headers=64,
+                              # a body left unread (refused before it was read) is not waited
+                              # for: the connection is closed after the answer
+                              lingering_time=0)
     server = await loop.create_server(protocol, sock=sock, ssl=tls, backlog=1024,
                                       ssl_handshake_timeout=s.limit("handshake_timeout_seconds"))
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(svc))
+    loop.add_signal_handler(signal.SIGHUP, _reload, svc, extra)
+    if extra is not None:            # the XKS listener beside the node (kms.xks.worker)
+        await extra.serve()
     retries = asyncio.ensure_future(_retry_unavailable_keys(svc, stop))
+    refusals = asyncio.ensure_future(_flush_refusals(svc, stop))
     print(f"kms: worker {svc.worker} serving", flush=True)
     await stop.wait()
     retries.cancel()
+    refusals.cancel()
+    svc.flush_refusals()
     log.info("worker %d: SIGTERM, draining", svc.worker)
     svc.ready = False
     server.close()                   # stop accepting; established connections go on
+    if extra is not None:
+        await extra.drain()
     await runner.cleanup()           # idle connections closed, in-flight requests finish
     server.close()
     await server.wait_closed()
@@ -104,7 +115,20 @@ async def _retry_unavailable_keys(svc: apps.Service, stop: asyncio.Event,
                         type(exc).__name__)
 
 
-def _reload(svc: apps.Service) -> None:
+async def _flush_refusals(svc: apps.Service, stop: asyncio.Event, every: float = 10.0) -> None:
+    """Refusals counted beyond the audited rate are recorded as one line per client every
+    ``every`` seconds (kms.server.admission)."""
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=every)
+        except asyncio.TimeoutError:
+            pass
+        svc.flush_refusals()
+
+
+def _reload(svc: apps.Service, extra=None) -> None:
+    if extra is not None:            # the XKS listener re-reads its key stores
+        extra.reload()
     from .authz import Policy
     try:
         clients = settings_mod.reload_policy(svc.kms.config.path)
@@ -118,7 +142,7 @@ def _reload(svc: apps.Service) -> None:
                          detail=f"{len(clients)} clients")
 
 
-def run(config, sock, worker: int = 0, started=None) -> int:
+def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"kms[w{worker}] %(levelname)s %(message)s")
     # SIGUSR1 dumps every thread's stack to stderr: how to see what a stuck worker waits for.
@@ -127,6 +151,8 @@ def run(config, sock, worker: int = 0, started=None) -> int:
     tls = tls_context(s)
     kms = Kms(config)
     kms.start()
+    if extra is not None:
+        extra.open()
     if started is not None:
         started()      # the supervisor starts the next worker once this one is logged in
     audit = metrics = notifier = svc = None
@@ -141,12 +167,14 @@ def run(config, sock, worker: int = 0, started=None) -> int:
         notifier = _notifier(kms, worker, metrics)
         svc = apps.Service(kms, s, worker=worker, metrics=metrics, audit=audit,
                            notifier=notifier)
-        asyncio.run(_serve(svc, sock, tls))
+        asyncio.run(_serve(svc, sock, tls, extra))
     finally:
         if svc is not None:
             svc.pool.shutdown(wait=True)
         if notifier is not None:
             notifier.close()
+        if extra is not None:
+            extra.close()
         kms.close()
         if audit is not None:
             audit.append(op="worker.stop", result="ok", worker=worker)

@@ -175,9 +175,11 @@ class _Crafted(http.server.BaseHTTPRequestHandler):
         from urllib.parse import parse_qs, urlsplit
         u = urlsplit(self.path)
         type(self).last_authorization = self.headers.get("Authorization")
-        status, body = type(self).respond(u.path.rsplit("/", 1)[-1],
-                                          parse_qs(u.query)["requestId"][0])
+        status, body, *headers = type(self).respond(u.path.rsplit("/", 1)[-1],
+                                                    parse_qs(u.query)["requestId"][0])
         self.send_response(status)
+        for name, value in (headers[0] if headers else {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -336,6 +338,50 @@ def test_a_slow_key_service_is_bounded_by_the_timeout(env, crafted):
             "kind": "cache-only", "url": crafted, "kid": "shop-z", "ca": str(env.server.ca)})
     assert info.value.code == "UNREACHABLE"
     assert time.monotonic() - started < 4.0
+
+
+def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, crafted,
+                                                                           monkeypatch):
+    """The key service answers 302 to an http:// URL on 127.0.0.1 (a listener that records
+    every byte it receives). The fetch is refused with its own code, REDIRECT; the listener
+    receives nothing, so the org's Basic credential never leaves the verified TLS connection."""
+    import socket
+    received, listener = [], socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def record():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    received.append(conn.recv(65536))
+                except OSError:
+                    pass
+    thread = threading.Thread(target=record, daemon=True)
+    thread.start()
+    plain = f"http://127.0.0.1:{listener.getsockname()[1]}/shop-r"
+    monkeypatch.setenv("SHOP_REDIRECT_AUTH", "shop:redirect-secret")
+    try:
+        for status in (301, 302, 307, 308):
+            _Crafted.respond = lambda kid, nonce, status=status: (
+                status, b"", {"Location": f"{plain}?requestId={nonce}"})
+            env.node._cache_only_availability = None
+            with pytest.raises(KeyUnavailable) as info:
+                cacheonly.dek(env.node, _Row("shop", "field", 994), {
+                    "kind": "cache-only", "url": crafted, "kid": "shop-r",
+                    "ca": str(env.server.ca), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
+            assert info.value.code == "REDIRECT" and f"HTTP {status}" in str(info.value)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert received == []
 
 
 class _Row:

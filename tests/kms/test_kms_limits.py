@@ -29,6 +29,8 @@ CASES = {
     "executor-threads-100000": ("", "executor_threads = 100000\n", 11,
                                 "service.executor_threads = 100,000 is outside 1 to 64"),
     "audit-batch-a-day": ("", "audit_batch_ms = 86400000\n", 11, "in memory"),
+    "per-client-rate-inf": ("", "requests_per_second_per_client = inf\n", 11,
+                            "is not a finite number"),
 }
 
 
@@ -64,3 +66,7 @@ def test_the_ranges_keep_the_values_the_project_uses(tmp_path):
     assert (cfg.pbkdf2_iterations, cfg.cache_flush_hours) == (40000, 72)
     assert all(r.low < r.high and r.why for r in [*limits.NODE.values(),
                                                   *limits.SERVICE.values()])
+    # Every number [service] takes has its range here (a new limit must get one too).
+    from kms.server import settings
+    assert set(settings._LIMITS) <= set(limits.SERVICE), set(settings._LIMITS) - set(
+        limits.SERVICE)
