@@ -58,11 +58,13 @@ def load(path: str | Path) -> KmsConfig:
                           "being served)")
     if data.get("cache_flush_hours", 1) <= 0:
         raise ConfigError(f"{path}: cache_flush_hours must be > 0")
-    limits.check_node(path, text, data)  # every number finite and within its range
+    limits.check(path, text, data, limits.NODE)  # every number finite and within its range
     base = path.parent
     if "service" in data:
         from .server import settings
-        data["service"] = settings.parse(path, data["service"])
+        raw_service = data["service"]
+        data["service"] = settings.parse(path, raw_service)  # its minimums, types, file:line
+        limits.check(path, text, raw_service, limits.SERVICE, "service")  # then the maximums
     if "xks" in data:
         from .xks import config as xks_config
         data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them

@@ -102,9 +102,3 @@ def check(path: Path, text: str, table: dict, ranges: dict[str, Range],
             raise ConfigError(f"{where}: {name} = {_show(value)} is outside "
                               f"{_show(rng.low)} to {_show(rng.high)}", hint=rng.why)
 
-
-def check_node(path: Path, text: str, data: dict) -> None:
-    check(path, text, data, NODE)
-    service = data.get("service")
-    if isinstance(service, dict):
-        check(path, text, service, SERVICE, "service")
