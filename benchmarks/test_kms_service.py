@@ -11,6 +11,9 @@ one kept-alive mTLS connection, for BLOCK_S seconds; variants interleaved block 
 * ``dek_1w`` / ``dek_2w``: ``POST /v1/dek`` (purpose encrypt) for one of 8 orgs whose DEKs are in
   the node's cache: authorisation, audit record, the store read of the active row (SQLite), the
   cache hit. Target: dek / floor per request <= 1.3 (``ratio_vs_floor`` = floor rps / dek rps).
+* ``dek_1w_noaudit``: ``dek_1w`` on a node without an audit log: what the durable audit costs
+  (each answer waits for its record's group commit: one HSM-signed checkpoint and one fsync per
+  batch). Reported as ``audit_cost`` (p50/p99 added, throughput ratio).
 
 Group ``kms-service-sdk``: ``FieldEncryptor.encrypt`` of a 100-byte record on the remote provider
 with a warm client cache vs on the in-process node (whose ``dek_for_encrypt`` reads the store).
@@ -52,10 +55,11 @@ def nodes(kit):
     store = str(kit.root / "bench.db")
     one = kit.start(kit.config(store=store, audit=True), workers=1)
     two = kit.start(kit.config(store=store, audit=True), workers=2)
+    bare = kit.start(kit.config(store=store, audit=False), workers=1)
     for org in ORGS:
         assert one.call("POST", "/v1/tenants", {"org": org}, who="admin")[0] == 201
-    yield one, two
-    for n in (one, two):
+    yield one, two, bare
+    for n in (one, two, bare):
         n.stop()
 
 
@@ -109,7 +113,7 @@ def pykmip(kit, tmp_path_factory):
 
 
 def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, bench_reports):
-    one, two = nodes
+    one, two, bare = nodes
     cert, key = kit.tls.clients["data"]
     pool = LoadPool(CLIENTS, cert, key, kit.tls.ca)
     kpool = LoadPool(CLIENTS, cert, key, kit.tls.ca, kmip=True)
@@ -132,7 +136,9 @@ def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, 
             ("floor_1w", one, "GET", "/healthz", lambda: None),
             ("dek_1w", one, "POST", "/v1/dek", lambda: bodies[next(rr) % len(bodies)]),
             ("floor_2w", two, "GET", "/healthz", lambda: None),
-            ("dek_2w", two, "POST", "/v1/dek", lambda: bodies[next(rr) % len(bodies)])):
+            ("dek_2w", two, "POST", "/v1/dek", lambda: bodies[next(rr) % len(bodies)]),
+            ("dek_1w_noaudit", bare, "POST", "/v1/dek",
+             lambda: bodies[next(rr) % len(bodies)])):
         fn = variant(node, method, path, body_fn)
         fn.__name__ = name
         variants[name] = fn
@@ -164,6 +170,12 @@ def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, 
     result["ratio_vs_floor"] = result["ratio_vs_floor_1w"]
     result["scaling_2w_vs_1w_dek"] = ratio(median(s["dek_2w"]), median(s["dek_1w"]))
     result["target_ratio_vs_floor"] = 1.3
+    result["audit_cost"] = {
+        "what": "dek_1w (durable audit: answer after fsync + HSM-signed checkpoint) vs "
+                "dek_1w_noaudit (no audit log), same run",
+        "p50_added_ms": result["dek_1w"]["p50_ms"] - result["dek_1w_noaudit"]["p50_ms"],
+        "p99_added_ms": result["dek_1w"]["p99_ms"] - result["dek_1w_noaudit"]["p99_ms"],
+        "rps_ratio_noaudit_vs_audit": ratio(median(s["dek_1w_noaudit"]), median(s["dek_1w"]))}
     result["ratio_vs_pykmip"] = ratio(median(s["dek_1w"]), median(s["pykmip_get"]))
     result["ratio_vs_pykmip_2w"] = ratio(median(s["dek_2w"]), median(s["pykmip_get"]))
     result["ratio_vs_pykmip_paired_median"] = median(inter.paired_ratios("dek_1w",
@@ -181,7 +193,7 @@ def test_remote_vs_local_field_encryptor(benchmark, kit, nodes, bench_reports):
     from kms.client import KmsClient, RemoteKeyProvider
     from kms.sdk import FieldEncryptor
     from kms.service import Kms
-    one, _ = nodes
+    one, _, _ = nodes
     cert, key = kit.tls.clients["data"]
     remote = FieldEncryptor(RemoteKeyProvider(KmsClient([one.url], cert=cert, key=key,
                                                         ca=kit.tls.ca), ttl=300))

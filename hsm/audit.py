@@ -1,7 +1,7 @@
 """``hsm audit``: every object on a token, with its attributes and each deviation from its policy.
 
 Roles are recognised by the labels this suite gives (``<token>-signing``, ``<token>-encryption``,
-``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, ``xks-*``, and
+``<token>-audit``, ``trusted-*``, ``rel-*``/``practice-rel-*``, ``hsm-suite-release-*``, ``cloud-import-*``, ``xks-*``, and
 cloud keys by their CKA_ID prefix). An object no role claims is
 listed as ``unrecognised``: it may belong to another application, so it is shown, not failed.
 """
@@ -51,8 +51,11 @@ def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-encryption":
         # The primary is the token that also holds the signing key.
         return policies.PRIMARY_ENCRYPTION if has_signing else policies.REGIONAL_ENCRYPTION
+    if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-audit":
+        return policies.AUDIT_SIGNING
     if cls is ObjectClass.PUBLIC_KEY and label in (f"{token_label}-signing",
-                                                   f"{token_label}-encryption"):
+                                                   f"{token_label}-encryption",
+                                                   f"{token_label}-audit"):
         return policies.PUBLIC_KEY
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("trusted-"):
         return policies.TRUSTED_RECIPIENT

@@ -92,11 +92,13 @@ def _oaep(hash_name: str) -> CK_RSA_PKCS_OAEP_PARAMS:
     return CK_RSA_PKCS_OAEP_PARAMS(int(hash_mech), mgf, 1, None, 0)  # CKZ_DATA_SPECIFIED, no label
 
 
-def _unwrap(token, lease, ref: KeyRef, ciphertext: bytes, oaep: str, template: dict) -> int:
+def _unwrap(token, lease, ref: KeyRef, ciphertext: bytes, oaep: str, template: dict, *,
+            expected: int = CIPHERTEXT_BYTES) -> int:
     """C_UnwrapKey of the customer's ciphertext into a session object on this lease."""
-    if len(ciphertext) != CIPHERTEXT_BYTES:
-        raise ByokRefused(f"the encrypted secret is {len(ciphertext)} bytes; an RSA-{RSA_BITS} "
-                          f"ciphertext is {CIPHERTEXT_BYTES} (truncated or not for this key)")
+    if len(ciphertext) != expected:
+        raise ByokRefused(f"the encrypted secret is {len(ciphertext)} bytes; an "
+                          f"RSA-{expected * 8} ciphertext is {expected} (truncated or not for "
+                          "this key)")
     raw = token.module.raw
     rv, handle = raw.unwrap_key(lease.session.handle, M.RSA_PKCS_OAEP, _oaep(oaep),
                                 lease.key(ref).handle, ciphertext, template)
@@ -197,13 +199,15 @@ def _hmac(raw, session: int, key: int, message: bytes) -> bytes:
     return mac
 
 
-def _require_256_bit_cek(token, lease, ref: KeyRef, encrypted_key: bytes) -> None:
+def _require_256_bit_cek(token, lease, ref: KeyRef, encrypted_key: bytes,
+                         modulus_bytes: int) -> None:
     """A256GCM means a 256-bit CEK. AES-GCM already took it, so it is 16, 24 or 32 bytes; the
     token's HMAC-SHA256 refuses keys under 32 (CKR_KEY_SIZE_RANGE): together, exactly 32, decided
     inside the token (one more unwrap, as a generic secret, destroyed at once)."""
     raw = token.module.raw
     h = lease.session.handle
-    probe = _unwrap(token, lease, ref, encrypted_key, "sha1", _secret_template("seed"))
+    probe = _unwrap(token, lease, ref, encrypted_key, "sha1", _secret_template("seed"),
+                    expected=modulus_bytes)
     try:
         rv = raw.operation_init("C_SignInit", h, M.SHA256_HMAC, None, probe)
         if rv == 0x62:
@@ -220,14 +224,22 @@ def decrypt_jwe(token: Token, org_id: str, encrypted_key: bytes, iv: bytes, ciph
     unwrapped with the org's seed key into a non-extractable AES session object (the seed
     key's unwrap template forces it), the payload is AES-GCM-decrypted by the token, and the CEK
     is destroyed. Only the payload (the DEK) comes back. ``ByokRefused`` names what failed."""
+    return open_jwe(token, require(token, org_id, "seed"), encrypted_key, iv, ciphertext, tag,
+                    aad)
+
+
+def open_jwe(token: Token, ref: KeyRef, encrypted_key: bytes, iv: bytes, ciphertext: bytes,
+             tag: bytes, aad: bytes, *, modulus_bytes: int = CIPHERTEXT_BYTES) -> bytes:
+    """:func:`decrypt_jwe` with the unwrapping key ``ref`` given (its policy checked by the
+    caller) and its modulus size (a BYOK key's is 4096 bits; the Wycheproof tests pass a
+    vector's RSA-2048 key imported on a throw-away token)."""
     from ._cryptoki import gcm_params
-    ref = require(token, org_id, "seed")
     raw = token.module.raw
 
     def run(lease):
         h = lease.session.handle
-        cek = _unwrap(token, lease, ref, encrypted_key, "sha1", _secret_template("seed",
-                                                                                 kind="aes"))
+        cek = _unwrap(token, lease, ref, encrypted_key, "sha1",
+                      _secret_template("seed", kind="aes"), expected=modulus_bytes)
         try:
             params, _keep = gcm_params(iv, aad)
             rv = raw.operation_init("C_DecryptInit", h, M.AES_GCM, params, cek)
@@ -240,7 +252,7 @@ def decrypt_jwe(token: Token, org_id: str, encrypted_key: bytes, iv: bytes, ciph
                 raise ByokRefused("the JWE authentication tag does not verify (altered, or "
                                   "another header)")
             check_rv(rv)
-            _require_256_bit_cek(token, lease, ref, encrypted_key)
+            _require_256_bit_cek(token, lease, ref, encrypted_key, modulus_bytes)
             return plain
         finally:
             raw.destroy_object(h, cek)

@@ -119,9 +119,11 @@ def cmd_init_regional(args) -> int:
         outcome = provision.init_regional(token, args.region, Path(args.out),
                                           allow_weak_token=args.allow_weak_token,
                                           progress=_progress)
-    _print_outcomes([outcome])
-    print("Read the fingerprint above to the primary officer; they type it into "
-          "`hsm certify-regional`.")
+        audit_key, _ = provision.init_audit_key(token, allow_weak_token=args.allow_weak_token)
+    _print_outcomes([outcome, audit_key])
+    print("Read the encryption key's fingerprint to the primary officer; they type it into "
+          "`hsm certify-regional`. Keep the audit key's fingerprint with the region's records: "
+          "`kms audit verify --key` checks the audit log against it.")
     return 0
 
 

@@ -64,6 +64,12 @@ def hmac_sha256(token: Token, key: KeyRef, data: bytes) -> bytes:
     return token.run("C_Sign(SHA256_HMAC)", _sign_hmac, key.label, key, data)
 
 
+def aes_cmac(token: Token, key: KeyRef, data: bytes) -> bytes:
+    """AES-CMAC (the 16-byte tag) in the token: a MAC that reveals no AES-ECB block of the key."""
+    return token.run("C_Sign(AES_CMAC)", lambda lease: lease.key(key).sign(
+        data, mechanism=Mechanism.AES_CMAC), key.label)
+
+
 def aes_gcm_encrypt(token: Token, key: KeyRef, nonce: bytes, plaintext: bytes,
                     aad: bytes | None = None) -> bytes:
     """AES-GCM with a caller-chosen 96-bit nonce; returns ciphertext || 16-byte tag."""
@@ -198,6 +204,10 @@ def sign(token: Token, key: KeyRef, signature: str, data: bytes) -> bytes:
     ECDSA: SoftHSM2 has only raw CKM_ECDSA, so we hash on the host unless the profile shows
     CKM_ECDSA_SHA384; the token's r||s output is DER-encoded as X.509 and CMS expect.
     """
+    if signature == "ecdsa-sha256":   # the audit key's CKA_ALLOWED_MECHANISMS is raw ECDSA only
+        raw = token.run("C_Sign(ECDSA)", lambda lease: lease.key(key).sign(
+            hashlib.sha256(data).digest(), mechanism=Mechanism.ECDSA), key.label)
+        return algos.DSASignature.from_p1363(raw).dump()
     if signature == "ecdsa-sha384":
         if token.profile.ecdsa_with_hash:
             raw = token.run("C_Sign(ECDSA_SHA384)", lambda lease: lease.key(key).sign(

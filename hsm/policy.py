@@ -141,6 +141,14 @@ SIGNING_RSA_PSS = KeyPolicy(
     "primary-signing", ObjectClass.PRIVATE_KEY,
     {**_LONG_TERM_PRIVATE, **private_usages(A.SIGN)}, _GENERATED_INSIDE,
     frozenset({M.SHA384_RSA_PKCS_PSS}), None, _REPROVISION)
+# The regional KMS's audit-signing key: signs one checkpoint per batch of audit records, so a
+# file writer who edits the log and recomputes its hashes cannot make the checkpoints verify.
+# Raw CKM_ECDSA only (the host hashes; SoftHSM2 2.6.1 has no CKM_ECDSA_SHA256), SIGN only:
+# it can sign nothing but digests, and a user-PIN holder cannot use it to decrypt or derive.
+AUDIT_SIGNING = KeyPolicy(
+    "regional-audit-signing", ObjectClass.PRIVATE_KEY,
+    {**_LONG_TERM_PRIVATE, **private_usages(A.SIGN)}, _GENERATED_INSIDE,
+    frozenset({M.ECDSA}), None, _REPROVISION)
 PUBLIC_KEY = KeyPolicy("public key", ObjectClass.PUBLIC_KEY,
                        {A.TOKEN: True, A.MODIFIABLE: False}, hint=_REPROVISION)
 TRUSTED_RECIPIENT = KeyPolicy(

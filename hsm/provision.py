@@ -28,7 +28,8 @@ from .errors import HsmError, UsageError
 from suite import errors as suite_errors
 from suite.files import check_writable, write_new
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
-from .roles import DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole
+from .roles import (DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_AUDIT_SIGNING,
+                    REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole)
 from .token import Token
 
 REQUEST_VERSION = 1
@@ -216,6 +217,26 @@ def init_regional(token: Token, region: str, out_dir: Path, *,
     else:
         write_new(path, (json.dumps(request, indent=2) + "\n").encode())
     return Outcome("regional-encryption", label, status, digest, request=path)
+
+
+def audit_key_label(token: Token) -> str:
+    return f"{token.label}-audit"
+
+
+def init_audit_key(token: Token, *, allow_weak_token: bool = False
+                   ) -> tuple[Outcome, keys.PublicKeyInfo]:
+    """The regional KMS's audit-signing key pair (ECDSA P-256, SIGN only, raw CKM_ECDSA,
+    non-modifiable), generated in the token if absent, re-checked against its policy if present.
+
+    Its public key is *pinned*, not certified: whoever verifies an audit log offline compares
+    the checkpoints' key with the fingerprint read on the regional console (``hsm fingerprint
+    --key TOKEN-audit``), as for the regional request. A certificate would need the offline
+    primary for every regional token already in service before its audit could be keyed."""
+    label = audit_key_label(token)
+    info, status = _ensure_keypair(token, REGIONAL_AUDIT_SIGNING, label,
+                                   allow_weak_token=allow_weak_token)
+    spki = certs.public_key_info(token, info.public)
+    return Outcome(REGIONAL_AUDIT_SIGNING.name, label, status, certs.fingerprint(spki)), spki
 
 
 def read_request(path: Path) -> dict:

@@ -242,7 +242,11 @@ def parse_jwe(doc: dict, kid: str, nonce: str) -> dict:
     if "crit" in header or extra:
         raise _refuse("ILLEGAL_PARAMETERS_IN_JWE_HEADER",
                       f"the JWE header has parameters this KMS does not accept: {sorted(extra)}")
-    parts = token.objects
+    return jwe_parts(compact, token.objects)
+
+
+def jwe_parts(compact: str, parts: dict) -> dict:
+    """The parts the token opens, from a compact JWE jwcrypto deserialised into ``parts``."""
     if len(parts.get("iv", b"")) != 12 or len(parts.get("tag", b"")) != 16:
         raise _refuse("ILLEGAL_JWE", "the JWE's IV is not 96 bits or its tag not 128 bits")
     # AAD = ASCII(BASE64URL(protected header)) exactly as sent (RFC 7516 5.2 step 14).

@@ -66,16 +66,26 @@ def cmd_serve(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from .server import audit
-    try:
-        count, why = audit.verify(Path(args.file))
-    except OSError as exc:
-        raise configs.ConfigError(f"cannot read audit log {args.file}: {exc.strerror}") from None
-    if why is not None:
-        print(f"{args.file}: chain broken at {why}")
-        return 1
-    print(f"{args.file}: {count} records, chain intact")
-    return 0
+    """Verify audit segments offline: files, or a directory's segments in writing order."""
+    from .server import auditchain
+    key = args.key
+    if key is not None:
+        key = key.replace(":", "").replace(" ", "").lower()
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            raise configs.ConfigError("--key must be the audit key's SHA-256 fingerprint, 64 hex "
+                                      "digits (`hsm fingerprint --token T --key T-audit`)")
+    files = auditchain.segments([Path(p) for p in args.paths])
+    if not files:
+        raise configs.ConfigError(f"no audit segments (audit-w*.jsonl) in {' '.join(args.paths)}")
+    broken = False
+    for path in files:
+        try:
+            verdict = auditchain.verify(path, key=key)
+        except OSError as exc:
+            raise configs.ConfigError(f"cannot read audit log {path}: {exc.strerror}") from None
+        print(verdict.line(key))
+        broken |= not verdict.intact
+    return 1 if broken else 0
 
 
 def cmd_init(args) -> int:
@@ -382,9 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (default: service.port; 0 = any)")
     p.add_argument("--workers", type=int, help="worker processes (default: service.workers)")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("audit", help="check an audit log's hash chain offline")
+    p = sub.add_parser("audit", help="check audit segments offline: chain and signed checkpoints")
     p.add_argument("action", choices=["verify"])
-    p.add_argument("file")
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="segment files, or an audit directory (every segment in it)")
+    p.add_argument("--key", default=None, metavar="FINGERPRINT",
+                   help="the region's audit key fingerprint (SHA-256 hex, as `hsm fingerprint "
+                        "--key TOKEN-audit` prints): checkpoints by any other key are refused")
     p.set_defaults(func=cmd_audit)
     return parser
 

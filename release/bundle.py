@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from asn1crypto import cms, x509
+from asn1crypto import cms, keys, x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -132,14 +132,16 @@ def verify(der: bytes, primary_cert: x509.Certificate, *, where: str = "bundle")
         raise VerificationError(f"{where}: unexpected digest algorithm or signed attributes")
     if content_type != "data" or message_digest != hashlib.sha384(content).digest():
         raise VerificationError(f"{where}: the manifest does not match its signed digest")
-    _check_signature(primary_cert, algo, signature, signed_attrs_der, where)
+    check_signature(primary_cert.public_key, algo, signature, signed_attrs_der, where)
     manifest = _parse_manifest(content, where)
     return Verified(manifest, content, signing_time)
 
 
-def _check_signature(cert: x509.Certificate, algo, signature: bytes, data: bytes,
-                     where: str) -> None:
-    key = load_der_public_key(cert.public_key.dump())
+def check_signature(spki: keys.PublicKeyInfo, algo, signature: bytes, data: bytes,
+                    where: str) -> None:
+    """The primary's signature over ``data`` (``algo``: the CMS signature algorithm), with the
+    public key of its certificate; VerificationError if it does not verify."""
+    key = load_der_public_key(spki.dump())
     name = algo["algorithm"].native
     try:
         if name == "sha384_ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):

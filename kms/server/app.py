@@ -10,7 +10,10 @@ store), so they run on a small thread pool; the event loop only parses, authoris
 answers. Inputs are checked strictly (content type, duplicate keys, nesting depth, non-finite
 numbers, lone surrogates, unknown fields, wrong types, bad base64 → 4xx with a code) before the
 node sees them. Every key operation and admin action is audited (client, operation, org, key
-type, version, result, request id), never a key; refusals at a bounded rate per client.
+type, version, result, request id), never a key; refusals at a bounded rate per client. A DEK or
+a successful admin answer is sent only once its record is durable (``Service.commit``); error
+answers are recorded without waiting; while the audit log cannot be written DEK and admin
+requests are refused with 503 ``audit_unavailable``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from aiohttp import ClientConnectionError
 
 from . import authz
 from .admission import UNNAMED, Admission
+from .audit import AuditUnavailable
 from .errors import HttpError, classify
 from .metrics import CONTENT_TYPE
 
@@ -46,6 +50,11 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_JSON_DEPTH = 8        # the API's bodies are flat objects; anything deeper is refused
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MISSING = object()
+
+
+def _audit_down() -> HttpError:
+    return HttpError(503, "audit_unavailable", "the audit log cannot be written: no key material "
+                     "is served until it can", {"Retry-After": "1"})
 
 
 # --------------------------------------------------------------------------- input checks
@@ -311,6 +320,28 @@ class Service:
                               request_id=request["request_id"], worker=self.worker,
                               detail=detail)
 
+    def audit_ready(self) -> None:
+        """Refuse at once (503 audit_unavailable) when the audit log cannot be written: no key
+        material and no admin change without its record."""
+        if self.audit is not None and not self.audit.available:
+            try:
+                self.audit.refuse()
+            except AuditUnavailable:
+                raise _audit_down() from None
+
+    async def commit(self, request, op: str, *, org=None, key_type=None, version=None,
+                     result="ok", status=200) -> None:
+        """Record durably (fsynced under a signed checkpoint) before the answer is sent."""
+        if self.audit is None:
+            return
+        try:
+            await self.audit.commit(client=request.get("client"), op=op, org=org,
+                                    key_type=key_type, version=version, result=result,
+                                    status=status, request_id=request["request_id"],
+                                    worker=self.worker)
+        except AuditUnavailable:
+            raise _audit_down() from None
+
     def announce(self, op: str, org: str, key_type=None, version=None) -> None:
         if self.notifier is not None:
             self.notifier.announce(op, org, key_type, version)
@@ -478,6 +509,7 @@ async def dek(request):
     if fragment is not None and not 1 <= len(fragment) <= 255:
         raise HttpError(400, "bad_request", "fragment must be 1-255 characters")
     svc.authorise(request, "data", org, key_type)
+    svc.audit_ready()
     op = f"dek.{purpose}"
     version = None
     try:
@@ -496,10 +528,11 @@ async def dek(request):
             out = {"org": org, "key_type": key_type, "version": version}
     except Exception as exc:
         err = classify(exc)
+        # An error answer carries no key material: recorded in the next batch, not waited for.
         svc.record(request, op, org=org, key_type=key_type, version=version, result=err.code,
                    status=err.status)
         raise err from None
-    svc.record(request, op, org=org, key_type=key_type, version=version)
+    await svc.commit(request, op, org=org, key_type=key_type, version=version)
     out["dek"] = base64.b64encode(key).decode()
     return _ok(out)
 
@@ -510,6 +543,7 @@ async def _admin(request, op: str, org: str, key_type, fn, *args, status: int = 
     """Authorise, run ``fn`` on the pool, audit the outcome either way, announce changes."""
     svc: Service = request.app["svc"]
     svc.authorise(request, "admin", org, key_type)
+    svc.audit_ready()
     try:
         result = await svc.call(fn, *args)
     except Exception as exc:
@@ -518,7 +552,8 @@ async def _admin(request, op: str, org: str, key_type, fn, *args, status: int = 
                    status=err.status)
         raise err from None
     row_version = getattr(result, "version", version)
-    svc.record(request, op, org=org, key_type=key_type, version=row_version, status=status)
+    await svc.commit(request, op, org=org, key_type=key_type, version=row_version,
+                     status=status)
     return result
 
 

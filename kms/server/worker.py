@@ -22,7 +22,7 @@ from kms.service import Kms
 
 from . import app as apps
 from . import settings as settings_mod
-from .audit import AuditLog
+from .audit import AuditCollector, AuditLog, TokenSigner
 from .guard import ConnectionBudget, GuardedHandler
 from .metrics import Metrics
 
@@ -153,17 +153,23 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     kms.start()
     if extra is not None:
         extra.open()
-    if started is not None:
-        started()      # the supervisor starts the next worker once this one is logged in
     audit = metrics = notifier = svc = None
     try:
+        if s.audit_dir is not None:
+            # Before started(): the first worker makes the token's audit key if it is absent,
+            # and the supervisor starts the next one only after that.
+            audit = AuditLog(s.audit_dir, worker, TokenSigner(kms.token),
+                             retry_ms=s.limit("audit_batch_ms"))
+            audit.append(op="worker.start", result="ok", worker=worker,
+                         detail=f"releases {','.join(sorted(kms.releases)) or 'none'}; "
+                                f"checkpoints signed by {audit.signer.label} "
+                                f"{audit.signer.fingerprint}")
+        if started is not None:
+            started()      # the supervisor starts the next worker once this one is logged in
         metrics = Metrics(worker)
         metrics.watch(kms)
-        if s.audit_dir is not None:
-            audit = AuditLog(s.audit_dir / f"audit-w{worker}.jsonl",
-                             batch_ms=s.limit("audit_batch_ms"))
-            audit.append(op="worker.start", result="ok", worker=worker,
-                         detail=f"releases {','.join(sorted(kms.releases)) or 'none'}")
+        if audit is not None:
+            metrics.registry.register(AuditCollector(audit))
         notifier = _notifier(kms, worker, metrics)
         svc = apps.Service(kms, s, worker=worker, metrics=metrics, audit=audit,
                            notifier=notifier)
@@ -175,9 +181,9 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
             notifier.close()
         if extra is not None:
             extra.close()
-        kms.close()
-        if audit is not None:
+        if audit is not None:   # before the token closes: the last checkpoint is signed in it
             audit.append(op="worker.stop", result="ok", worker=worker)
             audit.close()
+        kms.close()
     log.info("worker %d: stopped", worker)
     return 0

@@ -100,8 +100,9 @@ class Listener:
         metrics = Metrics(self.worker)
         _time_token(self.token, metrics)
         if cfg.audit_dir is not None:
-            self.audit = AuditLog(cfg.audit_dir / f"audit-w{self.worker}.jsonl",
-                                  batch_ms=cfg.limit("audit_batch_ms"))
+            # Chained and fsynced, not signed: the XKS token may be any PKCS#11 token.
+            self.audit = AuditLog(cfg.audit_dir, self.worker,
+                                  retry_ms=cfg.limit("audit_batch_ms"))
         self.proxy = handlers.Proxy(cfg, self.token, worker=self.worker, metrics=metrics,
                                     audit=self.audit)
         self.proxy.start()

@@ -508,6 +508,11 @@ def test_audit_is_clean_after_provisioning_and_flags_a_weaker_key(regional):
     assert priv["role"] == "regional-encryption" and priv["deviations"] == []
     assert priv["allowed_mechanisms"] == ["RSA_PKCS_OAEP"]
     assert priv["attributes"]["MODIFIABLE"] is False and doc["deviations"] == 0
+    # init-regional also made the KMS audit-signing key: raw ECDSA, SIGN only, recognised
+    signer = roles[("private_key", f"{tt.label}-audit")]
+    assert (signer["role"], signer["deviations"], signer["allowed_mechanisms"]) == (
+        "regional-audit-signing", [], ["ECDSA"])
+    assert signer["attributes"]["SIGN"] is True and signer["attributes"]["DERIVE"] is False
     # A release secret made the way this suite made them before the key policy (python-pkcs11
     # defaults: modifiable, any mechanism): audit names each missing attribute and fails.
     from pkcs11 import Attribute, KeyType, MechanismFlag

@@ -16,7 +16,7 @@ import pytest
 
 from kms import config as configs
 from kms.errors import ConfigError
-from kms.server import audit
+from kms.server import auditchain
 from tests.service_kit import ACME_ID, DATA_ID, node_fixtures
 from tests.helpers import run_cli, start_threads
 
@@ -378,7 +378,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verif
     assert len(fetches) == 8 and {r["client"] for r in fetches} == {DATA_ID}
     assert all(r["org"] == "drain" and r["version"] == 1 and r["result"] == "ok"
                for r in fetches)
-    assert records[-1]["op"] == "worker.stop"
+    assert [r["op"] for r in records[-2:]] == ["worker.stop", "audit.checkpoint"]
     logs = n.stderr() + "\n".join(n.lines)
     pin = service_kit.kit.regionals["eu"].user_pin.reveal()
     assert "drain" in text and pin not in text and pin not in logs
@@ -406,7 +406,7 @@ def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_pat
                and r["org"] == "audited" for r in records)
     assert any(r["op"] == "dek.decrypt" and r["result"] == "unknown_version"
                and r["version"] == 5 for r in records)
-    assert audit.verify(log)[1] is None
+    assert auditchain.verify(log).intact
     lines = log.read_text().splitlines(keepends=True)
     for k, mutate in ((3, lambda r: r.update(org="someone-else")), (5, None)):
         copy = tmp_path / f"tampered-{k}.jsonl"
@@ -418,8 +418,8 @@ def test_audit_records_refusals_and_verify_reports_the_first_break(node, tmp_pat
             mutate(rec)
             changed[k - 1] = json.dumps(rec) + "\n"  # a field changed
         copy.write_text("".join(changed))
-        n, why = audit.verify(copy)
-        assert n == k and why.startswith(f"line {k}:"), why
+        verdict = auditchain.verify(copy)
+        assert verdict.broken_at == k and verdict.why.startswith(f"line {k}:"), verdict.why
         proc = run_cli("kms", "audit", "verify", copy, timeout=60)
         assert proc.returncode == 1 and f"line {k}" in proc.stdout
 
