@@ -1,107 +1,178 @@
-"""Client processes for the service benchmarks: each keeps one mTLS keep-alive connection per
-server and runs a request loop for a given time when told to; spawned (not forked) so they never
-inherit the benchmark process's PKCS#11 state, and importable by name in the children."""
+"""Client processes for the service benchmarks, cheap per request so that they are not what is
+measured.
+
+A few client processes each keep a number of kept-alive TLS connections per server (client
+certificate presented) on plain non-blocking ``ssl`` sockets under one ``selectors`` loop and,
+when told to, send *pre-built* requests for a given time, **one outstanding per connection** (no
+pipelining): an HTTP/1.1 request whose bytes were made once (``http_request``), or a KMIP request
+message captured once from PyKMIP's own client (``kmip_get_request``). Reading an answer is a
+``recv`` and a length check: an HTTP response is read to its ``Content-Length`` and must be
+``200``; a KMIP response is read to its TTLV length and must carry the key's bytes. Each process
+reports its own CPU time (user + system, ``time.process_time``) for the block, so the benchmark
+shows what the clients cost.
+
+Processes are spawned (not forked) so they never inherit the benchmark process's PKCS#11 state,
+and this module is importable by name in the children.
+"""
 
 from __future__ import annotations
 
-import http.client
 import multiprocessing as mp
+import socket
 import ssl
 import time
+from dataclasses import dataclass
 
 
-def _serve(conn_pipe, connect, requester) -> None:
-    """A client process's loop: for each ``(host, port, method, path, body, seconds)`` it is
-    sent, keep one connection per server (``connect(host, port)``), make requests back to back
-    for ``seconds`` with ``requester(conn, method, path, body)`` (a call that makes one request
-    and says whether it succeeded), and send back (latencies, failed count). None ends it."""
-    conns: dict[tuple, object] = {}
+def http_request(method: str, path: str, body: bytes | None = None) -> bytes:
+    """The bytes of one HTTP/1.1 request (keep-alive is HTTP/1.1's default)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + (body or b"")
+
+
+def _http_length(data: bytes) -> int:
+    """The whole length of the HTTP/1.1 response starting ``data`` (-1 until its head is in)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return -1
+    head = data[:end].lower()
+    at = head.find(b"\r\ncontent-length:")
+    if at < 0:
+        raise ConnectionError("response without Content-Length")
+    stop = head.find(b"\r\n", at + 2)
+    return end + 4 + int(head[at + 17:stop if stop > 0 else len(head)])
+
+
+def _kmip_length(data: bytes) -> int:
+    """The whole length of the KMIP TTLV message starting ``data`` (-1 until its header is in)."""
+    return 8 + int.from_bytes(data[4:8], "big") if len(data) >= 8 else -1
+
+
+class _Conn:
+    """One kept-alive TLS connection with at most one request outstanding."""
+    __slots__ = ("sock", "data", "t0", "i")
+
+    def __init__(self, sock, i: int):
+        self.sock, self.data, self.t0, self.i = sock, b"", 0.0, i
+
+
+def _client(conn_pipe, cert: str, key: str, ca: str) -> None:
+    """A client process's loop. Each message ``(host, port, conns, kind, requests, expect,
+    seconds)``: keep ``conns`` connections to (host, port) (made once, kept across messages),
+    each sending ``requests`` round-robin, one outstanding, for ``seconds``; answer (latencies,
+    failed count, CPU seconds used). None ends it."""
+    import selectors
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    ctx.load_cert_chain(cert, key)
+    pools: dict[tuple, list] = {}
+
+    def connect(host, port):
+        raw = socket.create_connection((host, port), timeout=30)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = ctx.wrap_socket(raw, server_hostname=host)
+        sock.setblocking(False)
+        return sock
     while True:
         msg = conn_pipe.recv()
         if msg is None:
             break
-        host, port, method, path, body, seconds = msg
-        conn = conns.get((host, port))
-        if conn is None:
-            conn = conns[(host, port)] = connect(host, port)
-        once = requester(conn, method, path, body)
-        lat, bad = [], 0
+        host, port, n_conns, kind, requests, expect, seconds = msg
+        socks = pools.setdefault((host, port), [])
+        while len(socks) < n_conns:
+            socks.append(connect(host, port))
+        length = _http_length if kind == "http" else _kmip_length
+        sel = selectors.DefaultSelector()
+        conns = [_Conn(s, j) for j, s in enumerate(socks[:n_conns])]
+        lat: list[float] = []
+        bad, n = 0, len(requests)
+        cpu0 = time.process_time()
         end = time.perf_counter() + seconds
-        while True:
-            t0 = time.perf_counter()
-            if t0 >= end:
-                break
-            if not once():
-                bad += 1
-            lat.append(time.perf_counter() - t0)
-        conn_pipe.send((lat, bad))
-    for c in conns.values():
-        c.close()
+
+        def send(c: _Conn) -> None:
+            c.data = b""
+            c.t0 = time.perf_counter()
+            req = requests[c.i % n]
+            c.i += 1
+            while True:
+                try:
+                    c.sock.send(req)     # a few hundred bytes: one TLS record, one send
+                    return
+                except ssl.SSLWantWriteError:
+                    continue
+        for c in conns:
+            sel.register(c.sock, selectors.EVENT_READ, c)
+            send(c)
+        busy = len(conns)
+        while busy:
+            for k, _ in sel.select(5):
+                c = k.data
+                try:
+                    c.data += c.sock.recv(65536)
+                except ssl.SSLWantReadError:
+                    continue
+                total = length(c.data)
+                if total < 0 or len(c.data) < total:
+                    continue
+                now = time.perf_counter()
+                lat.append(now - c.t0)
+                ok = c.data[9:12] == b"200" if kind == "http" else expect in c.data
+                if not ok:
+                    bad += 1
+                if now < end:
+                    send(c)
+                else:
+                    sel.unregister(c.sock)
+                    busy -= 1
+        sel.close()
+        conn_pipe.send((lat, bad, time.process_time() - cpu0))
+    for socks in pools.values():
+        for s in socks:
+            s.close()
 
 
-def _client_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
-    ctx.load_cert_chain(cert, key)
-
-    def connect(host, port):
-        return http.client.HTTPSConnection(host, port, context=ctx, timeout=30)
-
-    def requester(conn, method, path, body):
-        headers = {"Content-Type": "application/json"} if body else {}
-
-        def once() -> bool:
-            conn.request(method, path, body=body, headers=headers)
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status == 200
-        return once
-
-    _serve(conn_pipe, connect, requester)
-
-
-def _kmip_loop(conn_pipe, cert: str, key: str, ca: str) -> None:
-    """The same loop with PyKMIP's client: one kept connection, ``Get`` of one key id."""
-    import warnings
-    warnings.simplefilter("ignore")
-    from kmip.pie.client import ProxyKmipClient
-
-    def connect(host, port):
-        c = ProxyKmipClient(hostname=host, port=port, cert=cert, key=key, ca=ca,
-                            config_file="/dev/null")
-        c.open()
-        return c
-
-    def requester(c, _method, uid, _body):
-        return lambda: len(c.get(uid).value) == 32
-
-    _serve(conn_pipe, connect, requester)
+@dataclass
+class Block:
+    """One block of load: requests per second, every latency, failures, and what the client
+    processes spent (CPU seconds over wall seconds: cores busy in the clients)."""
+    rps: float
+    latencies: list[float]
+    bad: int
+    client_cpu_cores: float
+    client_cpu_us_per_request: float
 
 
 class LoadPool:
-    """``n`` client processes; ``run(host, port, method, path, body, seconds)`` runs them all at
-    once and returns (requests per second over the block, all latencies, failed count).
-    ``kmip=True``: PyKMIP clients, ``path`` is the key's unique id."""
+    """``n`` client processes with ``connections`` kept connections each; ``run(...)`` runs
+    them all at once for ``seconds``."""
 
-    def __init__(self, n: int, cert, key, ca, *, kmip: bool = False):
+    def __init__(self, n: int, cert, key, ca, *, connections: int = 1):
+        self.connections = connections
         ctx = mp.get_context("spawn")
         self.pipes, self.procs = [], []
         for _ in range(n):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_kmip_loop if kmip else _client_loop,
-                            args=(child, str(cert), str(key), str(ca)), daemon=True)
+            p = ctx.Process(target=_client, args=(child, str(cert), str(key), str(ca)),
+                            daemon=True)
             p.start()
             self.pipes.append(parent)
             self.procs.append(p)
 
-    def run(self, host: str, port: int, method: str, path: str, body: bytes | None,
-            seconds: float):
+    def run(self, host: str, port: int, requests: list[bytes], seconds: float, *,
+            kind: str = "http", expect: bytes = b"") -> Block:
+        """``requests``: pre-built request messages, sent round-robin (client ``i`` starts at
+        the ``i``-th); ``kind`` "http" or "kmip" (then ``expect`` is the key's bytes)."""
         t0 = time.perf_counter()
-        for p in self.pipes:
-            p.send((host, port, method, path, body, seconds))
+        for i, p in enumerate(self.pipes):
+            p.send((host, port, self.connections, kind, requests[i:] + requests[:i], expect,
+                    seconds))
         results = [p.recv() for p in self.pipes]
         elapsed = time.perf_counter() - t0
         lat = [x for r in results for x in r[0]]
-        return len(lat) / elapsed, lat, sum(r[1] for r in results)
+        cpu = sum(r[2] for r in results)
+        return Block(len(lat) / elapsed, lat, sum(r[1] for r in results), cpu / elapsed,
+                     1e6 * cpu / max(1, len(lat)))
 
     def close(self) -> None:
         for p in self.pipes:
@@ -113,3 +184,29 @@ class LoadPool:
             p.join(10)
             if p.is_alive():
                 p.kill()
+
+
+def kmip_get_request(port: int, uid: str, cert, key, ca) -> bytes:
+    """The bytes PyKMIP's own client sends for ``Get(uid)``, captured once from a real call (so
+    the raw loop sends exactly what a PyKMIP client would)."""
+    import warnings
+    warnings.simplefilter("ignore")
+    from kmip.pie.client import ProxyKmipClient
+    c = ProxyKmipClient(hostname="127.0.0.1", port=port, cert=str(cert), key=str(key),
+                        ca=str(ca), config_file="/dev/null")
+    c.open()
+    sent: list[bytes] = []
+    protocol = c.proxy.protocol
+    write = protocol.write
+
+    def capture(data):
+        sent.append(bytes(data))
+        return write(data)
+    protocol.write = capture
+    try:
+        c.get(uid)
+    finally:
+        protocol.write = write
+        c.close()
+    assert len(sent) == 1, "PyKMIP sent the Get in more than one message"
+    return sent[0]

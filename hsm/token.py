@@ -218,6 +218,10 @@ class Token:
             return info.state == _cryptoki.CKS_RW_SO_FUNCTIONS
         return info.state in _cryptoki.LOGGED_IN_STATES
 
+    def logged_in(self) -> bool:
+        """Is the anchor session still logged in (one C_GetSessionInfo)?"""
+        return self._logged_in()
+
     def _logged_in(self) -> bool:
         anchor = self._anchor
         if self._pin is None:

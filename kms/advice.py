@@ -19,7 +19,7 @@ def _iso(ts: float) -> str:
 
 def next_key(kms, org_id: str, key_type: str) -> str:
     """One hint: when and how the org can get a usable ``key_type`` key again."""
-    rows = [r for r in kms.store.secrets(org_id) if r.key_type == key_type]
+    rows = [r for r in kms.secrets(org_id) if r.key_type == key_type]
     if not rows:
         return (f"`kms tenant rotate --org {org_id} --key-type {key_type}` makes its first key "
                 "(or upload one: BYOK, cache-only, EKM)")
@@ -34,4 +34,4 @@ def next_key(kms, org_id: str, key_type: str) -> str:
 
 def has_active(kms, org_id: str, key_type: str) -> bool:
     return any(r.key_type == key_type and r.state == "ACTIVE"
-               for r in kms.store.secrets(org_id))
+               for r in kms.secrets(org_id))

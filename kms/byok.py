@@ -70,7 +70,7 @@ def certificate(kms, org_id: str, out: Path, *, purpose: str = "seed") -> dict:
     kms.store.org_type(org_id)       # UnknownTenant before any key is made
     if Path(out).exists():
         raise KmsError(f"{out} already exists; outputs are never overwritten")
-    spec = kms.store.customer_key(org_id, KIND) or {}
+    spec = kms.customer_key(org_id, KIND) or {}
     label = hbyok.label_for(org_id, purpose)
     if purpose not in spec or not keygen.label_in_use(kms.token, label):
         hbyok.generate(kms.token, org_id, purpose)
@@ -87,7 +87,7 @@ def certificate(kms, org_id: str, out: Path, *, purpose: str = "seed") -> dict:
         days=CERT_DAYS)
     write_new(Path(out), x509.to_pem(cert) + x509.to_pem(issuer_cert))
     spec[purpose] = {"label": label, "spki_sha256": x509.fingerprint(spki).hex()}
-    kms.store.put_customer_key(org_id, KIND, spec, now=kms.clock())
+    kms.put_customer_key(org_id, KIND, spec)
     return {"label": label, "spki_sha256": spec[purpose]["spki_sha256"],
             "issuer_sha256": x509.fingerprint(issuer_cert.public_key).hex()}
 
@@ -131,7 +131,7 @@ def upload_wrapped(kms, org_id: str, key_type: str, ciphertext: bytes, digest: b
     if len(digest) != 32:
         raise KmsError(f"the hash holds {len(digest)} bytes, not a SHA-256 (32)")
     purpose = "seed" if derivation == "PBKDF2" else "dek"
-    spec = kms.store.customer_key(org_id, KIND) or {}
+    spec = kms.customer_key(org_id, KIND) or {}
     if purpose not in spec:
         raise KmsError(f"org {org_id} has no BYOK {purpose} certificate (derivation "
                        f"{derivation})", hint=f"`kms byok certificate --org {org_id} "

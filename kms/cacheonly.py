@@ -78,14 +78,17 @@ def register(kms, org_id: str, key_type: str, url: str, kid: str, *,
                                                                   "registered")
     if basic_auth_env is not None and not re.match(r"^[A-Z_][A-Z0-9_]*$", basic_auth_env):
         raise KmsError("--basic-auth-env names an environment variable (USER:PASSWORD in it)")
-    spec = kms.store.customer_key(org_id, "byok") or {}
+    spec = kms.customer_key(org_id, "byok") or {}
     if "seed" not in spec:
         raise KmsError(f"org {org_id} has no BYOK seed certificate for the key service to "
                        "wrap to", hint=f"`kms byok certificate --org {org_id}` and give the "
                        "certificate to the key service")
+    from .ekm import read_ca
+    # The CA's bytes go into the descriptor, which the HSM authenticates: not its path.
     descriptor = {"kind": KIND, "url": url.rstrip("/"), "kid": kid,
                   "byok_spki_sha256": spec["seed"]["spki_sha256"], "client_cert": client_cert,
-                  "client_key": client_key, "ca": ca, "basic_auth_env": basic_auth_env}
+                  "client_key": client_key, "ca": ca,
+                  "ca_pem": read_ca(ca) if ca else None, "basic_auth_env": basic_auth_env}
     return kms.add_remote(org_id, key_type, lambda version: descriptor)
 
 
@@ -154,7 +157,10 @@ def _refuse(code: str, what: str) -> KeyUnavailable:
 
 
 def _ssl_context(d: dict) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=d.get("ca"))
+    # The sealed CA bytes; a descriptor from before sealing that kept only the path was
+    # upgraded at the KMS's start (kms.service: _upgrade_blob).
+    ctx = ssl.create_default_context(cadata=d["ca_pem"]) if d.get("ca_pem") else \
+        ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if d.get("client_cert"):
         ctx.load_cert_chain(d["client_cert"], d["client_key"])

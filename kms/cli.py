@@ -180,13 +180,18 @@ def cmd_tenant(args) -> int:
             _announce(kms, "destroy", args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
                   "(wrapped material erased; cached DEKs invalidated)")
+            print(f"{args.org}: the key-encryption key that wrapped it was destroyed in the HSM "
+                  "now, so no copy of the store revives it; a copy of the regional token made "
+                  f"before now could, until {_when(kms.clock() + policy.TOKEN_COPY_RETENTION)} "
+                  f"(token copies are kept at most {policy.TOKEN_COPY_RETENTION / policy.DAY:g} "
+                  "days: docs/store.md)")
             from . import advice
             if not advice.has_active(kms, args.org, args.key_type):
                 print(f"kms: warning: {args.org} has no ACTIVE {args.key_type} key now: "
                       f"encryption is refused until it has one; "
                       + advice.next_key(kms, args.org, args.key_type), file=sys.stderr)
         elif args.action == "list":
-            for row in kms.store.secrets(args.org):
+            for row in kms.secrets(args.org):
                 print(f"{row.key_type:<9} v{row.version:<3} {row.state:<9} {row.source:<8} "
                       f"{row.derivation:<6} release {row.release} created {_when(row.created_at)}"
                       f" usable {_when(row.usable_from)}")

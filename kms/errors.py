@@ -88,6 +88,11 @@ class CorruptRecord(KmsError):
         self.org_id, self.key_type, self.version = (*keyed, None, None, None)[:3]
 
 
+class RolledBack(CorruptRecord):
+    """The store names an org state whose key-encryption key the HSM no longer holds: its rows
+    (or the whole database) were restored from an older copy. Nothing of the org is served."""
+
+
 class KeyUnavailable(KmsError):
     """A customer-held key (EKM, cache-only) cannot serve now; operations under it fail
     closed. ``code`` names the cause where the protocol has one (cache-only event codes)."""

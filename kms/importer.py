@@ -51,13 +51,14 @@ class ImportReport:
     held: dict[str, Release] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)   # bundle file -> reason
     skipped: dict[str, str] = field(default_factory=dict)   # valid, but not for this KMS
+    notes: list[str] = field(default_factory=list)          # the start-up sweep and upgrade
 
     def lines(self) -> list[str]:
         out = [f"imported release {r.release} (ceremony {r.ceremony_id})"
                for r in self.held.values()]
         out += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         out += [f"REFUSED {name}: {why}" for name, why in self.refused.items()]
-        return out
+        return out + self.notes
 
 
 def own_key_fingerprint(token: Token) -> str:

@@ -1,14 +1,16 @@
 """Cross-node DEK cache invalidation for nodes sharing one PostgreSQL store (LISTEN/NOTIFY).
 
-Every node already reads a secret's row from the store on every DEK request, so a destroy made
-on any node is refused by every node at once (the row says DESTROYED). What the other nodes do
-*not* see by themselves is their own encrypted DEK cache: entries of a destroyed or rotated key
-would stay (encrypted, unused) until evicted or flushed. So the node that makes a change
-announces it (``Publisher.announce`` → ``NOTIFY kms_invalidate, '{"op", "org", ...}'``), and
-each node's ``Listener`` thread drops the named entries from its cache as the notification
-arrives (milliseconds on one host; the benchmark measures it).
+A node keeps what its DEK requests read from the store while its listener is connected and no
+notification came (``kms.rowcache``, at most ``rowcache.MAX_AGE`` seconds), and its encrypted DEK
+cache. So
+the node that makes a change announces it (``Publisher.announce`` → ``NOTIFY kms_invalidate,
+'{"op", "org", ...}'``), and each node's ``Listener`` thread, as the notification arrives
+(milliseconds on one host; the benchmark measures it), first moves its ``stamp`` (nothing kept
+answers again: the next request reads the org's state, which says DESTROYED) and then drops the
+named entries from its cache.
 
-Notifications are not queued for a listener that is not connected. After a lost connection the
+Notifications are not queued for a listener that is not connected. While it is not connected
+its ``stamp`` is None (nothing is kept: every request reads the store). After a lost connection the
 listener reconnects (bounded back-off) and then flushes its *whole* cache: whatever it missed,
 the next requests re-read from the store. The CLI announces its own changes too
 (``kms tenant destroy`` on a PostgreSQL store). The payload names only org, key type, version
@@ -25,12 +27,13 @@ from typing import Any
 log = logging.getLogger("kms.invalidation")
 
 CHANNEL = "kms_invalidate"
+APPLICATION_NAME = "hsm-suite-kms-invalidation"     # how operators (and tests) find it
 
 
 def _connect(url: str):
     import psycopg
     return psycopg.connect(url, autocommit=True, connect_timeout=5,
-                           application_name="hsm-suite-kms-invalidation")
+                           application_name=APPLICATION_NAME)
 
 
 class Publisher:
@@ -56,7 +59,7 @@ class Publisher:
                     self._close()
                     if attempt:
                         # The change is committed; other nodes still refuse a destroyed key
-                        # (they read the row), and their caches age out. Say so, do not fail.
+                        # (within kms.rowcache.MAX_AGE), and their caches age out. Say so, do not fail.
                         log.warning("invalidation not announced (%s): %s", type(exc).__name__,
                                     op)
 
@@ -83,6 +86,7 @@ class Listener(Publisher):
         self.cache = cache
         self.on_remote = on_remote
         self.listening = False
+        self._stamp = 0            # moved by every notification and every (dis)connection
         self.received = 0
         self.reconnects = 0
         self._backoff = backoff
@@ -93,6 +97,11 @@ class Listener(Publisher):
         self._thread.start()
         self._connected.wait(5)
 
+    @property
+    def stamp(self) -> int | None:
+        """Changes whenever a change may have been announced; None while not listening."""
+        return self._stamp if self.listening else None
+
     def _run(self) -> None:
         delay = self._backoff[0]
         first = True
@@ -100,10 +109,12 @@ class Listener(Publisher):
             try:
                 conn = self._listen_conn = _connect(self.url)
                 conn.execute(f"LISTEN {CHANNEL}")
-                self.listening = True
+                self._stamp += 1
                 if not first:
                     # Anything announced while we were away is lost: drop the whole cache.
                     self.cache.flush()
+                self.listening = True
+                if not first:
                     self.reconnects += 1
                     log.info("invalidation listener reconnected; cache flushed")
                 first = False
@@ -113,9 +124,11 @@ class Listener(Publisher):
                     for note in conn.notifies(timeout=0.5):
                         self._apply(note.payload)
             except Exception as exc:
+                was_listening, self.listening = self.listening, False
+                self._stamp += 1
                 if self._stop.is_set():
                     break
-                if self.listening:
+                if was_listening:
                     log.warning("invalidation listener lost its connection (%s); "
                                 "reconnecting", type(exc).__name__)
                 self.listening = False
@@ -139,6 +152,7 @@ class Listener(Publisher):
             log.warning("invalidation: ignored a malformed notification")
             return
         self.received += 1
+        self._stamp += 1      # first: nothing kept answers again, then the cache entries go
         if key_type is not None and version is not None:
             self.cache.invalidate(org, key_type, version)
         elif key_type is not None:

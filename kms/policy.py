@@ -18,6 +18,10 @@ DATABASE_ACTIVATION_DELAY = 24 * HOUR
 # A tenant backup restores only into the store (and region) it came from, and only this long:
 # an old backup is how a destroyed key would come back, so none lives forever.
 BACKUP_VALIDITY = 30 * DAY
+# How long a copy of the regional token (a backup of its key store) may be kept: the bound on how
+# long a destroyed version can be revived from such a copy (docs/store.md, "Shredding and
+# recovery"). Enforced by the operator's backup rotation, printed at every destroy.
+TOKEN_COPY_RETENTION = 7 * DAY
 
 
 def usable_from(key_type: str, now: float) -> float:

@@ -5,7 +5,9 @@ Keys and where they live:
   from the ceremony's bundles at every start (``kms.importer``);
 - tenant secrets: 32 bytes from the HSM's RNG, stored only as AES-256-GCM ciphertext made *inside*
   the HSM under the release's tenant wrapping key, with the tenant, key type and version as
-  associated data (a row copied to another tenant or version fails to decrypt);
+  associated data (a row copied to another tenant or version fails to decrypt), wrapped again
+  under the org's key-encryption key, a token object replaced at every change of the org's
+  state, whose whole state it also seals (``kms.sealing``);
 - DEKs: PBKDF2-HMAC-SHA256 keyed by the KDF seed inside the HSM (``kms.derive``), or the
   customer's own key (derivation NONE); held only in the encrypted key cache;
 - cache keys: per org, HMAC of (org, epoch) by an HSM-resident session key, never stored.
@@ -13,6 +15,7 @@ Keys and where they live:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -27,12 +30,13 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import advice, derive, importer, orgid, policy
+from . import advice, derive, importer, orgid, policy, rowcache, sealing
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
-                     UnknownTenant)
+                     RolledBack, UnknownTenant)
 from .store import SecretRow, Store
+from .store.records import secret_checksum
 
 WRAP_AAD = b"hsm-suite tenant secret v2"
 BACKUP_AAD = b"hsm-suite tenant backup v2"
@@ -70,11 +74,17 @@ class Kms:
         self._report: importer.ImportReport | None = None
         self._cache: KeyCache | None = None
         self._cache_master: KeyRef | None = None
+        self._sealing: sealing.Sealing | None = None
+        self._views: dict[str, sealing.OrgView] = {}   # each org's state as last verified
         self._lock = threading.Lock()
         # DEK sources other than HSM-generated or uploaded secrets: a REMOTE row's
         # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
         # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
+        # The hot path's read of an org's head (generation, seal), kept while the store says
+        # nothing changed (kms.rowcache): SQLite's data_version from start(); on PostgreSQL the
+        # server sets one on its invalidation listener. None: every DEK request reads it.
+        self.rows: rowcache.FreshRows | None = None
 
     @property
     def started(self) -> bool:
@@ -110,10 +120,41 @@ class Kms:
         self._token = Token.open(self.config.token, module=self.config.module,
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)
+        self.rows = rowcache.for_store(self._store, self.clock)
         self._load_session_keys()
         self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * policy.HOUR)
+        self._open_sealing()
         return self.report
+
+    def _open_sealing(self) -> None:
+        """Find every org KEK with one search, sweep the ones the committed state no longer
+        names (a change a crash interrupted), and seal the orgs of a store made before sealing
+        (the one-time upgrade; each line goes into the start-up report)."""
+        keks = sealing.Keks(self.token, self.store.store_id())
+        keks.load()
+        self._sealing = sealing.Sealing(self.token, keks, self.store.db.checkpoint,
+                                        self.store.under_token_lock)
+        notes = sealing.sweep(keks, self.store.org_generations(), self.store.under_org_lock)
+        unsealed = [org for org, g in self.store.org_generations().items() if g is None]
+        sealed = 0
+        for org in sorted(unsealed):
+            if keks.sealed_anywhere(org):
+                notes.append(f"org {org!r}: not sealed in the store, but the HSM holds a "
+                             "key-encryption key for it: its seal was removed; the org is "
+                             "refused (an org sealed once is never sealed again)")
+                continue
+            self._upgrade_registrations(org)
+            if self._change(org, lambda s, org=org: self.store.seal_unsealed(org, s),
+                            transform=self._upgrade_blob):
+                sealed += 1
+        if sealed:
+            notes.append(f"sealed {sealed} org(s) of a store made before per-org key-encryption "
+                         "keys (a one-time upgrade; DEKs are unchanged)")
+        self.report.notes.extend(notes)
+
+    def _seals(self) -> sealing.Sealing:
+        return _started(self._sealing)
 
     def _load_session_keys(self) -> None:
         """Import the releases and make the cache master: all session objects, which die with
@@ -163,6 +204,8 @@ class Kms:
                     ops.destroy_session_object(self._token, ref)
                 except HsmError:
                     pass       # the login is gone already: the session objects went with it
+        if self.rows is not None:
+            self.rows.close()
         if self._store is not None:
             self._store.close()
         if self._token is not None:
@@ -216,7 +259,99 @@ class Kms:
         # A tenant's first secret needs a release: refuse now rather than leave an org row
         # behind that has no secret and whose creation blocks a retry.
         self.current_release()
-        self.store.create_org(org_id, org_type)
+        self._change(org_id, lambda s: self.store.create_org(org_id, org_type, sealer=s))
+
+    # ------------------------------------------------------------------------- sealed state
+    def _change(self, org_id: str, write, *, transform=None, restoring=frozenset()):
+        """One change of an org's state: ``write(sealer)`` runs the store's transaction, which
+        makes the next KEK and seals the new state; then the older KEK is destroyed, so no copy
+        of the old rows can be used again. A change that did not commit destroys its new KEK."""
+        sealer = sealing.Sealer(self._seals(), org_id, transform, restoring)
+        try:
+            result = write(sealer)
+        except BaseException:
+            try:
+                committed: int | None = self.store.org_head(org_id)[0] or 0
+            except UnknownTenant:
+                committed = 0
+            except KmsError:
+                committed = None        # unknown: the start-up sweep settles it
+            sealer.failed(committed)
+            raise
+        finally:
+            self._views.pop(org_id, None)
+            self._changed()
+        sealer.committed()
+        return result
+
+    def _view(self, org_id: str, *, hot: bool = False) -> sealing.OrgView:
+        """The org's state as verified in the HSM. Per request one indexed read of the org's
+        generation and seal; the full rows are read and verified only when those changed, and
+        the seal is re-checked in the token every ``sealing.RECHECK_S`` seconds (so a KEK
+        another node destroyed is noticed within that bound). ``hot`` (DEK requests): that
+        read is kept while the store says nothing changed (``_head``)."""
+        generation, seal = self._head(org_id) if hot else self.store.org_head(org_id)
+        view = self._views.get(org_id)
+        if view is not None and view.generation == generation and view.seal == seal:
+            if time.monotonic() - view.checked < sealing.RECHECK_S:
+                return view
+            try:
+                self._seals().recheck(view)
+                return view
+            except (CorruptRecord, HsmError):
+                self._views.pop(org_id, None)
+                self.cache.invalidate(org_id)
+                raise
+        try:
+            fresh = self._seals().verify(self.store.org_rows(org_id))
+        except (CorruptRecord, HsmError):
+            if self._views.pop(org_id, None) is not None:
+                self.cache.invalidate(org_id)
+            raise
+        if view is not None and view.generation != fresh.generation:
+            self.cache.invalidate(org_id)    # changed by another node
+        self._views[org_id] = fresh
+        return fresh
+
+    def customer_key(self, org_id: str, kind: str) -> dict | None:
+        """The org's EKM or BYOK registration, as sealed in the HSM."""
+        return self._view(org_id).customer_keys.get(kind)
+
+    def put_customer_key(self, org_id: str, kind: str, spec: dict) -> None:
+        self._change(org_id, lambda s: self.store.put_customer_key(
+            org_id, kind, spec, now=self.clock(), sealer=s))
+        self.cache.invalidate(org_id)
+
+    def secrets(self, org_id: str) -> list[SecretRow]:
+        """The org's versions, as sealed in the HSM."""
+        return self._view(org_id).rows()
+
+    def _upgrade_registrations(self, org_id: str) -> None:
+        """Upgrade: an EKM registration kept its CA bundle's path; seal its bytes instead."""
+        rows = self.store.org_rows(org_id)
+        if "ekm" in rows.customer_keys:
+            text, created = rows.customer_keys["ekm"]
+            spec = json.loads(text)
+            if spec.get("ca_bundle") and "ca_pem" not in spec:
+                from .ekm import read_ca
+                spec["ca_pem"] = read_ca(spec["ca_bundle"])
+                self.store.put_customer_key(org_id, "ekm", spec, now=created)
+
+    def _upgrade_blob(self, row: SecretRow, inner: bytes) -> bytes:
+        """Upgrade: a cache-only key's descriptor kept its CA bundle's path; seal its bytes."""
+        if row.source != "REMOTE":
+            return inner
+        descriptor = json.loads(self._open_inner(row, inner))
+        if descriptor.get("kind") != "cache-only" or not descriptor.get("ca") \
+                or "ca_pem" in descriptor:
+            return inner
+        from .ekm import read_ca
+        descriptor["ca_pem"] = read_ca(descriptor["ca"])
+        rel = self._release(row.release)
+        nonce = os.urandom(12)
+        return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
+            self.token, rel.wrapping_key, nonce, json.dumps(descriptor).encode(),
+            aad=_row_aad(row)))
 
     def generate_secret(self, org_id: str, key_type: str = "field") -> SecretRow:
         """A new tenant secret from the HSM's RNG; archives the previous one (rotation)."""
@@ -263,22 +398,35 @@ class Kms:
                        usable_from=policy.usable_from(key_type, now))
             return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
                 self.token, rel.wrapping_key, nonce, plain, aad=aad))
-        row = self.store.add_secret(org_id, key_type, source=source, derivation=derivation,
-                                    release=rel.release, iterations=iterations, now=now,
-                                    wrap=wrap, upload_sha256=upload_sha256)
+        row = self._change(org_id, lambda s: self.store.add_secret(
+            org_id, key_type, source=source, derivation=derivation, release=rel.release,
+            iterations=iterations, now=now, wrap=wrap, upload_sha256=upload_sha256, sealer=s))
         self.cache.invalidate(org_id, key_type)
         return row
 
     def destroy(self, org_id: str, key_type: str, version: int) -> SecretRow:
-        row = self.store.destroy_secret(org_id, key_type, version, now=self.clock())
+        """Crypto-shred one version: its row becomes a tombstone, the surviving versions are
+        re-wrapped under a new KEK and the KEK that wrapped this one is destroyed in the HSM
+        before this returns, so no earlier copy of any row yields it."""
+        row = self.store.get(org_id, key_type, version)
+        if row.state == "DESTROYED":
+            self._view(org_id).get(key_type, version)   # a sealed tombstone, not an edit
+            return row
+        row = self._change(org_id, lambda s: self.store.destroy_secret(
+            org_id, key_type, version, now=self.clock(), sealer=s))
         self.cache.invalidate(org_id, key_type, version)
         return row
 
-    def _tenant_secret(self, row: SecretRow) -> bytes:
+    def _tenant_secret(self, row: SecretRow, view: sealing.OrgView | None = None) -> bytes:
         if row.state == "DESTROYED" or row.wrapped is None:
             raise _destroyed(row)
+        view = view or self._view(row.org_id)
+        inner = self._seals().unwrap(row.org_id, view.generation, row)
+        return self._open_inner(row, inner)
+
+    def _open_inner(self, row: SecretRow, inner: bytes) -> bytes:
         rel = self._release(row.release)
-        nonce, blob = row.wrapped[:12], row.wrapped[12:]
+        nonce, blob = inner[:12], inner[12:]
         try:
             return self._in_hsm(lambda: ops.aes_gcm_decrypt(
                 self.token, rel.wrapping_key, nonce, blob, aad=_row_aad(row)))
@@ -291,7 +439,8 @@ class Kms:
                 records=[("tenant_secrets", row.org_id, row.key_type, row.version)]) from None
 
     # ------------------------------------------------------------------------- DEKs
-    def _dek(self, row: SecretRow, fragment: str | None, generation: int) -> bytes:
+    def _dek(self, row: SecretRow, fragment: str | None, generation: int,
+             view: sealing.OrgView | None = None) -> bytes:
         """``generation`` was read *before* ``row`` came from the store: a destroy committed
         after that read bumps the cache generation, and put() then drops our DEK."""
         if row.state == "DESTROYED":
@@ -300,7 +449,7 @@ class Kms:
         cached = self.cache.get(row.org_id, key_id)
         if cached is not None:
             return cached
-        secret = self._tenant_secret(row)
+        secret = self._tenant_secret(row, view)
         if row.source == "REMOTE":
             dek = self._remote_dek(row, secret)
         elif row.derivation == "NONE":
@@ -331,18 +480,39 @@ class Kms:
     def dek_for_encrypt(self, org_id: str, key_type: str = "field",
                         fragment: str | None = None) -> tuple[int, str, bytes]:
         generation = self.cache.generation()
-        row = self.store.active(org_id, key_type, now=self.clock())
+        view = self._view(org_id, hot=True)
+        row = view.active(key_type, self.clock())
         if row is None:
-            self.store.org_type(org_id)  # UnknownTenant if it does not exist
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
                            hint=advice.next_key(self, org_id, key_type))
-        return row.version, row.derivation, self._dek(row, fragment, generation)
+        return row.version, row.derivation, self._dek(row, fragment, generation, view)
 
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
                         fragment: str | None = None) -> bytes:
         generation = self.cache.generation()
-        row = self.store.get(org_id, key_type, version)
-        return self._dek(row, fragment, generation)
+        view = self._view(org_id, hot=True)
+        return self._dek(view.get(key_type, version), fragment, generation, view)
+
+    # -- the hit path's store read (kms.rowcache): DEK requests read the org's head only here
+    def _head(self, org_id: str):
+        read = lambda: self.store.org_head(org_id)  # noqa: E731
+        return read() if self.rows is None else self.rows.get(("head", org_id), read)
+
+    def _changed(self) -> None:
+        """This node wrote an org's state: no head read before may answer again."""
+        if self.rows is not None:
+            self.rows.clear()
+
+    def answers_locally(self, org_id: str, key_type: str, version: int | None,
+                        fragment: str | None) -> bool:
+        """Whether a DEK request would need neither the HSM nor the store: its DEK is cached,
+        the org's head is kept fresh and its verified view needs no re-check in the token. A
+        hint for the server, which then answers on its event loop instead of its pool."""
+        if version is None or not self.cache.holds(org_id, (key_type, version, fragment)):
+            return False
+        view = self._views.get(org_id)
+        return (self.rows is not None and self.rows.fresh(("head", org_id))
+                and view is not None and time.monotonic() - view.checked < sealing.RECHECK_S)
 
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:
@@ -359,7 +529,13 @@ class Kms:
         policy.BACKUP_VALIDITY."""
         from hsm.files import write_new
         rel = self.current_release()
-        rows = self.store.export_rows(org_id)
+        view = self._view(org_id)
+        # Inner blobs (under the release's key), not the org KEK's: the KEK is replaced at
+        # the org's next change, and a backup must still restore after it.
+        rows = [{**r.as_dict(), "checksum": secret_checksum(r)} for r in (
+            r if r.wrapped is None else dataclasses.replace(
+                r, wrapped=self._seals().unwrap(org_id, view.generation, r))
+            for r in view.rows())]
         now = self.clock()
         binding = {"org": org_id, "region": self.config.region,
                    "org_created": self.store.org_created(org_id), "created": now,
@@ -415,9 +591,37 @@ class Kms:
             raise KmsError(f"backup {path} failed its integrity check", hint="the file was "
                            "altered or belongs to another tenant") from None
         data = json.loads(plain)
-        self.store.import_rows(org_id, [_from_json(r) for r in data["rows"]])
+        rows = self._restorable(path, org_id, [_from_json(r) for r in data["rows"]])
+        self._change(org_id, lambda s: self.store.import_rows(org_id, rows, sealer=s),
+                     restoring=frozenset(f"{r['key_type']} v{r['version']}" for r in rows))
         self.cache.invalidate(org_id)
         return org_id
+
+
+    def _restorable(self, path: Path, org_id: str, rows: list[dict]) -> list[dict]:
+        """The backup rows this org may take back: only versions its state sealed in the HSM
+        holds, not destroyed, whose rows the store lost; each with the sealed columns (the
+        backup gives only the blob). A version destroyed since never comes back."""
+        sealed = self._seals().sealed(self.store.org_rows(org_id))["secrets"]
+        held = {(r.key_type, r.version) for r in self.store.org_rows(org_id).secrets}
+        out = []
+        for r in rows:
+            key = f"{r['key_type']} v{r['version']}"
+            entry = sealed.get(key)
+            if entry is not None and entry["state"] == "DESTROYED":
+                raise KmsError(f"import of backup {path} refused (nothing imported): the store "
+                               f"already holds {key} as destroyed; a destroyed key never "
+                               "comes back")
+            if (r["key_type"], r["version"]) in held:
+                raise KmsError(f"import of backup {path} refused (nothing imported): the store "
+                               f"already holds {key}")
+            if entry is None:
+                raise KmsError(f"import of backup {path} refused (nothing imported): {key} is "
+                               f"not in org {org_id!r}'s state sealed in the HSM")
+            r = {**r, **{c: entry[c] for c in sealing.SEALED_COLUMNS}}
+            r.pop("checksum", None)
+            out.append(r)
+        return out
 
 
 T = TypeVar("T")

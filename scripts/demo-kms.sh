@@ -49,38 +49,36 @@ kms --config $EU decrypt --org acme-prod "$OLD"
 step "rotate right away: refused by the rate limit"
 kms --config $EU tenant rotate --org acme-prod || true
 
-# "A day later" runs against a copy of the store, so the real one keeps acme-prod's key usable
-# right now (a rotation made with a clock 25 h ahead is dated tomorrow, and would leave the
-# tenant without a usable key until then).
-LATER=$VAR/kms/eu-a-day-later.toml
-rm -f $VAR/kms/kms-eu-a-day-later.db*
-python3 -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-    $VAR/kms/kms-eu.db $VAR/kms/kms-eu-a-day-later.db   # a consistent copy, WAL included
-sed 's/^store = .*/store = "kms-eu-a-day-later.db"/' $EU > $LATER
-step "a day later, on a copy of the store ($LATER; the demo drives the library with a clock 25 h ahead): rotate"
+# "A day later" runs on its own org, acme-later, so that acme-prod's key stays usable right now
+# (a rotation made with a clock 25 h ahead is dated tomorrow). Not on a copy of the store: the
+# copy's rotation would replace the org's key-encryption key in the HSM, and this store's state of
+# the org would then be refused as rolled back (docs/store.md, "Sealed org state").
+has_org acme-later || kms --config $EU tenant create --org acme-later --type production
+OLD=$(kms --config $EU encrypt --org acme-later "card 4111-1111-1111-1111")
+step "a day later (acme-later; the demo drives the library with a clock 25 h ahead): rotate"
 # The kms command has no clock override, on purpose; only library callers can pass a clock.
-NEW=$(py - "$LATER" <<'PY'
+NEW=$(py - "$EU" <<'PY'
 import base64, sys, time
 from kms import config
 from kms.sdk import FieldEncryptor
 from kms.service import Kms
 with Kms(config.load(sys.argv[1]), clock=lambda: time.time() + 25 * 3600) as node:
     node.start()
-    row = node.rotate("acme-prod")
-    print(f"acme-prod: field secret v{row.version} ACTIVE, previous archived", file=sys.stderr)
-    blob = FieldEncryptor(node).encrypt("acme-prod", b"card 5500-0000-0000-0004")
+    row = node.rotate("acme-later")
+    print(f"acme-later: field secret v{row.version} ACTIVE, previous archived", file=sys.stderr)
+    blob = FieldEncryptor(node).encrypt("acme-later", b"card 5500-0000-0000-0004")
     print(base64.b64encode(blob).decode())
 PY
 )
 step "the old record still decrypts, and so does the new one"
-kms --config $LATER decrypt --org acme-prod "$OLD"
-kms --config $LATER decrypt --org acme-prod "$NEW"
-kms --config $LATER tenant list --org acme-prod
+kms --config $EU decrypt --org acme-later "$OLD"
+kms --config $EU decrypt --org acme-later "$NEW"
+kms --config $EU tenant list --org acme-later
 
 step "destroy version 1: records under it fail clearly, newer ones still decrypt"
-kms --config $LATER tenant destroy --org acme-prod --version 1
-kms --config $LATER decrypt --org acme-prod "$OLD" || true
-kms --config $LATER decrypt --org acme-prod "$NEW"
+kms --config $EU tenant destroy --org acme-later --version 1
+kms --config $EU decrypt --org acme-later "$OLD" || true
+kms --config $EU decrypt --org acme-later "$NEW"
 
 step "back to today's store: every tenant is usable now"
 kms --config $EU status

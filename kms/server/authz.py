@@ -50,8 +50,15 @@ class Decision:
 
 
 class Policy:
+    """One policy as loaded; SIGHUP replaces the whole object (``worker._reload``), so the
+    decisions it remembers (per identity, role, org and key type: a pure function of the
+    policy) go with it."""
+
+    MEMO_MAX = 65536
+
     def __init__(self, clients: tuple[Client, ...]):
         self.clients = {c.name: c for c in clients}
+        self._decided: dict[tuple, Decision] = {}
 
     def client(self, names: tuple[Name, ...]) -> Client | None:
         for name in names:
@@ -66,7 +73,13 @@ class Policy:
         if client is None:
             return Decision(False, shown(names),
                             "the client certificate is not named by the policy")
-        return self.decide_client(client, role, org, key_type)
+        key = (client.identity, role, org, key_type)
+        decision = self._decided.get(key)
+        if decision is None:
+            if len(self._decided) >= self.MEMO_MAX:   # org names are the caller's: bounded
+                self._decided.clear()
+            decision = self._decided[key] = self.decide_client(client, role, org, key_type)
+        return decision
 
     @staticmethod
     def decide_client(client: Client, role: str, org: str | None = None,

@@ -45,10 +45,14 @@ def tls_context(s) -> ssl.SSLContext:
 def _notifier(kms, worker: int, metrics):
     if kms.store.kind != "postgresql":
         return None
-    from kms import invalidation
+    from kms import invalidation, rowcache
     import os
-    return invalidation.Listener(kms.config.store, kms.cache, name=f"{os.getpid()}-w{worker}",
-                                 on_remote=metrics.remote_invalidations.inc)
+    listener = invalidation.Listener(kms.config.store, kms.cache,
+                                     name=f"{os.getpid()}-w{worker}",
+                                     on_remote=metrics.remote_invalidations.inc)
+    # Rows are kept only while this listener hears every change (kms.rowcache).
+    kms.rows = rowcache.FreshRows(rowcache.ListenerWatch(listener), node_clock=kms.clock)
+    return listener
 
 
 async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> None:

@@ -29,6 +29,7 @@ _MIGRATION_LOCK = int.from_bytes(hashlib.sha256(b"hsm-suite kms.store migrations
 class Backend(Protocol):
     kind: str               # "sqlite" | "postgresql"
     for_update: str         # appended to a SELECT that must lock the row it reads
+    token_lock: str | None  # a statement that serialises every node's HSM key writes (below)
     bytes_type: str         # the column type of wrapped blobs in the migrations
 
     def connect(self) -> Any: ...
@@ -70,6 +71,7 @@ class _Common:
 class SQLite(_Common):
     kind = "sqlite"
     for_update = ""           # BEGIN IMMEDIATE already holds the database write lock
+    token_lock: str | None = None   # BEGIN IMMEDIATE serialises the nodes' HSM key writes too
     bytes_type = "BLOB"
 
     def __init__(self, path: Path):
@@ -160,6 +162,10 @@ class SQLite(_Common):
 class Postgres(_Common):
     kind = "postgresql"
     for_update = " FOR UPDATE"
+    # One transaction-scoped advisory lock for every write of an org KEK to the token (the key
+    # "kek" in ASCII): SoftHSM2 2.6.1 processes can miss each other's new objects when they
+    # write the token at the same moment (kms.sealing.Keks).
+    token_lock: str | None = "SELECT pg_advisory_xact_lock(7038315)"
     bytes_type = "BYTEA"
 
     def __init__(self, url: str):

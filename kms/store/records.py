@@ -175,3 +175,33 @@ def release_from_db(raw: Sequence[Any]) -> tuple[str, tuple[str, str]]:
     if checksum("releases", (release, ceremony_id, sha, recorded)) != stored:
         raise corrupt_release(release)
     return release, (ceremony_id, sha)
+
+
+# ----------------------------------------------------------------------------- a whole org
+@dataclass(frozen=True)
+class OrgRows:
+    """Everything the store holds for one org, as read in one transaction or between two
+    identical reads of its generation: what :mod:`kms.sealing` compares with the org's sealed
+    state. ``customer_keys`` maps kind -> (spec JSON text, created_at); ``uploads`` maps a BYOK
+    ciphertext's SHA-256 -> uploaded_at."""
+
+    org_id: str
+    org_type: str
+    created_at: float
+    generation: int | None
+    sealed_state: str | None
+    seal: bytes | None = field(repr=False)
+    secrets: tuple[SecretRow, ...]
+    customer_keys: dict[str, tuple[str, float]]
+    uploads: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Resealed:
+    """What a sealer returns for the org's next state: its generation, the sealed state and its
+    seal, and every surviving version's blob wrapped under the new generation's KEK."""
+
+    generation: int
+    sealed_state: str
+    seal: bytes = field(repr=False)
+    wrapped: dict[tuple[str, int], bytes] = field(repr=False)

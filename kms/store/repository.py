@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kms import policy
 from kms.errors import (
@@ -32,6 +32,7 @@ from kms.errors import (
     ImportRefused,
     PolicyViolation,
     RateLimited,
+    StoreUnavailable,
     UnknownTenant,
     UnknownVersion,
 )
@@ -42,6 +43,8 @@ from .database import DEFAULT_POOL_SIZE, Database
 from .migrations import MIGRATIONS_DIR, Migration, load_migrations, migrate
 from .records import (
     ORG_COLUMNS,
+    OrgRows,
+    Resealed,
     RELEASE_COLUMNS,
     SECRET_COLUMNS,
     SECRET_FIELDS,
@@ -56,6 +59,17 @@ from .records import (
     secret_from_db,
     utc_iso,
 )
+
+
+class Sealer(Protocol):
+    """What seals an org's state in the HSM (:class:`kms.sealing.Sealer`). A sealed write runs
+    ``verify`` on the org's rows right after taking its lock (a write never builds on rows the
+    HSM did not seal) and ``reseal`` after its change, in the same transaction; ``fresh`` names
+    the versions whose ``wrapped`` is not under the org's KEK yet (just added or imported)."""
+
+    def verify(self, rows: OrgRows) -> None: ...
+
+    def reseal(self, rows: OrgRows, fresh: frozenset[tuple[str, int]]) -> Resealed: ...
 
 
 class Store:
@@ -98,7 +112,7 @@ class Store:
         return int(rows[0][0] or 0)
 
     # ------------------------------------------------------------------ orgs
-    def create_org(self, org_id: str, org_type: str) -> None:
+    def create_org(self, org_id: str, org_type: str, *, sealer: Sealer | None = None) -> None:
         checks.text("org id", org_id)
         checks.choice("org type", org_type, policy.ORG_TYPES)
         created = time.time()
@@ -117,6 +131,7 @@ class Store:
                     raise Conflict(f"org {org_id!r} already exists") from None
                 raise
             self.db.checkpoint("create_org:inserted")
+            self._reseal(conn, org_id, sealer)
         self.db.write("create org", body)
 
     def _org_row(self, org_id: str) -> Sequence[Any]:
@@ -153,7 +168,8 @@ class Store:
     # ------------------------------------------------------------------ secrets: writes
     def add_secret(self, org_id: str, key_type: str, *, source: str, derivation: str,
                    release: str | None, iterations: int, now: float,
-                   wrap: Callable[[int], bytes], upload_sha256: str | None = None) -> SecretRow:
+                   wrap: Callable[[int], bytes], upload_sha256: str | None = None,
+                   sealer: Sealer | None = None) -> SecretRow:
         """A new ACTIVE secret (version = max + 1) whose blob is ``wrap(version)``; the previous
         ACTIVE one becomes ARCHIVED. All in one transaction, rate limit included. With
         ``upload_sha256`` (a BYOK ciphertext's SHA-256) a ciphertext seen before is refused as a
@@ -170,6 +186,7 @@ class Store:
 
         def body(conn):
             org_type = self._lock_org(conn, org_id)
+            self._verify_sealed(conn, org_id, sealer)
             newest = self._x(conn, f"SELECT {SECRET_COLUMNS} FROM tenant_secrets "
                                    "WHERE org_id = ? AND key_type = ? ORDER BY version DESC "
                                    "LIMIT 1", (org_id, key_type)).fetchone()
@@ -202,11 +219,14 @@ class Store:
                             blob, iterations, now, usable_from, None)
             self._insert_secret(conn, row)
             self.db.checkpoint("add_secret:inserted")
+            resealed = self._reseal(conn, org_id, sealer, {(key_type, version)})
+            if resealed is not None:
+                row = dataclasses.replace(row, wrapped=resealed.wrapped[(key_type, version)])
             return row
         return self.db.write("add secret", body)
 
     def destroy_secret(self, org_id: str, key_type: str, version: int, *,
-                       now: float) -> SecretRow:
+                       now: float, sealer: Sealer | None = None) -> SecretRow:
         """Crypto-shred: the wrapped blob becomes NULL, the state DESTROYED. Destroying a
         destroyed secret returns it unchanged. Database secrets live at least
         policy.DATABASE_MIN_LIFESPAN."""
@@ -217,6 +237,7 @@ class Store:
 
         def body(conn):
             self._lock_org(conn, org_id)
+            self._verify_sealed(conn, org_id, sealer)
             raw = self._x(conn, f"SELECT {SECRET_COLUMNS} FROM tenant_secrets "
                                 "WHERE org_id = ? AND key_type = ? AND version = ?",
                           (org_id, key_type, version)).fetchone()
@@ -236,6 +257,7 @@ class Store:
             new = dataclasses.replace(old, state="DESTROYED", wrapped=None, destroyed_at=now)
             self._update_secret(conn, old, new)
             self.db.checkpoint("destroy_secret:updated")
+            self._reseal(conn, org_id, sealer)
             return new, True
 
         def shred(conn, result) -> None:
@@ -278,8 +300,148 @@ class Store:
             raise Conflict(f"org {old.org_id!r}: {old.key_type} secret v{old.version} changed "
                            "during the transaction")
 
+    # ------------------------------------------------------------------ sealed org state
+    def store_id(self) -> str:
+        """This store's random id (made on first use): it names the store's KEKs in a token
+        that several stores may share (tests do; a region's token serves one store)."""
+        rows = self.db.read("SELECT value FROM store_meta WHERE name = 'store_id'")
+        if rows:
+            return str(rows[0][0])
+        new = os.urandom(8).hex()
+
+        def body(conn):
+            self._x(conn, "INSERT INTO store_meta (name, value) VALUES ('store_id', ?) "
+                          "ON CONFLICT (name) DO NOTHING", (new,))
+            return str(self._x(conn, "SELECT value FROM store_meta "
+                                     "WHERE name = 'store_id'").fetchone()[0])
+        return self.db.write("name the store", body)
+
+    def org_head(self, org_id: str) -> tuple[int | None, bytes | None]:
+        """The org's generation and seal: one indexed read, what a node compares with the state
+        it verified last (the hot path)."""
+        rows = self.db.read("SELECT generation, seal FROM orgs WHERE org_id = ?", (org_id,))
+        if not rows:
+            raise _unknown(org_id)
+        generation, seal = rows[0]
+        return (None if generation is None else int(generation)), bytes_or_none(seal)
+
+    def org_generations(self) -> dict[str, int | None]:
+        """Every org's committed generation (None: not sealed yet), for the start-up sweep."""
+        return {str(org): (None if g is None else int(g))
+                for org, g in self.db.read("SELECT org_id, generation FROM orgs")}
+
+    def org_rows(self, org_id: str) -> OrgRows:
+        """All of the org's rows, consistent: every write to an org changes its generation, so
+        rows read between two equal reads of (generation, seal) belong to that generation."""
+        for _attempt in range(8):
+            head = self.org_head(org_id)
+            rows = self._org_rows(None, org_id)
+            if (rows.generation, rows.seal) == head == self.org_head(org_id):
+                return rows
+        raise StoreUnavailable(f"org {org_id!r} kept changing while its rows were read",
+                               hint="retry; the org is being changed by another node")
+
+    def _org_rows(self, conn, org_id: str) -> OrgRows:
+        def q(sql: str) -> list:
+            if conn is None:
+                return self.db.read(sql, (org_id,))
+            return self._x(conn, sql, (org_id,)).fetchall()
+        org = q("SELECT org_type, created_at, checksum, generation, sealed_state, seal "
+                "FROM orgs WHERE org_id = ?")
+        if not org:
+            raise _unknown(org_id)
+        org_type = org_type_from_db(org_id, org[0][:3], policy.ORG_TYPES)
+        secrets = checked_listing(f"reading the rows of org {org_id!r}",
+                                  q(f"SELECT {SECRET_COLUMNS} FROM tenant_secrets WHERE "
+                                    "org_id = ? ORDER BY key_type, version"), secret_from_db)
+        keys = {}
+        for kind, spec, created, stored in q("SELECT kind, spec, created_at, checksum FROM "
+                                             "customer_keys WHERE org_id = ?"):
+            if checksum("customer_keys", (org_id, kind, spec, created)) != stored:
+                raise corrupt(("customer_keys", org_id),
+                              f"store row of org {org_id!r} ({kind} registration) failed its "
+                              "integrity check", "register the key again")
+            keys[str(kind)] = (str(spec), float(created))
+        uploads = {}
+        for sha, at, stored in q("SELECT ciphertext_sha256, uploaded_at, checksum FROM "
+                                 "byok_uploads WHERE org_id = ?"):
+            if checksum("byok_uploads", (org_id, sha, at)) != stored:
+                raise corrupt(("byok_uploads", org_id),
+                              f"store row of org {org_id!r} (BYOK upload {sha[:16]}...) failed "
+                              "its integrity check", "restore it from a backup")
+            uploads[str(sha)] = float(at)
+        _, created, _, generation, state, seal = org[0]
+        return OrgRows(org_id, org_type, float(created),
+                       None if generation is None else int(generation), state,
+                       bytes_or_none(seal), tuple(secrets), keys, uploads)
+
+    def _verify_sealed(self, conn, org_id: str, sealer: Sealer | None) -> None:
+        if sealer is not None:
+            sealer.verify(self._org_rows(conn, org_id))
+
+    def _reseal(self, conn, org_id: str, sealer: Sealer | None,
+                fresh: set[tuple[str, int]] | None = None) -> Resealed | None:
+        """Inside a write: the org's next generation, every surviving blob re-wrapped and the
+        state sealed; the generation is compare-and-swapped, so two writers never both win."""
+        if sealer is None:
+            return None
+        self._token_lock(conn)
+        rows = self._org_rows(conn, org_id)
+        out = sealer.reseal(rows, frozenset(fresh or ()))
+        for row in rows.secrets:
+            if row.state != "DESTROYED":
+                self._update_secret(conn, row, dataclasses.replace(
+                    row, wrapped=out.wrapped[(row.key_type, row.version)]))
+        where, params = ("generation IS NULL", ()) if rows.generation is None else \
+            ("generation = ?", (rows.generation,))
+        cur = self._x(conn, "UPDATE orgs SET generation = ?, sealed_state = ?, seal = ? "
+                            f"WHERE org_id = ? AND {where}",
+                      (out.generation, out.sealed_state, out.seal, org_id, *params))
+        if cur.rowcount != 1:
+            raise Conflict(f"org {org_id!r}: its state changed during the transaction "
+                           f"(generation {rows.generation} is no longer current)")
+        self.db.checkpoint("reseal:updated")
+        return out
+
+    def _token_lock(self, conn) -> None:
+        if self.db.backend.token_lock:
+            self._x(conn, self.db.backend.token_lock)
+
+    def under_token_lock(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` while no other node writes an org KEK (kms.sealing: the token's writers
+        take turns, so each sees the others' objects)."""
+        def body(conn):
+            self._token_lock(conn)
+            return fn()
+        return self.db.write("write org keys", body)
+
+    def under_org_lock(self, org_id: str, fn: Callable[[int | None], Any]) -> Any:
+        """``fn(the org's committed generation)`` while holding the org's write lock (the
+        start-up sweep: a change in flight on another node is waited for)."""
+        def body(conn):
+            self._lock_org(conn, org_id)
+            self._token_lock(conn)
+            g = self._x(conn, "SELECT generation FROM orgs WHERE org_id = ?",
+                        (org_id,)).fetchone()[0]
+            return fn(None if g is None else int(g))
+        return self.db.write("settle org keys", body)
+
+    def seal_unsealed(self, org_id: str, sealer: Sealer) -> bool:
+        """Seal an org of a store made before sealing (its blobs are all fresh); False if it
+        was sealed already (by another node)."""
+        def body(conn):
+            self._lock_org(conn, org_id)
+            rows = self._org_rows(conn, org_id)
+            if rows.generation is not None:
+                return False
+            self._reseal(conn, org_id, sealer, {(r.key_type, r.version) for r in rows.secrets
+                                                 if r.state != "DESTROYED"})
+            return True
+        return bool(self.db.write("seal org", body))
+
     # ------------------------------------------------------------------ customer keys
-    def put_customer_key(self, org_id: str, kind: str, spec: dict, *, now: float) -> None:
+    def put_customer_key(self, org_id: str, kind: str, spec: dict, *, now: float,
+                         sealer: Sealer | None = None) -> None:
         """Register (or replace) the org's EKM root key or BYOK certificate: public parameters
         only, as JSON."""
         checks.text("org id", org_id)
@@ -289,11 +451,13 @@ class Store:
 
         def body(conn):
             self._lock_org(conn, org_id)
+            self._verify_sealed(conn, org_id, sealer)
             self._x(conn, "DELETE FROM customer_keys WHERE org_id = ? AND kind = ?",
                     (org_id, kind))
             values = (org_id, kind, text, now)
             self._x(conn, "INSERT INTO customer_keys (org_id, kind, spec, created_at, checksum) "
                           "VALUES (?, ?, ?, ?, ?)", (*values, checksum("customer_keys", values)))
+            self._reseal(conn, org_id, sealer)
         self.db.write("register customer key", body)
 
     def customer_key(self, org_id: str, kind: str) -> dict | None:
@@ -432,7 +596,8 @@ class Store:
         return [{**row.as_dict(), "checksum": secret_checksum(row)}
                 for row in self.secrets(org_id)]
 
-    def import_rows(self, org_id: str, rows: list[dict]) -> None:
+    def import_rows(self, org_id: str, rows: list[dict], *,
+                    sealer: Sealer | None = None) -> None:
         """Insert exported rows into an existing org, all in one transaction or none. Refuses a
         version that already exists, a row of another org, a row failing its checksum, an
         inconsistent row, or a second ACTIVE secret for a key type."""
@@ -453,6 +618,7 @@ class Store:
 
         def body(conn):
             self._lock_org(conn, org_id)
+            self._verify_sealed(conn, org_id, sealer)
             existing = self._x(conn, "SELECT key_type, version, state FROM tenant_secrets "
                                      "WHERE org_id = ?", (org_id,)).fetchall()
             have = {(kt, int(v)) for kt, v, _ in existing}
@@ -472,6 +638,8 @@ class Store:
             for r in parsed:
                 self._insert_secret(conn, r)
             self.db.checkpoint("import_rows:inserted")
+            self._reseal(conn, org_id, sealer,
+                         {(r.key_type, r.version) for r in parsed if r.state != "DESTROYED"})
         self.db.write("import rows", body)
 
 

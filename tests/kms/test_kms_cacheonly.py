@@ -159,7 +159,7 @@ def test_mtls_is_enforced_and_tls_verified(env):
     _add_key(env, "shop-k2")
     row = _register(env, "shop-k2")
     d = json.loads(env.node._tenant_secret(row))
-    for bad in ({"client_cert": None, "client_key": None}, {"ca": None}):
+    for bad in ({"client_cert": None, "client_key": None}, {"ca": None, "ca_pem": None}):
         env.node._cache_only_availability = None
         with pytest.raises(KeyUnavailable) as info:
             cacheonly.dek(env.node, row, {**d, **bad})
@@ -278,7 +278,7 @@ def test_each_refusal_has_its_own_code(env, crafted, case):
     fake = _Row("shop", "field", 999)
     with pytest.raises(KeyUnavailable) as info:
         cacheonly.dek(env.node, fake, {"kind": "cache-only", "url": crafted, "kid": "shop-x",
-                                       "ca": str(env.server.ca)})
+                                       "ca_pem": env.server.ca.read_text()})
     assert info.value.code == case.split()[0]
     assert "key unavailable" in str(info.value)
 
@@ -289,7 +289,7 @@ def test_a_hand_made_jwe_with_a_256_bit_cek_opens(env, crafted):
                                                                        os.urandom(32)))
     env.node._cache_only_availability = None
     assert len(cacheonly.dek(env.node, _Row("shop", "field", 996), {
-        "kind": "cache-only", "url": crafted, "kid": "shop-w", "ca": str(env.server.ca)})) == 32
+        "kind": "cache-only", "url": crafted, "kid": "shop-w", "ca_pem": env.server.ca.read_text()})) == 32
 
 
 def test_a_jwe_for_another_orgs_key_does_not_open(env, crafted, other_cert):
@@ -298,7 +298,7 @@ def test_a_jwe_for_another_orgs_key_does_not_open(env, crafted, other_cert):
     env.node._cache_only_availability = None
     with pytest.raises(KeyUnavailable) as info:
         cacheonly.dek(env.node, _Row("shop", "field", 998), {
-            "kind": "cache-only", "url": crafted, "kid": "shop-y", "ca": str(env.server.ca)})
+            "kind": "cache-only", "url": crafted, "kid": "shop-y", "ca_pem": env.server.ca.read_text()})
     assert info.value.code == "ILLEGAL_JWE"
 
 
@@ -309,7 +309,7 @@ def test_basic_auth_comes_from_the_named_environment_variable(env, crafted, monk
             return 401, b""
         return _ok(kid, nonce, _jwe(env, kid, nonce))
     _Crafted.respond = check
-    d = {"kind": "cache-only", "url": crafted, "kid": "shop-b", "ca": str(env.server.ca),
+    d = {"kind": "cache-only", "url": crafted, "kid": "shop-b", "ca_pem": env.server.ca.read_text(),
          "basic_auth_env": "SHOP_KEYSERVICE_AUTH"}
     env.node._cache_only_availability = None
     with pytest.raises(KeyUnavailable) as info:      # the variable is not set
@@ -335,7 +335,7 @@ def test_a_slow_key_service_is_bounded_by_the_timeout(env, crafted):
     started = time.monotonic()
     with pytest.raises(KeyUnavailable) as info:
         cacheonly.dek(env.node, _Row("shop", "field", 997), {
-            "kind": "cache-only", "url": crafted, "kid": "shop-z", "ca": str(env.server.ca)})
+            "kind": "cache-only", "url": crafted, "kid": "shop-z", "ca_pem": env.server.ca.read_text()})
     assert info.value.code == "UNREACHABLE"
     assert time.monotonic() - started < 4.0
 
@@ -374,7 +374,7 @@ def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, c
             with pytest.raises(KeyUnavailable) as info:
                 cacheonly.dek(env.node, _Row("shop", "field", 994), {
                     "kind": "cache-only", "url": crafted, "kid": "shop-r",
-                    "ca": str(env.server.ca), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
+                    "ca_pem": env.server.ca.read_text(), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
             assert info.value.code == "REDIRECT" and f"HTTP {status}" in str(info.value)
         time.sleep(0.5)
     finally:

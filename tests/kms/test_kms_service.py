@@ -384,6 +384,41 @@ def test_node_reimports_after_its_sessions_are_closed_behind_its_back(node):
     assert sdk.decrypt("survivor", sdk.encrypt("survivor", b"new")) == b"new"
 
 
+def test_hit_path_keeps_its_row_until_any_other_connection_writes(node, kit):
+    """The hit path reads nothing from the store while SQLite's data_version stands still, and
+    sees at once a destroy made by another process and a database writer's edit
+    (kms.rowcache: the org's head is read again)."""
+    node.create_tenant("rows", "production")
+    node.generate_secret("rows")
+    version, _, dek = node.dek_for_encrypt("rows")
+    assert node.dek_for_decrypt("rows", "field", version) == dek
+    reads = node.rows.reads
+    for _ in range(20):
+        assert node.dek_for_encrypt("rows")[2] == dek
+        assert node.dek_for_decrypt("rows", "field", version) == dek
+    assert node.rows.reads == reads            # forty answers, no store read
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+    proc = run_cli("kms", "--config", node.config.path, "tenant", "destroy", "--org", "rows",
+                   "--version", version, env=env)      # another process, another connection
+    assert proc.returncode == 0, proc.stderr
+    with pytest.raises(KeyDestroyed):          # the very next request, no wait
+        node.dek_for_decrypt("rows", "field", version)
+    with pytest.raises(KmsError, match="no usable field secret"):
+        node.dek_for_encrypt("rows")
+    # a database writer's edit is a write too: the next request reads the org's head again
+    node.create_tenant("rows2", "production")
+    node.generate_secret("rows2")
+    assert node.dek_for_decrypt("rows2", "field", 1)
+    assert node.dek_for_decrypt("rows2", "field", 1)
+    reads = node.rows.reads
+    _delete_row(node, "rows2", 1)              # behind the node's back (its sealed view decides)
+    try:
+        node.dek_for_decrypt("rows2", "field", 1)
+    except KmsError:
+        pass
+    assert node.rows.reads == reads + 1
+
+
 def test_cli_lookalikes_of_bundles_orgs_and_outputs_are_refused_in_one_line(kit, release,
                                                                             tmp_path):
     """A FIFO and a link to /dev/zero named like bundles are refused (they once hung the

@@ -97,7 +97,7 @@ def raw(url: str, sql: str, params=()) -> list:
 
 
 # 0001_initial and 0002_customer_keys (issue 9).
-N_MIGRATIONS = 2
+N_MIGRATIONS = 3
 
 
 def by_version(rows):
@@ -111,7 +111,7 @@ def test_open_migrates_once_and_reopens(store_url):
     with Store.open(store_url) as s:
         assert s.schema_version() == N_MIGRATIONS
     rows = raw(store_url, "SELECT version, name, sha256 FROM schema_migrations ORDER BY version")
-    assert [(v, n) for v, n, _ in rows] == [(1, "initial"), (2, "customer_keys")]
+    assert [(v, n) for v, n, _ in rows] == [(1, "initial"), (2, "customer_keys"), (3, "org_seal")]
     assert [r[2] for r in rows] == [m.sha256 for m in load_migrations()]
 
 
@@ -126,27 +126,27 @@ def test_concurrent_first_open_applies_each_migration_once(store_url):
 def test_migration_is_atomic_and_edits_or_newer_schemas_are_refused(store_url, tmp_path):
     mig = tmp_path / "migrations"
     shutil.copytree(MIGRATIONS_DIR, mig)
-    (mig / "0003_broken.sql").write_text(
+    (mig / "0004_broken.sql").write_text(
         "CREATE TABLE extra (x TEXT);\nINSERT INTO extra (x) VALUES ('half');\n"
         "CREATE TABLE broken (;\n")
-    with pytest.raises(KmsError, match="0003_broken failed .nothing of it applied"):
+    with pytest.raises(KmsError, match="0004_broken failed .nothing of it applied"):
         Store.open(store_url, migrations_dir=mig)
-    # Migrations 1-2 committed; nothing of migration 3 did.
-    assert raw(store_url, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,)]
+    # Migrations 1-3 committed; nothing of migration 4 did.
+    assert raw(store_url, "SELECT version FROM schema_migrations ORDER BY version") == [(1,), (2,), (3,)]
     with Store.open(store_url) as s:
-        assert s.schema_version() == 2
+        assert s.schema_version() == 3
     with pytest.raises(MISSING_TABLE):
         raw(store_url, "SELECT * FROM extra")
 
-    # A fixed migration 3 applies; then the code without it refuses the newer store.
-    (mig / "0003_broken.sql").write_text("CREATE TABLE extra (x TEXT);\n")
+    # A fixed migration 4 applies; then the code without it refuses the newer store.
+    (mig / "0004_broken.sql").write_text("CREATE TABLE extra (x TEXT);\n")
     with Store.open(store_url, migrations_dir=mig) as s:
-        assert s.schema_version() == 3
+        assert s.schema_version() == 4
     with pytest.raises(KmsError, match="newer than this code"):
         Store.open(store_url)
     # Editing an applied migration is detected.
-    (mig / "0003_broken.sql").write_text("CREATE TABLE extra (x TEXT, y TEXT);\n")
-    with pytest.raises(KmsError, match="0003_broken was changed after it was applied"):
+    (mig / "0004_broken.sql").write_text("CREATE TABLE extra (x TEXT, y TEXT);\n")
+    with pytest.raises(KmsError, match="0004_broken was changed after it was applied"):
         Store.open(store_url, migrations_dir=mig)
 
 

@@ -77,11 +77,12 @@ def node(service_kit, drip):
         for org in DRIPPING:
             if org.startswith("dripping-co"):
                 local.add_remote(org, "field", lambda v: {
-                    "kind": "cache-only", "url": url, "kid": "k1", "ca": str(pki.ca)})
+                    "kind": "cache-only", "url": url, "kid": "k1", "ca_pem": pki.ca.read_text()})
                 continue
-            local.store.put_customer_key(org, "ekm", {
+            local.put_customer_key(org, "ekm", {   # sealed, with the CA's bytes
                 "key_id": "arn:aws:kms:eu-west-1:111122223333:key/drip", "endpoint_url": url,
-                "aws_region": "eu-west-1", "ca_bundle": str(pki.ca)}, now=local.clock())
+                "aws_region": "eu-west-1", "ca_bundle": str(pki.ca),
+                "ca_pem": pki.ca.read_text()})
             local.add_remote(org, "field", lambda v: {
                 "kind": "ekm", "key_id": "arn:aws:kms:eu-west-1:111122223333:key/drip",
                 "blob": base64.b64encode(os.urandom(64)).decode()})
@@ -136,7 +137,7 @@ def test_the_deadline_is_total_not_per_read(drip, tmp_path):
     url, pki, _ = drip
     t0 = time.monotonic()
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.fetch({"url": url, "kid": "k1", "ca": str(pki.ca)}, "0" * 32)
+        cacheonly.fetch({"url": url, "kid": "k1", "ca_pem": pki.ca.read_text()}, "0" * 32)
     took = time.monotonic() - t0
     assert info.value.code == "UNREACHABLE" and "TimeoutError" in str(info.value)
     assert 2.5 < took < 4.5, took
@@ -192,7 +193,7 @@ def test_an_aws_endpoint_redirecting_to_http_is_refused_and_nothing_reaches_it(t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     spec = {"key_id": "arn:aws:kms:eu-west-1:111122223333:key/r", "aws_region": "eu-west-1",
             "endpoint_url": f"https://127.0.0.1:{server.server_address[1]}",
-            "ca_bundle": str(pki.ca)}
+            "ca_bundle": str(pki.ca), "ca_pem": pki.ca.read_text()}
     try:
         with pytest.raises(KeyUnavailable) as info:
             ekm._aws("redirected", spec, "Decrypt", {"CiphertextBlob": "AAAA",

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from kms.client import KmsClient, ServiceError, Unavailable
+from kms import rowcache
 from kms.errors import KeyDestroyed
 from tests.helpers import start_threads
 
@@ -63,13 +64,58 @@ def test_a_destroy_on_node_a_is_refused_on_node_b_and_purges_b_cache(service_kit
     entries_before = _metric(b, "kms_cache_entries")
     remote_before = _metric(b, "kms_remote_invalidations_total")
     admin.destroy("cross", "field", 1)
-    # refused on B on the very next request: B reads the row, whatever its cache holds
+    # refused on B within the bound: B keeps a row it read at most rowcache.MAX_AGE seconds,
+    # and no longer once A's announcement arrives; past the bound, whatever B's cache holds
+    time.sleep(rowcache.MAX_AGE)
     with pytest.raises(KeyDestroyed):
         on_b.dek_for_decrypt("cross", "field", 1)
     # and B's cache dropped the entry because A announced it
     _wait(lambda: _metric(b, "kms_remote_invalidations_total") > remote_before,
           "B received A's invalidation")
     assert _metric(b, "kms_cache_entries") < entries_before
+
+
+def _kill_listeners(url: str) -> int:
+    """pg_terminate_backend on every node's LISTEN connection; how many were killed."""
+    import psycopg
+    with psycopg.connect(url, autocommit=True) as conn:
+        return len(conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+            "'hsm-suite-kms-invalidation' AND query LIKE 'LISTEN%'").fetchall())
+
+
+def test_the_destroy_bound_holds_while_b_cannot_hear_a(service_kit, region):
+    """B serves a DEK from its cache with the org's head kept fresh; A destroys the key while B's
+    LISTEN connection is being killed (the announcement may be lost). Once the bound
+    (rowcache.MAX_AGE) has passed since the destroy, B refuses - whether its listener noticed
+    the loss, reconnected, or heard nothing at all."""
+    a, b, url = region
+    admin = _client(service_kit, [a.url], "admin")
+    on_b = _client(service_kit, [b.url])
+    for trial in range(3):
+        org = f"deaf-{trial}"
+        admin.create_tenant(org)
+        dek = on_b.dek_for_decrypt(org, "field", 1)
+        assert on_b.dek_for_decrypt(org, "field", 1) == dek     # kept head, cached DEK
+        assert _kill_listeners(url) >= 1
+        admin.destroy(org, "field", 1)
+        time.sleep(rowcache.MAX_AGE)
+        with pytest.raises(KeyDestroyed):
+            on_b.dek_for_decrypt(org, "field", 1)
+    # the listeners come back (and flush their caches)
+    for n in (a, b):
+        _wait(lambda n=n: n.call("GET", "/readyz")[0] == 200, "listener back")
+    # a destroy nobody announces (made by a node library in this process, which sends no
+    # NOTIFY; B's listener connected and hearing nothing): refused once the bound has passed,
+    # by age alone
+    admin.create_tenant("deaf-silent")
+    dek = on_b.dek_for_decrypt("deaf-silent", "field", 1)
+    assert on_b.dek_for_decrypt("deaf-silent", "field", 1) == dek
+    with service_kit.local_node(a.config) as silent:
+        silent.destroy("deaf-silent", "field", 1)
+    time.sleep(rowcache.MAX_AGE)
+    with pytest.raises(KeyDestroyed):
+        on_b.dek_for_decrypt("deaf-silent", "field", 1)
 
 
 def test_a_rotation_on_a_reaches_b_through_the_store(service_kit, region):
