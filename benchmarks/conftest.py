@@ -76,3 +76,23 @@ def bench_reports(request, softhsm_module):
         return cache[name]
 
     return get
+
+
+# --------------------------------------------------------------------------- the closing summary
+def pytest_sessionstart(session):
+    session.config._bench_started = time.time()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """After pytest-benchmark's tables: each ratio this run wrote, against its target."""
+    from _summary import lines
+    out = Path(config.rootpath) / "var" / "bench"
+    started = getattr(config, "_bench_started", 0.0)
+    files = [p for p in out.glob("*.json") if p.stat().st_mtime >= started] \
+        if out.is_dir() else []
+    found = lines(files)
+    if found:
+        terminalreporter.section("ratios against their targets (var/bench/*.json)")
+        for line in found:
+            terminalreporter.write_line(line)

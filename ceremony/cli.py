@@ -25,6 +25,7 @@ from hsm.files import write_new
 from hsm import export, policy
 
 from . import approvals, environment, officers, plan as plans, runner
+from .errors import ApprovalError
 from .transcript import Transcript
 
 STEP_DETAILS = {
@@ -126,6 +127,7 @@ def cmd_approve(args) -> int:
         if opened is None:
             raise UsageError(f"ceremony not opened in {p.output_dir}", hint="give --nonce")
         nonce = bytes.fromhex(opened["data"]["nonce"])
+    _check_before_approving(p, nonce, args.officer)
     with officers.signer_of(args) as signer:
         approval = approvals.sign(p, nonce, args.officer, signer=signer)
     out = Path(args.out) if args.out else p.output_dir / runner.APPROVALS_DIR / \
@@ -134,6 +136,30 @@ def cmd_approve(args) -> int:
     print(f"{args.officer} approved plan {p.digest.hex()[:16]}... nonce {nonce.hex()[:16]}... "
           f"-> {out}")
     return 0
+
+
+def _check_before_approving(p: plans.Plan, nonce: bytes, officer: str) -> None:
+    """Refuse an approval that could never count *before* it is written: a written file takes
+    the officer's name in approvals/, and their real approval would then be refused as
+    "already exists"."""
+    listed = {o.name: o.role for o in p.officers}
+    if officer in listed and listed[officer] != "crypto-officer":
+        raise ApprovalError(f"{officer!r} is a {listed[officer]} in the plan; only crypto "
+                            "officers approve", hint="nothing was written")
+    if len(nonce) != 32:
+        raise UsageError(f"--nonce has {len(nonce)} bytes; a ceremony nonce has 32 (64 hex "
+                         "digits)", hint="copy the nonce `ceremony open` printed; nothing was "
+                                         "written")
+    opened = Transcript(p.output_dir).find("open") if p.output_dir.is_dir() else None
+    if opened is not None:
+        if opened["data"]["plan_digest"] != p.digest.hex():
+            raise ApprovalError(f"{p.output_dir} holds a ceremony of another plan (or this "
+                                "plan changed after it was opened)", hint="nothing was written")
+        if nonce.hex() != opened["data"]["nonce"]:
+            raise ApprovalError(f"--nonce is not the nonce of the ceremony opened in "
+                                f"{p.output_dir} ({opened['data']['nonce'][:16]}...)",
+                                hint="approve this run's nonce (omit --nonce to use it); "
+                                     "nothing was written")
 
 
 def cmd_run(args) -> int:

@@ -210,8 +210,9 @@ def load(path: str | Path) -> Plan:
     output_dir = base / chk.take(cer, "output_dir", str, "ceremony")
     release = chk.take(cer, "release", str, "ceremony", required=ctype != "regional-enrollment")
     if release is not None and not RELEASE_ID.fullmatch(release):
-        raise chk.fail("ceremony.release", "a release id is dotted numbers, e.g. '42' or "
-                       "'2026.11' (releases are ordered by these numbers)")
+        raise chk.fail("ceremony.release", "a release id is 1 to 4 dotted numbers of at most 9 "
+                       "digits, e.g. '42' or '2026.11' (releases are ordered by these numbers "
+                       "and only move up)")
     chk.done(cer, "ceremony")
 
     prim = chk.required_table(top, "primary")

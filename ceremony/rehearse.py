@@ -34,6 +34,10 @@ from .transcript import Transcript
 from .verify import verify_directory
 
 
+_USER_PIN_VAR = "HSM_SUITE_REHEARSAL_PIN"
+_SO_PIN_VAR = "HSM_SUITE_REHEARSAL_SO_PIN"
+
+
 def _toml_value(value) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -70,6 +74,21 @@ def rehearse(plan_path: Path, log=print) -> dict:
                             "fresh process (the `ceremony rehearse` command)")
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     work = Path(tempfile.mkdtemp(prefix=f"rehearsal-{plan.id}-"))
+    out_dir = plan.output_dir.with_name(f"{plan.output_dir.name}-PRACTICE-{stamp}")
+    done = False
+    try:
+        result = _rehearse(plan, work, out_dir, stamp, log)
+        done = True
+        return result
+    finally:
+        # The throw-away tokens (practice secrets nobody should reuse) and the work directory
+        # always go; a failed rehearsal leaves no half-made PRACTICE directory either.
+        shutil.rmtree(work, ignore_errors=True)
+        if not done:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _rehearse(plan: plans.Plan, work: Path, out_dir: Path, stamp: str, log) -> dict:
     conf = softhsm.write_config(work / "softhsm2.conf", work / "tokens")
     os.environ["SOFTHSM2_CONF"] = str(conf)
     mod = modules.load(modules.DEFAULT_MODULE)
@@ -94,7 +113,6 @@ def rehearse(plan_path: Path, log=print) -> dict:
     for officer in raw["officers"]:
         keys[officer["name"]] = work / "officers" / f"{officer['name']}.key"
         officer["approval_key"] = approvals.new_key(keys[officer["name"]])
-    out_dir = plan.output_dir.with_name(f"{plan.output_dir.name}-PRACTICE-{stamp}")
     raw["ceremony"]["practice"] = True
     raw["ceremony"]["output_dir"] = str(out_dir.resolve())
     raw["primary"] = {"signing_certificate": str(pki / "primary-signing.pem"),
@@ -106,8 +124,12 @@ def rehearse(plan_path: Path, log=print) -> dict:
     derived.write_text(f"# Rehearsal of {plan.path} (digest {plan.digest.hex()}), {stamp}\n"
                        + render(raw))
     practice = plans.load(derived)
-    os.environ["HSM_PIN"], os.environ["HSM_SO_PIN"] = user_pin.reveal(), so_pin.reveal()
-    runner = Runner(practice, environment.Environment(primary_token="primary"), log=log)
+    # Named sources, not HSM_PIN: a shell that sourced var/demo-pins.env has HSM_PIN_PRIMARY,
+    # which would win over HSM_PIN for a token labelled "primary" (and be the wrong PIN here).
+    os.environ[_USER_PIN_VAR], os.environ[_SO_PIN_VAR] = user_pin.reveal(), so_pin.reveal()
+    env = environment.Environment(primary_token="primary", user_pin_source=f"env:{_USER_PIN_VAR}",
+                                  so_pin_source=f"env:{_SO_PIN_VAR}")
+    runner = Runner(practice, env, log=log)
     nonce = runner.open()
     folder = practice.output_dir / "approvals"
     folder.mkdir(exist_ok=True)
@@ -135,6 +157,5 @@ def rehearse(plan_path: Path, log=print) -> dict:
     # destroy the throw-away tokens: they hold practice secrets nobody should reuse.
     shutil.copy(pki / "primary-signing.pem",
                 practice.output_dir / "PRACTICE-primary-signing.pem")
-    shutil.rmtree(work / "tokens", ignore_errors=True)
     result.update({"output_dir": str(practice.output_dir), "plan_digest": plan.digest.hex()})
     return result

@@ -31,6 +31,7 @@ from release.canonical import canonical
 from release.ids import release_key
 
 from . import approvals as approvals_mod
+from . import lock
 from .environment import Environment
 from .errors import CeremonyError, ResumeError
 from .plan import Plan
@@ -101,6 +102,10 @@ class Runner:
         """Create the output directory and the journal's first record with a fresh nonce.
         Re-opening the same plan returns the recorded nonce (approvals stay valid)."""
         self.out.mkdir(parents=True, exist_ok=True)
+        with lock.exclusive(self.plan.path, self.out):
+            return self._open()
+
+    def _open(self) -> bytes:
         tr = Transcript(self.out)
         first = tr.find("open")
         if first is not None:
@@ -124,6 +129,23 @@ class Runner:
 
     # ------------------------------------------------------------------------- run
     def run(self) -> Transcript:
+        """Perform (or resume) the steps, holding the plan, the output directory and the
+        primary token for the whole run (:mod:`ceremony.lock`)."""
+        if not self.out.is_dir():
+            raise ResumeError(f"ceremony not opened in {self.out}",
+                              hint="run `ceremony open PLAN` first, then collect approvals")
+        with lock.exclusive(self.plan.path, self.out, self._token_identity()):
+            return self._run()
+
+    def _token_identity(self) -> tuple[str, str, str]:
+        """(module, serial, label) of the primary, found without logging in."""
+        from hsm import module as modules
+        from hsm.token import find_token
+        mod = modules.load(self.env.module, self.env.module_params)
+        found = find_token(mod, label=self.env.primary_token)
+        return mod.path, found.serial.decode("ascii", "replace"), found.label
+
+    def _run(self) -> Transcript:
         tr = Transcript(self.out)
         if tr.find("open") is None:
             raise ResumeError(f"ceremony not opened in {self.out}",
@@ -174,7 +196,8 @@ class Runner:
             if self._user_pin is None:
                 self._user_pin = pins.resolve(self.env.user_pin_source, default_env="HSM_PIN",
                                               token_label=self.env.primary_token,
-                                              prompt="Primary HSM user PIN: ")
+                                              prompt="Primary HSM user PIN: ",
+                                              option="user_pin_source in the --env file")
             self._token = Token.open(self.env.primary_token, module=self.env.module,
                                      parameters=self.env.module_params, pin=self._user_pin)
             self._check_primary_keys(self._token)
@@ -207,7 +230,8 @@ class Runner:
         self._close_user_token()
         so_pin = pins.resolve(self.env.so_pin_source, default_env="HSM_SO_PIN",
                               token_label=self.env.primary_token,
-                              prompt="Primary HSM security officer PIN: ")
+                              prompt="Primary HSM security officer PIN: ",
+                              option="so_pin_source in the --env file")
         return Token.open(self.env.primary_token, module=self.env.module,
                           parameters=self.env.module_params, pin=so_pin, so=True)
 

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from . import fingerprint as fp
@@ -29,11 +30,18 @@ def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> Non
     p.add_argument("--serial", help="select the token by serial as well")
     cliutil.add_module_args(p)
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="where the user PIN comes from (default: $HSM_PIN, else a prompt)")
+                   help="where the user PIN comes from (default: $HSM_PIN_<LABEL>, the label "
+                        "upper-cased with '-' as '_', else $HSM_PIN, else a prompt)")
 
 
 def _open_token(args, *, login: bool = True) -> Token:
     return cliutil.open_token(args, login=login)
+
+
+def _progress(message: str) -> None:
+    """What a long operation is doing, as it starts (stdout, before the result; stderr stays
+    the one line of an error)."""
+    print(message, flush=True)
 
 
 def _print_outcomes(outcomes) -> None:
@@ -85,7 +93,8 @@ def cmd_init_primary(args) -> int:
     with _open_token(args) as token:
         outcomes = provision.init_primary(token, Path(args.out), signing=args.signing,
                                           organization=args.org,
-                                          allow_weak_token=args.allow_weak_token)
+                                          allow_weak_token=args.allow_weak_token,
+                                          progress=_progress)
     _print_outcomes(outcomes)
     return 0
 
@@ -93,7 +102,8 @@ def cmd_init_primary(args) -> int:
 def cmd_init_regional(args) -> int:
     with _open_token(args) as token:
         outcome = provision.init_regional(token, args.region, Path(args.out),
-                                          allow_weak_token=args.allow_weak_token)
+                                          allow_weak_token=args.allow_weak_token,
+                                          progress=_progress)
         audit_key, _ = provision.init_audit_key(token, allow_weak_token=args.allow_weak_token)
     _print_outcomes([outcome, audit_key])
     print("Read the encryption key's fingerprint to the primary officer; they type it into "
@@ -273,9 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True)
     cliutil.add_module_args(p)
     p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="SO PIN source (default: $HSM_SO_PIN, else a prompt)")
+                   help="SO PIN source (default: $HSM_SO_PIN_<LABEL>, else $HSM_SO_PIN, else a "
+                        "prompt)")
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
-                   help="user PIN source (default: $HSM_PIN, else a prompt)")
+                   help="user PIN source (default: $HSM_PIN_<LABEL>, else $HSM_PIN, else a "
+                        "prompt)")
     p.set_defaults(func=cmd_init_token)
 
     p = sub.add_parser("init-primary", help="signing + encryption key pairs and certificates")

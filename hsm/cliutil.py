@@ -60,6 +60,10 @@ def open_token(args: argparse.Namespace, *, login: bool = True, pin_prompt: str 
         pin_source = pin_source or parsed.pin_source
     user_pin = None
     if login:
+        # A missing token is said to be missing, not asked for its PIN first.
+        from . import module as modules
+        from .token import find_token
+        find_token(modules.load(module, params), label=label, serial=serial)
         user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
                                 prompt=pin_prompt or f"User PIN for token {label or serial}: ")
     return Token.open(label, serial=serial, module=module, parameters=params, pin=user_pin)

@@ -94,8 +94,9 @@ SESSION_LOST = (p11x.SessionHandleInvalid, p11x.SessionClosed, p11x.UserNotLogge
 STALE_HANDLE = (p11x.ObjectHandleInvalid, p11x.KeyHandleInvalid)
 
 _HINTS = {
-    "CKR_PIN_INCORRECT": "the PIN is wrong; check --pin-source / HSM_PIN (each failure counts "
-                         "towards the token's lock-out)",
+    "CKR_PIN_INCORRECT": "the PIN is wrong; check where it came from (the command's PIN source, "
+                         "HSM_PIN_<LABEL> or HSM_PIN; for the SO: HSM_SO_PIN_<LABEL> or "
+                         "HSM_SO_PIN) - each failure counts towards the token's lock-out",
     "CKR_PIN_LOCKED": "the PIN is locked after too many failures; the security officer must "
                       "reset it (softhsm2-util cannot unlock: re-initialise a SoftHSM2 token)",
     "CKR_USER_PIN_NOT_INITIALIZED": "the user PIN was never set; initialise the token with "
@@ -219,12 +220,12 @@ def check_rv(rv: int) -> None:
 
 
 def from_rv(rv: int, *, operation: str, token: str | None = None,
-            object_label: str | None = None) -> HsmError:
+            object_label: str | None = None, hint: str | None = None) -> HsmError:
     """The project exception for a raw CKR value returned by a ctypes call."""
     ckr = CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}")
     return _class_for(ckr)(f"{operation} failed", operation=operation, token=token,
                            object_label=object_label, ckr=ckr, ckr_value=rv,
-                           hint=_HINTS.get(ckr))
+                           hint=hint or _HINTS.get(ckr))
 
 
 def from_pkcs11(exc: BaseException, *, operation: str, token: str | None = None,

@@ -73,6 +73,20 @@ def resolve(path: str) -> str:
     return os.path.realpath(path)
 
 
+def _softhsm_config_missing(real: str) -> ModuleLoadError | None:
+    """SoftHSM2 answers a missing configuration file with a bare CKR_GENERAL_ERROR (0x5): name
+    the file instead."""
+    if "softhsm" not in os.path.basename(real):
+        return None
+    conf = os.environ.get("SOFTHSM2_CONF") or "/etc/softhsm/softhsm2.conf"
+    if os.path.isfile(conf):
+        return None
+    where = "SOFTHSM2_CONF names" if os.environ.get("SOFTHSM2_CONF") else "SoftHSM2 reads"
+    return ModuleLoadError(f"{where} {conf}, which does not exist",
+                           hint="point SOFTHSM2_CONF at the configuration file (the demo's: "
+                                "var/softhsm2.conf, after `make demo`)")
+
+
 def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedModule:
     """Return the process-wide loaded module for ``path``, initialising it on first use.
 
@@ -101,7 +115,7 @@ def load(path: str = DEFAULT_MODULE, parameters: str | None = None) -> LoadedMod
             raw.finalize()
             rv = raw.initialize(parameters)
         if rv not in (_cryptoki.CKR_OK, _cryptoki.CKR_CRYPTOKI_ALREADY_INITIALIZED):
-            raise ModuleLoadError(
+            raise _softhsm_config_missing(real) or ModuleLoadError(
                 f"C_Initialize of {real} failed with CKR 0x{rv:x}",
                 hint="NSS softokn needs its parameter string (configdir=...)"
                 if rv == 0x7 else None)

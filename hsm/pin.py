@@ -72,8 +72,22 @@ def token_env(default_env: str, label: str) -> str:
                                        for c in label.upper())
 
 
+def wrong_pin_hint(label: str | None, *, so: bool = False) -> str:
+    """Where the PIN that was just refused came from, named by each command's own option."""
+    if so:
+        kind, env, given = ("security officer (SO) PIN", "HSM_SO_PIN",
+                            "hsm: --so-pin-source; ceremony: so_pin_source in the --env file")
+    else:
+        kind, env, given = ("user PIN", "HSM_PIN", "hsm: --pin-source; kms: pin_source in the "
+                            "node configuration; ceremony: user_pin_source in the --env file")
+    names = ([token_env(env, label)] if label else []) + [env]
+    return (f"the {kind} is wrong; it was read from the PIN source the command was given "
+            f"({given}), else from " + ", else ".join(f"${n}" for n in names)
+            + " (each failure counts towards the token's lock-out)")
+
+
 def resolve(source: str | None, *, default_env: str, prompt: str,
-            token_label: str | None = None) -> Pin:
+            token_label: str | None = None, option: str | None = None) -> Pin:
     """A PIN from ``source``, else ``$<default_env>_<LABEL>`` (each token its own PIN), else
     ``$default_env``, else a terminal prompt.
 
@@ -89,5 +103,6 @@ def resolve(source: str | None, *, default_env: str, prompt: str,
             return Pin(value)
     if sys.stdin is not None and sys.stdin.isatty():
         return Pin(getpass.getpass(prompt))
+    option = option or ("--so-pin-source" if "SO_PIN" in default_env else "--pin-source")
     raise PinError(f"no PIN available for: {prompt.rstrip(': ')}",
-                   hint="give --pin-source env:VAR|file:PATH or set " + " or ".join(names))
+                   hint=f"give {option} env:VAR|file:PATH or set " + " or ".join(names))

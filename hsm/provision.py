@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from asn1crypto import keys
 from . import fingerprint as fp
 from . import x509 as certs
 from .errors import HsmError, UsageError
-from .files import write_new
+from suite import errors as suite_errors
+from suite.files import check_writable, write_new
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import (DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_AUDIT_SIGNING,
                     REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole)
@@ -70,10 +72,14 @@ class Outcome:
 
 
 def _ensure_keypair(token: Token, role: KeyRole, label: str, *,
-                    allow_weak_token: bool = False) -> tuple[KeyPairInfo, str]:
+                    allow_weak_token: bool = False,
+                    progress: Callable[[str], None] | None = None) -> tuple[KeyPairInfo, str]:
     info = existing_keypair(token, role, label)
     if info is not None:
         return info, "exists"
+    if progress is not None:  # RSA-4096 takes seconds on SoftHSM2, longer on some HSMs
+        kind = f"RSA-{role.bits}" if role.algorithm == "rsa" else f"EC {role.curve}"
+        progress(f"generating the {kind} key pair {label!r} in token {token.label!r}...")
     return generate_keypair(token, role, label, allow_weak_token=allow_weak_token), "created"
 
 
@@ -87,18 +93,30 @@ def _cert_matches(path: Path, spki: keys.PublicKeyInfo) -> bool:
             from None
 
 
-def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo) -> Path:
+def _write_cert_once(path: Path, make, spki: keys.PublicKeyInfo, *,
+                     key_label: str | None = None, token_label: str | None = None) -> Path:
     if path.exists():
         if not _cert_matches(path, spki):
             raise UsageError(f"{path} holds a certificate for another key",
                              hint="it is stale; move it away and run again")
         return path
-    return write_new(path, certs.to_pem(make()))
+    pem = certs.to_pem(make())
+    try:
+        return write_new(path, pem)
+    except suite_errors.UsageError as exc:  # suite.files raises the token-free kind
+        if key_label is None:
+            raise
+        # The key pair is on the token already: say so, and that a re-run adopts it (it is
+        # never generated twice) rather than leaving a key nobody knows about.
+        raise UsageError(str(exc).split(" - ")[0], hint=(
+            f"the key pair {key_label!r} stays on token {token_label!r}; fix the directory and "
+            "run the same command again: it adopts the key pair and writes the certificate")) \
+            from None
 
 
 def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
-                 organization: str = DEFAULT_ORG, allow_weak_token: bool = False
-                 ) -> list[Outcome]:
+                 organization: str = DEFAULT_ORG, allow_weak_token: bool = False,
+                 progress: Callable[[str], None] | None = None) -> list[Outcome]:
     """Signing key pair + self-signed certificate, encryption key pair + certificate."""
     _check_out_dir(out_dir)
     if signing not in SIGNING_ROLES:
@@ -111,7 +129,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
     if existing is not None:
         role = _signing_role_of(token, existing)
     sig_info, sig_status = _ensure_keypair(token, role, sign_label,
-                                           allow_weak_token=allow_weak_token)
+                                           allow_weak_token=allow_weak_token, progress=progress)
     sig_spki = certs.public_key_info(token, sig_info.public)
     root_name = certs.names(role="signing", token_label=token.label, organization=organization,
                             serial=token.serial)
@@ -122,10 +140,10 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
                             issuer_spki=sig_spki, ca=True,
                             key_usage={"key_cert_sign", "crl_sign", "digital_signature"},
                             days=CERT_DAYS["primary-signing"]),
-        sig_spki)
+        sig_spki, key_label=sign_label, token_label=token.label)
     issuer_name = certs.load_pem(sig_cert.read_bytes()).subject
     enc_info, enc_status = _ensure_keypair(token, PRIMARY_ENCRYPTION, enc_label,
-                                           allow_weak_token=allow_weak_token)
+                                           allow_weak_token=allow_weak_token, progress=progress)
     enc_spki = certs.public_key_info(token, enc_info.public)
     enc_cert = _write_cert_once(
         out_dir / f"{enc_label}.pem",
@@ -135,7 +153,7 @@ def init_primary(token: Token, out_dir: Path, *, signing: str = DEFAULT_SIGNING,
                             subject_spki=enc_spki, issuer_name=issuer_name, issuer_spki=sig_spki,
                             ca=False, key_usage={"key_encipherment"},
                             days=CERT_DAYS["primary-encryption"]),
-        enc_spki)
+        enc_spki, key_label=enc_label, token_label=token.label)
     return [Outcome("primary-signing", sign_label, sig_status, certs.fingerprint(sig_spki),
                     certificate=sig_cert),
             Outcome("primary-encryption", enc_label, enc_status, certs.fingerprint(enc_spki),
@@ -155,24 +173,27 @@ def _check_out_dir(out_dir: Path) -> None:
     a tree somewhere else (the directory itself is created if its parent is there)."""
     out_dir = Path(out_dir)
     if out_dir.is_dir():
+        check_writable(out_dir, what="--out directory")  # before any key is generated
         return
     if out_dir.exists():
         raise UsageError(f"--out {out_dir} exists and is not a directory")
     if not out_dir.parent.is_dir():
         raise UsageError(f"--out {out_dir}: its parent directory {out_dir.parent} does not exist",
                          hint="create it first, or give an existing directory")
+    check_writable(out_dir, what="--out directory")
     out_dir.mkdir(mode=0o755)
 
 
 def init_regional(token: Token, region: str, out_dir: Path, *,
-                  allow_weak_token: bool = False) -> Outcome:
+                  allow_weak_token: bool = False,
+                  progress: Callable[[str], None] | None = None) -> Outcome:
     """Regional encryption key pair and its certification request file."""
     if not region or not region.replace("-", "").isalnum():
         raise UsageError(f"bad region name {region!r}", hint="use letters, digits and '-'")
     _check_out_dir(out_dir)
     label = f"{token.label}-encryption"
     info, status = _ensure_keypair(token, REGIONAL_ENCRYPTION, label,
-                                   allow_weak_token=allow_weak_token)
+                                   allow_weak_token=allow_weak_token, progress=progress)
     spki = certs.public_key_info(token, info.public)
     digest = certs.fingerprint(spki)
     request = {

@@ -32,6 +32,7 @@ from . import _cryptoki, module as modules
 from .errors import (SESSION_LOST, STALE_HANDLE, HsmError, ObjectNotFound, PinError, SessionLost,
                      TokenNotFound,
                      from_pkcs11, from_rv, translated)
+from . import pin as pins_mod
 from .pin import Pin
 
 if TYPE_CHECKING:    # profile.py imports this module
@@ -150,7 +151,8 @@ class Token:
                     raise PinError("C_Login failed: the PIN does not match the one this process "
                                    "is logged in with", operation="C_Login", token=shared.label,
                                    ckr="CKR_PIN_INCORRECT", ckr_value=0xA0,
-                                   hint="check --pin-source / HSM_PIN")
+                                   hint=pins_mod.wrong_pin_hint(shared.label,
+                                                                so=bool(kwargs.get("so"))))
                 shared._refs += 1
                 return shared
             token = cls(mod, p11token, pin, **kwargs)
@@ -495,7 +497,10 @@ def _login_on(mod: modules.LoadedModule, session: pkcs11.Session, pin: Pin, labe
         if rv != _cryptoki.CKR_GENERAL_ERROR or attempt == _LOGIN_ATTEMPTS - 1:
             break
         time.sleep(0.01 * (attempt + 1) + random.random() * 0.02)
-    raise from_rv(rv, operation="C_Login", token=label)
+    hint = None
+    if rv in (0xA0, 0xA1, 0xA2):  # CKR_PIN_INCORRECT / _INVALID / _LEN_RANGE
+        hint = pins_mod.wrong_pin_hint(label, so=user_type == _cryptoki.CKU_SO)
+    raise from_rv(rv, operation="C_Login", token=label, hint=hint)
 
 
 _LOGIN_ATTEMPTS = 6

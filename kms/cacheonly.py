@@ -28,6 +28,7 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 from hsm import byok as hbyok
 
@@ -56,10 +57,25 @@ def register(kms, org_id: str, key_type: str, url: str, kid: str, *,
     previous one archived, rate limit included, exactly as a rotation)."""
     check_kid(kid)
     parsed = urllib.parse.urlsplit(url)
+    if parsed.username is not None or parsed.password is not None:
+        # Never echoed: the URL holds a password. It would be stored in the row and shown by
+        # every status; credentials go in --basic-auth-env instead.
+        raise KmsError("the key service URL carries a user or password (user:password@); "
+                       "refused, and not stored", hint="give the URL without them and the "
+                       "credentials in an environment variable named by --basic-auth-env")
     if parsed.scheme != "https" or not parsed.netloc or parsed.query or parsed.fragment:
         raise KmsError(f"the key service URL must be https://host[:port][/path], not {url!r}")
+    try:
+        parsed.port
+    except ValueError:
+        raise KmsError(f"the key service URL {url!r} has a port outside 1-65535") from None
     if (client_cert is None) != (client_key is None):
         raise KmsError("--client-cert and --client-key go together")
+    for option, path in (("--client-cert", client_cert), ("--client-key", client_key),
+                         ("--ca", ca)):
+        if path is not None and not Path(path).is_file():
+            raise KmsError(f"{option} {path} is not a file", hint="fix the path; nothing was "
+                                                                  "registered")
     if basic_auth_env is not None and not re.match(r"^[A-Z_][A-Z0-9_]*$", basic_auth_env):
         raise KmsError("--basic-auth-env names an environment variable (USER:PASSWORD in it)")
     spec = kms.customer_key(org_id, "byok") or {}

@@ -140,6 +140,14 @@ def cmd_tenant(args) -> int:
                if getattr(args, name) is None]
     if missing:
         raise UsageError(f"`kms tenant {args.action}` needs {' and '.join(missing)}")
+    if args.action == "create" and args.source == "ekm":
+        raise UsageError("`kms tenant create` makes the first secret from the HSM; an EKM "
+                         "org's keys come from its AWS KMS root key",
+                         hint=f"run `kms tenant create --org {args.org} --no-secret`, then "
+                              f"`kms ekm add --org {args.org} --key-id ARN`, then `kms tenant "
+                              f"rotate --org {args.org} --source ekm`; nothing was made")
+    if args.action == "import" and args.org is not None:
+        _backup_must_be_of(Path(args.file), args.org)
     with _kms(args) as kms:
         if args.action == "create":
             kms.create_tenant(args.org, args.type)
@@ -177,6 +185,11 @@ def cmd_tenant(args) -> int:
                   f"before now could, until {_when(kms.clock() + policy.TOKEN_COPY_RETENTION)} "
                   f"(token copies are kept at most {policy.TOKEN_COPY_RETENTION / policy.DAY:g} "
                   "days: docs/store.md)")
+            from . import advice
+            if not advice.has_active(kms, args.org, args.key_type):
+                print(f"kms: warning: {args.org} has no ACTIVE {args.key_type} key now: "
+                      f"encryption is refused until it has one; "
+                      + advice.next_key(kms, args.org, args.key_type), file=sys.stderr)
         elif args.action == "list":
             for row in kms.secrets(args.org):
                 print(f"{row.key_type:<9} v{row.version:<3} {row.state:<9} {row.source:<8} "
@@ -190,6 +203,20 @@ def cmd_tenant(args) -> int:
             _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
     return 0
+
+
+def _backup_must_be_of(path: Path, org: str) -> None:
+    """`tenant import --org X` restores X or nothing: the backup names its org in the clear
+    (bound to its ciphertext, so the HSM refuses an edited one on import)."""
+    from suite.files import read_regular
+    try:
+        named = json.loads(read_regular(path, 64 << 20, what="tenant backup")).get("org")
+    except (OSError, ValueError, AttributeError):
+        return  # not readable as a backup: the import itself says why
+    if named != org:
+        raise UsageError(f"backup {path} is of org {named!r}, not --org {org!r}",
+                         hint="give the backup of that org, or leave --org out; nothing was "
+                              "imported")
 
 
 def cmd_ekm(args) -> int:

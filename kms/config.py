@@ -11,7 +11,7 @@ from hsm import tomlfile
 from release import quorum
 from release.errors import PinsError
 
-from . import policy
+from . import limits, policy
 from .errors import ConfigError
 
 if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
@@ -53,7 +53,7 @@ class KmsConfig:
 
 def load(path: str | Path) -> KmsConfig:
     path = Path(path)
-    data, _, _ = tomlfile.read(path, what="KMS configuration", error=ConfigError)
+    data, _, text = tomlfile.read(path, what="KMS configuration", error=ConfigError)
     tomlfile.check_keys(data, _FIELDS, where=str(path), error=ConfigError, required=_REQUIRED)
     if "pin_source" in data and not data["pin_source"].startswith(("env:", "file:")):
         raise ConfigError(f"{path}: pin_source must be env:VAR or file:PATH; never a PIN")
@@ -64,6 +64,7 @@ def load(path: str | Path) -> KmsConfig:
                           "being served)")
     if data.get("cache_flush_hours", 1) <= 0:
         raise ConfigError(f"{path}: cache_flush_hours must be > 0")
+    limits.check(path, text, data, limits.NODE)  # every number finite and within its range
     base = path.parent
     if "officers" in data:
         try:
@@ -78,7 +79,9 @@ def load(path: str | Path) -> KmsConfig:
                  "without and then takes PRACTICE bundles only")
     if "service" in data:
         from .server import settings
-        data["service"] = settings.parse(path, data["service"])
+        raw_service = data["service"]
+        data["service"] = settings.parse(path, raw_service)  # its minimums, types, file:line
+        limits.check(path, text, raw_service, limits.SERVICE, "service")  # then the maximums
     if "xks" in data:
         from .xks import config as xks_config
         data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them

@@ -23,6 +23,7 @@ import json
 import re
 import ssl
 import urllib.parse
+from pathlib import Path
 
 from . import outbound
 from .errors import KeyUnavailable, KmsError
@@ -111,7 +112,15 @@ def register(kms, org_id: str, key_id: str, *, endpoint_url: str | None = None,
              aws_region: str | None = None, ca_bundle: str | None = None) -> dict:
     m = check_key_arn(key_id)
     if endpoint_url is not None and not endpoint_url.startswith("https://"):
-        raise KmsError(f"--endpoint-url must be an https URL, not {endpoint_url!r}")
+        # The KMS sends the wrapped tenant key material and receives plaintext data keys here.
+        raise KmsError(f"--endpoint-url must be an https:// URL, not {endpoint_url!r}",
+                       hint="AWS KMS and every compatible server speak TLS")
+    if ca_bundle is not None and not Path(ca_bundle).is_file():
+        raise KmsError(f"--ca-bundle {ca_bundle} is not a file", hint="fix the path; nothing "
+                                                                      "was registered")
+    if aws_region is not None and aws_region != m.group(1):
+        raise KmsError(f"--aws-region {aws_region} contradicts the key ARN's region "
+                       f"{m.group(1)}", hint="leave --aws-region out: the ARN names the region")
     spec = {"key_id": key_id, "endpoint_url": endpoint_url,
             "aws_region": aws_region or m.group(1), "ca_bundle": ca_bundle,
             "ca_pem": read_ca(ca_bundle) if ca_bundle else None}

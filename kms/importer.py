@@ -20,6 +20,7 @@ from pathlib import Path
 from hsm import ops, policy
 from hsm import x509 as hx
 from hsm.errors import HsmError
+from suite.files import read_regular
 from hsm.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs
@@ -31,6 +32,9 @@ from .errors import ImportRefused
 
 SEED_TYPE = "hmac-sha256-seed"
 WRAPPING_TYPE = "aes-256"
+# A bundle is a few KiB (one wrap per secret); anything far larger is not one, and a FIFO or a
+# link to /dev/zero named like one must neither block the node's start nor fill its memory.
+MAX_BUNDLE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
     candidates = []
     for path in sorted(Path(bundle_dir).rglob("bundle-*.p7")):
         try:
-            der = path.read_bytes()
+            der = read_regular(path, MAX_BUNDLE_BYTES, what="bundle")
             verified = bundles.verify(der, primary, where=path.name)
             manifest = verified.manifest
             if manifest["region"] == region:   # others are skipped below, not judged

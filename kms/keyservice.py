@@ -21,6 +21,8 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+from .errors import ConfigError
+
 _KID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
 
@@ -82,6 +84,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 def serve(keys: Path, cert: Path, key: Path, *, port: int = 8443, host: str = "127.0.0.1",
           client_ca: Path | None = None, ready=None) -> None:
+    from .server import preflight
+    if not Path(keys).is_dir():
+        raise ConfigError(f"--keys {keys} is not a directory",
+                          hint="give the directory holding <kid>.dek and <kid>.pem files")
+    preflight.check_port(port)
+    preflight.tls_files(cert, key, client_ca, names=("--cert", "--key", "--client-ca"))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(cert), str(key))
@@ -89,7 +97,10 @@ def serve(keys: Path, cert: Path, key: Path, *, port: int = 8443, host: str = "1
         ctx.verify_mode = ssl.CERT_REQUIRED
         ctx.load_verify_locations(str(client_ca))
     handler = type("KeyHandler", (Handler,), {"keys": Path(keys)})
-    server = http.server.ThreadingHTTPServer((host, port), handler)
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), handler)
+    except OSError as exc:
+        raise preflight.listen_error(host, port, exc) from None
     server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print(f"keyservice: serving {keys} on https://{host}:{server.server_address[1]}",
           file=sys.stderr, flush=True)

@@ -30,7 +30,7 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import derive, importer, policy, rowcache, sealing
+from . import advice, derive, importer, orgid, policy, rowcache, sealing
 from .cache import KeyCache
 from .config import KmsConfig
 from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -108,9 +108,15 @@ class Kms:
 
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
+        if self._pin is None:  # a missing token is said to be missing, not asked for a PIN
+            from hsm import module as modules
+            from hsm.token import find_token
+            find_token(modules.load(self.config.module, self.config.module_params),
+                       label=self.config.token)
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",
                                         token_label=self.config.token,
-                                        prompt=f"User PIN for {self.config.token}: ")
+                                        prompt=f"User PIN for {self.config.token}: ",
+                                        option="pin_source in the node configuration")
         self._token = Token.open(self.config.token, module=self.config.module,
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)
@@ -248,6 +254,7 @@ class Kms:
 
     # ------------------------------------------------------------------------- tenants
     def create_tenant(self, org_id: str, org_type: str) -> None:
+        orgid.check(org_id)  # no look-alike ids: blanks, invisible or control characters
         if org_type not in policy.ORG_TYPES:
             raise KmsError(f"org type must be one of {', '.join(policy.ORG_TYPES)}")
         # A tenant's first secret needs a release: refuse now rather than leave an org row
@@ -478,8 +485,7 @@ class Kms:
         row = view.active(key_type, self.clock())
         if row is None:
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
-                           hint="`kms tenant rotate` generates one (database secrets become "
-                                "usable 24 h after upload)")
+                           hint=advice.next_key(self, org_id, key_type))
         return row.version, row.derivation, self._dek(row, fragment, generation, view)
 
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,

@@ -13,9 +13,10 @@ KEY=demo-cloud-key
 KID="https://demo.managedhsm.azure.net/keys/KEKforBYOK/0000000000000000"
 mkdir -p "$CLOUD/providers" "$CLOUD/exports"
 step() { printf '\n== %s\n' "$*"; }
+. scripts/demo-lib.sh
 
 step "cloud providers' import keys (stand-ins made here; a real one comes from the provider)"
-python3 - "$CLOUD/providers" <<'PY'
+py - "$CLOUD/providers" <<'PY'
 import datetime, os, sys
 from pathlib import Path
 from cryptography import x509
@@ -88,7 +89,7 @@ for spec in "aws RSA_AES_KEY_WRAP_SHA_1" "gcp-csek RSA_OAEP_SHA1" \
 done
 
 step "each provider (stand-in) unwraps its file as it documents, and checks the check value"
-python3 - "$CLOUD" <<'PY'
+py - "$CLOUD" <<'PY'
 import base64, json, sys
 from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization

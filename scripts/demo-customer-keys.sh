@@ -18,29 +18,41 @@ export HSM_SUITE_BYOK_PINS=$PWD/$C/byok-pins.json
 PIDS=()
 cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done; }
 trap cleanup EXIT
-# grep reads all of it (no -q): under pipefail an early exit could SIGPIPE kms and fail the test.
-if kms --config $EU status --json | grep '"org": "byok-co"' >/dev/null; then
-    step "customer-key orgs exist already (a second make demo): skipped"
+# Each flow is skipped only when its org is *complete* (an ACTIVE key), so a demo interrupted
+# anywhere in here finishes what it started when run again, and a second full run makes nothing.
+. scripts/demo-lib.sh
+if complete byok-co && complete cache-co && complete ekm-co; then
+    step "customer-key orgs complete already (a second make demo): skipped"
     exit 0
 fi
 mkdir -p $C/keys
 # A throw-away TLS PKI for the two local servers (CA + a 127.0.0.1 server cert, and a client CA
-# + client cert for the key service's mTLS).
-python3 - $C <<'PY'
+# + client cert for the key service's mTLS); made again if an interrupted run left it half-made.
+if [ ! -f $C/tls-client/leaf.key ]; then
+    rm -rf $C/tls-server $C/tls-client
+    py - $C <<'PY'
 import sys
 from pathlib import Path
 from tests.localtls import make_pki
 make_pki(Path(sys.argv[1]) / "tls-server")
 make_pki(Path(sys.argv[1]) / "tls-client", client=True)
 PY
+fi
 free_port() { python3 -c "import socket; s=socket.socket(); s.bind(('127.0.0.1',0)); print(s.getsockname()[1])"; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
+if complete byok-co; then
+    step "BYOK (byok-co): complete already, skipped"
+else
 step "BYOK (byok-co): an org without a secret, its DEK certificate made in the regional HSM"
-kms --config $EU tenant create --org byok-co --type sandbox --no-secret
-kms --config $EU byok certificate --org byok-co --purpose dek --out $C/byok-co-dek.pem
+has_org byok-co || kms --config $EU tenant create --org byok-co --type sandbox --no-secret
+[ -f $C/byok-co-dek.pem ] ||
+    kms --config $EU byok certificate --org byok-co --purpose dek --out $C/byok-co-dek.pem
 step "customer side (no HSM): a fresh DEK from the OS CSPRNG, RSA-OAEP-wrapped to the certificate"
-kms byok wrap --cert $C/byok-co-dek.pem --generate --out $C/byok-co
+if [ ! -f $C/byok-co/secret.sha256.b64 ]; then
+    rm -rf $C/byok-co
+    kms byok wrap --cert $C/byok-co-dek.pem --generate --out $C/byok-co
+fi
 step "upload: unwrapped and hash-checked inside the HSM, stored wrapped"
 kms --config $EU tenant upload --org byok-co --derivation NONE \
     --secret $C/byok-co/secret.b64 --hash $C/byok-co/secret.sha256.b64
@@ -49,10 +61,15 @@ kms --config $EU decrypt --org byok-co "$B"
 step "the same upload again: refused (rate limit / replay)"
 kms --config $EU tenant upload --org byok-co --derivation NONE \
     --secret $C/byok-co/secret.b64 --hash $C/byok-co/secret.sha256.b64 || true
+fi
 
+if complete cache-co; then
+    step "cache-only (cache-co): complete already, skipped"
+else
 step "cache-only (cache-co): the reference key service on 127.0.0.1 with client certificates"
-kms --config $EU tenant create --org cache-co --type sandbox --no-secret
-kms --config $EU byok certificate --org cache-co --out $C/cache-co-seed.pem
+has_org cache-co || kms --config $EU tenant create --org cache-co --type sandbox --no-secret
+[ -f $C/cache-co-seed.pem ] ||
+    kms --config $EU byok certificate --org cache-co --out $C/cache-co-seed.pem
 python3 -c "import base64, os; print(base64.b64encode(os.urandom(32)).decode())" > $C/keys/cache-co-k1.dek
 cp $C/cache-co-seed.pem $C/keys/cache-co-k1.pem
 KP=$(free_port)
@@ -67,7 +84,12 @@ kms --config $EU decrypt --org cache-co "$K"
 step "the customer revokes the key (removes it from the key service): the KMS fails closed"
 rm $C/keys/cache-co-k1.dek
 kms --config $EU decrypt --org cache-co "$K" || true
+fi
 
+if complete ekm-co; then
+    step "EKM (ekm-co): complete already, skipped"
+    exit 0
+fi
 step "EKM (ekm-co): the root key in the customer's AWS KMS (moto server over TLS on 127.0.0.1)"
 export AWS_ACCESS_KEY_ID=demo AWS_SECRET_ACCESS_KEY=demo AWS_DEFAULT_REGION=eu-west-1
 MP=$(free_port)
@@ -75,7 +97,7 @@ moto_server -H 127.0.0.1 -p $MP -c $C/tls-server/leaf.pem -k $C/tls-server/leaf.
     >/dev/null 2>&1 &
 PIDS+=($!)
 wait_port $MP
-ARN=$(python3 - https://127.0.0.1:$MP $C/tls-server/ca.pem <<'PY'
+ARN=$(py - https://127.0.0.1:$MP $C/tls-server/ca.pem <<'PY'
 import sys, boto3
 kms = boto3.client("kms", endpoint_url=sys.argv[1], verify=sys.argv[2], region_name="eu-west-1")
 print(kms.create_key(Description="ekm-co root key")["KeyMetadata"]["Arn"])
@@ -83,7 +105,8 @@ PY
 )
 step "the least-privilege key policy the customer applies (JSON only on stdout)"
 kms ekm policy --org ekm-co --principal arn:aws:iam::123456789012:role/kms-eu --key-arn "$ARN"
-kms --config $EU tenant create --org ekm-co --type sandbox --no-secret
+has_org ekm-co || kms --config $EU tenant create --org ekm-co --type sandbox --no-secret
+# (again after an interrupted run: moto keeps its keys in memory, so the root key is new)
 kms --config $EU ekm add --org ekm-co --key-id "$ARN" --endpoint-url https://127.0.0.1:$MP \
     --ca-bundle $C/tls-server/ca.pem
 kms --config $EU tenant rotate --org ekm-co --source ekm

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 VAR=var
 set -a; . $VAR/demo-pins.env; set +a
 step() { printf '\n== %s\n' "$*"; }
+. scripts/demo-lib.sh
 TLS=$VAR/kms/tls
 
 step "TLS material in $TLS (demo CA, a server certificate per region, three clients; keys 0600)"
@@ -71,7 +72,7 @@ for cfg in $VAR/kms/eu.toml $EUB; do
 done
 
 step "an encryption service fetches acme-dev's DEK over mTLS (node list with failover)"
-python3 - "$TLS" "${urls[@]}" <<'PY'
+py - "$TLS" "${urls[@]}" <<'PY'
 import sys
 from kms.client import Forbidden, KmsClient, RemoteKeyProvider
 from kms.sdk import FieldEncryptor

@@ -9,7 +9,8 @@ step() { printf '\n== %s\n' "$*"; }
 mkdir -p $VAR/kms
 for region in eu us; do
     CFG=$VAR/kms/$region.toml
-    [ -f $CFG ] || cat > $CFG <<TOML
+    # written whole or not at all: an interrupted run must not leave half a configuration
+    [ -f $CFG ] || cat > $CFG.tmp <<TOML
 region = "$region"
 token = "regional-$region"
 pin_source = "env:HSM_PIN_REGIONAL_${region^^}"
@@ -17,8 +18,9 @@ primary_certificate = "../pki/primary-signing.pem"
 bundle_dir = "../ceremonies/release-1"
 store = "kms-$region.db"
 TOML
-    # The officers this region pins (a node refuses to start without them). Also what a
-    # var/ of the previous version needs: its node configurations get the pins here.
+    # The officers this region pins (a node refuses to start without them), in the file before
+    # it appears; a var/ of the previous version gets them appended to its configurations.
+    [ -f $CFG ] || { cat $VAR/officers/pins.toml >> $CFG.tmp && mv $CFG.tmp $CFG; }
     grep -q '^\[\[officers\]\]' $CFG || cat $VAR/officers/pins.toml >> $CFG
     step "KMS $region: import release bundles"
     kms --config $CFG init
@@ -26,17 +28,21 @@ TOML
 done
 
 EU=$VAR/kms/eu.toml
-# grep without -q reads to the end: with -q it may exit before kms's last write (SIGPIPE, exit
-# 141, and pipefail then takes the tenants for missing)
-if kms --config $EU status --json | grep '"org": "acme-prod"' >/dev/null; then
-    step "tenants exist already (a second make demo): status only"
+. scripts/demo-lib.sh
+if complete acme-prod && complete acme-dev && complete acme-sbx; then
+    step "tenants complete already (a second make demo): status only"
     kms --config $EU status
     exit 0
 fi
 step "KMS eu: a tenant per org type"
-kms --config $EU tenant create --org acme-prod --type production
-kms --config $EU tenant create --org acme-dev --type developer
-kms --config $EU tenant create --org acme-sbx --type sandbox
+for org_type in acme-prod:production acme-dev:developer acme-sbx:sandbox; do
+    org=${org_type%%:*}
+    if ! has_org $org; then
+        kms --config $EU tenant create --org $org --type ${org_type#*:}
+    elif ! complete $org; then   # created, then interrupted before its first secret
+        kms --config $EU tenant rotate --org $org
+    fi
+done
 
 step "encrypt sample records for acme-prod"
 OLD=$(kms --config $EU encrypt --org acme-prod "card 4111-1111-1111-1111")
@@ -50,11 +56,11 @@ kms --config $EU tenant rotate --org acme-prod || true
 # (a rotation made with a clock 25 h ahead is dated tomorrow). Not on a copy of the store: the
 # copy's rotation would replace the org's key-encryption key in the HSM, and this store's state of
 # the org would then be refused as rolled back (docs/store.md, "Sealed org state").
-kms --config $EU tenant create --org acme-later --type production
+has_org acme-later || kms --config $EU tenant create --org acme-later --type production
 OLD=$(kms --config $EU encrypt --org acme-later "card 4111-1111-1111-1111")
 step "a day later (acme-later; the demo drives the library with a clock 25 h ahead): rotate"
 # The kms command has no clock override, on purpose; only library callers can pass a clock.
-NEW=$(python3 - "$EU" <<'PY'
+NEW=$(py - "$EU" <<'PY'
 import base64, sys, time
 from kms import config
 from kms.sdk import FieldEncryptor

@@ -4,6 +4,7 @@
 # certificates are reported, never duplicated (`make clean` starts over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/demo-lib.sh
 VAR=var
 PKI=$VAR/pki
 mkdir -p "$PKI"
@@ -17,13 +18,14 @@ if [ -f $VAR/demo-pins.env ] && ! grep -q '^HSM_PIN_PRIMARY=' $VAR/demo-pins.env
     echo "without the key policy): run 'make clean' and then 'make demo' again." >&2
     exit 1
 fi
-if [ ! -f $VAR/demo-pins.env ]; then
-    python3 - > $VAR/demo-pins.env <<'PY'
+if [ ! -f $VAR/demo-pins.env ]; then  # written whole, then renamed: never half a file
+    py - > $VAR/demo-pins.env.tmp <<'PY'
 import secrets
 for label in ("PRIMARY", "REGIONAL_EU", "REGIONAL_US"):
     print(f"HSM_SO_PIN_{label}={secrets.token_hex(8)}")
     print(f"HSM_PIN_{label}={secrets.token_hex(6)}")
 PY
+    mv $VAR/demo-pins.env.tmp $VAR/demo-pins.env
 fi
 # ...and where the demo tokens are and this checkout's .venv commands,
 # so sourcing the one file is all a shell needs.

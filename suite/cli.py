@@ -48,9 +48,23 @@ def run(prog: str, func: Callable[[object], int], args, *, debug: bool) -> int:
     except BrokenPipeError:  # `... | head`: the reader left; not an error worth a message
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:
+        # A file or directory the system refused (read-only, full, missing, not a directory):
+        # the environment, not a bug. Named with its path; nothing here holds a secret.
+        if debug:
+            raise
+        if exc.filename is None:
+            return _unexpected(prog, exc)
+        print(f"{prog}: error: {exc.strerror or exc}: {exc.filename} - check the path and "
+              "its permissions, free space and file type, then run again", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug or an unexpected answer: still one clear line
         if debug:
             raise
-        print(f"{prog}: unexpected error: {type(exc).__name__}: {exc} (run with --debug for "
-              "the traceback)", file=sys.stderr)
-        return 3
+        return _unexpected(prog, exc)
+
+
+def _unexpected(prog: str, exc: BaseException) -> int:
+    print(f"{prog}: unexpected error: {type(exc).__name__}: {exc} (run with --debug for "
+          "the traceback)", file=sys.stderr)
+    return 3

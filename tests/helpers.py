@@ -6,12 +6,13 @@ subprocess is started, and how threads are started, bounded and made to report t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,3 +165,31 @@ def self_signed_pem(private_key, common_name: str, hash_algorithm) -> bytes:
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
             .sign(private_key, hash_algorithm))
     return cert.public_bytes(serialization.Encoding.PEM)
+
+
+# --------------------------------------------------------------------------- unwritable outputs
+@contextlib.contextmanager
+def small_filesystem(path: Path, *, read_only: bool = False) -> Iterator[Path]:
+    """A real tmpfs mounted at ``path``: read-only, or writable but full (a filler file takes
+    every block; creating an empty file still works, writing a byte does not). Needs the mount
+    privilege (root, as `make test` runs on the project's Debian machine); skips saying so
+    otherwise. Unmounted at the end."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    options = "ro,size=64k" if read_only else "size=64k"
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to play a read-only or full disk: "
+                    f"{mounted.stderr.strip()}")
+    try:
+        if not read_only:
+            with open(path / ".filler", "wb", buffering=0) as fh:
+                with contextlib.suppress(OSError):
+                    while True:
+                        fh.write(b"\0" * 4096)
+                        fh.flush()
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -20,7 +20,7 @@ from pkcs11 import ObjectClass
 from .. import pin as pins
 from .. import cliutil
 from ..errors import UsageError
-from ..files import write_new
+from suite.files import check_writable, write_set
 from ..token import KeyRef, Token
 from . import keys, providers, wrap
 
@@ -38,6 +38,10 @@ def read_wrapping_key(path: Path) -> asn1keys.PublicKeyInfo:
         raise UsageError(f"{path}: too large for a public key or certificate")
     if pem.detect(data):
         kind, _, der = pem.unarmor(data)
+        if "PRIVATE KEY" in kind:
+            raise UsageError(f"{path} is a private key; the provider's wrapping key is its "
+                             "public import key", hint="give the public key or certificate the "
+                             "provider published; never hand a private key around")
     else:
         kind, der = None, data
         try:
@@ -52,8 +56,9 @@ def read_wrapping_key(path: Path) -> asn1keys.PublicKeyInfo:
             _ = spki["public_key"].parsed["modulus"].native  # parse now: a bad key stops here
         return spki
     except (ValueError, TypeError, KeyError) as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # one line
         raise UsageError(f"{path}: not a public key (SubjectPublicKeyInfo) or X.509 "
-                         f"certificate: {exc}") from None
+                         f"certificate: {detail}") from None
 
 
 def _looks_like_certificate(der: bytes) -> bool:
@@ -114,6 +119,7 @@ def cmd_export(args, open_token) -> int:
         raise UsageError(f"{prov.name} needs --kid: the key identifier URL of the KEK "
                          "(https://...)", hint="`az keyvault key show` prints it as 'kid'")
     out = Path(args.out)
+    check_writable(out, what="--out directory")  # before the token wraps anything
     with open_token(args) as token:
         oaep_hashes = list(token.profile.oaep_hashes)
         alg = prov.algorithm(args.algorithm, oaep_hashes)
@@ -148,12 +154,11 @@ def cmd_export(args, open_token) -> int:
     wrapped_name, files = providers.outputs(prov, alg, args.key, wrapped,
                                             import_token=import_token, kid=args.kid,
                                             generator=_generator())
-    for name, data in files.items():
-        write_new(out / name, data)
     manifest = {"provider": prov.name, "algorithm": alg.name, "key": args.key,
                 "check_value": kcv, "wrapped_file": wrapped_name, "files": sorted(files),
                 "wrapping_key_sha256": digest.hex(), "wrap": route}
-    write_new(out / "export.json", (json.dumps(manifest, indent=2) + "\n").encode())
+    # All the provider's files and export.json, or none of them (and no empty directory).
+    write_set(out, {**files, "export.json": (json.dumps(manifest, indent=2) + "\n").encode()})
     print(f"cloud key {args.key!r} wrapped inside token {p11_label(args)} for {prov.name} "
           f"with {alg.name} ({route})")
     print(f"check_value {kcv}   (AES-CMAC of a zero block, first 5 bytes)")

@@ -22,19 +22,25 @@ import socket
 import sys
 import time
 
+from . import preflight
+
 _MAX_RESTARTS = 5
 _START_TIMEOUT_S = 120.0
 _PR_SET_PDEATHSIG = 1
 
 
 def bind(host: str, port: int) -> socket.socket:
-    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
-        print(f"kms: note: binding {host}, not loopback", file=sys.stderr)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(1024)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:  # in use, not this host's address, privileged: one line, exit 2
+        sock.close()
+        raise preflight.listen_error(host, port, exc) from None
+    if host not in ("127.0.0.1", "::1", "localhost") and not host.startswith("127."):
+        print(f"kms: note: binding {host}, not loopback", file=sys.stderr)
     sock.setblocking(False)
     return sock
 
@@ -89,6 +95,13 @@ def _spawn(config, sock, worker: int, parent: int, run=None) -> tuple[int, bool]
 def serve(config, *, host: str, port: int, workers: int, run=None) -> int:
     """``run(config, sock, worker, started=None)`` is the worker's body: a KMS node's by
     default, ``kms.xks.worker.run`` for an XKS node."""
+    preflight.check_port(port)
+    service = getattr(config, "service", None)
+    if service is not None:   # a KMS node: its [service] TLS files, before "listening"
+        preflight.tls_files(service.certificate, service.private_key, service.client_ca)
+    else:                     # an XKS node: the same keys at the top of its file
+        preflight.tls_files(config.certificate, config.private_key, config.client_ca,
+                            names=("certificate", "private_key", "client_ca"))
     sock = bind(host, port)
     bound = sock.getsockname()[1]
     print(f"kms: listening on https://{host}:{bound} ({workers} worker"

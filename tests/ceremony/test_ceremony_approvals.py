@@ -410,3 +410,39 @@ def test_cli_keygen_writes_a_private_key_and_prints_a_plan_ready_public_key(pubs
     again = ceremony("keygen", "--out", key, cwd=tmp_path)
     assert again.returncode != 0 and "already exists" in again.stderr
     assert key.read_bytes() == before
+
+
+@pytest.mark.slow
+def test_cli_approve_checks_the_nonce_and_officer_before_writing(pubs, keys, tmp_path):
+    """`approve --nonce 00` once wrote approvals/alice.json, and Alice's real approval was then
+    refused as "already exists". Nonce, plan and officer are checked before anything is written."""
+    plan_file = tmp_path / "plan.toml"
+    plan_file.write_text(plan_text(pubs, ceremony_id="appr-check"))
+    opened = ceremony("open", plan_file, cwd=tmp_path)
+    assert opened.returncode == 0, opened.stderr
+    approvals_dir = tmp_path / "out" / "approvals"
+    for nonce, words in (("00", "32 (64 hex digits)"), (os.urandom(32).hex(), "not the nonce")):
+        bad = ceremony("approve", "--plan", plan_file, "--officer", "alice", "--key",
+                       keys["alice"], "--nonce", nonce, cwd=tmp_path)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr
+        assert "nothing was written" in bad.stderr and "Traceback" not in bad.stderr
+        assert not approvals_dir.exists() or not any(approvals_dir.iterdir())
+    witness = ceremony("approve", "--plan", plan_file, "--officer", "wendy", "--key",
+                       keys["wendy"], cwd=tmp_path)
+    assert witness.returncode == 2 and "only crypto officers approve" in witness.stderr
+    assert not (approvals_dir / "wendy.json").exists()
+    good = ceremony("approve", "--plan", plan_file, "--officer", "alice", "--key",
+                    keys["alice"], cwd=tmp_path)
+    assert good.returncode == 0, good.stderr
+    assert Approval.load(approvals_dir / "alice.json").officer == "alice"
+
+
+@pytest.mark.slow
+def test_cli_keygen_into_a_directory_that_cannot_be_written_is_one_line(tmp_path):
+    from tests.helpers import small_filesystem
+    with small_filesystem(tmp_path / "ro", read_only=True) as ro:
+        proc = ceremony("keygen", "--out", ro / "officer.key", cwd=tmp_path)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("ceremony: error: cannot write") and "Read-only file system" in err
+    assert proc.stdout == ""  # no public key printed for a key that was not kept

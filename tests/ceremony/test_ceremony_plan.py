@@ -333,6 +333,13 @@ CASES = {
     "release-empty": _case(
         lambda t: t.replace('release = "42"', 'release = ""'),
         "ceremony.release", "release =", contains=("dotted numbers",)),
+    "release-41-digits": _case(
+        # Once recorded, a release id this large would block every later release for good.
+        lambda t: t.replace('release = "42"', 'release = "' + "9" * 41 + '"'),
+        "ceremony.release", "release =", contains=("at most 9 digits",)),
+    "release-part-of-10-digits": _case(
+        lambda t: t.replace('release = "42"', 'release = "2026.1234567890"'),
+        "ceremony.release", "release =", contains=("at most 9 digits",)),
     "release-with-dash": _case(
         lambda t: t.replace('release = "42"', 'release = "42-rc1"'),
         "ceremony.release", "release =", contains=("dotted numbers",)),

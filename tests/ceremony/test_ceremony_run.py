@@ -415,7 +415,7 @@ def test_wrong_pin_stops_the_ceremony_without_showing_the_pin(kit):
     wrong = "wrong-" + os.urandom(6).hex()
     environ = {**kit.environ(), "HSM_PIN": wrong}
     proc = run(kit, plan_path, environ=environ)
-    assert_refused(proc, plan_path, "CKR_PIN_INCORRECT")
+    assert_refused(proc, plan_path, "CKR_PIN_INCORRECT", "user_pin_source in the --env file")
     assert wrong not in proc.stderr + proc.stdout
     assert kit.primary.user_pin.reveal() not in proc.stderr + proc.stdout
 
@@ -440,3 +440,74 @@ def test_run_of_a_plan_never_opened_is_refused_and_opens_nothing(kit):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "was never opened" in proc.stderr and "ceremony open" in proc.stderr
     assert not plans.load(plan_path).output_dir.exists()
+
+
+# ------------------------------------------------------------------ one ceremony at a time
+def _primary_identity(kit) -> tuple[str, str, str]:
+    from hsm import module as modules
+    return (modules.resolve(modules.DEFAULT_MODULE), kit.primary.token.serial,
+            kit.primary.label)
+
+
+def test_a_run_while_another_holds_the_plan_output_or_primary_is_refused_in_one_line(kit):
+    """The locks are the kernel's (flock): held here as another run would hold them, the CLI
+    refuses at once without touching the journal; released, the same run completes."""
+    import subprocess
+    import sys
+
+    from ceremony import lock
+
+    plan_path = new_plan(kit)
+    out = plans.load(plan_path).output_dir
+    kit.open_and_approve(plan_path)
+    before = (out / TRANSCRIPT).read_bytes()
+    with lock.exclusive(plan_path, out):
+        proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert_refused(proc, plan_path, "another ceremony run is using the plan", "resumes")
+    assert (out / TRANSCRIPT).read_bytes() == before
+    # Another plan on the same primary token: refused too (both would race its release record).
+    other = new_plan(kit)
+    kit.open_and_approve(other)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from ceremony import lock; "
+         "ctx = lock.exclusive(Path(sys.argv[1]), Path(sys.argv[2]), tuple(sys.argv[3:]));"
+         "ctx.__enter__(); print('held', flush=True); time.sleep(60)",
+         str(plan_path), str(out), *_primary_identity(kit)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = kit.cli("run", other, "--env", kit.env_file())
+        assert_refused(proc, other, f"the primary token {kit.primary.label!r}")
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops its locks with it
+        holder.wait(10)
+    proc = kit.cli("run", plan_path, "--env", kit.env_file())
+    assert proc.returncode == 0, proc.stderr
+    # The token's lock file goes with the run that held it: none piles up.
+    assert not lock._token_lock_path(lock.token_key(*_primary_identity(kit))).exists()
+
+
+def test_two_concurrent_runs_of_one_plan_make_one_ceremony(kit):
+    """Started together: one completes, the other is refused (busy, or already closed if it
+    came after); one transcript that verifies, one set of secrets."""
+    import subprocess  # run_cli blocks: both runs are started here, then waited for
+    import sys
+
+    plan_path = new_plan(kit)
+    p = plans.load(plan_path)
+    kit.open_and_approve(plan_path)
+    env_file = kit.env_file()
+    procs = [subprocess.Popen([sys.executable, "-m", "ceremony", "run", str(plan_path),
+                               "--env", str(env_file)], cwd=kit.root, env=kit.environ(),
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(proc.wait(300), proc.stderr.read()) for proc in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for rc, err in results if rc == 2)
+    assert "Traceback" not in refused and len(refused.strip().splitlines()) == 1, refused
+    assert "another ceremony run is using" in refused or "already closed" in refused, refused
+    steps = [r["step"] for r in records(p.output_dir)]
+    assert steps.count("close") == 1 and steps.count("open") == 1, steps
+    verify_directory(p.output_dir, signing_pem(kit))

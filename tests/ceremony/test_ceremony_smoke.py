@@ -159,10 +159,17 @@ def test_no_pin_or_secret_material_in_any_output_file(kit):
 
 def test_rehearsal_runs_the_plan_on_throwaway_tokens_stamped_practice(kit, tmp_path):
     plan_path = kit.write_plan(regions=["eu"])
-    env = {k: v for k, v in kit.environ().items()
-           if k not in ("SOFTHSM2_CONF", "HSM_PIN", "HSM_SO_PIN")}
+    # As after `. var/demo-pins.env`: per-token PIN variables of *other* tokens labelled
+    # "primary" must not override the throw-away tokens' PINs. TMPDIR: to see what is left.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**{k: v for k, v in kit.environ().items()
+              if k not in ("SOFTHSM2_CONF", "HSM_PIN", "HSM_SO_PIN")},
+           "HSM_PIN_PRIMARY": "not-this-one", "HSM_SO_PIN_PRIMARY": "nor-this-one",
+           "TMPDIR": str(scratch)}
     proc = kit.cli("rehearse", plan_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert list(scratch.iterdir()) == []  # no /tmp/rehearsal-... left behind
     assert "REHEARSAL OK (PRACTICE)" in proc.stdout
     out = Path(proc.stdout.strip().split(" in ")[-1])
     assert "PRACTICE" in out.name
@@ -243,3 +250,27 @@ def test_a_region_cannot_be_called_escrow(kit):
     text = kit.plan_text(regions=["eu"]).replace('name = "eu"', 'name = "escrow"')
     with pytest.raises(plans.PlanError, match="reserved for the escrow bundle"):
         plans.load(kit.write_plan(text))
+
+
+def test_an_interrupted_rehearsal_leaves_no_practice_directory_and_no_tokens(kit, tmp_path):
+    """SIGINT in the middle: one line, exit 130, and neither release-N-PRACTICE-... nor the
+    throw-away tokens' /tmp/rehearsal-... stays behind."""
+    import signal
+    import subprocess
+    import sys
+
+    plan_path = kit.write_plan(regions=["eu"])
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**{k: v for k, v in kit.environ().items() if k != "SOFTHSM2_CONF"},
+           "TMPDIR": str(scratch)}
+    proc = subprocess.Popen([sys.executable, "-m", "ceremony", "rehearse", str(plan_path)],
+                            cwd=kit.root, env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("rehearsal tokens in ")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130 and err.strip() == "ceremony: interrupted", err
+    out = plans.load(plan_path).output_dir
+    assert list(scratch.iterdir()) == []
+    assert not list(out.parent.glob(f"{out.name}-PRACTICE-*"))

@@ -580,3 +580,85 @@ def test_info_objects_lists_data_objects_without_an_id(softhsm_token):
     softhsm_token.close()
     objs = objects_on(softhsm_token)
     assert {"class": "data", "label": "hsm-suite-release-4242", "id": ""} in objs
+
+
+# ----------------------------------------------------------------------- outputs that cannot be written
+def test_init_primary_into_a_read_only_directory_makes_no_key(softhsm_token, tmp_path):
+    from tests.helpers import small_filesystem
+    with small_filesystem(tmp_path / "ro", read_only=True) as out:
+        result = run_hsm(softhsm_token, "init-primary", "--token", softhsm_token.label,
+                         "--out", str(out), env=pin_env(softhsm_token))
+    line = assert_one_line_error(result)
+    assert result.returncode == 2
+    assert "Read-only file system" in line and "nothing was made" in line, line
+    assert [o for o in objects_on(softhsm_token) if o["class"] != "data"] == []
+
+
+def test_init_primary_into_a_full_directory_keeps_the_key_pair_and_the_rerun_adopts_it(
+        softhsm_token, tmp_path):
+    """The signing key pair is made before its certificate can be written: the message says it
+    stays on the token, and the same command run again adopts it (never a second key)."""
+    from tests.helpers import small_filesystem
+    tt, sign = softhsm_token, f"{softhsm_token.label}-signing"
+    with small_filesystem(tmp_path / "full") as out:
+        result = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out),
+                         env=pin_env(tt))
+        line = assert_one_line_error(result)
+        assert result.returncode == 2
+        assert "No space left on device" in line and f"the key pair {sign!r} stays" in line
+        assert "run the same command again: it adopts the key pair" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [".filler"]  # no certificate, no temp
+    keys = [(o["class"], o["label"]) for o in objects_on(tt) if o["class"] != "data"]
+    assert sorted(keys) == [("private_key", sign), ("public_key", sign)]
+    again = run_hsm(tt, "init-primary", "--token", tt.label, "--out", str(out), env=pin_env(tt))
+    assert again.returncode == 0, again.stderr
+    assert outcome_status(again.stdout, sign) == "exists"
+    # A long operation says what it does as it starts (stdout; stderr stays an error's line).
+    assert f"generating the RSA-4096 key pair '{tt.label}-encryption'" in again.stdout
+    assert "generating" not in again.stdout.split(f"'{tt.label}-encryption'")[1]
+    cert = x509.load_pem_x509_certificate((out / f"{sign}.pem").read_bytes())
+    assert [o["label"] for o in objects_on(tt)].count(sign) == 2  # one pair, adopted
+    assert cert.subject == cert.issuer
+
+
+# ----------------------------------------------------------------------------- hints that lead somewhere
+def test_hints_name_the_real_options_variables_and_files(softhsm_token, tmp_path):
+    """Each hint names what exists: HSM_PIN_<LABEL> and --pin-source for a wrong user PIN, the
+    SO's own variables for a wrong SO PIN, --so-pin-source in init-token; a missing token is
+    said to be missing (not asked for a PIN); a missing SOFTHSM2_CONF file is named (not
+    "CKR 0x5"); a private key given as a wrapping key is one line."""
+    from cryptography.hazmat.primitives.asymmetric import rsa as crsa
+
+    from hsm.pin import token_env
+    tt = softhsm_token
+    per_token = token_env("HSM_PIN", tt.label)
+    line = assert_one_line_error(run_hsm(tt, "info", "--token", tt.label,
+                                         env={"HSM_PIN": "wrong-" + secrets.token_hex(4)}))
+    assert "the user PIN is wrong" in line and f"${per_token}" in line and "--pin-source" in line
+    key = crsa.generate_private_key(public_exponent=65537, key_size=2048)
+    private = tmp_path / "import-key.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public = tmp_path / "import-key.pub.pem"
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    line = assert_one_line_error(run_hsm(
+        tt, "cloud-key", "trust", "--token", tt.label, "--provider", "aws", "--wrapping-key",
+        str(private), "--fingerprint", "00" * 32, env=pin_env(tt)))
+    assert "is a private key" in line, line
+    spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+    line = assert_one_line_error(run_hsm(
+        tt, "cloud-key", "trust", "--token", tt.label, "--provider", "aws", "--wrapping-key",
+        str(public), "--fingerprint", hashlib.sha256(spki).hexdigest(),
+        env={**pin_env(tt), "HSM_SO_PIN": "wrong-so-" + secrets.token_hex(4)}))
+    assert "security officer (SO) PIN is wrong" in line, line
+    assert f"${token_env('HSM_SO_PIN', tt.label)}" in line and "--so-pin-source" in line
+    line = assert_one_line_error(run_hsm(tt, "init-token", "--label", "new-" + tt.label[:20]))
+    assert "--so-pin-source" in line and "--pin-source env" not in line, line
+    line = assert_one_line_error(run_hsm(tt, "info", "--token", "no-such-token"))
+    assert "no token with label='no-such-token'" in line and "PIN" not in line, line
+    line = assert_one_line_error(run_hsm(tt, "info", "--token", tt.label, env={
+        **pin_env(tt), "SOFTHSM2_CONF": str(tmp_path / "missing.conf")}))
+    assert f"SOFTHSM2_CONF names {tmp_path / 'missing.conf'}, which does not exist" in line

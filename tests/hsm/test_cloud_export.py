@@ -239,3 +239,23 @@ def test_a_key_of_the_wrong_size_for_the_provider_is_refused(cloud):
     line = assert_one_line_error(ck.export(tt, "ck128", "gcp-csek", key_file,
                                            cloud["root"] / "out-size"))
     assert "imports 256-bit AES keys, this key has 128 bits" in line
+
+
+def test_an_output_directory_that_cannot_be_written_leaves_nothing(cloud):
+    """Read-only: refused before the token wraps anything. Full: the wrap happened, but no
+    file and no empty directory is left (all of the provider's files and export.json, or none)."""
+    from tests.helpers import small_filesystem
+    tt, root = cloud["tt"], cloud["root"]
+    priv = cloud["rsa"][2048]
+    key_file = ck.write_key(priv, root / "unwritable.pem", "cert")
+    assert ck.trust(tt, "gcp-csek", key_file, priv).returncode == 0
+    with small_filesystem(root / "ro", read_only=True) as ro:
+        r = ck.export(tt, "ck", "gcp-csek", key_file, ro / "out")
+        line = assert_one_line_error(r)
+        assert r.returncode == 2 and "Read-only file system" in line, line
+        assert "nothing was made" in line
+    with small_filesystem(root / "full") as full:
+        r = ck.export(tt, "ck", "gcp-csek", key_file, full / "out")
+        line = assert_one_line_error(r)
+        assert r.returncode == 2 and "No space left on device" in line, line
+        assert sorted(p.name for p in full.iterdir()) == [".filler"]

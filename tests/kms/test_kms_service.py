@@ -417,3 +417,122 @@ def test_hit_path_keeps_its_row_until_any_other_connection_writes(node, kit):
     except KmsError:
         pass
     assert node.rows.reads == reads + 1
+
+
+def test_cli_lookalikes_of_bundles_orgs_and_outputs_are_refused_in_one_line(kit, release,
+                                                                            tmp_path):
+    """A FIFO and a link to /dev/zero named like bundles are refused (they once hung the
+    import); look-alike org ids are refused; `tenant create --source ekm` and `tenant import
+    --org` with another org's backup refuse and make nothing; an unwritable backup path is one
+    line."""
+    import os
+
+    from tests.helpers import small_filesystem
+    bundles = tmp_path / "bundles"
+    shutil.copytree(release.output_dir, bundles)
+    os.mkfifo(bundles / "bundle-9999-eu.p7")
+    (bundles / "bundle-9998-eu.p7").symlink_to("/dev/zero")
+    cfg = kms_config(kit, tmp_path, bundles)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+
+    def one_line(proc, *needles):
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (proc.returncode, proc.stdout, err)
+        assert "Traceback" not in err and len(err.splitlines()) == 1, err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    imported = kms("import")
+    assert imported.returncode == 4, imported.stderr  # 4: some bundles were refused
+    assert f"imported release {release.release}" in imported.stdout
+    for name in ("bundle-9999-eu.p7", "bundle-9998-eu.p7"):
+        assert f"{name}: " in imported.stdout and "not a regular file" in imported.stdout
+    for bad in (" acme", "acme ", "ac\u200bme", "acme\u2028", "ac\x07me"):
+        one_line(kms("tenant", "create", "--org", bad), "org id")
+    assert kms("tenant", "create", "--org", "ekm-org", "--source", "ekm").returncode == 2
+    assert "ekm-org" not in kms("status").stdout
+    for org in ("kept", "other"):
+        assert kms("tenant", "create", "--org", org).returncode == 0
+    backup = tmp_path / "kept.backup"
+    assert kms("tenant", "export", "--org", "kept", "--file", backup).returncode == 0
+    one_line(kms("tenant", "import", "--org", "other", "--file", backup),
+             "is of org 'kept', not --org 'other'", "nothing was imported")
+    with small_filesystem(tmp_path / "ro", read_only=True) as ro:
+        one_line(kms("tenant", "export", "--org", "kept", "--file", ro / "b.json"),
+                 "Read-only file system")
+
+
+def test_cli_customer_key_registrations_are_checked_before_anything_is_registered(
+        kit, release, tmp_path):
+    """`cache-only add` once registered a missing --ca file, port 99999 or a URL with a password
+    (echoing it) as the org's ACTIVE key, using up its rate limit; `ekm add` took http://, a
+    missing CA bundle and a region the ARN contradicts. Each is one line; nothing registered."""
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+    assert kms("tenant", "create", "--org", "reg-co", "--no-secret").returncode == 0
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    add = ("cache-only", "add", "--org", "reg-co", "--kid", "k1")
+    arn = "arn:aws:kms:eu-west-1:123456789012:key/0123abcd-12ab-34cd-56ef-1234567890ab"
+    cases = [
+        ((*add, "--url", "https://127.0.0.1:8443", "--ca", tmp_path / "no-ca.pem"),
+         "--ca", "is not a file"),
+        ((*add, "--url", "https://127.0.0.1:99999", "--ca", ca), "port outside 1-65535"),
+        ((*add, "--url", "https://alice:s3cret-pw@127.0.0.1:8443", "--ca", ca),
+         "carries a user or password"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--endpoint-url",
+          "http://127.0.0.1:4566"), "must be an https:// URL"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--endpoint-url",
+          "https://127.0.0.1:4566", "--ca-bundle", tmp_path / "none.pem"), "--ca-bundle"),
+        (("ekm", "add", "--org", "reg-co", "--key-id", arn, "--aws-region", "us-east-1"),
+         "contradicts the key ARN's region eu-west-1"),
+    ]
+    for args, *needles in cases:
+        proc = kms(*args)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2 and len(err.splitlines()) == 1, (args, err)
+        assert "Traceback" not in err and "s3cret-pw" not in err + proc.stdout, err
+        for needle in needles:
+            assert needle in err, (needle, err)
+    listed = kms("tenant", "list", "--org", "reg-co")
+    assert listed.returncode == 0 and listed.stdout.strip() == "", listed.stdout
+
+
+def test_cli_destroying_the_only_active_key_warns_and_encrypt_names_when_a_new_one_can_be_made(
+        kit, release, tmp_path):
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    env = {**kit.environ(), "HSM_PIN": kit.regionals["eu"].user_pin.reveal()}
+
+    def kms(*args):
+        return run_cli("kms", "--config", cfg.path, *args, env=env, timeout=60)
+    assert kms("tenant", "create", "--org", "last-key").returncode == 0
+    destroyed = kms("tenant", "destroy", "--org", "last-key", "--version", "1")
+    assert destroyed.returncode == 0, destroyed.stderr
+    warning = destroyed.stderr.strip()
+    assert warning.startswith("kms: warning: last-key has no ACTIVE field key now"), warning
+    assert "(the rate limit)" in warning and "kms tenant rotate --org last-key" in warning
+    refused = kms("encrypt", "--org", "last-key", "text")
+    err = refused.stderr.strip()
+    assert refused.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "has no usable field secret" in err and "a new key can be made from 20" in err, err
+    # What the hint says is what the rate limit says.
+    rotate = kms("tenant", "rotate", "--org", "last-key")
+    assert rotate.returncode == 2 and "next allowed at" in rotate.stderr
+    when = err.split("a new key can be made from ", 1)[1].split(" ", 1)[0]
+    assert when[:16] in rotate.stderr.replace("Z", "+00:00"), (when, rotate.stderr)
+
+
+def test_cli_a_missing_token_is_said_to_be_missing_before_any_pin_is_asked(kit, release,
+                                                                           tmp_path):
+    cfg = kms_config(kit, tmp_path, release.output_dir)
+    cfg.path.write_text(cfg.path.read_text().replace(kit.regionals["eu"].label, "no-such-token"))
+    env = {k: v for k, v in kit.environ().items() if not k.startswith("HSM_")}
+    proc = run_cli("kms", "--config", cfg.path, "status", env=env, timeout=60)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "no token with label='no-such-token'" in err and "PIN" not in err, err
