@@ -11,6 +11,9 @@ from tests.helpers import run_cli
 BASE = ('region = "eu"\ntoken = "regional-eu"\nprimary_certificate = "p.pem"\n'
         'bundle_dir = "bundles"\nstore = "kms.db"\n')
 SERVICE = ('\n[service]\ncertificate = "s.pem"\nprivate_key = "s.key"\nclient_ca = "ca.pem"\n')
+# A node pins its officers (it refuses to load without them); last, so the line numbers of the
+# cases above stay what they say.
+OFFICERS = ('\n[[officers]]\nfrom_release = "1"\nm = 1\nkeys = { alice = "' + "ab" * 32 + '" }\n')
 
 CASES = {
     # name: (top-level lines, [service] lines, line number, words in the message)
@@ -42,7 +45,7 @@ def test_a_number_out_of_its_range_is_refused_at_load_with_file_and_line(name, t
     from kms.errors import ConfigError
     top, service, line, words = CASES[name]
     path = tmp_path / "node.toml"
-    path.write_text(BASE + top + (SERVICE + service if service is not None else ""))
+    path.write_text(BASE + top + (SERVICE + service if service is not None else "") + OFFICERS)
     with pytest.raises(ConfigError) as refused:
         configs.load(path)
     assert str(refused.value).startswith(f"{path}:{line}: "), refused.value
@@ -61,7 +64,7 @@ def test_the_ranges_keep_the_values_the_project_uses(tmp_path):
     from kms import limits
     path = tmp_path / "node.toml"
     path.write_text(BASE + "pbkdf2_iterations = 40000\ncache_flush_hours = 72\n"
-                    + SERVICE + "idle_timeout_seconds = 1.0\nexecutor_threads = 8\n")
+                    + SERVICE + "idle_timeout_seconds = 1.0\nexecutor_threads = 8\n" + OFFICERS)
     cfg = configs.load(path)
     assert (cfg.pbkdf2_iterations, cfg.cache_flush_hours) == (40000, 72)
     assert all(r.low < r.high and r.why for r in [*limits.NODE.values(),

@@ -31,7 +31,10 @@ def node_toml(tmp_path, tls, **service) -> str:
     path.write_text('region = "eu"\ntoken = "no-token-needed"\nprimary_certificate = "p.pem"\n'
                     'bundle_dir = "bundles"\nstore = "kms.db"\n\n[service]\n'
                     + "".join(f'{k} = "{v}"\n' if isinstance(v, (str, type(tls["ca"])))
-                              else f"{k} = {v}\n" for k, v in values.items()))
+                              else f"{k} = {v}\n" for k, v in values.items())
+                    # the officers a node pins (it refuses to load without them)
+                    + '\n[[officers]]\nfrom_release = "1"\nm = 1\nkeys = { alice = "'
+                    + "ab" * 32 + '" }\n')
     return str(path)
 
 
