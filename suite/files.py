@@ -89,12 +89,17 @@ def write_new(path: Path, data: bytes, mode: int = 0o644) -> Path:
             raise _cannot("write", path, exc) from None
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_directory(path.parent)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename or a new name in ``directory`` survive a crash."""
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
 
 
 def replace(path: Path, data: bytes) -> Path:
@@ -112,11 +117,7 @@ def replace(path: Path, data: bytes) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_directory(path.parent)
     return path
 
 

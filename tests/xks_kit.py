@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kms.server.pki import Authority
 from kms.xks.client import XksClient
+from tests.service_kit import _toml_value as _toml
 
 AWS_CN = "cks.kms.us-east-1.amazonaws.com"
 REGION = "us-east-1"
@@ -34,16 +35,6 @@ def access_key_id() -> str:
 
 def secret_key() -> str:
     return base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def _toml(v) -> str:
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml(x) for x in v) + "]"
-    return json.dumps(str(v))
 
 
 @dataclass
