@@ -193,3 +193,34 @@ def small_filesystem(path: Path, *, read_only: bool = False) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def recording_listener() -> Iterator[tuple[str, list[bytes]]]:
+    """A plain-TCP listener on 127.0.0.1 that records every byte anyone sends it: the target of
+    a hostile redirect, to prove that nothing (no credential, no signed request) reaches it.
+    Yields its ``http://`` base URL and the list of what it received; closed on exit."""
+    import socket
+    received: list[bytes] = []
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def record() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    received.append(conn.recv(65536))
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", received
+    finally:
+        stop.set()
+        recorder.join(5)
+        listener.close()

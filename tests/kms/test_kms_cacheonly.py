@@ -345,28 +345,10 @@ def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, c
     """The key service answers 302 to an http:// URL on 127.0.0.1 (a listener that records
     every byte it receives). The fetch is refused with its own code, REDIRECT; the listener
     receives nothing, so the org's Basic credential never leaves the verified TLS connection."""
-    import socket
-    received, listener = [], socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def record():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(1)
-                try:
-                    received.append(conn.recv(65536))
-                except OSError:
-                    pass
-    thread = threading.Thread(target=record, daemon=True)
-    thread.start()
-    plain = f"http://127.0.0.1:{listener.getsockname()[1]}/shop-r"
+    from tests.helpers import recording_listener
     monkeypatch.setenv("SHOP_REDIRECT_AUTH", "shop:redirect-secret")
-    try:
+    with recording_listener() as (base, received):
+        plain = f"{base}/shop-r"
         for status in (301, 302, 307, 308):
             _Crafted.respond = lambda kid, nonce, status=status: (
                 status, b"", {"Location": f"{plain}?requestId={nonce}"})
@@ -377,10 +359,6 @@ def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, c
                     "ca_pem": env.server.ca.read_text(), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
             assert info.value.code == "REDIRECT" and f"HTTP {status}" in str(info.value)
         time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
     assert received == []
 
 

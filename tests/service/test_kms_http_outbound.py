@@ -20,7 +20,7 @@ import time
 import pytest
 
 from tests import localtls
-from tests.helpers import start_threads
+from tests.helpers import recording_listener, start_threads
 
 DRIP_BOUND_S = 6.0
 OTHER_BOUND_S = 2.5
@@ -159,51 +159,28 @@ class _Redirect(socketserver.BaseRequestHandler):
 def test_an_aws_endpoint_redirecting_to_http_is_refused_and_nothing_reaches_it(tmp_path):
     """An EKM org's AWS KMS endpoint answers 302 to an http:// listener: the Decrypt is refused
     with code REDIRECT and the listener receives nothing (no signed request, no blob)."""
-    import socket
-
     from kms import ekm
     from kms.errors import KeyUnavailable
     localtls.set_aws_env()
-    received, listener = [], socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def record():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            with conn:
-                conn.settimeout(1)
-                try:
-                    received.append(conn.recv(65536))
-                except OSError:
-                    pass
-    recorder = threading.Thread(target=record, daemon=True)
-    recorder.start()
     pki = localtls.make_pki(tmp_path / "redirect-pki")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(str(pki.cert), str(pki.key))
-    handler = type("Redirect", (_Redirect,), {
-        "target": f"http://127.0.0.1:{listener.getsockname()[1]}/"})
-    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    server.socket = ctx.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    spec = {"key_id": "arn:aws:kms:eu-west-1:111122223333:key/r", "aws_region": "eu-west-1",
-            "endpoint_url": f"https://127.0.0.1:{server.server_address[1]}",
-            "ca_bundle": str(pki.ca), "ca_pem": pki.ca.read_text()}
-    try:
-        with pytest.raises(KeyUnavailable) as info:
-            ekm._aws("redirected", spec, "Decrypt", {"CiphertextBlob": "AAAA",
-                                                     "KeyId": spec["key_id"]})
-        assert info.value.code == "REDIRECT" and "HTTP 302" in str(info.value)
-        time.sleep(0.5)
-    finally:
-        server.shutdown()
-        server.server_close()
-        stop.set()
-        recorder.join(5)
-        listener.close()
+    with recording_listener() as (base, received):
+        handler = type("Redirect", (_Redirect,), {"target": f"{base}/"})
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        spec = {"key_id": "arn:aws:kms:eu-west-1:111122223333:key/r", "aws_region": "eu-west-1",
+                "endpoint_url": f"https://127.0.0.1:{server.server_address[1]}",
+                "ca_bundle": str(pki.ca), "ca_pem": pki.ca.read_text()}
+        try:
+            with pytest.raises(KeyUnavailable) as info:
+                ekm._aws("redirected", spec, "Decrypt", {"CiphertextBlob": "AAAA",
+                                                         "KeyId": spec["key_id"]})
+            assert info.value.code == "REDIRECT" and "HTTP 302" in str(info.value)
+            time.sleep(0.5)
+        finally:
+            server.shutdown()
+            server.server_close()
     assert received == []
