@@ -5,12 +5,18 @@ Format and offline verification are in :mod:`kms.server.auditchain`. Here:
 - **Fields by name.** Callers pass only names in ``FIELDS``: there is no field a DEK, secret or
   PIN could go into by accident.
 - **Durable before the answer.** ``append`` queues a record and returns the future of the batch
-  it joins; one writer thread takes everything queued, chains it, signs one checkpoint in the
-  HSM, writes it with one ``write`` and one ``fsync``, then resolves the future. While it
-  writes, the next batch gathers (group commit: no timer, a burst costs one fsync).
+  it joins; everything queued is chained, one checkpoint signed in the HSM, and one writer
+  thread writes it with one ``write`` on a file opened ``O_DSYNC`` (the write returns once the
+  data and the file's size are on disk, ``fdatasync``'s promise), then resolves the future.
+  While it writes, the next batch gathers (group commit: no timer, a burst costs one
+  synchronous write).
   ``await commit(...)`` is what the DEK and admin routes use: the answer goes out only once its
   record is on disk under a signed checkpoint.
-- **Unwritable log.** A write or fsync that fails (disk full, file-size limit, I/O error), or a
+- **Cheap per record** (it is on every DEK fetch): a record is encoded with orjson (format 3,
+  :func:`chained_line`); a request waits on its own loop's future; the event loop chains and
+  signs the batch its requests wait for (:meth:`AuditLog._flush`) and the writer thread only
+  writes it, waking the loop once per batch, not once per request.
+- **Unwritable log.** A write that fails (disk full, file-size limit, I/O error), or a
   checkpoint the token cannot sign, truncates the file back to its last good length, keeps the
   batch queued and marks the log unavailable: ``commit`` then raises :class:`AuditUnavailable`
   at once (the routes answer 503 ``audit_unavailable``), one log line says so, and the writer
@@ -19,7 +25,7 @@ Format and offline verification are in :mod:`kms.server.auditchain`. Here:
   followed by the queued records, so nothing acknowledged is lost and the gap is on record.
 - **Damage never stops a start.** :func:`_open` truncates an unfinished last line of the
   current segment (it was never acknowledged) and continues its chain if the segment ends with a
-  checkpoint of the same key; anything else (a legacy segment of the previous version, a
+  checkpoint of the same key in this format; anything else (a segment of an earlier format, a
   garbage or foreign last line, another key) leaves that file as found and starts a new segment
   whose ``segment.start`` record says why.
 """
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import hashlib
 import json
 import logging
@@ -38,8 +43,8 @@ import time
 from pathlib import Path
 
 from .auditchain import (CHECKPOINT_OP, FORMAT, GENESIS, SEGMENT_OP, canonical,
-                         checkpoint_message, digest, public_key, segment_name, segment_order,
-                         signature_holds)
+                         checkpoint_message, digest, public_key, segment_format, segment_name,
+                         segment_order, signature_holds, writable)
 
 log = logging.getLogger("kms.server")
 
@@ -67,6 +72,29 @@ class TokenSigner:
         return ops.sign(self.token, ops.private(self.label), "ecdsa-sha256", message)
 
 
+class _Batch:
+    """Records made durable together (one write, one checkpoint), and who waits for them:
+    threads on ``done`` (``append``), requests on asyncio futures (``commit``)."""
+
+    __slots__ = ("records", "done", "waiters")
+
+    def __init__(self):
+        self.records: list[dict] = []
+        self.done: concurrent.futures.Future = concurrent.futures.Future()
+        self.waiters: dict = {}   # event loop -> [asyncio future of each commit() waiting]
+
+
+class _Prepared:
+    """A batch chained, encoded and signed: the bytes to write and the chain head after them
+    (or why it could not be prepared: the token did not sign)."""
+
+    __slots__ = ("batch", "count", "data", "seq", "prev", "error")
+
+    def __init__(self, batch: _Batch, count=0, data=b"", seq=0, prev="", error=None):
+        self.batch, self.count, self.data, self.seq, self.prev = batch, count, data, seq, prev
+        self.error: BaseException | None = error
+
+
 class AuditLog:
     def __init__(self, directory: Path, worker: int, signer=None, *, retry_ms: int = 50,
                  max_pending: int = 100_000):
@@ -76,9 +104,13 @@ class AuditLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._retry = retry_ms / 1000.0
         self._max_pending = max_pending
-        self._cond = threading.Condition()
-        self._pending: list[dict] = []
-        self._done: concurrent.futures.Future = concurrent.futures.Future()
+        # A plain lock (taken per record); the writer sleeps on the condition.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._batch = _Batch()             # the batch gathering
+        self._ready: _Prepared | None = None   # prepared on an event loop, for the writer
+        self._busy = False                 # a batch is being prepared or written
+        self._flush_due = False            # an event loop will prepare the gathering batch
         self._outage: dict | None = None
         self._closed = False
         self._close_failures = 0
@@ -87,58 +119,68 @@ class AuditLog:
         self.batches = self.records = self.write_failures = self.refused = self.dropped = 0
         self.path, self._fd, self._seq, self._prev, self._size, first = _open(
             self.dir, worker, signer)
-        self._pending.extend(first)
-        self._idle = False      # the writer waits for records (under self._cond)
-        self._waiters: dict = {}   # (batch future, loop) -> its asyncio future (commit)
+        self._batch.records.extend(first)
+        self._idle = False      # the writer waits (under self._lock)
         self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._writer.start()
 
     # ----------------------------------------------------------------------- callers
     def append(self, **fields) -> concurrent.futures.Future:
         """Queue a record; the future resolves once it is durable (or fails if it is not)."""
-        unknown = set(fields) - set(FIELDS)
-        if unknown:
-            raise ValueError(f"audit: unknown field(s) {sorted(unknown)}")
-        record = {"ts": round(time.time(), 6), **{k: v for k, v in fields.items()
-                                                   if v is not None}}
-        with self._cond:
-            if self._closed:
-                raise ValueError("audit log is closed")
-            if len(self._pending) >= self._max_pending:   # only while the log is unwritable
-                self.dropped += 1
+        record = _record(fields)
+        with self._lock:
+            batch = self._queue(record)
+            if batch is None:
                 failed: concurrent.futures.Future = concurrent.futures.Future()
                 failed.set_exception(AuditUnavailable("audit queue full"))
                 return failed
-            self._pending.append(record)
-            if self._idle:     # only a writer asleep needs waking (notify costs ~µs each)
-                self._cond.notify()
-            return self._done
+            return batch.done
 
     async def commit(self, **fields) -> None:
         """Append and wait until the record is durable; :class:`AuditUnavailable` if the log
         cannot be written (checked first, so nothing is queued for a request refused).
 
-        Every request of a batch waits on one asyncio future per event loop (made from the
-        batch's future the first time), so a batch of N costs one wake-up of the loop, not N;
-        ``shield`` keeps a request's timeout from cancelling the batch's future for the others.
+        The request waits on a future of its own event loop. That loop prepares the batch
+        (:meth:`_flush`, scheduled once, so every request handled in the same turn of the loop
+        joins it) and the writer thread only writes it; the writer wakes the loop once per
+        batch, not once per request. A request cancelled meanwhile (its timeout) cancels only
+        its own future; its record is written all the same.
         """
         if not self.available:
             self.refuse()
-        done = self.append(**fields)
+        record = _record(fields)
         loop = asyncio.get_running_loop()
-        key = (done, loop)
-        waiter = self._waiters.get(key)
-        if waiter is None:
-            waiter = self._waiters[key] = asyncio.wrap_future(done, loop=loop)
-            waiter.add_done_callback(functools.partial(self._forget, key))
-        await asyncio.shield(waiter)
+        waiter = loop.create_future()
+        with self._lock:
+            batch = self._queue(record, wake=False)   # this loop prepares it, not the writer
+            if batch is None:
+                raise AuditUnavailable("audit queue full")
+            waiting = batch.waiters.get(loop)
+            if waiting is None:
+                waiting = batch.waiters[loop] = []
+            waiting.append(waiter)
+            if not self._busy and not self._flush_due:
+                self._flush_due = True
+                loop.call_soon(self._flush)
+        await waiter
 
-    def _forget(self, key, _future) -> None:
-        self._waiters.pop(key, None)
+    def _queue(self, record: dict, wake: bool = True) -> _Batch | None:
+        """Add ``record`` to the batch that is gathering (``self._lock`` held); None if the
+        queue is full (only while the log is unwritable)."""
+        if self._closed:
+            raise ValueError("audit log is closed")
+        batch = self._batch
+        if len(batch.records) >= self._max_pending:
+            self.dropped += 1
+            return None
+        batch.records.append(record)
+        if wake and self._idle:   # only a writer asleep needs waking (each wake costs the GIL)
+            self._cond.notify()
+        return batch
 
     def refuse(self):
         """Count a request refused because the log is unwritable, and raise."""
-        with self._cond:
+        with self._lock:
             self.refused += 1
             if self._outage is not None:
                 self._outage["refused"] += 1
@@ -146,34 +188,88 @@ class AuditLog:
 
     def flush(self, timeout: float = 10) -> None:
         """Wait until everything appended so far is durable (tests, shutdown)."""
-        with self._cond:
-            done = self._done if self._pending else None
+        with self._lock:
+            done = self._batch.done if self._batch.records else None
         if done is not None:
             done.result(timeout)
 
     def close(self) -> None:
-        with self._cond:
+        with self._lock:
             self._closed = True
             self._cond.notify()
         self._writer.join(timeout=10)
-        if self._pending or self._outage is not None:
+        if self._batch.records or self._outage is not None:
             log.error("worker %d: audit log %s still cannot be written at shutdown: %d "
-                      "record(s) lost", self.worker, self.path, len(self._pending))
+                      "record(s) lost", self.worker, self.path, len(self._batch.records))
         os.close(self._fd)
+
+    # ----------------------------------------------------------------------- event loop
+    def _flush(self) -> None:
+        """On the event loop: chain, encode and sign the gathering batch, hand it to the writer.
+
+        Here rather than in the writer thread: python-pkcs11 releases the GIL around each C
+        call, and a thread taking it back from a busy event loop waits for it, several times
+        per signature (measured: most of the writer's time went there). The loop signs at its
+        own pace (about 60 µs a batch on SoftHSM2) and the writer needs the GIL twice a batch.
+        """
+        with self._lock:
+            self._flush_due = False
+            if self._busy or not self._batch.records or self._outage is not None \
+                    or self._closed:
+                return             # the writer takes it (or calls this again once done)
+            batch, self._batch = self._batch, _Batch()
+            self._busy = True
+        try:
+            prepared = self._prepare(batch)
+        except Exception as exc:   # the token did not sign: the writer records the failure
+            prepared = _Prepared(batch, error=exc)
+        with self._lock:
+            self._ready = prepared
+            self._cond.notify()
+
+    def _settle(self, waiters: list, why: str | None, flush: bool) -> None:
+        """On the event loop: answer the requests of a batch; prepare the next one if due."""
+        for waiter in waiters:
+            if not waiter.done():      # a request that timed out cancelled its own future
+                if why is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(AuditUnavailable(why))
+        if flush:
+            self._flush()
 
     # ----------------------------------------------------------------------- writer
     def _run(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending and self._outage is None and not self._closed:
+            with self._lock:
+                prepared: _Prepared | None = None
+                batch = self._batch
+                while True:
+                    if self._ready is not None:
+                        prepared, self._ready = self._ready, None
+                        break
+                    # An event loop prepares what its requests wait for; the writer takes
+                    # the batch itself when no loop will (appends from threads, an outage,
+                    # closing), or when a loop has not come to it within retry_ms.
+                    mine = self._batch.records and not self._busy and (
+                        not self._flush_due or self._closed or self._outage is not None)
+                    if mine or (self._outage is not None and not self._busy):
+                        batch, self._batch = self._batch, _Batch()
+                        self._busy = True
+                        break
+                    if self._closed and not self._busy:
+                        return
                     self._idle = True
-                    self._cond.wait()
+                    timed_out = not self._cond.wait(self._retry if self._flush_due else None)
                     self._idle = False
-                if not self._pending and (self._outage is None or self._closed):
-                    return
-                batch, self._pending = self._pending, []
-                done, self._done = self._done, concurrent.futures.Future()
-            if self._write(batch, done):
+                    if timed_out and self._flush_due and not self._busy:
+                        self._flush_due = False     # that loop is gone or stuck: take it
+            if prepared is None:
+                try:
+                    prepared = self._prepare(batch)
+                except Exception as exc:
+                    prepared = _Prepared(batch, error=exc)
+            if self._write(prepared):
                 continue
             if self._closed:       # at close a failing log gets three tries; close() says so
                 self._close_failures += 1
@@ -181,47 +277,86 @@ class AuditLog:
                     return
             time.sleep(self._retry)
 
-    def _write(self, batch: list[dict], done: concurrent.futures.Future) -> bool:
-        records = list(batch)
+    def _prepare(self, batch: _Batch) -> _Prepared:
+        """Chain the batch's records after the durable head, encode them and sign one
+        checkpoint (on whichever thread prepares it; only one batch is in hand at a time)."""
+        records = batch.records
         if self._outage is not None:
-            records.insert(0, _outage_record(self._outage, self.worker))
+            records = [_outage_record(self._outage, self.worker), *records]
         seq, prev, lines = self._seq, self._prev, []
         for rec in records:
             seq += 1
-            prev, line = chained_line({**rec, "seq": seq, "prev": prev})
+            rec["seq"], rec["prev"] = seq, prev
+            prev, line = chained_line(rec)
             lines.append(line)
+        if self.signer is not None:
+            seq += 1
+            cp = {"seq": seq, "ts": round(time.time(), 6), "prev": prev, "op": CHECKPOINT_OP,
+                  "worker": self.worker,
+                  "sig": self.signer.sign(checkpoint_message(seq, prev)).hex()}
+            prev, line = chained_line(cp)
+            lines.append(line)
+        return _Prepared(batch, len(records), b"".join(lines), seq, prev)
+
+    def _write(self, prepared: _Prepared) -> bool:
+        batch = prepared.batch
         try:
-            if self.signer is not None:
-                seq += 1
-                cp = {"seq": seq, "ts": round(time.time(), 6), "prev": prev,
-                      "op": CHECKPOINT_OP, "worker": self.worker,
-                      "sig": self.signer.sign(checkpoint_message(seq, prev)).hex()}
-                cp["hash"] = prev = digest(cp)
-                lines.append(canonical(cp) + b"\n")
+            if prepared.error is not None:
+                raise prepared.error
             if self._dirty:                      # a failed write left bytes: cut them first
                 os.ftruncate(self._fd, self._size)
                 self._dirty = False
             self._dirty = True
-            _write_all(self._fd, b"".join(lines))
-            os.fsync(self._fd)
+            # The segment is open with O_DSYNC: each write returns once its data and the
+            # file's new size are on disk (fdatasync's promise, in the same system call).
+            _write_all(self._fd, prepared.data)
             self._dirty = False
         except Exception as exc:   # OSError (ENOSPC, EFBIG, EIO) or the token (HsmError)
-            self._failed(batch, done, exc)
+            self._failed(batch, exc)
             return False
-        self._size += sum(map(len, lines))
-        self._seq, self._prev = seq, prev
+        self._size += len(prepared.data)
+        self._seq, self._prev = prepared.seq, prepared.prev
         self.batches += 1
-        self.records += len(records)
-        if self._outage is not None:
-            log.warning("worker %d: audit log %s writable again after %.1f s; serving key "
-                        "material", self.worker, self.path, time.time() - self._outage["since"])
-            with self._cond:
+        self.records += prepared.count
+        since = self._outage["since"] if self._outage is not None else None
+        recovered = since is not None
+        with self._lock:
+            if recovered:
                 self._outage = None
                 self.available = True
-        done.set_result(None)
+            self._busy = False
+            # The next batch's loop prepares it when woken for this one (or on its own wake).
+            nxt = next(iter(self._batch.waiters), None) if self._batch.records else None
+            if nxt is not None and not self._flush_due:
+                self._flush_due = True
+            else:
+                nxt = None
+        if since is not None:
+            log.warning("worker %d: audit log %s writable again after %.1f s; serving key "
+                        "material", self.worker, self.path, time.time() - since)
+        batch.done.set_result(None)
+        self._release(batch, None, nxt)
         return True
 
-    def _failed(self, batch, done, exc: BaseException) -> None:
+    def _release(self, batch: _Batch, why: str | None, nxt=None) -> None:
+        """Wake the requests waiting for ``batch``, one callback per event loop; the loop
+        ``nxt`` also prepares the next batch."""
+        for loop, waiters in batch.waiters.items():
+            try:
+                loop.call_soon_threadsafe(self._settle, waiters, why, loop is nxt)
+            except RuntimeError:       # that loop is closed: nobody waits there any more
+                pass
+            if loop is nxt:
+                nxt = None
+        if nxt is not None:
+            try:
+                nxt.call_soon_threadsafe(self._flush)
+            except RuntimeError:
+                with self._lock:
+                    self._flush_due = False
+                    self._cond.notify()
+
+    def _failed(self, batch: _Batch, exc: BaseException) -> None:
         try:
             if self._dirty:
                 os.ftruncate(self._fd, self._size)
@@ -229,11 +364,13 @@ class AuditLog:
         except OSError:
             pass          # retried before the next write
         why = f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"
-        for rec in batch:       # a waiting request was answered 503: say so when written
+        for rec in batch.records:   # a waiting request was answered 503: say so when written
             rec["late"] = True
-        with self._cond:
-            self._pending[:0] = batch      # kept, in order, for the next try
+        with self._lock:
+            kept = self._batch
+            kept.records[:0] = batch.records      # kept, in order, for the next try
             self.write_failures += 1
+            self._busy = False
             first = self._outage is None
             if first:
                 self._outage = {"since": time.time(), "error": why, "refused": 0}
@@ -241,7 +378,22 @@ class AuditLog:
         if first:
             log.error("worker %d: audit log %s cannot be written (%s): refusing key material "
                       "(503 audit_unavailable) until it can", self.worker, self.path, why)
-        done.set_exception(AuditUnavailable(why))
+        batch.done.set_exception(AuditUnavailable(why))
+        self._release(batch, why)
+
+
+_FIELDS = frozenset(FIELDS)
+
+
+def _record(fields: dict) -> dict:
+    """A record of the named ``fields`` (None left out), stamped with the time."""
+    if not fields.keys() <= _FIELDS:
+        raise ValueError(f"audit: unknown field(s) {sorted(set(fields) - _FIELDS)}")
+    record = {"ts": round(time.time(), 6)}
+    for k, v in fields.items():
+        if v is not None:
+            record[k] = v
+    return record
 
 
 def _outage_record(outage: dict, worker: int) -> dict:
@@ -254,18 +406,18 @@ def _outage_record(outage: dict, worker: int) -> dict:
 
 
 def chained_line(record: dict) -> tuple[str, bytes]:
-    """(hash, line) of a record without ``hash``: the line is ``canonical`` of the record with
-    its hash, made with one encoding of the record instead of two. Sorted keys put ``hash``
-    between the keys before it and those after it, so the line is the canonical JSON of the
-    keys before it, ``"hash":...``, then that of the keys after it; the hash is SHA-256 of the
-    two halves joined (``canonical`` of the record without ``hash``, as ``digest`` computes)."""
-    before = canonical({k: v for k, v in record.items() if k < "hash"})
-    after = canonical({k: v for k, v in record.items() if k > "hash"})
-    head = before[:-1] + b"," if len(before) > 2 else b"{"
-    tail = b"," + after[1:] if len(after) > 2 else b"}"
-    digest_ = hashlib.sha256(head[:-1] + tail if len(before) > 2 else
-                             (after if len(after) > 2 else b"{}")).hexdigest()
-    return digest_, head + b'"hash":"' + digest_.encode() + b'"' + tail + b"\n"
+    """(hash, line) of ``record``: its hash is SHA-256 of its canonical form without ``hash``
+    (``auditchain.digest``), set into ``record``; the line is the canonical form with it. Two
+    orjson encodings (about 1.3 µs together, measured; ``json`` took 9 µs for the same line).
+    A string orjson cannot encode (a lone surrogate) is written as its escape text instead."""
+    record.pop("hash", None)      # a record kept from a failed write is chained anew
+    try:
+        body = canonical(record)
+    except TypeError:
+        record.update(writable(record))
+        body = canonical(record)
+    record["hash"] = digest_ = hashlib.sha256(body).hexdigest()
+    return digest_, canonical(record) + b"\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -291,7 +443,7 @@ def _open(directory: Path, worker: int, signer):
                             "attempt wrote nothing)", None)
     state, why, last = _inspect(path, signer)
     if state == "continue":
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_DSYNC)
         first = []
         cut = last["partial"]
         if cut:
@@ -327,15 +479,18 @@ def _inspect(path: Path, signer) -> tuple[str, str, dict]:
             raise ValueError
     except ValueError:
         return "new", "does not start with a JSON record (damaged)", info
+    fmt = segment_format(first)
     try:
         last = json.loads(last_line)
-        if not isinstance(last, dict) or last.get("hash") != digest(last):
+        if fmt is None or not isinstance(last, dict) or last.get("hash") != digest(last, fmt):
             raise ValueError
         info.update(seq=int(last["seq"]), hash=str(last["hash"]))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, OverflowError):
         return "new", "ends with a line that is not a chained record (damaged)", info
-    if first.get("op") != SEGMENT_OP or first.get("format") != FORMAT:
+    if first.get("op") != SEGMENT_OP:
         return "new", "is a legacy segment (unsigned, written by an earlier version)", info
+    if fmt != FORMAT:     # never appended to: one segment, one canonical form
+        return "new", f"is in audit format {fmt} (written by an earlier version)", info
     if first.get("key") != (signer.fingerprint if signer is not None else None):
         return "new", f"is signed by another key ({first.get('key')})", info
     if signer is None:      # an unsigned log (no audit key): the chain alone
@@ -353,7 +508,8 @@ def _inspect(path: Path, signer) -> tuple[str, str, dict]:
 
 def _new_segment(directory: Path, worker: int, k: int, signer, detail: str, link):
     path = directory / segment_name(worker, k)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_DSYNC | os.O_CREAT | os.O_EXCL,
+                 0o600)
     dfd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dfd)      # the new file's name is durable before anything is acknowledged

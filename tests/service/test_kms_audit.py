@@ -212,8 +212,8 @@ def test_a_legacy_log_of_the_previous_version_stays_verifiable_and_is_followed(s
     for seq, op in enumerate(("worker.start", "dek.encrypt", "worker.stop"), 1):
         rec = {"seq": seq, "ts": 1.0 + seq, "prev": prev, "op": op, "result": "ok",
                "worker": 0}
-        rec["hash"] = prev = auditchain.digest(rec)
-        lines.append(auditchain.canonical(rec).decode() + "\n")
+        rec["hash"] = prev = auditchain.digest(rec, 2)      # the json form of that version
+        lines.append(auditchain.canonical_v2(rec).decode() + "\n")
     legacy.write_text("".join(lines))
     _write(tmp_path, signer, DEKS[:1])
     new = tmp_path / "audit-w0.1.jsonl"
@@ -234,6 +234,75 @@ def test_a_legacy_log_of_the_previous_version_stays_verifiable_and_is_followed(s
         f"{new}: chain broken at line 1: the previous segment audit-w0.jsonl is "
         f"{len(''.join(lines[:-1]))} bytes, not the {len(''.join(lines))} recorded when this "
         "segment began (truncated or rewritten since)")
+
+
+def _format2_segment(path: Path, signer, batches) -> None:
+    """A segment as the previous version's writer made it (format 2): the same records and
+    checkpoints, hashed and written in Python's ``json`` canonical form (ASCII, ``\\u``
+    escapes), one signed checkpoint per batch."""
+    prev, seq, lines = auditchain.GENESIS, 0, []
+
+    def put(rec):
+        nonlocal prev, seq
+        seq += 1
+        rec.update(seq=seq, prev=prev)
+        rec["hash"] = prev = auditchain.digest(rec, 2)
+        lines.append(auditchain.canonical_v2(rec) + b"\n")
+    put({"ts": 1.0, "op": "segment.start", "format": 2, "worker": 0, "key": signer.fingerprint,
+         "spki": signer.spki.hex(), "detail": "new audit log", "pid": 1})
+    for batch in batches:
+        for fields in batch:
+            put({"ts": 2.0, **fields})
+        put({"ts": 3.0, "op": "audit.checkpoint", "worker": 0,
+             "sig": signer.sign(auditchain.checkpoint_message(seq + 1, prev)).hex()})
+    path.write_bytes(b"".join(lines))
+
+
+def test_a_format_2_log_of_the_previous_version_verifies_and_is_followed_in_format_3(
+        signer, tmp_path):
+    """Upgrade: segments the previous version wrote (format 2, ``json``'s canonical form) still
+    verify against the pinned key, an edit in one with hashes recomputed in that form is still
+    reported, and a worker starting on the directory begins a format-3 segment linked to it."""
+    old = tmp_path / "audit-w0.jsonl"
+    batches = [[{**r, "org": "zürich\u2028"} for r in batch] for batch in DEKS]
+    _format2_segment(old, signer, batches)
+    assert b"z\\u00fcrich\\u2028" in old.read_bytes()    # the two forms differ here
+    n_old = len(_records(old))
+    log = AuditLog(tmp_path, 0, signer)                      # what the worker does at start
+    log.append(op="worker.start", result="ok", worker=0, org="zürich").result(10)
+    log.close()
+    new = tmp_path / "audit-w0.1.jsonl"
+    start = _records(new)[0]
+    assert (start["format"], start["detail"]) == (3, "previous segment audit-w0.jsonl is in "
+                                                  "audit format 2 (written by an earlier "
+                                                  "version); left as found")
+    assert "zürich".encode() in new.read_bytes()            # format 3 writes UTF-8
+    ops_ = [r["op"] for r in _records(new)]
+    proc = _verify(tmp_path, "--key", signer.fingerprint)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.splitlines() == [
+        f"{old}: {n_old} records, chain intact, {len(DEKS)} checkpoints signed by key "
+        f"{signer.fingerprint} (pinned)",
+        f"{new}: {len(ops_)} records, chain intact, {ops_.count('audit.checkpoint')} "
+        f"checkpoints signed by key {signer.fingerprint} (pinned)"]
+    records = _records(old)
+    gone = next(i for i, r in enumerate(records) if r.get("request_id") == "r1")
+    del records[gone]
+    prev = auditchain.GENESIS                  # the file writer re-chains in format 2's form
+    for seq, rec in enumerate(records, 1):
+        rec.update(seq=seq, prev=prev)
+        rec["hash"] = prev = auditchain.digest(rec, 2)
+    old.write_bytes(b"".join(auditchain.canonical_v2(r) + b"\n" for r in records))
+    line = next(i for i, r in enumerate(records[gone:], gone + 1)
+                if r["op"] == "audit.checkpoint")
+    assert _verify(old).stdout == (
+        f"{old}: chain broken at line {line}: the checkpoint's signature does not verify with "
+        f"the segment's key {signer.fingerprint}: a line before it was changed, removed or "
+        "inserted\n")
+    records[0]["format"] = 9                   # a format this version does not know
+    old.write_bytes(b"".join(auditchain.canonical_v2(r) + b"\n" for r in records))
+    assert _verify(old).stdout == (f"{old}: chain broken at line 1: written in audit format 9, "
+                                   "which this version does not know\n")
 
 
 def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(signer,

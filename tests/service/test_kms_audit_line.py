@@ -1,7 +1,9 @@
-"""The audit writer's one-encoding line (``audit.chained_line``) is byte for byte the canonical
-JSON and hash that offline verification (``auditchain``) recomputes."""
+"""The audit writer's line (``audit.chained_line``) is byte for byte the canonical JSON and hash
+that offline verification (``auditchain``) recomputes from the line it reads."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -11,7 +13,7 @@ from kms.server.auditchain import canonical, digest
 
 @pytest.mark.parametrize("record", [
     {"seq": 1, "prev": "0" * 64, "ts": 1.25, "op": "dek.encrypt", "client": "uri:spiffe://x",
-     "org": "ü\u2028\"quoted\"", "key_type": "field", "version": 3, "status": 200,
+     "org": "ü\u2028\"quoted\"\x7f", "key_type": "field", "version": 3, "status": 200,
      "request_id": "abc", "worker": 0, "detail": "two\nlines", "late": True},
     {"seq": 2, "prev": "ab"},          # no key before "hash"
     {"client": "c", "detail": "d"},    # no key after "hash"
@@ -21,3 +23,11 @@ def test_the_chained_line_is_the_canonical_record_with_its_hash(record):
     got_hash, line = chained_line(dict(record))
     assert got_hash == digest(record)
     assert line == canonical({**record, "hash": got_hash}) + b"\n"
+    assert digest(json.loads(line)) == got_hash       # what `kms audit verify` recomputes
+
+
+def test_a_lone_surrogate_is_written_as_its_escape_and_still_verifies():
+    """orjson cannot encode a lone surrogate (no text); the writer must not fail on it."""
+    got_hash, line = chained_line({"seq": 1, "op": "authz", "client": "cn:\ud800x"})
+    parsed = json.loads(line)
+    assert parsed["client"] == "cn:\\ud800x" and digest(parsed) == got_hash
