@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # occurs in a sample's stack, scanning buckets in this order, takes the sample.
 # Patterns are "function@file-suffix" (either part may be empty; a method matches by its name).
 BUCKETS = [
-    ("audit: queue the record, wait for its batch", ("append@kms/server/audit.py",
-                                                     "commit@kms/server/audit.py",
-                                                     "commit@kms/server/app.py")),
-    ("audit writer thread (chain, HSM sign, write, fsync)", ("_run@kms/server/audit.py",)),
+    ("audit on the event loop: queue, chain + HSM-sign the batch, wake its requests",
+     ("append@kms/server/audit.py", "commit@kms/server/audit.py", "commit@kms/server/app.py",
+      "_flush@kms/server/audit.py", "_settle@kms/server/audit.py")),
+    ("audit writer thread (O_DSYNC write)", ("_run@kms/server/audit.py",)),
     ("store read (pool lease, SELECT, row check)", ("@kms/store/",)),
     ("DEK cache hit (lock, AES-GCM decrypt)", ("@kms/cache.py",)),
     ("node (dek_for_encrypt, _dek)", ("@kms/service.py", "@kms/rowcache.py")),
@@ -73,6 +73,10 @@ def profile(pid: int, seconds: float, out: Path) -> collections.Counter:
     subprocess.run([str(pyspy), "record", "--pid", str(pid), "--duration", str(int(seconds)),
                     "--rate", "500", "--format", "raw", "--threads", "--nonblocking", "--gil",
                     "--output", str(out)], check=True, capture_output=True)
+    keep = os.environ.get("BREAKDOWN_RAW")    # a directory: keep py-spy's raw samples there
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        (Path(keep) / out.name).write_bytes(out.read_bytes())
     counts: collections.Counter = collections.Counter()
     for line in out.read_text().splitlines():
         stack, _, n = line.rpartition(" ")

@@ -190,6 +190,7 @@ class AuditLog:
         """Wait until everything appended so far is durable (tests, shutdown)."""
         with self._lock:
             done = self._batch.done if self._batch.records else None
+            self._cond.notify()     # a batch left to a loop that stopped: the writer takes it
         if done is not None:
             done.result(timeout)
 
