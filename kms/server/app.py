@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import orjson
 from aiohttp import web
 
 from kms import policy
@@ -354,7 +355,14 @@ class Service:
 
 
 def _ok(data: dict, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
+    # orjson: a third of json_response's cost for a DEK answer (measured); UTF-8, no spaces.
+    # Anything it refuses (an integer over 64 bits in an exported document) goes through json.
+    try:
+        body = orjson.dumps(data)
+    except TypeError:
+        body = json.dumps(data).encode()
+    return web.Response(body=body, status=status, content_type="application/json",
+                        charset="utf-8")
 
 
 def _error_response(err: HttpError, request_id: str) -> web.Response:
@@ -448,8 +456,7 @@ async def _frame(request: web.Request, handler):
             guard.request_finished()
     if not request.content.is_eof():
         resp.force_close()   # answered before its body was read whole: do not read the rest
-    svc.metrics.requests.labels(route, request.method, str(resp.status)).inc()
-    svc.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+    svc.metrics.observe(route, request.method, resp.status, time.perf_counter() - t0)
     return resp
 
 

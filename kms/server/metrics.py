@@ -49,10 +49,24 @@ class Metrics:
         self.refusals_unrecorded = Counter("kms_audit_refusals_aggregated", "refusals counted "
                                            "in an aggregate audit record instead of their own",
                                            registry=r)
+        self._children: dict[tuple, tuple] = {}
         info = Gauge("kms_worker", "this worker process (value 1)", ["worker", "pid"],
                      registry=r)
         import os
         info.labels(str(worker), str(os.getpid())).set(1)
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request and its latency. The labelled children are kept per (route,
+        method, status): ``labels()`` per request cost twice the update (measured)."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            if len(self._children) > 10_000:   # routes are a fixed set; bounded all the same
+                self._children.clear()
+            children = self._children[key] = (self.requests.labels(route, method, str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def watch(self, kms) -> None:
         self.registry.register(NodeCollector(kms))
