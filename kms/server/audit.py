@@ -51,6 +51,8 @@ log = logging.getLogger("kms.server")
 FIELDS = ("client", "op", "org", "key_type", "version", "result", "status", "request_id",
           "worker", "detail")
 _TAIL_BYTES = 1 << 16
+SLOW_SIGN = 0.002        # seconds: a batch an event loop prepares slower than this (the token)
+SLOW_SIGN_HOLD = 10.0    # ... makes the writer thread prepare the batches for this long
 
 
 class AuditUnavailable(Exception):
@@ -111,6 +113,7 @@ class AuditLog:
         self._ready: _Prepared | None = None   # prepared on an event loop, for the writer
         self._busy = False                 # a batch is being prepared or written
         self._flush_due = False            # an event loop will prepare the gathering batch
+        self._writer_signs_until = 0.0     # monotonic time: the token was slow, keep it off loops
         self._outage: dict | None = None
         self._closed = False
         self._close_failures = 0
@@ -212,18 +215,26 @@ class AuditLog:
         call, and a thread taking it back from a busy event loop waits for it, several times
         per signature (measured: most of the writer's time went there). The loop signs at its
         own pace (about 60 µs a batch on SoftHSM2) and the writer needs the GIL twice a batch.
+        A token slower than ``SLOW_SIGN`` (a network HSM) must not stall the loop: for the next
+        ``SLOW_SIGN_HOLD`` seconds the writer thread prepares the batches itself.
         """
         with self._lock:
             self._flush_due = False
             if self._busy or not self._batch.records or self._outage is not None \
                     or self._closed:
                 return             # the writer takes it (or calls this again once done)
+            if time.monotonic() < self._writer_signs_until:
+                self._cond.notify()          # the writer takes the batch (no flush is due)
+                return
             batch, self._batch = self._batch, _Batch()
             self._busy = True
+        t0 = time.perf_counter()
         try:
             prepared = self._prepare(batch)
         except Exception as exc:   # the token did not sign: the writer records the failure
             prepared = _Prepared(batch, error=exc)
+        if time.perf_counter() - t0 > SLOW_SIGN:
+            self._writer_signs_until = time.monotonic() + SLOW_SIGN_HOLD
         with self._lock:
             self._ready = prepared
             self._cond.notify()

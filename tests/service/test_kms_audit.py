@@ -305,6 +305,42 @@ def test_a_format_2_log_of_the_previous_version_verifies_and_is_followed_in_form
                                    "which this version does not know\n")
 
 
+def test_the_event_loop_signs_batches_unless_the_token_is_slow(signer, tmp_path):
+    """Requests' batches are chained and signed on their event loop (no GIL hand-offs in the
+    writer thread); a token slower than SLOW_SIGN moves the signing to the writer thread, so
+    a slow HSM never stalls the loop. Every record is durable and verifies either way."""
+    import threading
+    from kms.server import audit as audit_mod
+    where: list[str] = []
+
+    class Recording:
+        fingerprint, spki, slow = signer.fingerprint, signer.spki, False
+
+        def sign(self, message):
+            where.append(threading.current_thread().name)
+            if self.slow:
+                time.sleep(audit_mod.SLOW_SIGN * 2)
+            return signer.sign(message)
+    rec = Recording()
+    log = AuditLog(tmp_path, 0, rec)
+    log.flush()
+
+    async def requests(n):
+        for i in range(n):
+            await log.commit(op="dek.encrypt", org="acme", request_id=f"q{len(where)}-{i}")
+    where.clear()
+    asyncio.run(requests(3))
+    assert where == ["MainThread"] * 3
+    rec.slow = True
+    where.clear()
+    asyncio.run(requests(3))         # the first slow signature is the loop's, then the writer's
+    assert where == ["MainThread", "audit-writer", "audit-writer"]
+    log.close()
+    assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
+    dek_ids = [r["request_id"] for r in _records(log.path) if r["op"] == "dek.encrypt"]
+    assert len(dek_ids) == 6
+
+
 def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(signer,
                                                                              tmp_path):
     """In-process: a write that fails (here the fd is swapped for a read-only one, as EBADF
