@@ -11,7 +11,8 @@ requests on kept-alive mTLS connections). While the load runs, ``py-spy`` sample
 (``pip install py-spy``; it needs ptrace rights on the worker). Two runs: ``/healthz`` (the
 floor), then DEK fetches. The table gives, per bucket of the worker's stack, the share of the
 worker's samples each load spends there (inclusive: a frame counts in the first bucket, top
-down, it matches) and µs per request (share x worker CPU / requests).
+down, it matches) and µs per request (share x worker CPU / requests). ``BREAKDOWN_RAW=DIR``
+keeps py-spy's raw samples (``healthz.txt``, ``dek.txt``) there, to look below a bucket.
 """
 
 from __future__ import annotations
