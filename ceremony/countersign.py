@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import fingerprint as fp
+from suite import fingerprint as fp
 from suite.files import replace
 from release import bundle as bundles
 from release import certificates as certs

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 from pathlib import Path
 
-from hsm import fingerprint as fp
-from hsm import tomlfile
+from suite import fingerprint as fp
+from suite import tomlfile
 from release.ids import RELEASE_ID, release_key
 
 from .errors import PlanError

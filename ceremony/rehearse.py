@@ -18,10 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hsm import module as modules
-from hsm import provision, softhsm
-from hsm.pin import Pin
-from hsm.token import Token
+from hsm.core import module as modules
+from hsm.keys import provision
+from hsm.core import softhsm
+from hsm.core.pin import Pin
+from hsm.core.token import Token
 
 from release import quorum, signers
 

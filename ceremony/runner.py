@@ -19,12 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hsm import export, ops
-from hsm import fingerprint as fp
-from hsm import x509 as hx
-from hsm import pin as pins
-from hsm.files import write_new
-from hsm.token import KeyRef, Token
+from hsm.keys import export
+from hsm.core import ops
+from suite import fingerprint as fp
+from hsm.keys import x509 as hx
+from hsm.core import pin as pins
+from suite.files import write_new
+from hsm.core.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs
 from release.canonical import canonical
@@ -139,8 +140,8 @@ class Runner:
 
     def _token_identity(self) -> tuple[str, str, str]:
         """(module, serial, label) of the primary, found without logging in."""
-        from hsm import module as modules
-        from hsm.token import find_token
+        from hsm.core import module as modules
+        from hsm.core.token import find_token
         mod = modules.load(self.env.module, self.env.module_params)
         found = find_token(mod, label=self.env.primary_token)
         return mod.path, found.serial.decode("ascii", "replace"), found.label
@@ -206,18 +207,18 @@ class Runner:
     def _check_primary_keys(self, token: Token) -> None:
         """Every run re-checks the primary's keys against their policy before using them (a
         key provisioned before the policy, or on a token that does not keep it, is refused)."""
-        from hsm import policy
+        from hsm.keys import attributes
         sign = f"{token.label}-signing"
         spki = hx.public_key_info(token, ops.public(sign))
-        signing = policy.SIGNING_ECDSA if spki.algorithm == "ec" else policy.SIGNING_RSA_PSS
-        policy.require(token, ops.private(sign), signing, purpose="sign ceremony outputs")
+        signing = attributes.SIGNING_ECDSA if spki.algorithm == "ec" else attributes.SIGNING_RSA_PSS
+        attributes.require(token, ops.private(sign), signing, purpose="sign ceremony outputs")
         if self.plan.type != "regional-enrollment":
-            policy.require(token, ops.private(f"{token.label}-encryption"),
-                           policy.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
+            attributes.require(token, ops.private(f"{token.label}-encryption"),
+                           attributes.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
             # Release secrets leave only under trusted keys whose wrap template the token must
             # keep (an escrow-export generates nothing, so the generate step's check is not
             # enough).
-            from hsm.profile import require_enforcement
+            from hsm.core.profile import require_enforcement
             require_enforcement(token, "export release secrets", allow_weak=self.plan.practice)
 
     def _close_user_token(self) -> None:
@@ -470,7 +471,7 @@ class Runner:
         self._journal("record-release", {"release": self.plan.release, "status": status})
 
     def step_certify_regional(self) -> None:
-        from hsm import provision
+        from hsm.keys import provision
         with self._user_token() as token:
             outcome = provision.certify_regional(
                 token, self.plan.need(self.plan.enrollment_request, "enrollment.request"),
@@ -555,7 +556,7 @@ class Runner:
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of a killed writer (hsm.files.write_new names them .NAME.PID.tmp)."""
+    """Temporary files of a killed writer (suite.files.write_new names them .NAME.PID.tmp)."""
     for tmp in out.glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from . import policy as policies
-from .errors import HsmError
-from .export import APPLICATION, RECORD_PREFIX
-from .token import Token
+from hsm.keys import attributes
+from hsm.core.errors import HsmError
+from hsm.keys.export import APPLICATION, RECORD_PREFIX
+from hsm.core.token import Token
 
 # Attributes shown for every object (booleans only: values of secrets are never read).
 SHOWN = (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,
@@ -39,42 +39,42 @@ class AuditedObject:
 
 def _role(token_label: str, cls: ObjectClass, label: str, key_type, app,
           has_signing: bool, key_id: bytes = b"", kwp: int | None = None,
-          rsa_aes: bool = False) -> policies.KeyPolicy | None:
-    from .cloud.keys import ID_PREFIX, IMPORT_LABEL_PREFIX
+          rsa_aes: bool = False) -> attributes.KeyPolicy | None:
+    from hsm.cloud.keys import ID_PREFIX, IMPORT_LABEL_PREFIX
     if kwp is not None and cls is ObjectClass.SECRET_KEY and key_id.startswith(ID_PREFIX):
-        return policies.cloud_key(kwp)
+        return attributes.cloud_key(kwp)
     if kwp is not None and cls is ObjectClass.PUBLIC_KEY and \
             label.startswith(IMPORT_LABEL_PREFIX):
-        return policies.cloud_import_key(kwp, rsa_aes)
+        return attributes.cloud_import_key(kwp, rsa_aes)
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-signing":
-        return policies.SIGNING_ECDSA if key_type is KeyType.EC else policies.SIGNING_RSA_PSS
+        return attributes.SIGNING_ECDSA if key_type is KeyType.EC else attributes.SIGNING_RSA_PSS
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-encryption":
         # The primary is the token that also holds the signing key.
-        return policies.PRIMARY_ENCRYPTION if has_signing else policies.REGIONAL_ENCRYPTION
+        return attributes.PRIMARY_ENCRYPTION if has_signing else attributes.REGIONAL_ENCRYPTION
     if cls is ObjectClass.PRIVATE_KEY and label == f"{token_label}-audit":
-        return policies.AUDIT_SIGNING
+        return attributes.AUDIT_SIGNING
     if cls is ObjectClass.PUBLIC_KEY and label in (f"{token_label}-signing",
                                                    f"{token_label}-encryption",
                                                    f"{token_label}-audit"):
-        return policies.PUBLIC_KEY
+        return attributes.PUBLIC_KEY
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("trusted-"):
-        return policies.TRUSTED_RECIPIENT
+        return attributes.TRUSTED_RECIPIENT
     if cls is ObjectClass.SECRET_KEY and label.startswith(("rel-", "practice-rel-")):
-        return policies.RELEASE_SEED if key_type is KeyType.GENERIC_SECRET \
-            else policies.RELEASE_AES
+        return attributes.RELEASE_SEED if key_type is KeyType.GENERIC_SECRET \
+            else attributes.RELEASE_AES
     # BYOK keys: byok-seed-<org>, byok-dek-<org>, and the regional byok-issuer.
     if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-seed-"):
-        return policies.BYOK_SEED
+        return attributes.BYOK_SEED
     if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-dek-"):
-        return policies.BYOK_DEK
+        return attributes.BYOK_DEK
     if cls is ObjectClass.PRIVATE_KEY and label.startswith("byok-issuer-"):
-        return policies.SIGNING_ECDSA
+        return attributes.SIGNING_ECDSA
     if cls is ObjectClass.PUBLIC_KEY and label.startswith("byok-"):
-        return policies.PUBLIC_KEY
+        return attributes.PUBLIC_KEY
     if cls is ObjectClass.SECRET_KEY and label.startswith("xks-"):
-        return policies.XKS_KEY
+        return attributes.XKS_KEY
     if cls is ObjectClass.DATA and app == APPLICATION and label.startswith(RECORD_PREFIX):
-        return policies.RELEASE_RECORD
+        return attributes.RELEASE_RECORD
     return None
 
 
@@ -83,8 +83,8 @@ def audit(token: Token) -> list[AuditedObject]:
     kwp, rsa_aes = token.profile.aes_kwp, token.profile.rsa_aes_key_wrap
 
     def scan(lease):
-        from ._cryptoki import decode_ulong
-        from .profile import mechanism_name
+        from hsm.core._cryptoki import decode_ulong
+        from hsm.core.profile import mechanism_name
         h = lease.session.handle
         found = list(lease.session.get_objects({Attribute.TOKEN: True}))
         # python-pkcs11 returns typed objects; their handles feed the raw attribute reads.
@@ -117,7 +117,7 @@ def audit(token: Token) -> list[AuditedObject]:
                 cls.name.lower(), label, key_id, key_type.name if key_type else None,
                 pol.name if pol else "unrecognised", shown,
                 [mechanism_name(m) for m in mechs] if mechs else None,
-                policies.deviations(raw, h, obj.handle, pol) if pol else []))
+                attributes.deviations(raw, h, obj.handle, pol) if pol else []))
         return out
     return token.run("C_FindObjects", scan)
 

@@ -31,7 +31,7 @@ FORMAT = "hsm-suite-release-bundle"
 # place (`ceremony countersign`), which cannot change a manifest the primary signed.
 VERSION = 2
 VERSIONS = (1, 2)
-# The signature AlgorithmIdentifiers are the ones certificates use (hsm.ops).
+# The signature AlgorithmIdentifiers are the ones certificates use (hsm.core.ops).
 _SIG_ALGOS = SIGNATURE_ALGORITHMS
 MANIFEST_KEYS_V1 = {"format", "version", "ceremony_id", "release", "region", "recipient",
                     "created", "practice", "kdf_salt", "secrets"}

@@ -14,28 +14,30 @@ import os
 import sys
 from pathlib import Path
 
-from . import fingerprint as fp
-from . import module as modules
-from . import pin as pins
-from . import cliutil, provision, softhsm
-from . import x509 as certs
-from .errors import HsmError, TokenNotFound, UsageError
-from .roles import DEFAULT_SIGNING, SIGNING_ROLES
-from .token import KeyRef, Token
+from suite import fingerprint as fp
+from hsm.core import module as modules
+from hsm.core import pin as pins
+from . import options
+from hsm.keys import provision
+from hsm.core import softhsm
+from hsm.keys import x509 as certs
+from hsm.core.errors import HsmError, TokenNotFound, UsageError
+from hsm.keys.roles import DEFAULT_SIGNING, SIGNING_ROLES
+from hsm.core.token import KeyRef, Token
 
 def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--token", required=required, metavar="LABEL|URI",
                    help="token label, or a PKCS#11 URI "
                         "(pkcs11:token=...;serial=...?pin-source=...)")
     p.add_argument("--serial", help="select the token by serial as well")
-    cliutil.add_module_args(p)
+    options.add_module_args(p)
     p.add_argument("--pin-source", default=None, metavar="env:VAR|file:PATH",
                    help="where the user PIN comes from (default: $HSM_PIN_<LABEL>, the label "
                         "upper-cased with '-' as '_', else $HSM_PIN, else a prompt)")
 
 
 def _open_token(args, *, login: bool = True) -> Token:
-    return cliutil.open_token(args, login=login)
+    return options.open_token(args, login=login)
 
 
 def _progress(message: str) -> None:
@@ -57,10 +59,10 @@ def cmd_init_token(args) -> int:
     if not label.strip() or len(label.encode("utf-8")) > 32 or label != label.strip():
         raise UsageError(f"bad token label {label!r}",
                          hint="1 to 32 bytes, no leading or trailing blanks")
-    module = cliutil.module_of(args)
+    module = options.module_of(args)
     real = modules.resolve(module)
     mod = modules.load(module, args.module_params)
-    from .token import find_token
+    from hsm.core.token import find_token
     try:
         find_token(mod, label=label)
         print(f"token {label!r} already exists; nothing done"
@@ -117,7 +119,7 @@ def cmd_certify_regional(args) -> int:
     digest = bytes.fromhex(request["fingerprint_sha256"])
     print(f"Request for region {request['region']!r}, token {request['token_label']!r} "
           f"(serial {request['token_serial']}), key {request['key_label']!r}")
-    confirmed = cliutil.confirm_fingerprint(digest, args.fingerprint,
+    confirmed = options.confirm_fingerprint(digest, args.fingerprint,
                                             "read on the regional console")
     with _open_token(args) as token:
         outcome = provision.certify_regional(token, Path(args.request), Path(args.out),
@@ -130,7 +132,7 @@ def cmd_certify_regional(args) -> int:
 def cmd_fingerprint(args) -> int:
     with _open_token(args) as token:
         from pkcs11 import ObjectClass
-        parsed = cliutil.token_target(args)[3]
+        parsed = options.token_target(args)[3]
         label = args.key or (parsed.object if parsed else None) or f"{token.label}-encryption"
         spki = certs.public_key_info(token, KeyRef(label, ObjectClass.PUBLIC_KEY))
         digest = certs.fingerprint(spki)
@@ -145,12 +147,12 @@ def cmd_fingerprint(args) -> int:
 def cmd_retrust(args) -> int:
     """Re-create a trusted recipient made before trusted keys had a CKA_WRAP_TEMPLATE (a key
     cannot gain one): as the SO, after the officer confirms the key's fingerprint."""
-    from . import export
+    from hsm.keys import export
     from pkcs11 import ObjectClass
-    with cliutil.open_so(args) as so:
+    with options.open_so(args) as so:
         spki = certs.public_key_info(so, KeyRef(args.label, ObjectClass.PUBLIC_KEY))
         print(f"Trusted key {args.label!r} on token {so.label!r}:")
-        confirmed = cliutil.confirm_fingerprint(
+        confirmed = options.confirm_fingerprint(
             certs.fingerprint(spki), args.fingerprint,
             "from the region's certificate or console (or this primary's encryption key)")
         status = export.retrust(so, args.label, confirmed)
@@ -206,14 +208,15 @@ def cmd_info(args) -> int:
 def cmd_audit(args) -> int:
     """Every token object, its attributes, and each deviation from its role's policy; exit 1
     when there is one (so a script or a monitoring job can alert on it)."""
-    from . import audit, export
-    from . import policy as policies
+    from hsm import inventory
+    from hsm.keys import export
+    from hsm.keys import attributes
     with _open_token(args) as token:
-        rows = audit.audit(token)
+        rows = inventory.audit(token)
         label = token.label
     bad = sum(1 for r in rows if r.deviations)
     if args.json:
-        print(json.dumps({"token": label, "objects": audit.as_json(rows),
+        print(json.dumps({"token": label, "objects": inventory.as_json(rows),
                           "deviations": bad}, indent=2))
         return 1 if bad else 0
     print(f"{'class':<12} {'label':<36} {'role':<28} status")
@@ -223,7 +226,7 @@ def cmd_audit(args) -> int:
         print(f"{r.object_class:<12} {r.label:<36} {r.role:<28} {status}")
         for d in r.deviations:
             print(f"    ! {d}")
-        if r.role == policies.TRUSTED_RECIPIENT.name and \
+        if r.role == attributes.TRUSTED_RECIPIENT.name and \
                 export.only_wrap_template_missing(r.deviations):
             print(f"    -> made before wrap templates: the SO re-creates it with `hsm retrust "
                   f"--token {label} --label {r.label} --fingerprint HEX` (HEX: the SPKI SHA-256 "
@@ -235,7 +238,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_xks_create(args) -> int:
-    from . import xks
+    from hsm.keys import xks
     encrypt, decrypt = xks.parse_usage(args.usage)
     xks.label_of(args.id)       # a bad id stops before the PIN prompt
     with _open_token(args) as token:
@@ -247,7 +250,7 @@ def cmd_xks_create(args) -> int:
 
 
 def cmd_xks_list(args) -> int:
-    from . import xks
+    from hsm.keys import xks
     with _open_token(args) as token:
         keys = [xks.describe(token, key_id) for key_id in xks.list_keys(token)]
     for key in keys:
@@ -262,9 +265,9 @@ def _yn(value) -> str:
 def _list_objects(token: Token) -> list[dict]:
     """Class, label and CKA_ID of every token object (the audit's reader: a data object, such as
     a release record, has no CKA_ID)."""
-    from . import audit
+    from hsm import inventory
     return [{"class": r.object_class, "label": r.label, "id": r.id}
-            for r in audit.audit(token)]
+            for r in inventory.audit(token)]
 
 
 # ------------------------------------------------------------------------------ parser
@@ -275,13 +278,13 @@ def _add_weak_arg(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cliutil.parser("hsm", __doc__.splitlines()[0])
+    parser = options.parser("hsm", __doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log each token operation")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-token", help="create a token (C_InitToken in-process)")
     p.add_argument("--label", required=True)
-    cliutil.add_module_args(p)
+    options.add_module_args(p)
     p.add_argument("--so-pin-source", default=None, metavar="env:VAR|file:PATH",
                    help="SO PIN source (default: $HSM_SO_PIN_<LABEL>, else $HSM_SO_PIN, else a "
                         "prompt)")
@@ -343,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit)
 
-    from .cloud import cli as cloud_cli
+    from hsm.cloud import cli as cloud_cli
     cloud_cli.register(sub, _add_token_args, _add_weak_arg, _open_token)
     p = sub.add_parser("xks-key", help="AWS KMS external key store keys: create, list")
     xks = p.add_subparsers(dest="xks_command", required=True)
@@ -366,4 +369,4 @@ def _logging(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cliutil.main("hsm", build_parser(), argv, before=_logging)
+    return options.main("hsm", build_parser(), argv, before=_logging)

@@ -14,10 +14,10 @@ import sys
 
 from suite.cli import main, parser, run  # noqa: F401 (re-exported at the old path)
 
-from . import module as modules
-from . import uri
-from .errors import UsageError
-from .uri import Pkcs11Uri
+from hsm.core import module as modules
+from hsm.core import uri
+from hsm.core.errors import UsageError
+from hsm.core.uri import Pkcs11Uri
 
 
 def add_module_args(p: argparse.ArgumentParser) -> None:
@@ -48,8 +48,8 @@ def open_token(args: argparse.Namespace, *, login: bool = True, pin_prompt: str 
     """The token ``--token``/``--serial``/``--module`` name, logged in with the PIN from
     ``--pin-source``, the URI's pin-value or pin-source, ``$HSM_PIN_<LABEL>``, ``$HSM_PIN`` or
     a prompt (in that order); ``login=False`` opens it without a PIN."""
-    from . import pin as pins
-    from .token import Token
+    from hsm.core import pin as pins
+    from hsm.core.token import Token
     label, serial, module, parsed = token_target(args)
     pin_source = getattr(args, "pin_source", None)
     params = getattr(args, "module_params", None)
@@ -61,8 +61,8 @@ def open_token(args: argparse.Namespace, *, login: bool = True, pin_prompt: str 
     user_pin = None
     if login:
         # A missing token is said to be missing, not asked for its PIN first.
-        from . import module as modules
-        from .token import find_token
+        from hsm.core import module as modules
+        from hsm.core.token import find_token
         find_token(modules.load(module, params), label=label, serial=serial)
         user_pin = pins.resolve(pin_source, default_env="HSM_PIN", token_label=label,
                                 prompt=pin_prompt or f"User PIN for token {label or serial}: ")
@@ -72,8 +72,8 @@ def open_token(args: argparse.Namespace, *, login: bool = True, pin_prompt: str 
 def open_so(args: argparse.Namespace):
     """The token named by ``--token``, logged in as the security officer (``--so-pin-source``,
     else $HSM_SO_PIN[_LABEL], else a prompt): for the few objects only the SO may create."""
-    from . import pin as pins
-    from .token import Token
+    from hsm.core import pin as pins
+    from hsm.core.token import Token
     label, serial, module, _ = token_target(args)
     so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
                           prompt=f"Security officer PIN for token {label}: ")

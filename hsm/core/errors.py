@@ -203,7 +203,7 @@ _EXCEPTION_BY_VALUE = {value: klass for klass, (_, value) in CKR_BY_EXCEPTION.it
 
 
 class RawCallFailed(p11x.PKCS11Error):
-    """A ctypes Cryptoki call (hsm._cryptoki) returned a code python-pkcs11 has no class for."""
+    """A ctypes Cryptoki call (hsm.core._cryptoki) returned a code python-pkcs11 has no class for."""
 
     def __init__(self, rv: int):
         super().__init__(CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}"))

@@ -3,10 +3,10 @@
 NSS softokn (``libsoftokn3.so``) is a software token whose state lives in an NSS ``sql:`` database
 (``cert9.db`` + ``key4.db``). It refuses ``C_Initialize(NULL)``: the database directory comes in
 ``CK_C_INITIALIZE_ARGS.pReserved`` as a parameter string (:func:`parameters`). It exports
-``C_GetFunctionList``, so :class:`hsm._cryptoki.RawModule` pre-initialises it unchanged. Being a
+``C_GetFunctionList``, so :class:`hsm.core._cryptoki.RawModule` pre-initialises it unchanged. Being a
 PKCS#11 module, it is initialised once per process: one database per process.
 
-Measured on Debian 12, NSS 3.87 (see tests/hsm/test_nss_backend.py for the evidence):
+Measured on Debian 12, NSS 3.87 (see tests/hsm/core/test_nss.py for the evidence):
 
 - The slot with the database and the login is "NSS User Private Key and Certificate Services",
   token label :data:`TOKEN_LABEL`. The other token ("NSS Generic Crypto Services") has no login
@@ -119,7 +119,7 @@ _C_WrapKey = ctypes.CFUNCTYPE(ctypes.c_ulong, ctypes.c_ulong, ctypes.POINTER(_Me
                               ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p,
                               ctypes.POINTER(ctypes.c_ulong))
 # Position of C_WrapKey in CK_FUNCTION_LIST's pointers (PKCS#11 v2.40 order, from 0 =
-# C_Initialize); hsm._cryptoki only declares the first twenty.
+# C_Initialize); hsm.core._cryptoki only declares the first twenty.
 _WRAPKEY_INDEX = 60
 
 

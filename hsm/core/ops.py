@@ -3,7 +3,7 @@
 Each function picks its mechanism from the token's capability profile where there is a choice and
 returns (or records) which one it used, so a bundle or a transcript can say exactly what was done.
 All calls go through :meth:`Token.run`, which retries on a lost session and turns python-pkcs11
-errors into :class:`hsm.errors.HsmError` naming the operation, token, object and CKR code.
+errors into :class:`hsm.core.errors.HsmError` naming the operation, token, object and CKR code.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ _GCM_TAG_FAILURES = ("CKR_ENCRYPTED_DATA_INVALID", "CKR_ENCRYPTED_DATA_LEN_RANGE
 def aes_gcm_decrypt(token: Token, key: KeyRef, nonce: bytes, ciphertext: bytes,
                     aad: bytes | None = None) -> bytes:
     """AES-GCM decryption inside the token; a tag that does not verify raises
-    :class:`hsm.errors.DecryptionFailed` (a lost session still raises what it did)."""
+    :class:`hsm.core.errors.DecryptionFailed` (a lost session still raises what it did)."""
     from .errors import DecryptionFailed, HsmError
     try:
         return token.run("C_Decrypt(AES_GCM)", _gcm_decrypt, key.label, key, ciphertext,
@@ -240,17 +240,17 @@ def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped
     exactly ``usage`` plus SIGN for its check value; one private-key operation. Returns the
     key's reference and its check value, computed on the handle the unwrap returned.
 
-    The template is the unwrapping key's own CKA_UNWRAP_TEMPLATE (hsm.policy): sensitive,
+    The template is the unwrapping key's own CKA_UNWRAP_TEMPLATE (hsm.keys.attributes): sensitive,
     non-extractable and limited to the KMS's mechanisms on a regional token; with ``escrow``, the
     primary's escrow template (extractable only under CKA_WRAP_WITH_TRUSTED). The token refuses
     any other template, so asking for less here would fail, and asking for more is impossible."""
-    from . import policy as policies
+    from hsm.keys import attributes
     from ._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
     from .errors import check_rv
-    from .export import check_value_of
+    from hsm.keys.export import check_value_of
     hash_mech, mgf, _ = _oaep_params(wrapped.parameters.get("hash", "sha1"))
     params = CK_RSA_PKCS_OAEP_PARAMS(int(hash_mech), int(mgf), 1, None, 0)  # CKZ_DATA_SPECIFIED
-    forced = policies.ESCROW_UNWRAP_TEMPLATE if escrow else policies.REGIONAL_UNWRAP_TEMPLATE
+    forced = attributes.ESCROW_UNWRAP_TEMPLATE if escrow else attributes.REGIONAL_UNWRAP_TEMPLATE
     tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: _KINDS[kind],
            Attribute.LABEL: label, **_only(_USAGES[usage] | MechanismFlag.SIGN), **forced}
     ref = secret(label)

@@ -141,7 +141,7 @@ class Profile:
 
 
 def probe(token) -> Profile:
-    """Probe ``token`` (an :class:`hsm.token.Token`): mechanisms, then behaviour by trial."""
+    """Probe ``token`` (an :class:`hsm.core.token.Token`): mechanisms, then behaviour by trial."""
     p11 = token.p11token
     slot = p11.slot
     prof = Profile(token_label=token.label, token_serial=token.serial, token_model=p11.model,
@@ -164,7 +164,7 @@ def probe(token) -> Profile:
             token.module.description:
         prof.kwp_length_query_short = True
         prof.notes.append("NSS softokn under-reports the C_WrapKey(KWP) output length; the layer "
-                          "wraps with a corrected buffer (hsm.nss.wrap_key_kwp)")
+                          "wraps with a corrected buffer (hsm.core.nss.wrap_key_kwp)")
     prof.aes_key_wrap = prof.has(CKM_AES_KEY_WRAP)
     prof.rsa_aes_key_wrap = prof.has(CKM_RSA_AES_KEY_WRAP)
     prof.hkdf = prof.has(CKM_HKDF_DERIVE)
@@ -286,7 +286,7 @@ def _probe_wrap_template(raw, h: int, prof: Profile, aes: dict) -> bool | None:
     SHA256_HMAC] (the trusted keys' way of telling release secrets apart) must wrap such a key
     and refuse one allowed [AES_CMAC] alone. True: enforced; False: the other key was wrapped
     too; None: even the admitted key was refused, so the probe says nothing."""
-    from .policy import wrap_template_list
+    from hsm.keys.attributes import wrap_template_list
     _, mech = prof.aes_wrap_choice(32)
     admitted = wrap_template_list((Mechanism.AES_CMAC, Mechanism.SHA256_HMAC))
     rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {

@@ -425,7 +425,7 @@ class Token:
     # ----------------------------------------------------------------- information
     @property
     def profile(self):
-        """The token's capability profile, probed once per process (see :mod:`hsm.profile`)."""
+        """The token's capability profile, probed once per process (see :mod:`hsm.core.profile`)."""
         if self._profile is None:
             from .profile import probe
             key = (self._module.path, self.label, self.serial)

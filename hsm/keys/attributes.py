@@ -26,7 +26,7 @@ from pkcs11 import Attribute as A
 from pkcs11 import Mechanism as M
 from pkcs11 import ObjectClass
 
-from . import _cryptoki
+from hsm.core import _cryptoki
 
 _USAGES = (A.SIGN, A.VERIFY, A.ENCRYPT, A.DECRYPT, A.WRAP, A.UNWRAP, A.DERIVE)
 # A private key has only the private half of the usages (SoftHSM2 refuses CKA_VERIFY on one
@@ -283,7 +283,7 @@ RELEASE_RECORD = KeyPolicy(
 
 # ------------------------------------------------------------------------------ checking
 def check(token, ref, policy: KeyPolicy) -> list[str]:
-    """:func:`deviations` of the object ``ref`` (an hsm.token.KeyRef) on ``token``."""
+    """:func:`deviations` of the object ``ref`` (an hsm.core.token.KeyRef) on ``token``."""
     def read(lease):
         return deviations(token.module.raw, lease.session.handle, lease.key(ref).handle, policy)
     return token.run("C_GetAttributeValue", read, ref.label)
@@ -292,7 +292,7 @@ def check(token, ref, policy: KeyPolicy) -> list[str]:
 def require(token, ref, policy: KeyPolicy, *, purpose: str) -> None:
     """Refuse to use ``ref`` for ``purpose`` unless it meets ``policy``; the error names each
     weaker attribute and how to re-provision."""
-    from .errors import KeyPolicyViolation
+    from hsm.core.errors import KeyPolicyViolation
     found = check(token, ref, policy)
     if found:
         raise KeyPolicyViolation(
@@ -354,7 +354,7 @@ def deviations(raw: _cryptoki.RawModule, session: int, obj: int, policy: KeyPoli
 
 
 def _names(mechs) -> str:
-    from .profile import mechanism_name
+    from hsm.core.profile import mechanism_name
     return "[" + ", ".join(mechanism_name(int(m)) for m in sorted(mechs)) + "]"
 
 

@@ -4,7 +4,7 @@ with a customer's wrapped secret without the secret leaving the token.
 Two purposes, two key pairs (and so two certificates), because what they unwrap is used
 differently and the token should say so:
 
-- ``seed`` (``byok-seed-<org>``, policy ``hsm.policy.BYOK_SEED``): a tenant secret for PBKDF2, or
+- ``seed`` (``byok-seed-<org>``, policy ``hsm.keys.attributes.BYOK_SEED``): a tenant secret for PBKDF2, or
   a cache-only key's JWE content-encryption key. The unwrap template makes the result a
   sensitive, non-extractable session object (HMAC-SHA256 / AES-GCM only). The customer's SHA-256
   is compared with ``C_DigestKey`` inside the token; the KMS keeps only an HMAC image of the
@@ -26,13 +26,13 @@ import os
 from pkcs11 import Attribute as A
 from pkcs11 import KeyType, Mechanism as M, ObjectClass
 
-from . import policy as policies
-from ._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
-from .errors import HsmError, ObjectExists, check_rv, translated
+from . import attributes
+from hsm.core._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
+from hsm.core.errors import HsmError, ObjectExists, check_rv, translated
 from .keygen import create_pair, label_in_use
-from .token import KeyRef, Token
+from hsm.core.token import KeyRef, Token
 
-PURPOSES = {"seed": policies.BYOK_SEED, "dek": policies.BYOK_DEK}
+PURPOSES = {"seed": attributes.BYOK_SEED, "dek": attributes.BYOK_DEK}
 RSA_BITS = 4096
 CIPHERTEXT_BYTES = RSA_BITS // 8
 SECRET_BYTES = 32
@@ -57,7 +57,7 @@ def label_for(org_id: str, purpose: str) -> str:
 def generate(token: Token, org_id: str, purpose: str) -> KeyRef:
     """An RSA-4096 key pair as token objects; the private key carries the purpose's policy,
     set at generation (it cannot be added later) and read back; a weaker key is destroyed."""
-    from .profile import require_enforcement
+    from hsm.core.profile import require_enforcement
     policy = PURPOSES[purpose]
     label = label_for(org_id, purpose)
     require_enforcement(token, f"generate the BYOK {purpose} key of {org_id}")
@@ -80,7 +80,7 @@ def generate(token: Token, org_id: str, purpose: str) -> KeyRef:
 def require(token: Token, org_id: str, purpose: str) -> KeyRef:
     """The org's key for ``purpose``, refused unless it still meets its policy."""
     ref = KeyRef(label_for(org_id, purpose), ObjectClass.PRIVATE_KEY)
-    policies.require(token, ref, PURPOSES[purpose], purpose=f"unwrap a BYOK {purpose}")
+    attributes.require(token, ref, PURPOSES[purpose], purpose=f"unwrap a BYOK {purpose}")
     return ref
 
 
@@ -114,8 +114,8 @@ def _unwrap(token, lease, ref: KeyRef, ciphertext: bytes, oaep: str, template: d
 
 
 def _secret_template(purpose: str, *, kind: str = "generic") -> dict:
-    forced = (policies.BYOK_SEED_UNWRAP_TEMPLATE if purpose == "seed"
-              else policies.BYOK_DEK_UNWRAP_TEMPLATE)
+    forced = (attributes.BYOK_SEED_UNWRAP_TEMPLATE if purpose == "seed"
+              else attributes.BYOK_DEK_UNWRAP_TEMPLATE)
     usage = {A.SIGN: kind == "generic", A.DECRYPT: kind == "aes", A.ENCRYPT: kind == "aes-enc",
              A.VERIFY: False}
     return {A.CLASS: ObjectClass.SECRET_KEY,
@@ -134,7 +134,7 @@ def _check_seed_length(token, lease, ref: KeyRef, ciphertext: bytes, oaep: str,
     an unwrapped key, but refuses HMAC-SHA256 with a key under 32 bytes (CKR_KEY_SIZE_RANGE)
     and AES-GCM with a key that is not 16, 24 or 32 bytes (CKR_MECHANISM_INVALID). Passing both
     means 32. The second check unwraps once more, as an AES key, and destroys it."""
-    from ._cryptoki import gcm_params
+    from hsm.core._cryptoki import gcm_params
     raw = token.module.raw
     h = lease.session.handle
     rv = raw.operation_init("C_SignInit", h, M.SHA256_HMAC, None, handle)
@@ -233,7 +233,7 @@ def open_jwe(token: Token, ref: KeyRef, encrypted_key: bytes, iv: bytes, ciphert
     """:func:`decrypt_jwe` with the unwrapping key ``ref`` given (its policy checked by the
     caller) and its modulus size (a BYOK key's is 4096 bits; the Wycheproof tests pass a
     vector's RSA-2048 key imported on a throw-away token)."""
-    from ._cryptoki import gcm_params
+    from hsm.core._cryptoki import gcm_params
     raw = token.module.raw
 
     def run(lease):

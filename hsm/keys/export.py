@@ -15,16 +15,16 @@ from __future__ import annotations
 from asn1crypto import keys
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from . import policy as policies
-from .errors import KeyPolicyViolation, ObjectExists, check_rv
-from .token import KeyRef, Token
+from . import attributes
+from hsm.core.errors import KeyPolicyViolation, ObjectExists, check_rv
+from hsm.core.token import KeyRef, Token
 
 KCV_LABEL = b"hsm-suite key check value"
 RECORD_PREFIX = "hsm-suite-release-"
 LEGACY_STATE_LABEL = "hsm-suite-release-state"  # one destroyable record (before key policy)
 APPLICATION = "hsm-suite"
 
-SECRET_POLICIES = {"generic-secret": policies.RELEASE_SEED, "aes": policies.RELEASE_AES}
+SECRET_POLICIES = {"generic-secret": attributes.RELEASE_SEED, "aes": attributes.RELEASE_AES}
 _GENERATE = {"generic-secret": (KeyType.GENERIC_SECRET, Mechanism.GENERIC_SECRET_KEY_GEN),
              "aes": (KeyType.AES, Mechanism.AES_KEY_GEN)}
 
@@ -33,7 +33,7 @@ def _find(lease, template: dict) -> list:
     return list(lease.session.get_objects(template))
 
 
-def _policy(kind: str) -> policies.KeyPolicy:
+def _policy(kind: str) -> attributes.KeyPolicy:
     if kind not in SECRET_POLICIES:
         raise ValueError(f"unknown secret kind {kind!r}")
     return SECRET_POLICIES[kind]
@@ -62,7 +62,7 @@ def ensure_secret(token: Token, kind: str, label: str, key_id: bytes, *,
                                object_label=label, hint="release labels are never reused")
         status = "adopted"
     else:
-        from .profile import require_enforcement
+        from hsm.core.profile import require_enforcement
         require_enforcement(token, f"generate release secret {label}",
                             allow_weak=allow_weak_token)
         raw = token.module.raw
@@ -79,24 +79,24 @@ def ensure_secret(token: Token, kind: str, label: str, key_id: bytes, *,
 def check_secret(token: Token, kind: str, label: str) -> dict:
     """Read the secret back against its policy; returns the attributes it was checked for."""
     pol = _policy(kind)
-    found = policies.check(token, KeyRef(label, ObjectClass.SECRET_KEY), pol)
+    found = attributes.check(token, KeyRef(label, ObjectClass.SECRET_KEY), pol)
     if found:
         raise KeyPolicyViolation("release secret is weaker than its policy: " + "; ".join(found),
                                  token=token.label, object_label=label, hint=pol.hint)
     return {**{Attribute(a).name: v for a, v in {**pol.attributes, **pol.read_back}.items()},
-            "ALLOWED_MECHANISMS": policies.describe_template(
+            "ALLOWED_MECHANISMS": attributes.describe_template(
                 {Attribute.ALLOWED_MECHANISMS: sorted(pol.mechanisms or ())}).split("=", 1)[1]}
 
 
 def applied_template(kind: str) -> str:
     """The release-secret template as the transcript and ``ceremony plan`` show it."""
-    return policies.describe_template({Attribute.KEY_TYPE: 0, **_policy(kind).creation_attributes()}
+    return attributes.describe_template({Attribute.KEY_TYPE: 0, **_policy(kind).creation_attributes()}
                                       ).replace("CKA_KEY_TYPE=0", f"CKA_KEY_TYPE={kind}")
 
 
 def applied_trusted_template() -> str:
     """The trusted-recipient template as the transcript and ``ceremony plan`` show it."""
-    return policies.describe_template(policies.TRUSTED_RECIPIENT.creation_attributes())
+    return attributes.describe_template(attributes.TRUSTED_RECIPIENT.creation_attributes())
 
 
 def check_value(token: Token, kind: str, label: str) -> tuple[str, bytes]:
@@ -155,8 +155,8 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
             raise ObjectExists(f"a public key labelled {label!r} exists but is another key",
                                token=so_token.label, object_label=label,
                                hint="trusted keys are never replaced; investigate the token")
-        found = policies.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY),
-                               policies.TRUSTED_RECIPIENT)
+        found = attributes.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY),
+                               attributes.TRUSTED_RECIPIENT)
         if found and only_wrap_template_missing(found):
             _replace_trusted(so_token, label, trusted_key_template(label, key_id, modulus,
                                                                    exponent))
@@ -164,7 +164,7 @@ def ensure_trusted_public_key(so_token: Token, label: str, key_id: bytes,
         if found:
             raise KeyPolicyViolation(f"{label!r} is weaker than a trusted wrapping key must be: "
                                      + "; ".join(found), token=so_token.label,
-                                     object_label=label, hint=policies.TRUSTED_RECIPIENT.hint)
+                                     object_label=label, hint=attributes.TRUSTED_RECIPIENT.hint)
         return "adopted"
     template = trusted_key_template(label, key_id, modulus, exponent)
     raw = so_token.module.raw
@@ -194,7 +194,7 @@ def _replace_trusted(so_token: Token, label: str, template: dict) -> None:
                                                Attribute.CLASS: ObjectClass.PUBLIC_KEY})]
         rv, new = raw.create_object(lease.session.handle, template)
         check_rv(rv)
-        weaker = policies.deviations(raw, lease.session.handle, new, policies.TRUSTED_RECIPIENT)
+        weaker = attributes.deviations(raw, lease.session.handle, new, attributes.TRUSTED_RECIPIENT)
         if weaker:
             raw.destroy_object(lease.session.handle, new)
             raise KeyPolicyViolation(f"the re-created {label!r} is weaker than its policy: "
@@ -212,7 +212,7 @@ def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
     the certificate or the key's own token). Returns 're-created' or 'current' (it already has
     it: nothing changes). A key the fingerprint does not name is refused and left alone."""
     from . import x509 as hx
-    from .errors import HsmError
+    from hsm.core.errors import HsmError
     ref = KeyRef(label, ObjectClass.PUBLIC_KEY)
     ids = so_token.run("C_FindObjects", lambda lease: [o[Attribute.ID] for o in _find(
         lease, {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY,
@@ -228,7 +228,7 @@ def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
                        f"{hx.fingerprint(spki).hex()}); nothing was changed",
                        token=so_token.label, object_label=label,
                        hint="compare with the region's certificate or its console again")
-    deviations = policies.check(so_token, ref, policies.TRUSTED_RECIPIENT)
+    deviations = attributes.check(so_token, ref, attributes.TRUSTED_RECIPIENT)
     if not deviations:
         return "current"
     if not only_wrap_template_missing(deviations):
@@ -255,7 +255,7 @@ def rsa_numbers(spki: keys.PublicKeyInfo) -> tuple[bytes, bytes]:
 
 def trusted_key_template(label: str, key_id: bytes, modulus: bytes, exponent: bytes) -> dict:
     """An SO-trusted RSA wrapping key: may only wrap, only with RSA-OAEP, never modified."""
-    return {**policies.TRUSTED_RECIPIENT.creation_attributes(), Attribute.KEY_TYPE: KeyType.RSA,
+    return {**attributes.TRUSTED_RECIPIENT.creation_attributes(), Attribute.KEY_TYPE: KeyType.RSA,
             Attribute.LABEL: label, Attribute.ID: key_id, Attribute.MODULUS: modulus,
             Attribute.PUBLIC_EXPONENT: exponent}
 
@@ -285,7 +285,7 @@ def write_state(token: Token, release: str) -> str:
     record but never remove or lower one, so release ids only move forward. Returns 'recorded'
     or 'adopted' (a record for this release exists)."""
     label = record_label(release)
-    template = {**policies.RELEASE_RECORD.creation_attributes(), Attribute.LABEL: label,
+    template = {**attributes.RELEASE_RECORD.creation_attributes(), Attribute.LABEL: label,
                 Attribute.APPLICATION: APPLICATION, Attribute.VALUE: release.encode()}
     raw = token.module.raw
 

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from pkcs11 import Mechanism, ObjectClass
 
-from .errors import HsmError, UsageError
-from .profile import CKM_PKCS5_PBKD2
-from .token import KeyRef, Token
+from hsm.core.errors import HsmError, UsageError
+from hsm.core.profile import CKM_PKCS5_PBKD2
+from hsm.core.token import KeyRef, Token
 
 HASH_LEN = 32          # SHA-256 output, one PBKDF2 block
 MIN_LENGTH = 1
@@ -57,7 +57,7 @@ def pbkdf2_hmac_sha256(token: Token, seed: KeyRef, salt: bytes, iterations: int,
     ``seed`` needs CKA_SIGN and the token's CKM_SHA256_HMAC (SoftHSM2 requires the key to be at
     least 32 bytes; NSS accepts shorter). ``salt`` is bytes (any length, empty allowed as in
     RFC 8018), ``iterations`` >= 1, 1 <= ``length`` <= 1024. Token failures surface as
-    :class:`hsm.errors.HsmError` naming the operation, token, seed label and CKR code.
+    :class:`hsm.core.errors.HsmError` naming the operation, token, seed label and CKR code.
     """
     _validate(seed, salt, iterations, length)
     try:
@@ -72,7 +72,7 @@ def pbkdf2_hmac_sha256(token: Token, seed: KeyRef, salt: bytes, iterations: int,
 
 def _validate(seed, salt, iterations, length) -> None:
     if not isinstance(seed, KeyRef):
-        raise KdfParameterError(f"PBKDF2 seed must be a KeyRef (hsm.ops.secret(label)), "
+        raise KdfParameterError(f"PBKDF2 seed must be a KeyRef (hsm.core.ops.secret(label)), "
                                 f"not {type(seed).__name__}")
     if seed.object_class != ObjectClass.SECRET_KEY:
         raise KdfParameterError(f"PBKDF2 seed {seed.label!r} must be a secret key, "
@@ -118,7 +118,7 @@ def native_pbkdf2_available(profile) -> bool:
 
     Informational only: :func:`pbkdf2_hmac_sha256` never uses it, because the mechanism takes the
     password as bytes and so cannot be keyed with the seed object (see the module docstring).
-    ``profile`` is an :class:`hsm.profile.Profile` (or a Token, whose profile is used).
+    ``profile`` is an :class:`hsm.core.profile.Profile` (or a Token, whose profile is used).
     """
     if isinstance(profile, Token):
         profile = profile.profile

@@ -1,10 +1,10 @@
 """Generate a role's key pair inside the token, then prove it has the attributes the role requires.
 
-The key pair is generated through ctypes (:mod:`hsm._cryptoki`) because its policy includes
+The key pair is generated through ctypes (:mod:`hsm.core._cryptoki`) because its policy includes
 attribute arrays (``CKA_ALLOWED_MECHANISMS``, ``CKA_UNWRAP_TEMPLATE``) that python-pkcs11 0.10
 cannot encode and that can only be set at generation. A template is a request, not a guarantee: a
 token may ignore or override attributes. So after generation the private key is read back against
-its :class:`hsm.policy.KeyPolicy` (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
+its :class:`hsm.keys.attributes.KeyPolicy` (CKA_LOCAL, CKA_ALWAYS_SENSITIVE, CKA_NEVER_EXTRACTABLE,
 CKA_MODIFIABLE, the allowed mechanisms, the unwrap template...); a key that fails is destroyed
 before the error is raised, so no half-trusted key is left on the token under a role's label.
 """
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from . import policy as policies
-from .errors import KeyPolicyViolation, ObjectExists, check_rv, translated
+from . import attributes
+from hsm.core.errors import KeyPolicyViolation, ObjectExists, check_rv, translated
 from .roles import KeyRole
-from .token import KeyRef, Token
+from hsm.core.token import KeyRef, Token
 
 
 _UNSTORABLE = (Attribute.COPYABLE, Attribute.ALLOWED_MECHANISMS, Attribute.UNWRAP_TEMPLATE)
@@ -52,12 +52,12 @@ def check_private_attributes(token: Token, role: KeyRole, label: str) -> None:
     check_pair(token, label, role.policy)
 
 
-def check_pair(token: Token, label: str, policy: policies.KeyPolicy) -> None:
+def check_pair(token: Token, label: str, policy: attributes.KeyPolicy) -> None:
     """The private key against ``policy`` and the public key against PUBLIC_KEY; raise naming
     each weaker attribute."""
-    found = policies.check(token, KeyRef(label, ObjectClass.PRIVATE_KEY), policy)
-    found += [f"public key {d}" for d in policies.check(
-        token, KeyRef(label, ObjectClass.PUBLIC_KEY), policies.PUBLIC_KEY)]
+    found = attributes.check(token, KeyRef(label, ObjectClass.PRIVATE_KEY), policy)
+    found += [f"public key {d}" for d in attributes.check(
+        token, KeyRef(label, ObjectClass.PUBLIC_KEY), attributes.PUBLIC_KEY)]
     if found:
         raise KeyPolicyViolation(
             f"{label!r} is weaker than the {policy.name} policy: " + "; ".join(found),
@@ -66,7 +66,7 @@ def check_pair(token: Token, label: str, policy: policies.KeyPolicy) -> None:
 
 
 def create_pair(token: Token, label: str, mechanism: int, pub_tpl: dict, priv_tpl: dict,
-                policy: policies.KeyPolicy, *, allow_weak_token: bool = False) -> None:
+                policy: attributes.KeyPolicy, *, allow_weak_token: bool = False) -> None:
     """C_GenerateKeyPair through ctypes (the policy holds attribute arrays), then the read-back
     against ``policy``; a pair that fails it is destroyed before the error, so no half-trusted
     key is left under the label. Every long-term key pair of the suite is made here."""
@@ -100,7 +100,7 @@ def generate_keypair(token: Token, role: KeyRole, label: str, *,
                      allow_weak_token: bool = False) -> KeyPairInfo:
     """Generate ``role``'s key pair as token objects under ``label``; refuse an existing label
     and a token that does not enforce the key policy (unless ``allow_weak_token``)."""
-    from .profile import require_enforcement
+    from hsm.core.profile import require_enforcement
     require_enforcement(token, f"generate the {role.name} key", allow_weak=allow_weak_token)
     if label_in_use(token, label):
         raise ObjectExists(f"an object labelled {label!r} already exists", token=token.label,

@@ -19,19 +19,19 @@ from pkcs11 import KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from . import keygen
-from . import policy as policies
+from . import attributes
 from . import x509 as hx
-from .errors import KeyPolicyViolation, ObjectExists
-from .token import KeyRef, Token
+from hsm.core.errors import KeyPolicyViolation, ObjectExists
+from hsm.core.token import KeyRef, Token
 
 DEFAULT_LABEL = "ceremony-officer"
 CURVES = {"p256": "secp256r1", "p384": "secp384r1"}
 _HASHES = {"secp256r1": hashlib.sha256, "secp384r1": hashlib.sha384}
 
-OFFICER_SIGNING = policies.KeyPolicy(
+OFFICER_SIGNING = attributes.KeyPolicy(
     "officer-signing", ObjectClass.PRIVATE_KEY,
     {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
-     A.MODIFIABLE: False, A.COPYABLE: False, **policies.private_usages(A.SIGN)},
+     A.MODIFIABLE: False, A.COPYABLE: False, **attributes.private_usages(A.SIGN)},
     {A.LOCAL: True, A.ALWAYS_SENSITIVE: True, A.NEVER_EXTRACTABLE: True},
     frozenset({Mechanism.ECDSA}), None,
     "an officer key's attributes cannot be changed: generate a new one (`ceremony keygen "
@@ -42,7 +42,7 @@ def generate(token: Token, label: str = DEFAULT_LABEL, *, curve: str = "secp256r
              allow_weak_token: bool = False) -> keys.PublicKeyInfo:
     """Generate the officer's key pair in ``token`` under ``label``; its SPKI. An existing
     label is refused: an officer key is never replaced in place."""
-    from .profile import require_enforcement
+    from hsm.core.profile import require_enforcement
     require_enforcement(token, "generate an officer key", allow_weak=allow_weak_token)
     if keygen.label_in_use(token, label):
         raise ObjectExists(f"an object labelled {label!r} already exists", token=token.label,
@@ -72,7 +72,7 @@ class TokenSigner:
             raise KeyPolicyViolation(f"{label!r} on token {token.label!r} is not an ECDSA P-256/P-384 "
                              "key", hint="generate one with `ceremony keygen --token URI`")
         self._hash = _HASHES[self.spki.curve[1]]
-        policies.require(token, self.ref, OFFICER_SIGNING,
+        attributes.require(token, self.ref, OFFICER_SIGNING,
                          purpose="sign as a ceremony officer")
 
     def sign(self, data: bytes) -> bytes:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from pkcs11 import Attribute as A
 from pkcs11 import KeyType, Mechanism as M, ObjectClass
 
-from ._cryptoki import gcm_params
-from .errors import DecryptionFailed, HsmError, ObjectNotFound, check_rv, from_rv
-from .token import Token
+from hsm.core._cryptoki import gcm_params
+from hsm.core.errors import DecryptionFailed, HsmError, ObjectNotFound, check_rv, from_rv
+from hsm.core.token import Token
 
 MARKER_ID = b"hsm-suite kms org kek v1"
 # What a token answers when the handle names an object that is gone (destroyed here or, for

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from . import policy as policies
+from . import attributes
 
 @dataclass(frozen=True)
 class KeyRole:
@@ -32,18 +32,18 @@ class KeyRole:
                 else Mechanism.EC_KEY_PAIR_GEN)
 
     @property
-    def policy(self) -> policies.KeyPolicy:
-        """The private key's policy (hsm.policy): what the token must refuse for this role."""
+    def policy(self) -> attributes.KeyPolicy:
+        """The private key's policy (hsm.keys.attributes): what the token must refuse for this role."""
         if self.name == "regional-audit-signing":
-            return policies.AUDIT_SIGNING
+            return attributes.AUDIT_SIGNING
         if self.purpose == "signing":
-            return policies.SIGNING_ECDSA if self.algorithm == "ec" else policies.SIGNING_RSA_PSS
-        return (policies.PRIMARY_ENCRYPTION if self.name == "primary-encryption"
-                else policies.REGIONAL_ENCRYPTION)
+            return attributes.SIGNING_ECDSA if self.algorithm == "ec" else attributes.SIGNING_RSA_PSS
+        return (attributes.PRIMARY_ENCRYPTION if self.name == "primary-encryption"
+                else attributes.REGIONAL_ENCRYPTION)
 
     def mechanisms_for(self, profile) -> tuple[int, ...]:
         """The CKA_ALLOWED_MECHANISMS to generate with on this token: exactly the mechanism the
-        layer will use for the role (hsm.ops.sign picks ECDSA_SHA384 where the token has it)."""
+        layer will use for the role (hsm.core.ops.sign picks ECDSA_SHA384 where the token has it)."""
         if self.signature == "ecdsa-sha256":   # the audit key: raw ECDSA, hashed on the host
             return (Mechanism.ECDSA,)
         if self.signature == "ecdsa-sha384":

@@ -1,7 +1,7 @@
 """SubjectPublicKeyInfo from token public keys, and X.509 certificates signed inside the token.
 
 Certificates are assembled with asn1crypto; only the TBSCertificate's signature is computed, by the
-issuer's private key in the token (see :func:`hsm.ops.sign`).
+issuer's private key in the token (see :func:`hsm.core.ops.sign`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 from asn1crypto import core, keys, pem, x509
 from pkcs11 import Attribute, KeyType
 
-from . import ops
-from .token import KeyRef, Token
+from hsm.core import ops
+from hsm.core.token import KeyRef, Token
 
 
 def public_key_info(token: Token, ref: KeyRef) -> keys.PublicKeyInfo:

@@ -2,7 +2,7 @@
 
 An XKS key is an AES-256 token object labelled ``xks-<KEY_ID>`` (``KEY_ID`` is the
 ``externalKeyId`` AWS KMS sends: 1-128 of ``A-Za-z0-9._-``), generated inside the token under
-:data:`hsm.policy.XKS_KEY`: sensitive, never extractable, not modifiable, not copyable,
+:data:`hsm.keys.attributes.XKS_KEY`: sensitive, never extractable, not modifiable, not copyable,
 ``CKA_ALLOWED_MECHANISMS=[CKM_AES_GCM]``, with CKA_ENCRYPT / CKA_DECRYPT as its usage says. The
 usage is what the proxy reports as ``keyUsage``, and the *token* refuses the other operation
 (``CKR_KEY_FUNCTION_NOT_PERMITTED``), not only the proxy.
@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from . import ops
-from . import policy as policies
-from .errors import (DecryptionFailed, HsmError, KeyPolicyViolation, ObjectExists,
+from hsm.core import ops
+from . import attributes
+from hsm.core.errors import (DecryptionFailed, HsmError, KeyPolicyViolation, ObjectExists,
                      ObjectNotFound, UsageError, check_rv)
-from .profile import require_enforcement
-from .token import KeyRef, Token
+from hsm.core.profile import require_enforcement
+from hsm.core.token import KeyRef, Token
 
 LABEL_PREFIX = "xks-"
 ID_PREFIX = b"hsm-xks:"          # then 8 random bytes
@@ -89,7 +89,7 @@ def create(token: Token, key_id: str, *, encrypt: bool = True, decrypt: bool = T
                                f"usage {_usage_text(encrypt, decrypt)}", token=token.label,
                                object_label=label, hint="choose another --id")
         return key, "exists"
-    template = {**policies.xks_key_attributes(encrypt, decrypt), Attribute.KEY_TYPE: KeyType.AES,
+    template = {**attributes.xks_key_attributes(encrypt, decrypt), Attribute.KEY_TYPE: KeyType.AES,
                 Attribute.VALUE_LEN: 32, Attribute.LABEL: label,
                 Attribute.ID: ID_PREFIX + secrets.token_bytes(8)}
     raw = token.module.raw
@@ -109,7 +109,7 @@ def describe(token: Token, key_id: str) -> XksKey:
 
     def read(lease):
         obj = lease.key(ref)
-        found = policies.deviations(raw, lease.session.handle, obj.handle, policies.XKS_KEY)
+        found = attributes.deviations(raw, lease.session.handle, obj.handle, attributes.XKS_KEY)
         if obj[Attribute.KEY_TYPE] != KeyType.AES or obj[Attribute.VALUE_LEN] != 32:
             found.append("not an AES-256 key")
         return found, bool(obj[Attribute.ENCRYPT]), bool(obj[Attribute.DECRYPT])
@@ -122,7 +122,7 @@ def describe(token: Token, key_id: str) -> XksKey:
     if found:
         raise KeyPolicyViolation(f"{label!r} is weaker than the XKS key policy, refusing to "
                                  "serve it: " + "; ".join(found), token=token.label,
-                                 object_label=label, hint=policies.XKS_KEY.hint)
+                                 object_label=label, hint=attributes.XKS_KEY.hint)
     return XksKey(key_id, ref, enc, dec)
 
 
@@ -161,7 +161,7 @@ def encrypt(token: Token, key: XksKey, plaintext: bytes, aad: bytes) -> tuple[by
 def decrypt(token: Token, key: XksKey, iv: bytes, ciphertext: bytes, tag: bytes,
             aad: bytes) -> bytes:
     """AES-256-GCM decryption in the token; a tag that does not verify raises
-    :class:`hsm.errors.DecryptionFailed`."""
+    :class:`hsm.core.errors.DecryptionFailed`."""
     if not key.decrypt:
         raise KeyUsageRefused(f"XKS key {key.key_id!r} may not decrypt", token=token.label,
                               object_label=key.ref.label)
@@ -190,7 +190,7 @@ _TAG_FAILURES = (0x5, 0x40, 0x41, 0xC0)
 def _decrypt(lease, raw, ref: KeyRef, iv: bytes, data: bytes, aad: bytes) -> bytes:
     """Raw C_DecryptInit/C_Decrypt: python-pkcs11 0.10's GCMParams refuses IVs over 12 bytes,
     and AWS KMS may send 12- or 16-byte ones (the specification)."""
-    from ._cryptoki import gcm_params
+    from hsm.core._cryptoki import gcm_params
     h = lease.session.handle
     params, _keep = gcm_params(iv, aad)
     check_rv(raw.operation_init("C_DecryptInit", h, Mechanism.AES_GCM, params,

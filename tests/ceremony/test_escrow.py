@@ -12,8 +12,8 @@ from ceremony import plan as plans
 from ceremony import runner
 from release.certificates import as_asn1
 from release.certificates import load as load_cert
-from hsm import ops
-from hsm.token import Token
+from hsm.core import ops
+from hsm.core.token import Token
 from kms import importer
 from tests.ceremony_kit import kit_fixture
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ceremony import approvals, environment, runner
 from ceremony import plan as plans
 from ceremony.errors import PlanError
-from hsm import fingerprint as fp
+from suite import fingerprint as fp
 from tests.ceremony_kit import ceremony_without_pins as ceremony
 
 OFFICERS = (("alice", "crypto-officer"), ("bob", "crypto-officer"),

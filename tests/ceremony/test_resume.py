@@ -23,8 +23,8 @@ from release import certificates as certs
 from ceremony import plan as plans
 from ceremony import runner
 from ceremony.transcript import FILE, SIGNATURE_FILE, Transcript, load
-from hsm import export
-from hsm.token import Token
+from hsm.keys import export
+from hsm.core.token import Token
 from tests.ceremony_kit import kit_fixture
 
 pytestmark = pytest.mark.slow
@@ -210,7 +210,7 @@ def test_killed_between_close_record_and_head_signature_resumes(kit):
     assert first.returncode == 0, _outs(first)
     records = load(out / FILE)
     # The on-disk state of a SIGKILL right after the close record was fsynced: the signature is
-    # written last, atomically (hsm.files.write_new), so it is simply absent.
+    # written last, atomically (suite.files.write_new), so it is simply absent.
     (out / SIGNATURE_FILE).unlink()
 
     resumed = kit.cli("run", plan_path, "--env", env_file, env=_environ(kit))

@@ -33,10 +33,11 @@ from release.certificates import load as load_cert
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import load as load_transcript
 from ceremony.verify import verify_directory
-from hsm import export, ops
-from hsm import x509 as hx509
-from hsm.errors import HsmError
-from hsm.token import Token
+from hsm.keys import export
+from hsm.core import ops
+from hsm.keys import x509 as hx509
+from hsm.core.errors import HsmError
+from hsm.core.token import Token
 from tests.ceremony_kit import kit_fixture
 
 # Step 2 so that `hi - 1` is never a release another test used: 5000, 5002, 5004, ...
@@ -123,7 +124,7 @@ def secret_objects(token: Token, prefix: str) -> dict[str, list[dict]]:
 
 
 def kcv_in_token(token: Token, key_type: str, label: str) -> bytes:
-    """The key check value recomputed independently of hsm.export (same definition)."""
+    """The key check value recomputed independently of hsm.keys.export (same definition)."""
     ref = ops.secret(label)
     if key_type == "generic-secret":
         return ops.hmac_sha256(token, ref, export.KCV_LABEL)[:8]
@@ -444,7 +445,7 @@ def test_run_of_a_plan_never_opened_is_refused_and_opens_nothing(kit):
 
 # ------------------------------------------------------------------ one ceremony at a time
 def _primary_identity(kit) -> tuple[str, str, str]:
-    from hsm import module as modules
+    from hsm.core import module as modules
     return (modules.resolve(modules.DEFAULT_MODULE), kit.primary.token.serial,
             kit.primary.label)
 

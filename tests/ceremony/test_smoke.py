@@ -17,7 +17,7 @@ from release import bundle as bundles
 from ceremony import runner
 from release import certificates
 from ceremony import plan as plans
-from hsm import export, provision
+from hsm.keys import export, provision
 from tests.helpers import assert_secrets_absent, secret_forms
 from tests.ceremony_kit import kit_fixture
 
@@ -192,7 +192,7 @@ def test_rehearsal_dry_run_touches_nothing(kit):
 
 
 def test_confirm_words_stops_when_the_typed_words_differ(kit):
-    from hsm import fingerprint as fp
+    from suite import fingerprint as fp
     plan_path = kit.write_plan(regions=["eu"])
     kit.open_and_approve(plan_path)
     wrong = " ".join(fp.to_words(bytes(32)))

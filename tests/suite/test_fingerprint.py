@@ -8,7 +8,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from hsm import fingerprint as fp
+from suite import fingerprint as fp
 
 DIGEST = hashlib.sha256(b"regional-eu public key").digest()
 

@@ -1,5 +1,5 @@
 """The SHA-256 variants of the cloud formats on NSS softokn, the token here that does RSA-OAEP
-with SHA-256 (SoftHSM2 2.6.1 refuses them: test_cloud_export)."""
+with SHA-256 (SoftHSM2 2.6.1 refuses them: test_export)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsm.cloud import providers, wrap
 from hsm.testing import unique_label
-from hsm.token import KeyRef
+from hsm.core.token import KeyRef
 from tests import cloud_kit as ck
 
 SHA256_DIRECT = [(p.name, a.name) for p in providers.PROVIDERS.values() for a in p.algorithms
@@ -57,7 +57,7 @@ def test_rsa_aes_sha256_wraps_in_nss_unwrap_at_the_provider(nss_token, provider,
     OAEP-SHA-256 of it) with SHA-256. NSS has no security officer, so here the ephemeral key is
     the user's own and not CKA_TRUSTED: NSS enforces no trusted wrap, which is also why
     `cloud-key create` refuses NSS (the check below); the SO step is SoftHSM2's
-    (test_cloud_export)."""
+    (test_export)."""
     token = nss_token.token
     assert "CKA_WRAP_WITH_TRUSTED" in token.profile.missing_enforcement()
     alg = providers.provider(provider).algorithm(algorithm, token.profile.oaep_hashes)

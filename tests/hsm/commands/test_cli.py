@@ -21,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from hsm import fingerprint as fp
+from suite import fingerprint as fp
 from hsm.testing import TestToken, new_softhsm_token
 from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm, self_signed_pem
 
@@ -542,7 +542,7 @@ def test_audit_is_clean_after_provisioning_and_flags_a_weaker_key(regional):
 def test_init_token_in_process_with_per_token_pins_and_idempotent(softhsm_token):
     """`hsm init-token` runs C_InitToken/C_InitPIN in its own process: the PINs come from
     HSM_SO_PIN_<LABEL>/HSM_PIN_<LABEL> and never appear on any command line."""
-    from hsm.pin import token_env
+    from hsm.core.pin import token_env
     label = f"cli-new-{secrets.token_hex(3)}"
     so, user = secrets.token_hex(8), secrets.token_hex(6)
     env = {token_env("HSM_SO_PIN", label): so, token_env("HSM_PIN", label): user}
@@ -575,7 +575,7 @@ def test_init_regional_refuses_an_out_dir_whose_parent_is_missing(softhsm_token,
 
 def test_info_objects_lists_data_objects_without_an_id(softhsm_token):
     """A release record is a CKO_DATA object with no CKA_ID: `hsm info --objects` lists it."""
-    from hsm import export
+    from hsm.keys import export
     export.write_state(softhsm_token.token, "4242")
     softhsm_token.close()
     objs = objects_on(softhsm_token)
@@ -629,7 +629,7 @@ def test_hints_name_the_real_options_variables_and_files(softhsm_token, tmp_path
     "CKR 0x5"); a private key given as a wrapping key is one line."""
     from cryptography.hazmat.primitives.asymmetric import rsa as crsa
 
-    from hsm.pin import token_env
+    from hsm.core.pin import token_env
     tt = softhsm_token
     per_token = token_env("HSM_PIN", tt.label)
     line = assert_one_line_error(run_hsm(tt, "info", "--token", tt.label,

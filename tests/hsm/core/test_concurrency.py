@@ -10,9 +10,9 @@ import threading
 
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import ops
+from hsm.core import ops
 from hsm.testing import unique_label
-from hsm.token import KeyRef
+from hsm.core.token import KeyRef
 from tests.helpers import run_threads, start_threads
 
 THREADS = 16
@@ -196,9 +196,9 @@ def _child_mac(ref):
 
 
 def test_a_forked_child_cannot_open_the_token_with_a_wrong_pin(hsm_token):
-    from hsm.errors import PinError
-    from hsm.pin import Pin
-    from hsm.token import Token
+    from hsm.core.errors import PinError
+    from hsm.core.pin import Pin
+    from hsm.core.token import Token
     token = hsm_token.token
     ops.hmac_sha256(token, _make_token_key(token), b"x")
     pid = os.fork()

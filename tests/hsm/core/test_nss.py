@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives.keywrap import (InvalidUnwrap, aes_key_unwra
                                                     aes_key_wrap_with_padding)
 from pkcs11 import MGF, Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import module as modules
-from hsm import nss
-from hsm.errors import HsmError, ModuleLoadError, PinError
-from hsm.pin import Pin
+from hsm.core import module as modules
+from hsm.core import nss
+from hsm.core.errors import HsmError, ModuleLoadError, PinError
+from hsm.core.pin import Pin
 from hsm.testing import TestToken, require_mechanism, unique_label
-from hsm.token import KeyRef, Lease, Token
+from hsm.core.token import KeyRef, Lease, Token
 from tests.helpers import run_threads
 
 OAEP_SHA256 = (Mechanism.SHA256, MGF.SHA256, None)
@@ -82,10 +82,10 @@ def test_login_right_pin_works_and_wrong_pin_is_a_pin_error(nss_token: TestToken
 _LOGIN_SCRIPT = r"""
 import json, os, sys
 from pkcs11 import KeyType, Mechanism, MechanismFlag
-from hsm import module as modules, nss
-from hsm.errors import PinError
-from hsm.pin import Pin
-from hsm.token import Token, find_token
+from hsm.core import module as modules, nss
+from hsm.core.errors import PinError
+from hsm.core.pin import Pin
+from hsm.core.token import Token, find_token
 from tests.helpers import run_threads
 
 params, out = sys.argv[1], {}
@@ -245,7 +245,7 @@ def test_rsa_oaep_sha256_encrypt_and_wrap(nss_token: TestToken) -> None:
 # ------------------------------------------------------------------ NSS 3.87 quirks, pinned
 class TestNssQuirks:
     """Behaviour of NSS softokn 3.87 the layer must live with. If one of these fails after an
-    NSS upgrade, update hsm/nss.py's docstring (and any policy built on it)."""
+    NSS upgrade, update hsm/core/nss.py's docstring (and any policy built on it)."""
 
     def test_python_pkcs11_kwp_wrap_trips_on_the_size_query(self, nss_token: TestToken) -> None:
         def op(lease: Lease) -> tuple[bytes, bytes]:

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import ops
-from hsm import x509 as certs
-from hsm.errors import DecryptionFailed, HsmError
+from hsm.core import ops
+from hsm.keys import x509 as certs
+from hsm.core.errors import DecryptionFailed, HsmError
 from hsm.testing import require_mechanism, unique_label
-from hsm.token import KeyRef
+from hsm.core.token import KeyRef
 
 
 def _import_secret(token, label, key_type, value, capabilities):

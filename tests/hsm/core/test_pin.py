@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from hsm import pin as pins
-from hsm.errors import PinError, UsageError
-from hsm.pin import Pin
+from hsm.core import pin as pins
+from hsm.core.errors import PinError, UsageError
+from hsm.core.pin import Pin
 
 SECRET = "4711-s3cret-PIN"
 

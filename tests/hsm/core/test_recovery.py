@@ -8,12 +8,12 @@ import logging
 import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import ops
-from hsm.errors import MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
-from hsm.pin import Pin
-from hsm.profile import CKM_RSA_AES_KEY_WRAP
+from hsm.core import ops
+from hsm.core.errors import MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
+from hsm.core.pin import Pin
+from hsm.core.profile import CKM_RSA_AES_KEY_WRAP
 from hsm.testing import unique_label
-from hsm.token import KeyRef, Token
+from hsm.core.token import KeyRef, Token
 from tests.helpers import run_threads
 
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from hsm.errors import UsageError
-from hsm.uri import Pkcs11Uri, parse
+from hsm.core.errors import UsageError
+from hsm.core.uri import Pkcs11Uri, parse
 
 # Token labels are UTF-8 text: no NUL, and no lone surrogates (they have no UTF-8 encoding).
 LABELS = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)),

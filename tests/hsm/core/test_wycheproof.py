@@ -1,4 +1,4 @@
-"""Project Wycheproof vectors through the driver layer (``hsm.ops``, ``hsm.kdf``) on real tokens.
+"""Project Wycheproof vectors through the driver layer (``hsm.core.ops``, ``hsm.keys.kdf``) on real tokens.
 
 Every vector of each file is run: ``valid`` ones must be accepted, ``invalid`` ones refused, and
 the counts are asserted (checked, accepted, and beyond a token's limit, by limit). Vectors a
@@ -15,8 +15,9 @@ import functools
 import pytest
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 
-from hsm import kdf, ops
-from hsm.errors import DecryptionFailed
+from hsm.keys import kdf
+from hsm.core import ops
+from hsm.core.errors import DecryptionFailed
 from tests import wycheproof as wp
 
 CHECKED, BEYOND = "checked", "beyond the token's limits"
@@ -93,7 +94,7 @@ def test_aes_cmac_vectors_through_ops(soft, part):
 def _gcm(token):
     def check(group, test):
         if group["tagSize"] != 128:
-            raise wp.Beyond("hsm.ops.aes_gcm_decrypt takes 128-bit tags only")
+            raise wp.Beyond("hsm.core.ops.aes_gcm_decrypt takes 128-bit tags only")
         if not 0 < group["ivSize"] <= 96:   # the project's formats all use 12 bytes
             raise wp.Beyond("python-pkcs11 0.10's GCMParams takes 1-12-byte IVs only")
         ref = _secret(token, KeyType.AES, bytes.fromhex(test["key"]),
@@ -162,7 +163,7 @@ def _rsa_private(token, key: dict):
 
 _NSS_LONG = ("NSS softokn 3.87 does not unwrap a 446-byte message into a generic-secret key "
              "(CKR_TEMPLATE_INCONSISTENT); 190 bytes it does")
-_LABEL = "hsm.ops.rsa_oaep_unwrap uses the empty label (every format the project reads does)"
+_LABEL = "hsm.core.ops.rsa_oaep_unwrap uses the empty label (every format the project reads does)"
 _EMPTY = "a 0-byte key cannot be unwrapped into a key object"
 
 
@@ -171,7 +172,7 @@ def _oaep(token, name: str, hash_name: str):
 
     def check(group, test):
         if test["label"]:
-            raise wp.Beyond("hsm.ops.rsa_oaep_unwrap uses the empty label (every format the "
+            raise wp.Beyond("hsm.core.ops.rsa_oaep_unwrap uses the empty label (every format the "
                             "project reads does)")
         if not test["msg"] and test["result"] == "valid":
             raise wp.Beyond("a 0-byte key cannot be unwrapped into a key object")
@@ -220,7 +221,7 @@ _PBKDF2 = "pbkdf2_hmacsha256_test.json"
 
 def _pbkdf2(token, group, test) -> bool:
     if test["dkLen"] > kdf.MAX_LENGTH:
-        raise wp.Beyond(f"hsm.kdf derives at most {kdf.MAX_LENGTH} bytes")
+        raise wp.Beyond(f"hsm.keys.kdf derives at most {kdf.MAX_LENGTH} bytes")
     password = bytes.fromhex(test["password"])
     if not password:
         raise wp.Beyond("a token holds no 0-byte HMAC key (the password is the seed key)")
@@ -248,7 +249,7 @@ def test_pbkdf2_vectors_with_short_passwords_through_the_nss_kdf(nss_token, soft
     """SoftHSM2 refuses them as HMAC keys (shown on the first one); NSS softokn takes them."""
     first = next(t for g in wp.load(_PBKDF2)["testGroups"] for t in g["tests"]
                  if 0 < len(t["password"]) // 2 < 32)
-    from hsm.errors import HsmError
+    from hsm.core.errors import HsmError
     with pytest.raises(HsmError) as refused:
         _pbkdf2(soft, None, first)
     assert refused.value.ckr == "CKR_KEY_SIZE_RANGE"

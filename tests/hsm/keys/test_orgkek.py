@@ -1,4 +1,4 @@
-"""Per-org KEKs (hsm/orgkek.py) on a real SoftHSM2 token: what the token lets a PIN holder do with
+"""Per-org KEKs (hsm/keys/orgkek.py) on a real SoftHSM2 token: what the token lets a PIN holder do with
 one, that a found handle works on any session, and that another process's handle to a KEK this
 process destroyed fails at its next use."""
 
@@ -12,9 +12,9 @@ import textwrap
 import pytest
 from pkcs11 import Attribute as A, Mechanism as M
 
-from hsm import orgkek
-from hsm._cryptoki import gcm_params
-from hsm.errors import DecryptionFailed
+from hsm.keys import orgkek
+from hsm.core._cryptoki import gcm_params
+from hsm.core.errors import DecryptionFailed
 
 
 def test_round_trip_empty_plaintext_and_tag_check(softhsm_token):
@@ -59,9 +59,9 @@ def test_a_pin_holder_cannot_get_a_kek_out_or_repurpose_it(softhsm_token):
 
 _NODE_B = textwrap.dedent("""
     import sys, time, os
-    from hsm.token import Token
-    from hsm.pin import Pin
-    from hsm import orgkek
+    from hsm.core.token import Token
+    from hsm.core.pin import Pin
+    from hsm.keys import orgkek
     token = Token.open(sys.argv[1], pin=Pin(sys.argv[2]))
     handles = {label: h for h, label in orgkek.find_all(token).items()}
     nonce = bytes(12)

@@ -10,13 +10,13 @@ import pytest
 from asn1crypto import x509 as asn1x509
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsm import fingerprint as fp
-from hsm import provision
-from hsm import x509 as certs
-from hsm.errors import HsmError, ObjectExists, UsageError
-from hsm.keygen import check_private_attributes, generate_keypair
-from hsm.roles import PRIMARY_ENCRYPTION, SIGNING_ROLES
-from hsm.token import KeyRef
+from suite import fingerprint as fp
+from hsm.keys import provision
+from hsm.keys import x509 as certs
+from hsm.core.errors import HsmError, ObjectExists, UsageError
+from hsm.keys.keygen import check_private_attributes, generate_keypair
+from hsm.keys.roles import PRIMARY_ENCRYPTION, SIGNING_ROLES
+from hsm.core.token import KeyRef
 
 
 def _raw_attrs(token, ref):
@@ -204,7 +204,7 @@ def test_nss_is_refused_for_production_keys_naming_what_it_does_not_enforce(nss_
                                                                            tmp_path):
     """NSS softokn 3.87 stores CKA_ALLOWED_MECHANISMS but does not enforce it, and has no
     CKA_DESTROYABLE: provisioning production keys there is refused before any key is made."""
-    from hsm.errors import KeyPolicyViolation
+    from hsm.core.errors import KeyPolicyViolation
 
     token = nss_token.token
     before = _count_objects(token)
@@ -220,7 +220,7 @@ def test_nss_keys_fail_the_local_check_and_are_destroyed(nss_token, tmp_path, ca
     """With the rehearsal override, NSS softokn still reads CKA_LOCAL back as false even for
     keys it generated: the policy check refuses them rather than trusting the template, and
     leaves no key behind."""
-    from hsm.errors import KeyPolicyViolation
+    from hsm.core.errors import KeyPolicyViolation
 
     token = nss_token.token
     with pytest.raises(KeyPolicyViolation) as err:

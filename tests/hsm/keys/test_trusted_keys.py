@@ -15,10 +15,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsm import _cryptoki, export, ops
-from hsm import policy as policies
-from hsm.errors import CKR_BY_VALUE, check_rv
-from hsm.token import Token
+from hsm.core import _cryptoki, ops
+from hsm.keys import export
+from hsm.keys import attributes
+from hsm.core.errors import CKR_BY_VALUE, check_rv
+from hsm.core.token import Token
 from tests.helpers import assert_one_line_error, run_hsm
 
 LABEL = "trusted-eu"
@@ -33,7 +34,7 @@ def _old_trusted_key(tt) -> str:
     the SO; returns its SPKI fingerprint."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     n = key.public_numbers().n
-    template = {**policies.TRUSTED_RECIPIENT.creation_attributes(), Attribute.KEY_TYPE: KeyType.RSA,
+    template = {**attributes.TRUSTED_RECIPIENT.creation_attributes(), Attribute.KEY_TYPE: KeyType.RSA,
                 Attribute.LABEL: LABEL, Attribute.ID: b"old-eu",
                 Attribute.MODULUS: n.to_bytes((n.bit_length() + 7) // 8, "big"),
                 Attribute.PUBLIC_EXPONENT: b"\x01\x00\x01"}
@@ -116,7 +117,7 @@ def test_the_ceremony_trust_step_recreates_an_old_trusted_key(softhsm_token):
     _old_trusted_key(tt)
     so = Token.open(tt.label, pin=tt.so_pin, so=True)
     try:
-        from hsm import x509 as hx
+        from hsm.keys import x509 as hx
         spki = hx.public_key_info(so, ops.public(LABEL))
         spki = asn1keys.PublicKeyInfo.load(spki.dump())
         assert export.ensure_trusted_public_key(so, LABEL, b"old-eu", spki) == "re-created"
