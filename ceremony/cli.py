@@ -17,14 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from suite import fingerprint as fp
 from hsm.commands import options
 from hsm.core.errors import UsageError
+from hsm.keys import attributes, export
+from suite import fingerprint as fp
 from suite.files import write_new
 
-from hsm.keys import export, attributes
-
-from . import approvals, environment, officers, plan as plans, runner
+from . import approvals, environment, officers
+from . import plan as plans
+from . import runner
 from .errors import ApprovalError
 from .transcript import Transcript
 
@@ -189,6 +190,7 @@ def cmd_run(args) -> int:
 
 def cmd_verify(args) -> int:
     from release import quorum
+
     from .verify import verify_directory
     result = verify_directory(Path(args.directory), Path(args.cert),
                               quorum.load(Path(args.officers)))

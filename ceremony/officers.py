@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from suite import fingerprint as fp
 from hsm.core.errors import UsageError
-from suite.files import write_new
 from release import signers
+from suite import fingerprint as fp
+from suite.files import write_new
 
 from .errors import ApprovalError
 

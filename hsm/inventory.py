@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from hsm.keys import attributes
 from hsm.core.errors import HsmError
-from hsm.keys.export import APPLICATION, RECORD_PREFIX
 from hsm.core.token import Token
+from hsm.keys import attributes
+from hsm.keys.export import APPLICATION, RECORD_PREFIX
 
 # Attributes shown for every object (booleans only: values of secrets are never read).
 SHOWN = (Attribute.TOKEN, Attribute.PRIVATE, Attribute.SENSITIVE, Attribute.EXTRACTABLE,

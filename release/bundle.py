@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from suite.signatures import SIGNATURE_ALGORITHMS
-
 from release import signers
 from release.canonical import canonical
 from release.errors import VerificationError
+from suite.signatures import SIGNATURE_ALGORITHMS
 
 FORMAT = "hsm-suite-release-bundle"
 # Version 2 adds what the officers approved: the plan digest and the run's nonce. Version 1

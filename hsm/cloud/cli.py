@@ -17,11 +17,12 @@ from asn1crypto import pem
 from asn1crypto import x509 as asn1x509
 from pkcs11 import ObjectClass
 
-from hsm.core import pin as pins
 from hsm.commands import options
+from hsm.core import pin as pins
 from hsm.core.errors import UsageError
-from suite.files import check_writable, write_set
 from hsm.core.token import KeyRef, Token
+from suite.files import check_writable, write_set
+
 from . import keys, providers, wrap
 
 MAX_KEY_FILE = 64 * 1024

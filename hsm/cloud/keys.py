@@ -14,10 +14,10 @@ import secrets
 from asn1crypto import keys as asn1keys
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsm.keys import attributes
 from hsm.core.errors import KeyPolicyViolation, ObjectExists, ObjectNotFound, UsageError, check_rv
 from hsm.core.profile import require_enforcement
 from hsm.core.token import KeyRef, Token
+from hsm.keys import attributes
 
 ID_PREFIX = b"hsm-cloud:"        # 10 bytes, then 8 random bytes: unique and recognisable
 IMPORT_LABEL_PREFIX = "cloud-import-"

@@ -28,10 +28,10 @@ from __future__ import annotations
 from pkcs11 import MGF, Attribute, KeyType, Mechanism
 
 from hsm.core import _cryptoki
-from hsm.keys import attributes
 from hsm.core.errors import from_rv
 from hsm.core.pin import Pin
 from hsm.core.token import KeyRef, Token
+from hsm.keys import attributes
 
 CKM_RSA_AES_KEY_WRAP = 0x1054
 _HASHES = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256)}

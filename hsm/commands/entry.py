@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-
 # Each command's module (its `main()`), by the command's name.
 COMMANDS = {"hsm": "hsm.commands.main", "ceremony": "ceremony.cli", "kms": "kms.cli"}
 

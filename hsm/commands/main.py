@@ -14,16 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-from suite import fingerprint as fp
 from hsm.core import module as modules
 from hsm.core import pin as pins
-from . import options
-from hsm.keys import provision
 from hsm.core import softhsm
-from hsm.keys import x509 as certs
 from hsm.core.errors import HsmError, TokenNotFound, UsageError
-from hsm.keys.roles import DEFAULT_SIGNING, SIGNING_ROLES
 from hsm.core.token import KeyRef, Token
+from hsm.keys import provision
+from hsm.keys import x509 as certs
+from hsm.keys.roles import DEFAULT_SIGNING, SIGNING_ROLES
+from suite import fingerprint as fp
+
+from . import options
+
 
 def _add_token_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
     p.add_argument("--token", required=required, metavar="LABEL|URI",
@@ -147,8 +149,9 @@ def cmd_fingerprint(args) -> int:
 def cmd_retrust(args) -> int:
     """Re-create a trusted recipient made before trusted keys had a CKA_WRAP_TEMPLATE (a key
     cannot gain one): as the SO, after the officer confirms the key's fingerprint."""
-    from hsm.keys import export
     from pkcs11 import ObjectClass
+
+    from hsm.keys import export
     with options.open_so(args) as so:
         spki = certs.public_key_info(so, KeyRef(args.label, ObjectClass.PUBLIC_KEY))
         print(f"Trusted key {args.label!r} on token {so.label!r}:")
@@ -209,8 +212,7 @@ def cmd_audit(args) -> int:
     """Every token object, its attributes, and each deviation from its role's policy; exit 1
     when there is one (so a script or a monitoring job can alert on it)."""
     from hsm import inventory
-    from hsm.keys import export
-    from hsm.keys import attributes
+    from hsm.keys import attributes, export
     with _open_token(args) as token:
         rows = inventory.audit(token)
         label = token.label

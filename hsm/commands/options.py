@@ -12,12 +12,11 @@ import argparse
 import os
 import sys
 
-from suite.cli import main, parser, run  # noqa: F401 (re-exported at the old path)
-
 from hsm.core import module as modules
 from hsm.core import uri
 from hsm.core.errors import UsageError
 from hsm.core.uri import Pkcs11Uri
+from suite.cli import main, parser, run  # noqa: F401 (re-exported at the old path)
 
 
 def add_module_args(p: argparse.ArgumentParser) -> None:

@@ -245,9 +245,10 @@ def unwrap_release_secret(token: Token, unwrapping_key: KeyRef, wrapped: Wrapped
     primary's escrow template (extractable only under CKA_WRAP_WITH_TRUSTED). The token refuses
     any other template, so asking for less here would fail, and asking for more is impossible."""
     from hsm.keys import attributes
+    from hsm.keys.export import check_value_of
+
     from ._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
     from .errors import check_rv
-    from hsm.keys.export import check_value_of
     hash_mech, mgf, _ = _oaep_params(wrapped.parameters.get("hash", "sha1"))
     params = CK_RSA_PKCS_OAEP_PARAMS(int(hash_mech), int(mgf), 1, None, 0)  # CKZ_DATA_SPECIFIED
     forced = attributes.ESCROW_UNWRAP_TEMPLATE if escrow else attributes.REGIONAL_UNWRAP_TEMPLATE

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 
-from . import _cryptoki, module as modules
-from .errors import (SESSION_LOST, STALE_HANDLE, HsmError, ObjectNotFound, PinError, SessionLost,
-                     TokenNotFound,
-                     from_pkcs11, from_rv, translated)
+from . import _cryptoki
+from . import module as modules
 from . import pin as pins_mod
+from .errors import (SESSION_LOST, STALE_HANDLE, HsmError, ObjectNotFound, PinError, SessionLost,
+                     TokenNotFound, from_pkcs11, from_rv, translated)
 from .pin import Pin
 
 if TYPE_CHECKING:    # profile.py imports this module

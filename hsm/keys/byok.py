@@ -24,13 +24,16 @@ import hmac
 import os
 
 from pkcs11 import Attribute as A
-from pkcs11 import KeyType, Mechanism as M, ObjectClass
+from pkcs11 import KeyType
+from pkcs11 import Mechanism as M
+from pkcs11 import ObjectClass
 
-from . import attributes
 from hsm.core._cryptoki import CK_RSA_PKCS_OAEP_PARAMS
 from hsm.core.errors import HsmError, ObjectExists, check_rv, translated
-from .keygen import create_pair, label_in_use
 from hsm.core.token import KeyRef, Token
+
+from . import attributes
+from .keygen import create_pair, label_in_use
 
 PURPOSES = {"seed": attributes.BYOK_SEED, "dek": attributes.BYOK_DEK}
 RSA_BITS = 4096

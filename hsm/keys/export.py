@@ -15,9 +15,10 @@ from __future__ import annotations
 from asn1crypto import keys
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from . import attributes
 from hsm.core.errors import KeyPolicyViolation, ObjectExists, check_rv
 from hsm.core.token import KeyRef, Token
+
+from . import attributes
 
 KCV_LABEL = b"hsm-suite key check value"
 RECORD_PREFIX = "hsm-suite-release-"
@@ -211,8 +212,9 @@ def retrust(so_token: Token, label: str, fingerprint: bytes) -> str:
     today's policy, after the officer confirmed ``fingerprint`` (SHA-256 of its SPKI, read from
     the certificate or the key's own token). Returns 're-created' or 'current' (it already has
     it: nothing changes). A key the fingerprint does not name is refused and left alone."""
-    from . import x509 as hx
     from hsm.core.errors import HsmError
+
+    from . import x509 as hx
     ref = KeyRef(label, ObjectClass.PUBLIC_KEY)
     ids = so_token.run("C_FindObjects", lambda lease: [o[Attribute.ID] for o in _find(
         lease, {Attribute.LABEL: label, Attribute.CLASS: ObjectClass.PUBLIC_KEY,

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from . import attributes
 from hsm.core.errors import KeyPolicyViolation, ObjectExists, check_rv, translated
-from .roles import KeyRole
 from hsm.core.token import KeyRef, Token
 
+from . import attributes
+from .roles import KeyRole
 
 _UNSTORABLE = (Attribute.COPYABLE, Attribute.ALLOWED_MECHANISMS, Attribute.UNWRAP_TEMPLATE)
 

@@ -18,11 +18,11 @@ from pkcs11 import Attribute as A
 from pkcs11 import KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
-from . import keygen
-from . import attributes
-from . import x509 as hx
 from hsm.core.errors import KeyPolicyViolation, ObjectExists
 from hsm.core.token import KeyRef, Token
+
+from . import attributes, keygen
+from . import x509 as hx
 
 DEFAULT_LABEL = "ceremony-officer"
 CURVES = {"p256": "secp256r1", "p384": "secp384r1"}

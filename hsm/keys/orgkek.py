@@ -17,7 +17,9 @@ else; the label says whose it is.
 from __future__ import annotations
 
 from pkcs11 import Attribute as A
-from pkcs11 import KeyType, Mechanism as M, ObjectClass
+from pkcs11 import KeyType
+from pkcs11 import Mechanism as M
+from pkcs11 import ObjectClass
 
 from hsm.core._cryptoki import gcm_params
 from hsm.core.errors import DecryptionFailed, HsmError, ObjectNotFound, check_rv, from_rv

@@ -22,15 +22,16 @@ from pathlib import Path
 
 from asn1crypto import keys
 
-from suite import fingerprint as fp
-from . import x509 as certs
 from hsm.core.errors import HsmError, UsageError
+from hsm.core.token import Token
 from suite import errors as suite_errors
+from suite import fingerprint as fp
 from suite.files import check_writable, write_new
+
+from . import x509 as certs
 from .keygen import KeyPairInfo, check_private_attributes, existing_keypair, generate_keypair
 from .roles import (DEFAULT_SIGNING, PRIMARY_ENCRYPTION, REGIONAL_AUDIT_SIGNING,
                     REGIONAL_ENCRYPTION, SIGNING_ROLES, KeyRole)
-from hsm.core.token import Token
 
 REQUEST_VERSION = 1
 DEFAULT_ORG = "hsm-suite"

@@ -13,6 +13,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from . import attributes
 
+
 @dataclass(frozen=True)
 class KeyRole:
     name: str            # e.g. "primary-signing"; the key label is "<token>-<purpose>" by default

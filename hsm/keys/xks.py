@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsm.core import ops
-from . import attributes
 from hsm.core.errors import (DecryptionFailed, HsmError, KeyPolicyViolation, ObjectExists,
-                     ObjectNotFound, UsageError, check_rv)
+                             ObjectNotFound, UsageError, check_rv)
 from hsm.core.profile import require_enforcement
 from hsm.core.token import KeyRef, Token
+
+from . import attributes
 
 LABEL_PREFIX = "xks-"
 ID_PREFIX = b"hsm-xks:"          # then 8 random bytes

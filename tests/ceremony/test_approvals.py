@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from ceremony import approvals
-from ceremony.officers import FileSigner
 from ceremony import plan as plans
 from ceremony.approvals import Approval
 from ceremony.errors import ApprovalError
+from ceremony.officers import FileSigner
 from suite.errors import UsageError
 from tests.ceremony_kit import ceremony_without_pins as ceremony
 

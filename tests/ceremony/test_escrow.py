@@ -7,16 +7,15 @@ from __future__ import annotations
 import pytest
 from pkcs11 import Attribute, ObjectClass
 
-from release import bundle as bundles
 from ceremony import plan as plans
 from ceremony import runner
-from release.certificates import as_asn1
-from release.certificates import load as load_cert
 from hsm.core import ops
 from hsm.core.token import Token
 from kms import importer
+from release import bundle as bundles
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from tests.ceremony_kit import kit_fixture
-
 
 kit = kit_fixture("escrow", regions=("eu", "ap"))
 

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa, x
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ceremony import approvals, environment, runner
+from ceremony import approvals, environment
 from ceremony import plan as plans
+from ceremony import runner
 from ceremony.errors import PlanError
 from suite import fingerprint as fp
 from tests.ceremony_kit import ceremony_without_pins as ceremony

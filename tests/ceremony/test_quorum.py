@@ -30,12 +30,10 @@ from ceremony.officers import FileSigner, new_key_file
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import SIGNATURE_FILE, Transcript, canonical, head_message, record_hash
 from ceremony.verify import verify_directory
-from hsm.keys import export
 from hsm.core import ops
-from suite import fingerprint as fp
-from hsm.keys import officer as token_officer
-from hsm.keys import attributes
 from hsm.core.token import Token
+from hsm.keys import attributes, export
+from hsm.keys import officer as token_officer
 from hsm.keys.x509 import to_pem
 from kms import config as configs
 from kms.service import Kms
@@ -44,6 +42,7 @@ from release import signers
 from release.certificates import as_asn1
 from release.certificates import load as load_cert
 from release.errors import QuorumError
+from suite import fingerprint as fp
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import run_cli
 from tests.kms_kit import kms_config

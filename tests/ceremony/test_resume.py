@@ -18,13 +18,13 @@ from types import SimpleNamespace
 import pytest
 from pkcs11 import Attribute
 
-from release import bundle as bundles
-from release import certificates as certs
 from ceremony import plan as plans
 from ceremony import runner
 from ceremony.transcript import FILE, SIGNATURE_FILE, Transcript, load
-from hsm.keys import export
 from hsm.core.token import Token
+from hsm.keys import export
+from release import bundle as bundles
+from release import certificates as certs
 from tests.ceremony_kit import kit_fixture
 
 pytestmark = pytest.mark.slow

@@ -13,14 +13,13 @@ from cryptography.hazmat.primitives import cmac, hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.ciphers import algorithms
 
-from release import bundle as bundles
-from ceremony import runner
-from release import certificates
 from ceremony import plan as plans
+from ceremony import runner
 from hsm.keys import export, provision
-from tests.helpers import assert_secrets_absent, secret_forms
+from release import bundle as bundles
+from release import certificates
 from tests.ceremony_kit import kit_fixture
-
+from tests.helpers import assert_secrets_absent, secret_forms
 
 kit = kit_fixture("ceremony")
 

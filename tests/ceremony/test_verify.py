@@ -22,15 +22,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from release import bundle as bundles
 from ceremony import plan as plans
 from ceremony import runner
-from release.certificates import as_asn1
-from release.certificates import load as load_cert
 from ceremony.errors import VerificationError
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import SIGNATURE_FILE, canonical, record_hash
 from ceremony.verify import verify_directory
+from release import bundle as bundles
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from tests.ceremony_kit import kit_fixture
 
 _release = itertools.count(7000)

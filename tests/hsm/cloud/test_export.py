@@ -15,8 +15,8 @@ import re
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from hsm.keys import export as hsm_export
 from hsm.core.token import Token
+from hsm.keys import export as hsm_export
 from tests import cloud_kit as ck
 from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm
 

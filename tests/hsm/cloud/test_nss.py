@@ -7,8 +7,8 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsm.cloud import providers, wrap
-from hsm.testing import unique_label
 from hsm.core.token import KeyRef
+from hsm.testing import unique_label
 from tests import cloud_kit as ck
 
 SHA256_DIRECT = [(p.name, a.name) for p in providers.PROVIDERS.values() for a in p.algorithms

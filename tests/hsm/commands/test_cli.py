@@ -21,8 +21,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from suite import fingerprint as fp
 from hsm.testing import TestToken, new_softhsm_token
+from suite import fingerprint as fp
 from tests.helpers import assert_no_secrets, assert_one_line_error, run_hsm, self_signed_pem
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import threading
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsm.core import ops
-from hsm.testing import unique_label
 from hsm.core.token import KeyRef
+from hsm.testing import unique_label
 from tests.helpers import run_threads, start_threads
 
 THREADS = 16

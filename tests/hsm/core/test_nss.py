@@ -27,8 +27,8 @@ from hsm.core import module as modules
 from hsm.core import nss
 from hsm.core.errors import HsmError, ModuleLoadError, PinError
 from hsm.core.pin import Pin
-from hsm.testing import TestToken, require_mechanism, unique_label
 from hsm.core.token import KeyRef, Lease, Token
+from hsm.testing import TestToken, require_mechanism, unique_label
 from tests.helpers import run_threads
 
 OAEP_SHA256 = (Mechanism.SHA256, MGF.SHA256, None)

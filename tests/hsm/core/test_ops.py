@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsm.core import ops
-from hsm.keys import x509 as certs
 from hsm.core.errors import DecryptionFailed, HsmError
-from hsm.testing import require_mechanism, unique_label
 from hsm.core.token import KeyRef
+from hsm.keys import x509 as certs
+from hsm.testing import require_mechanism, unique_label
 
 
 def _import_secret(token, label, key_type, value, capabilities):

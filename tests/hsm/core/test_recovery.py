@@ -12,8 +12,8 @@ from hsm.core import ops
 from hsm.core.errors import MechanismUnsupported, ObjectNotFound, PinError, TokenNotFound
 from hsm.core.pin import Pin
 from hsm.core.profile import CKM_RSA_AES_KEY_WRAP
-from hsm.testing import unique_label
 from hsm.core.token import KeyRef, Token
+from hsm.testing import unique_label
 from tests.helpers import run_threads
 
 

@@ -15,9 +15,9 @@ import functools
 import pytest
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 
-from hsm.keys import kdf
 from hsm.core import ops
 from hsm.core.errors import DecryptionFailed
+from hsm.keys import kdf
 from tests import wycheproof as wp
 
 CHECKED, BEYOND = "checked", "beyond the token's limits"

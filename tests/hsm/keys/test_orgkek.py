@@ -10,11 +10,12 @@ import sys
 import textwrap
 
 import pytest
-from pkcs11 import Attribute as A, Mechanism as M
+from pkcs11 import Attribute as A
+from pkcs11 import Mechanism as M
 
-from hsm.keys import orgkek
 from hsm.core._cryptoki import gcm_params
 from hsm.core.errors import DecryptionFailed
+from hsm.keys import orgkek
 
 
 def test_round_trip_empty_plaintext_and_tag_check(softhsm_token):

@@ -10,13 +10,13 @@ import pytest
 from asn1crypto import x509 as asn1x509
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from suite import fingerprint as fp
+from hsm.core.errors import HsmError, ObjectExists, UsageError
+from hsm.core.token import KeyRef
 from hsm.keys import provision
 from hsm.keys import x509 as certs
-from hsm.core.errors import HsmError, ObjectExists, UsageError
 from hsm.keys.keygen import check_private_attributes, generate_keypair
 from hsm.keys.roles import PRIMARY_ENCRYPTION, SIGNING_ROLES
-from hsm.core.token import KeyRef
+from suite import fingerprint as fp
 
 
 def _raw_attrs(token, ref):

@@ -16,10 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
 from hsm.core import _cryptoki, ops
-from hsm.keys import export
-from hsm.keys import attributes
 from hsm.core.errors import CKR_BY_VALUE, check_rv
 from hsm.core.token import Token
+from hsm.keys import attributes, export
 from tests.helpers import assert_one_line_error, run_hsm
 
 LABEL = "trusted-eu"
