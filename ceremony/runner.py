@@ -16,26 +16,27 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsm.keys import export
 from hsm.core import ops
-from suite import fingerprint as fp
-from hsm.keys import x509 as hx
 from hsm.core import pin as pins
-from suite.files import write_new
 from hsm.core.token import KeyRef, Token
+from hsm.keys import export
+from hsm.keys import x509 as hx
 from release import bundle as bundles
 from release import certificates as certs
 from release.canonical import canonical
 from release.ids import release_key
+from suite import fingerprint as fp
+from suite.files import write_new
 
 from . import approvals as approvals_mod
 from . import lock
 from .environment import Environment
 from .errors import CeremonyError, ResumeError
-from .plan import Plan
+from .plan import CEREMONY_TYPES, Plan
 from .transcript import SIGNATURE_FILE, Transcript, head_message, sha256_hex
 from .verify import release_digest
 
@@ -67,22 +68,6 @@ def recipient_label(name: str) -> str:
 def bundle_name(plan: Plan, recipient: str) -> str:
     stamp = f"-{PRACTICE_MARK}" if plan.practice else ""
     return f"bundle-{plan.release}-{recipient}{stamp}.p7"
-
-
-def steps(plan: Plan) -> list[str]:
-    """The journaled steps of a plan, in order."""
-    if plan.type == "regional-enrollment":
-        return ["open", "approvals", "certify-regional", "close"]
-    if plan.type == "escrow-export":
-        return (["open", "approvals", "check-certificates", "check-escrow", "trust-recipients"]
-                + [f"export:{r.name}" for r in plan.regions] + ["verify-bundles", "close"])
-    out = ["open", "approvals", "check-certificates", "check-release", "trust-recipients",
-           "kdf-salt"]
-    out += [f"generate:{s.name}" for s in plan.secrets]
-    out += ["check-values"]
-    out += [f"export:{r.name}" for r in plan.regions] + ["export:escrow"]
-    out += ["verify-bundles", "destroy-secrets", "record-release", "close"]
-    return out
 
 
 class Runner:
@@ -179,8 +164,8 @@ class Runner:
 
     def _do(self, step: str) -> None:
         name, _, arg = step.partition(":")
-        handler = getattr(self, "step_" + name.replace("-", "_"))
-        handler(arg) if arg else handler()
+        handler = handlers(self.plan.type)[name]
+        handler(self, arg) if arg else handler(self)
 
     def _kill_point(self, where: str) -> None:
         if os.environ.get(KILL_ENV) == where:
@@ -553,6 +538,82 @@ class Runner:
         doc = {"head": head, "records": len(self.tr.records), "algorithm": scheme,
                "signature": sig.hex(), "signer_spki_sha256": certs.spki_fingerprint(cert).hex()}
         write_new(self.out / SIGNATURE_FILE, (json.dumps(doc, indent=2) + "\n").encode())
+
+
+# ------------------------------------------------------------------------- the steps, by type
+@dataclass(frozen=True)
+class Step:
+    """One journaled step of a ceremony type: its name in the transcript and its handler. A step
+    with ``each`` runs once per item of the plan (``generate:<secret>``, ``export:<region>``)."""
+    name: str
+    handler: Callable[..., object]
+    each: Callable[[Plan], list[str]] | None = None
+
+
+def _secrets(plan: Plan) -> list[str]:
+    return [s.name for s in plan.secrets]
+
+
+def _regions(plan: Plan) -> list[str]:
+    return [r.name for r in plan.regions]
+
+
+def _regions_and_escrow(plan: Plan) -> list[str]:
+    return _regions(plan) + ["escrow"]
+
+
+# Each ceremony type's steps, in order: the one place that says what a ceremony does and which
+# method does each step. "open" is journaled by `ceremony open` (Runner.open), before any run.
+STEPS: dict[str, tuple[Step, ...]] = {
+    "release-secrets": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("check-certificates", Runner.step_check_certificates),
+        Step("check-release", Runner.step_check_release),
+        Step("trust-recipients", Runner.step_trust_recipients),
+        Step("kdf-salt", Runner.step_kdf_salt),
+        Step("generate", Runner.step_generate, each=_secrets),
+        Step("check-values", Runner.step_check_values),
+        Step("export", Runner.step_export, each=_regions_and_escrow),
+        Step("verify-bundles", Runner.step_verify_bundles),
+        Step("destroy-secrets", Runner.step_destroy_secrets),
+        Step("record-release", Runner.step_record_release),
+        Step("close", Runner.step_close),
+    ),
+    "regional-enrollment": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("certify-regional", Runner.step_certify_regional),
+        Step("close", Runner.step_close),
+    ),
+    "escrow-export": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("check-certificates", Runner.step_check_certificates),
+        Step("check-escrow", Runner.step_check_escrow),
+        Step("trust-recipients", Runner.step_trust_recipients),
+        Step("export", Runner.step_export, each=_regions),
+        Step("verify-bundles", Runner.step_verify_bundles),
+        Step("close", Runner.step_close),
+    ),
+}
+# The plan accepts exactly the types that have steps here (the plan format cannot import the
+# runner: it parses without a token).
+if set(STEPS) != set(CEREMONY_TYPES):
+    raise RuntimeError(f"ceremony types without steps or steps without a type: "
+                       f"{sorted(set(STEPS) ^ set(CEREMONY_TYPES))}")
+
+
+def steps(plan: Plan) -> list[str]:
+    """The journaled steps of a plan, in order (as the transcript names them)."""
+    return [f"{step.name}:{item}" if step.each else step.name
+            for step in STEPS[plan.type]
+            for item in (step.each(plan) if step.each else [""])]
+
+
+def handlers(ceremony_type: str) -> dict[str, Callable[..., object]]:
+    """Each step name of a ceremony type -> the Runner method that performs it."""
+    return {step.name: step.handler for step in STEPS[ceremony_type]}
 
 
 def _remove_stale_temporaries(out: Path) -> None:

@@ -23,21 +23,21 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from release import bundle as bundles
-from ceremony import runner
-from release import certificates
 from ceremony import plan as plans
-from ceremony.transcript import Transcript
-from release.certificates import as_asn1
-from release.certificates import load as load_cert
+from ceremony import runner
 from ceremony.transcript import FILE as TRANSCRIPT
+from ceremony.transcript import Transcript
 from ceremony.transcript import load as load_transcript
 from ceremony.verify import verify_directory
-from hsm.keys import export
 from hsm.core import ops
-from hsm.keys import x509 as hx509
 from hsm.core.errors import HsmError
 from hsm.core.token import Token
+from hsm.keys import export
+from hsm.keys import x509 as hx509
+from release import bundle as bundles
+from release import certificates
+from release.certificates import as_asn1
+from release.certificates import load as load_cert
 from tests.ceremony_kit import kit_fixture
 
 # Step 2 so that `hi - 1` is never a release another test used: 5000, 5002, 5004, ...
@@ -514,3 +514,43 @@ def test_two_concurrent_runs_of_one_plan_make_one_ceremony(kit):
     # One transcript and bundles that verify (the officers' quorum is not this test's subject:
     # nobody has countersigned yet, so it is checked as `ceremony countersign` checks it).
     verify_directory(p.output_dir, signing_pem(kit), None)
+
+
+# ------------------------------------------------------------------------- the step table
+def _plan_of(ceremony_type: str) -> plans.Plan:
+    """A plan object of the type, with two regions and two secrets (the table only reads those)."""
+    return plans.Plan(path=Path("plan.toml"), digest=b"", id="t", type=ceremony_type,
+                      practice=True, output_dir=Path("out"),
+                      primary_signing_certificate=Path("s.pem"),
+                      primary_encryption_certificate=Path("e.pem"), quorum=1, officers=(),
+                      regions=tuple(plans.Region(r, Path(f"{r}.pem"), b"") for r in ("eu", "us")),
+                      secrets=(plans.Secret("kdf-seed", "hmac-sha256-seed"),
+                               plans.Secret("tenant-wrapping-key", "aes-256")))
+
+
+@pytest.mark.parametrize("ceremony_type", plans.CEREMONY_TYPES)
+def test_every_step_of_every_ceremony_type_resolves_to_its_runner_method(ceremony_type):
+    """The plan's types are the table's, every step a plan of the type journals has a handler in
+    it, and that handler is a method of the Runner (what `_do` calls)."""
+    assert set(runner.STEPS) == set(plans.CEREMONY_TYPES)
+    handlers = runner.handlers(ceremony_type)
+    journaled = runner.steps(_plan_of(ceremony_type))
+    assert journaled[0] == "open" and journaled[-1] == "close"
+    for step in journaled:
+        handler = handlers[step.partition(":")[0]]
+        assert getattr(runner.Runner, handler.__name__) is handler
+    if ceremony_type == "release-secrets":
+        assert "generate:tenant-wrapping-key" in journaled and "export:escrow" in journaled
+    if ceremony_type == "escrow-export":
+        assert "export:us" in journaled and "export:escrow" not in journaled
+
+
+def test_searching_for_a_step_name_finds_its_handler():
+    """Each step's name is written once per ceremony type, on the line that names its method:
+    `grep '"check-escrow"' ceremony/runner.py` lands on `Runner.step_check_escrow`."""
+    source = Path(runner.__file__).read_text().splitlines()
+    for ceremony_type, table in runner.STEPS.items():
+        for step in table:
+            lines = [line for line in source if f'Step("{step.name}", ' in line]
+            assert any(f"Runner.{step.handler.__name__}" in line for line in lines), \
+                (ceremony_type, step.name)
