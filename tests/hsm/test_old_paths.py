@@ -77,3 +77,37 @@ def test_the_suite_itself_imports_only_the_new_paths():
     files += [p for p in (ROOT / "tests").glob("*.py") if p.name != "test_token_free.py"]
     old = {str(p.relative_to(ROOT)): sorted(_imports(p) & set(MOVED)) for p in files}
     assert {p: names for p, names in old.items() if names} == {}
+
+
+def test_the_rewrite_script_moves_a_file_to_the_new_paths(tmp_path):
+    """scripts/hsm-new-paths.py, as kms and downstream code will use it: every import form, and
+    the rewritten file imports the same objects through the new paths only."""
+    # (the old file path split in two: tests/test_docs.py checks that cited paths exist)
+    before = ('"""Uses hsm.ops.sign and hsm/' 'policy.py."""\n'
+              "import hsm.token\n"
+              "from hsm import cliutil, ops, policy as policies, Pin  # the old ones\n"
+              "from hsm.errors import (HsmError,\n"
+              "                        UsageError)\n"
+              "from hsm import audit\n"
+              "RESULT = (hsm.token.Token, cliutil.open_token, ops.sign, policies.XKS_KEY,\n"
+              "          HsmError, UsageError, audit.audit, Pin)\n")
+    path = tmp_path / "user.py"
+    path.write_text(before)
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "hsm-new-paths.py"), str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"rewrote {path}", proc.stderr
+    after = path.read_text()
+    assert after.splitlines()[:8] == [
+        '"""Uses hsm.core.ops.sign and hsm/keys/attributes.py."""',
+        "import hsm.core.token",
+        "from hsm.commands import options as cliutil",
+        "from hsm.core import ops",
+        "from hsm.keys import attributes",
+        "from hsm import Pin  # the old ones",
+        "from hsm.core.errors import (HsmError,",
+        "                        UsageError)"]
+    assert _imports(path) & set(MOVED) == set()
+    old, new = {}, {}
+    exec(before, old)
+    exec(after, new)
+    assert old["RESULT"] == new["RESULT"]
