@@ -13,9 +13,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-# `kms/test_kms_store::name` is tests/kms/test_kms_store.py; `test_adversary::name` is a module at
-# the top of tests/; `::name` repeats the module cited before it in the same row.
-CITATION = re.compile(r"`((?:[a-z_]+/)?test_\w+)?::(\w+|\*)`")
+# `kms/test_kms_store::name` is tests/kms/test_kms_store.py, `hsm/keys/test_orgkek::name` is
+# tests/hsm/keys/test_orgkek.py; `test_adversary::name` is a module at the top of tests/; `::name`
+# repeats the module cited before it in the same row.
+CITATION = re.compile(r"`((?:[a-z_]+/)*test_\w+)?::(\w+|\*)`")
 
 
 def test_every_test_cited_in_the_assurance_case_exists():
@@ -53,8 +54,8 @@ def test_test_folders_do_not_shadow_the_packages_they_test():
         assert TESTS not in Path(real.__file__).resolve().parents, real.__file__
         assert Path(real.__file__).resolve().parent.name == name
         assert Path(folder.__file__).resolve().parent == TESTS / name
-    import tests.hsm.test_ops as ops_tests
-    assert ops_tests.ops.__name__ == "hsm.ops"
+    import tests.hsm.core.test_ops as ops_tests
+    assert ops_tests.ops.__name__ == "hsm.core.ops"
 
 
 # ---------------------------------------------------------------------------------- links
@@ -146,7 +147,9 @@ INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 
 def _parser(program: str) -> argparse.ArgumentParser:
     import importlib
-    return importlib.import_module(f"{program}.cli").build_parser()
+
+    from hsm.commands.entry import COMMANDS
+    return importlib.import_module(COMMANDS[program]).build_parser()
 
 
 def _shown_commands() -> list[tuple[str, str]]:
