@@ -207,7 +207,9 @@ def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, 
         "what": "dek_1w (audit on) vs dek_1w_noaudit (a node without an audit log), same run",
         "p50_added_ms": result["dek_1w"]["p50_ms"] - result["dek_1w_noaudit"]["p50_ms"],
         "p99_added_ms": result["dek_1w"]["p99_ms"] - result["dek_1w_noaudit"]["p99_ms"],
-        "rps_ratio_noaudit_vs_audit": ratio(median(s["dek_1w_noaudit"]), median(s["dek_1w"]))}
+        "rps_ratio_noaudit_vs_audit": ratio(median(s["dek_1w_noaudit"]), median(s["dek_1w"])),
+        # one signed checkpoint and one synchronous write per batch (kms.server.audit)
+        "records_per_batch_1w": _records_per_batch(one)}
     result["ratio_vs_pykmip"] = ratio(median(s["dek_1w"]), median(s["pykmip_get"]))
     result["ratio_vs_pykmip_2w"] = ratio(median(s["dek_2w"]), median(s["pykmip_get"]))
     result["ratio_vs_pykmip_paired_median"] = median(inter.paired_ratios("dek_1w",
@@ -219,6 +221,15 @@ def test_dek_fetch_over_mtls_vs_floor_and_pykmip(benchmark, kit, nodes, pykmip, 
                                 "each, sending the request message PyKMIP's own client builds "
                                 "(captured once) and reading the TTLV response whole"}
     bench_reports("kms_service").record("dek_fetch_vs_floor", result)
+
+
+def _records_per_batch(node) -> float | None:
+    """Audit records per written batch over the node's life, from its ``/metrics``."""
+    status, text = node.call("GET", "/metrics", who="status")
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith(("kms_audit_records_total", "kms_audit_batches_total"))}
+    batches = values.get("kms_audit_batches_total")
+    return values["kms_audit_records_total"] / batches if status == 200 and batches else None
 
 
 def test_remote_vs_local_field_encryptor(benchmark, kit, nodes, bench_reports):
