@@ -343,6 +343,32 @@ def test_the_event_loop_signs_batches_unless_the_token_is_slow(signer, tmp_path)
     assert len(dek_ids) == 3 + run + 2
 
 
+def test_a_batch_its_event_loop_never_prepares_is_written_by_the_writer(signer, tmp_path):
+    """A request's batch is left to its event loop; a loop that never comes to it (stopped,
+    stuck) does not lose it: within retry_ms the writer thread prepares and writes it, and the
+    request is answered."""
+    log = AuditLog(tmp_path, 0, signer, retry_ms=20)
+    log.flush()
+    loop = asyncio.new_event_loop()
+    real = loop.call_soon
+
+    def call_soon(callback, *args, **kw):   # the loop never runs the audit's flush
+        if getattr(callback, "__func__", None) is AuditLog._flush:
+            return None
+        return real(callback, *args, **kw)
+    loop.call_soon = call_soon               # type: ignore[method-assign]
+    try:
+        t0 = time.monotonic()
+        loop.run_until_complete(asyncio.wait_for(
+            log.commit(op="dek.encrypt", org="acme", request_id="orphan"), 10))
+        assert time.monotonic() - t0 < 5
+    finally:
+        loop.close()
+    log.close()
+    assert any(r.get("request_id") == "orphan" for r in _records(log.path))
+    assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
+
+
 def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(signer,
                                                                              tmp_path):
     """In-process: a write that fails (here the fd is swapped for a read-only one, as EBADF
