@@ -39,7 +39,7 @@ from functools import lru_cache
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms import policy
+from kms import key_rules
 
 __all__ = ["KeyCache", "CacheKeySource"]
 
@@ -79,8 +79,8 @@ class KeyCache:
     """In-process cache of DEKs, each stored only as AES-256-GCM ciphertext under its org's cache key."""
 
     def __init__(self, cache_key_source: CacheKeySource, *,
-                 max_entries: int = policy.CACHE_MAX_ENTRIES,
-                 flush_after: float = policy.CACHE_FLUSH_AFTER,
+                 max_entries: int = key_rules.CACHE_MAX_ENTRIES,
+                 flush_after: float = key_rules.CACHE_FLUSH_AFTER,
                  clock: Callable[[], float] = time.monotonic):
         if not callable(cache_key_source):
             raise TypeError("cache_key_source must be callable(org_id, epoch) -> 32 bytes")

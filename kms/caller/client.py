@@ -1,4 +1,4 @@
-"""``kms.client``: the encryption service's side of the KMS API, over mutual TLS.
+"""``kms.caller.client``: the encryption service's side of the KMS API, over mutual TLS.
 
 ``KmsClient(urls, cert=, key=, ca=)``: a list of node URLs (one region), one kept-alive HTTPS
 connection per node per thread, timeouts on connect and read, failover to the next node, and
@@ -7,8 +7,9 @@ timeout or a 503; an admin change is retried only when the connection could not 
 cannot have reached a node). Errors come back as the project's exceptions (``UnknownTenant``,
 ``KeyDestroyed``, ``RateLimited`` …) or ``ServiceError`` carrying the status and code.
 
-``RemoteKeyProvider(client, ttl=5.0)`` plugs into ``kms.sdk.FieldEncryptor``. It keeps the DEKs
-it fetched in its own ``kms.cache.KeyCache`` (AES-256-GCM under per-org cache keys derived from
+``RemoteKeyProvider(client, ttl=5.0)`` plugs into ``kms.caller.sdk.FieldEncryptor``. It keeps the
+DEKs
+it fetched in its own ``kms.dek_cache.KeyCache`` (AES-256-GCM under per-org cache keys derived from
 a random per-process master, never stored: the node's design without an HSM) and uses an entry
 only for ``ttl`` seconds after it was fetched; then it asks a node again. That is the bound on
 a destroy: ``ttl`` after a key was destroyed (default 5 s, at most ``MAX_TTL``), no encryption
@@ -30,7 +31,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from kms.cache import KeyCache
+from kms.dek_cache import KeyCache
 from kms.errors import (Forbidden, KeyDestroyed, PolicyViolation, RateLimited,
                         ServiceError, Unavailable, UnknownTenant)
 
@@ -211,6 +212,8 @@ class RemoteKeyProvider:
         self.client, self.ttl, self.clock = client, float(ttl), clock
         master = os.urandom(32)
         self._cache = KeyCache(lambda org, epoch: hmac.new(
+            # the label names the module by its old path: changing it changes no stored byte,
+            # but it is the domain separation of these keys and stays as it was
             master, b"kms.client cache key\x00" + org.encode() + b"\x00" + str(epoch).encode(),
             hashlib.sha256).digest(), max_entries=max_entries, flush_after=MAX_TTL * 12)
         self._lock = threading.Lock()

@@ -12,7 +12,7 @@ Ciphertext format (all integers big-endian)::
     header = b"HSF"                      magic
              u8   format version         (1)
              u16  len ‖ org id           UTF-8
-             u8   len ‖ key type         ASCII, one of kms.policy.KEY_TYPES
+             u8   len ‖ key type         ASCII, one of kms.key_rules.KEY_TYPES
              u32  key version
              u8   derivation mode        1 = PBKDF2, 2 = NONE
              12 B nonce                  random (96 bits)
@@ -43,7 +43,7 @@ from typing import NamedTuple
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms import policy
+from kms import key_rules
 from kms.errors import (AuthenticationFailed, CiphertextError, KeyDestroyed,
                         MalformedCiphertext, TenantMismatch, UnsupportedFormat)
 
@@ -60,7 +60,7 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 DERIVATION_CODES = {"PBKDF2": 1, "NONE": 2}
 DERIVATION_NAMES = {v: k for k, v in DERIVATION_CODES.items()}
-assert set(DERIVATION_CODES) == set(policy.DERIVATIONS)
+assert set(DERIVATION_CODES) == set(key_rules.DERIVATIONS)
 
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -90,8 +90,8 @@ def _header_prefix(org_id: str, key_type: str, version: int, derivation: str) ->
     org = org_id.encode("utf-8")
     if len(org) > 0xFFFF:
         raise ValueError("org_id is longer than 65535 bytes in UTF-8")
-    if key_type not in policy.KEY_TYPES:
-        raise ValueError(f"unknown key type {key_type!r} (known: {', '.join(policy.KEY_TYPES)})")
+    if key_type not in key_rules.KEY_TYPES:
+        raise ValueError(f"unknown key type {key_type!r} (known: {', '.join(key_rules.KEY_TYPES)})")
     kt = key_type.encode("ascii")
     if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= 0xFFFFFFFF:
         raise ValueError(f"key version must be an int in [0, 2**32), got {version!r}")
@@ -114,7 +114,7 @@ def parse_header(blob: bytes) -> Header:
         raise MalformedCiphertext(f"ciphertext truncated: {n} bytes, not even an HSF header")
     if blob[:3] != MAGIC:
         raise MalformedCiphertext("not an HSF field ciphertext (bad magic)",
-                                  hint="was this value encrypted by kms.sdk?")
+                                  hint="was this value encrypted by kms.caller.sdk?")
     if blob[3] != FORMAT_VERSION:
         raise UnsupportedFormat(f"HSF format version {blob[3]} is not supported "
                                 f"(this SDK reads version {FORMAT_VERSION})",
@@ -136,7 +136,7 @@ def parse_header(blob: bytes) -> Header:
     if kt_len == 0 or pos + kt_len + 4 + 1 + NONCE_BYTES > n:
         raise MalformedCiphertext("ciphertext truncated or garbled: bad key type length")
     key_type = blob[pos:pos + kt_len].decode("ascii", "replace")
-    if key_type not in policy.KEY_TYPES:
+    if key_type not in key_rules.KEY_TYPES:
         raise MalformedCiphertext(f"ciphertext garbled: unknown key type {key_type!r}")
     pos += kt_len
     (version,) = _U32.unpack_from(blob, pos)

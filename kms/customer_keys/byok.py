@@ -34,8 +34,8 @@ from hsm import keygen, ops, roles, x509
 from hsm.files import write_new
 from hsm.token import KeyRef
 
-from . import byok_pins
-from .errors import KmsError, PolicyViolation
+from kms.customer_keys import byok_pins
+from kms.errors import KmsError, PolicyViolation
 
 KIND = "byok"
 ISSUER_ROLE = roles.SIGNING_ROLES["ecdsa-p384"]
@@ -168,7 +168,8 @@ def _load_cert(path: Path):
 
 @dataclass(frozen=True)
 class Pinning:
-    """``kms byok wrap``'s key pin (:mod:`kms.byok_pins`): the pin file, the org the customer
+    """``kms byok wrap``'s key pin (:mod:`kms.customer_keys.byok_pins`): the pin file, the org the
+    customer
     expects (None: the one the certificate names) and a new key they accept by fingerprint."""
     path: Path
     org: str | None = None

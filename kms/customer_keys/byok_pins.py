@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import KmsError
+from kms.errors import KmsError
 
 ENV = "HSM_SUITE_BYOK_PINS"
 FORMAT = "hsm-suite-byok-pins"

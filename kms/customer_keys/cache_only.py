@@ -6,7 +6,8 @@ when registered), a fresh 32-hex-character nonce each time, answer ``{"kid", "jw
 (compact, RSA-OAEP + A256GCM, ``jti`` = the nonce) is parsed and its header validated with
 jwcrypto, and decrypted by the token with the org's BYOK seed key (``hsm.byok.decrypt_jwe``).
 
-Every fetch runs under ``kms.outbound``: one total deadline (``FETCH_TIMEOUT_S``, 3 s: connect,
+Every fetch runs under ``kms.customer_keys.outbound``: one total deadline (``FETCH_TIMEOUT_S``, 3
+s: connect,
 TLS, headers and body together), no redirect followed (a 3xx is ``REDIRECT``; the registered
 credential goes only to the registered URL), at most ``[service] outbound_per_org`` fetches per
 org at once per worker (one more is ``BUSY`` at once, and does not count as a failure).
@@ -32,8 +33,8 @@ from pathlib import Path
 
 from hsm import byok as hbyok
 
-from . import outbound
-from .errors import KeyUnavailable, KmsError
+from kms.customer_keys import outbound
+from kms.errors import KeyUnavailable, KmsError
 
 KIND = "cache-only"
 FETCH_TIMEOUT_S = 3.0
@@ -83,7 +84,7 @@ def register(kms, org_id: str, key_type: str, url: str, kid: str, *,
         raise KmsError(f"org {org_id} has no BYOK seed certificate for the key service to "
                        "wrap to", hint=f"`kms byok certificate --org {org_id}` and give the "
                        "certificate to the key service")
-    from .ekm import read_ca
+    from kms.customer_keys.ekm import read_ca
     # The CA's bytes go into the descriptor, which the HSM authenticates: not its path.
     descriptor = {"kind": KIND, "url": url.rstrip("/"), "kid": kid,
                   "byok_spki_sha256": spec["seed"]["spki_sha256"], "client_cert": client_cert,
@@ -158,7 +159,7 @@ def _refuse(code: str, what: str) -> KeyUnavailable:
 
 def _ssl_context(d: dict) -> ssl.SSLContext:
     # The sealed CA bytes; a descriptor from before sealing that kept only the path was
-    # upgraded at the KMS's start (kms.service: _upgrade_blob).
+    # upgraded at the KMS's start (kms.node.node: _upgrade_blob).
     ctx = ssl.create_default_context(cadata=d["ca_pem"]) if d.get("ca_pem") else \
         ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

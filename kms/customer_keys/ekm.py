@@ -10,7 +10,8 @@ never touched by a failure.
 
 AWS credentials come from boto3's ordinary chain (environment, shared files, instance role):
 never from this project's configuration. botocore signs each request (SigV4); the request itself
-goes through ``kms.outbound``: one total deadline of ``FETCH_TIMEOUT_S`` for the whole call (boto3's
+goes through ``kms.customer_keys.outbound``: one total deadline of ``FETCH_TIMEOUT_S`` for the
+whole call (boto3's
 connect and read timeouts are per socket operation: an endpoint dripping a byte a second would
 hold a call for ever), no redirect followed, HTTPS only, at most ``[service] outbound_per_org``
 calls per org at once.
@@ -25,8 +26,8 @@ import ssl
 import urllib.parse
 from pathlib import Path
 
-from . import outbound
-from .errors import KeyUnavailable, KmsError
+from kms.customer_keys import outbound
+from kms.errors import KeyUnavailable, KmsError
 
 KIND = "ekm"
 CONTEXT_KEYS = ("org", "key_type", "version")
@@ -162,7 +163,7 @@ def _aws(org_id: str, spec: dict, action: str, params: dict) -> dict:
     try:
         # Only the CA bundle's bytes sealed with the registration, never the file at its path
         # (anyone who can write that file could name their own endpoint's CA); a registration
-        # made before sealing was upgraded at the node's start (kms.service).
+        # made before sealing was upgraded at the node's start (kms.node.node).
         ctx = ssl.create_default_context(cadata=spec["ca_pem"]) if spec.get("ca_pem") else \
             ssl.create_default_context()
         answer = outbound.request("POST", url, headers=dict(req.headers.items()), body=body,

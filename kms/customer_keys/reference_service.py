@@ -21,7 +21,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-from .errors import ConfigError
+from kms.errors import ConfigError
 
 _KID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _NONCE = re.compile(r"^[0-9a-f]{32}$")
@@ -84,7 +84,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 def serve(keys: Path, cert: Path, key: Path, *, port: int = 8443, host: str = "127.0.0.1",
           client_ca: Path | None = None, ready=None) -> None:
-    from .server import preflight
+    from kms.server import preflight
     if not Path(keys).is_dir():
         raise ConfigError(f"--keys {keys} is not a directory",
                           hint="give the directory holding <kid>.dek and <kid>.pem files")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from . import policy
+from kms import key_rules
 
 
 def _iso(ts: float) -> str:
@@ -26,7 +26,7 @@ def next_key(kms, org_id: str, key_type: str) -> str:
     newest = max(rows, key=lambda r: r.version)
     if newest.state == "ACTIVE" and newest.usable_from > kms.clock():
         return f"its v{newest.version} becomes usable at {_iso(newest.usable_from)}"
-    allowed = newest.created_at + policy.NEW_SECRET_INTERVAL[kms.store.org_type(org_id)]
+    allowed = newest.created_at + key_rules.NEW_SECRET_INTERVAL[kms.store.org_type(org_id)]
     when = "now" if allowed <= kms.clock() else f"from {_iso(allowed)} (the rate limit)"
     return (f"a new key can be made {when}: `kms tenant rotate --org {org_id} --key-type "
             f"{key_type}` (or an upload); data under archived versions still decrypts")

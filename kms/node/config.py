@@ -11,12 +11,13 @@ from hsm import tomlfile
 from release import quorum
 from release.errors import PinsError
 
-from . import limits, policy
-from .errors import ConfigError
+from kms.node import limits
+from kms import key_rules
+from kms.errors import ConfigError
 
 if TYPE_CHECKING:     # kms.server is loaded only by nodes that serve
-    from .server.settings import ServiceSettings
-    from .xks.config import XksConfig
+    from kms.server.settings import ServiceSettings
+    from kms.xks.config import XksConfig
 
 _FIELDS: dict[str, tomlfile.Kind] = {
     "region": str, "token": str, "module": str, "module_params": str, "pin_source": str,
@@ -41,9 +42,9 @@ class KmsConfig:
     module_params: str | None = None
     pin_source: str | None = None
     allow_practice: bool = False
-    pbkdf2_iterations: int = policy.DEFAULT_PBKDF2_ITERATIONS
-    cache_max_entries: int = policy.CACHE_MAX_ENTRIES
-    cache_flush_hours: float = policy.CACHE_FLUSH_AFTER / policy.HOUR
+    pbkdf2_iterations: int = key_rules.DEFAULT_PBKDF2_ITERATIONS
+    cache_max_entries: int = key_rules.CACHE_MAX_ENTRIES
+    cache_flush_hours: float = key_rules.CACHE_FLUSH_AFTER / key_rules.HOUR
     service: ServiceSettings | None = None  # when [service] is present
     # The officers whose signatures a release needs here. None only on a rehearsal node
     # (allow_practice = true), which then takes PRACTICE bundles only.
@@ -78,12 +79,12 @@ def load(path: str | Path) -> KmsConfig:
             hint=quorum.HOW_TO_PIN + "; a rehearsal node (allow_practice = true) may go "
                  "without and then takes PRACTICE bundles only")
     if "service" in data:
-        from .server import settings
+        from kms.server import settings
         raw_service = data["service"]
         data["service"] = settings.parse(path, raw_service)  # its minimums, types, file:line
         limits.check(path, text, raw_service, limits.SERVICE, "service")  # then the maximums
     if "xks" in data:
-        from .xks import config as xks_config
+        from kms.xks import config as xks_config
         data["xks"] = xks_config.parse(path, data["xks"], secrets=False)  # serve reads them
     store = data["store"]
     if "://" not in store:

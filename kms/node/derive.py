@@ -6,7 +6,7 @@
 
 Every HMAC is a C_Sign with the seed object (:func:`hsm.kdf.pbkdf2_hmac_sha256`); the seed never
 leaves the token. The result equals ``hashlib.pbkdf2_hmac("sha256", seed_value, dek_salt(...),
-iterations, 32)`` for the same seed value (proved in tests/kms/test_kms_derive.py with an imported
+iterations, 32)`` for the same seed value (proved in tests/kms/node/test_derive.py with an imported
 known seed).
 
 **Context encoding.** :meth:`KeyContext.encode` is injective: a version tag, then every field
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from hsm.kdf import pbkdf2_hmac_sha256
 from hsm.token import KeyRef, Token
 
-from .errors import ArgumentError
+from kms.errors import ArgumentError
 
 CONTEXT_TAG = b"hsm-suite dek context v1"
 SALT_TAG = b"hsm-suite dek salt v1"

@@ -28,7 +28,7 @@ from release import quorum
 from release.errors import ReleaseError
 from release.ids import release_key
 
-from .errors import ImportRefused
+from kms.errors import ImportRefused
 
 SEED_TYPE = "hmac-sha256-seed"
 WRAPPING_TYPE = "aes-256"

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError
+from kms.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,13 @@
 
 Keys and where they live:
 - release secrets (KDF seed, tenant wrapping key): session objects in the regional HSM, imported
-  from the ceremony's bundles at every start (``kms.importer``);
+  from the ceremony's bundles at every start (``kms.node.importer``);
 - tenant secrets: 32 bytes from the HSM's RNG, stored only as AES-256-GCM ciphertext made *inside*
   the HSM under the release's tenant wrapping key, with the tenant, key type and version as
   associated data (a row copied to another tenant or version fails to decrypt), wrapped again
   under the org's key-encryption key, a token object replaced at every change of the org's
-  state, whose whole state it also seals (``kms.sealing``);
-- DEKs: PBKDF2-HMAC-SHA256 keyed by the KDF seed inside the HSM (``kms.derive``), or the
+  state, whose whole state it also seals (``kms.node.sealing``);
+- DEKs: PBKDF2-HMAC-SHA256 keyed by the KDF seed inside the HSM (``kms.node.derive``), or the
   customer's own key (derivation NONE); held only in the encrypted key cache;
 - cache keys: per org, HMAC of (org, epoch) by an HSM-resident session key, never stored.
 """
@@ -30,13 +30,14 @@ from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
 from hsm.token import KeyRef, Token
 from release.ids import release_key
 
-from . import advice, derive, importer, orgid, policy, rowcache, sealing
-from .cache import KeyCache
-from .config import KmsConfig
-from .errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
+from kms.node import advice, derive, importer, orgid, rowcache, sealing
+from kms import key_rules
+from kms.dek_cache import KeyCache
+from kms.node.config import KmsConfig
+from kms.errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
                      RolledBack, UnknownTenant)
-from .store import SecretRow, Store
-from .store.records import secret_checksum
+from kms.store import SecretRow, Store
+from kms.store.records import secret_checksum
 
 WRAP_AAD = b"hsm-suite tenant secret v2"
 BACKUP_AAD = b"hsm-suite tenant backup v2"
@@ -82,7 +83,7 @@ class Kms:
         # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
         self.dek_sources: dict = {}
         # The hot path's read of an org's head (generation, seal), kept while the store says
-        # nothing changed (kms.rowcache): SQLite's data_version from start(); on PostgreSQL the
+        # nothing changed (kms.node.rowcache): SQLite's data_version from start(); on PostgreSQL the
         # server sets one on its invalidation listener. None: every DEK request reads it.
         self.rows: rowcache.FreshRows | None = None
 
@@ -123,7 +124,7 @@ class Kms:
         self.rows = rowcache.for_store(self._store, self.clock)
         self._load_session_keys()
         self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
-                              flush_after=self.config.cache_flush_hours * policy.HOUR)
+                              flush_after=self.config.cache_flush_hours * key_rules.HOUR)
         self._open_sealing()
         return self.report
 
@@ -255,8 +256,8 @@ class Kms:
     # ------------------------------------------------------------------------- tenants
     def create_tenant(self, org_id: str, org_type: str) -> None:
         orgid.check(org_id)  # no look-alike ids: blanks, invisible or control characters
-        if org_type not in policy.ORG_TYPES:
-            raise KmsError(f"org type must be one of {', '.join(policy.ORG_TYPES)}")
+        if org_type not in key_rules.ORG_TYPES:
+            raise KmsError(f"org type must be one of {', '.join(key_rules.ORG_TYPES)}")
         # A tenant's first secret needs a release: refuse now rather than leave an org row
         # behind that has no secret and whose creation blocks a retry.
         self.current_release()
@@ -334,7 +335,7 @@ class Kms:
             text, created = rows.customer_keys["ekm"]
             spec = json.loads(text)
             if spec.get("ca_bundle") and "ca_pem" not in spec:
-                from .ekm import read_ca
+                from kms.customer_keys.ekm import read_ca
                 spec["ca_pem"] = read_ca(spec["ca_bundle"])
                 self.store.put_customer_key(org_id, "ekm", spec, now=created)
 
@@ -346,7 +347,7 @@ class Kms:
         if descriptor.get("kind") != "cache-only" or not descriptor.get("ca") \
                 or "ca_pem" in descriptor:
             return inner
-        from .ekm import read_ca
+        from kms.customer_keys.ekm import read_ca
         descriptor["ca_pem"] = read_ca(descriptor["ca"])
         rel = self._release(row.release)
         nonce = os.urandom(12)
@@ -396,7 +397,7 @@ class Kms:
             nonce = os.urandom(12)
             aad = _aad(org_id, key_type, version, source=source, derivation=derivation,
                        release=rel.release, iterations=iterations,
-                       usable_from=policy.usable_from(key_type, now))
+                       usable_from=key_rules.usable_from(key_type, now))
             return nonce + self._in_hsm(lambda: ops.aes_gcm_encrypt(
                 self.token, rel.wrapping_key, nonce, plain, aad=aad))
         row = self._change(org_id, lambda s: self.store.add_secret(
@@ -494,7 +495,7 @@ class Kms:
         view = self._view(org_id, hot=True)
         return self._dek(view.get(key_type, version), fragment, generation, view)
 
-    # -- the hit path's store read (kms.rowcache): DEK requests read the org's head only here
+    # -- the hit path's store read (kms.node.rowcache): DEK requests read the org's head only here
     def _head(self, org_id: str):
         read = lambda: self.store.org_head(org_id)  # noqa: E731
         return read() if self.rows is None else self.rows.get(("head", org_id), read)
@@ -527,7 +528,7 @@ class Kms:
         """The tenant's rows (secrets stay wrapped, destroyed versions as tombstones), encrypted
         and authenticated inside the HSM under the current release's tenant wrapping key, bound
         to this region and this store's record of the org, and valid for
-        policy.BACKUP_VALIDITY."""
+        key_rules.BACKUP_VALIDITY."""
         from hsm.files import write_new
         rel = self.current_release()
         view = self._view(org_id)
@@ -540,7 +541,7 @@ class Kms:
         now = self.clock()
         binding = {"org": org_id, "region": self.config.region,
                    "org_created": self.store.org_created(org_id), "created": now,
-                   "expires": now + policy.BACKUP_VALIDITY, "release": rel.release}
+                   "expires": now + key_rules.BACKUP_VALIDITY, "release": rel.release}
         plain = json.dumps({"org": org_id, "org_type": self.store.org_type(org_id),
                             "rows": rows}, sort_keys=True, default=_jsonable).encode()
         nonce = os.urandom(12)
@@ -582,7 +583,7 @@ class Kms:
                            hint="a backup restores only into the store it came from")
         if self.clock() > binding["expires"]:
             raise KmsError(f"backup {path} expired at {_iso(binding['expires'])}",
-                           hint=f"backups are valid {policy.BACKUP_VALIDITY / policy.DAY:g} "
+                           hint=f"backups are valid {key_rules.BACKUP_VALIDITY / key_rules.DAY:g} "
                                 "days; export a new one")
         rel = self._release(binding["release"])
         try:
@@ -638,11 +639,11 @@ def _builtin_source(kind: str):
     """The DEK sources this project ships, imported only when a row needs one (so a node
     without customer-held keys never loads boto3)."""
     if kind == "ekm":
-        from . import ekm
+        from kms.customer_keys import ekm
         return ekm.dek
     if kind == "cache-only":
-        from . import cacheonly
-        return cacheonly.dek
+        from kms.customer_keys import cache_only
+        return cache_only.dek
     raise KeyError(kind)
 
 

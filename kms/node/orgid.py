@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ArgumentError, ArgumentTypeError
+from kms.errors import ArgumentError, ArgumentTypeError
 
 MAX_LENGTH = 255
 # Control characters (C0, DEL, C1) and the invisible ones that make two ids look alike: soft

@@ -1,7 +1,7 @@
 """The DEK hot path's store reads, kept while the store says nothing was written since.
 
 A cache-hit DEK fetch reads one thing from the store: the org's head (its generation and seal),
-which says whether the org's verified state (``kms.sealing``: versions, destroyed or not) is
+which says whether the org's verified state (``kms.node.sealing``: versions, destroyed or not) is
 still current. ``FreshRows`` keeps the last value read per lookup and hands it back while its
 *watch* says that no write can have been committed since it was read, and never for longer than
 ``max_age`` seconds:
@@ -9,7 +9,8 @@ still current. ``FreshRows`` keeps the last value read per lookup and hands it b
 * ``SqliteWatch``: ``PRAGMA data_version`` on a connection of its own that never writes. Its
   value changes whenever any *other* connection commits: this process's pool, another worker,
   another node, the CLI. Exact: a destroy committed anywhere is seen by the next request.
-* ``ListenerWatch`` (PostgreSQL): the node's invalidation listener (``kms.invalidation``). Its
+* ``ListenerWatch`` (PostgreSQL): the node's invalidation listener (``kms.server.invalidation``).
+Its
   stamp moves with every notification it receives and every time its connection is lost or
   made again; while it is not connected nothing is kept. A destroy made on another node is
   refused here as soon as its NOTIFY arrives (milliseconds on one host), and in any case once

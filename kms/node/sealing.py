@@ -39,8 +39,8 @@ from hsm import orgkek
 from hsm.errors import DecryptionFailed
 from hsm.token import Token
 
-from .errors import CorruptRecord, RolledBack, UnknownVersion
-from .store.records import OrgRows, Resealed, SecretRow
+from kms.errors import CorruptRecord, RolledBack, UnknownVersion
+from kms.store.records import OrgRows, Resealed, SecretRow
 
 STATE_FORMAT = "hsm-suite org state v1"
 SEAL_AAD = b"hsm-suite org seal v1"

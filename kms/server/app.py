@@ -1,4 +1,4 @@
-"""Routes and handlers: the JSON API over one started ``kms.service.Kms`` node.
+"""Routes and handlers: the JSON API over one started ``kms.node.node.Kms`` node.
 
 Every request is authorised from the client certificate the TLS layer verified, read once per
 connection by the guard (``kms.server.guard``); no header is ever read as an identity. A
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from kms import policy
+from kms import key_rules as policy
 
 from aiohttp import ClientConnectionError
 
@@ -590,7 +590,7 @@ async def tenant_rotate(request):
     # "ekm": a new version from the org's AWS KMS root key (GenerateDataKeyWithoutPlaintext).
     source = _field(body, "source", str, default="hsm", choices=("hsm", "ekm"))
     if source == "ekm":
-        from .. import ekm
+        from kms.customer_keys import ekm
         rotate = lambda: ekm.rotate(svc.kms, org, key_type)  # noqa: E731
     else:
         rotate = lambda: svc.kms.rotate(org, key_type)  # noqa: E731
@@ -625,7 +625,7 @@ async def tenant_byok_upload(request):
     oaep = _field(body, "oaep", str, default="sha1", choices=("sha1", "sha256", "sha512"))
     ciphertext = _b64_field(body, "secret")
     digest = _b64_field(body, "hash", length=32)   # a SHA-256
-    from .. import byok
+    from kms.customer_keys import byok
     row = await _admin(request, "tenant.byok_upload", org, key_type,
                        lambda: byok.upload_wrapped(svc.kms, org, key_type, ciphertext, digest,
                                                    derivation=derivation, oaep=oaep),

@@ -1,7 +1,8 @@
 """Cross-node DEK cache invalidation for nodes sharing one PostgreSQL store (LISTEN/NOTIFY).
 
 A node keeps what its DEK requests read from the store while its listener is connected and no
-notification came (``kms.rowcache``, at most ``rowcache.MAX_AGE`` seconds), and its encrypted DEK
+notification came (``kms.node.rowcache``, at most ``rowcache.MAX_AGE`` seconds), and its encrypted
+DEK
 cache. So
 the node that makes a change announces it (``Publisher.announce`` → ``NOTIFY kms_invalidate,
 '{"op", "org", ...}'``), and each node's ``Listener`` thread, as the notification arrives
@@ -24,7 +25,7 @@ import logging
 import threading
 from typing import Any
 
-log = logging.getLogger("kms.invalidation")
+log = logging.getLogger("kms.server.invalidation")
 
 CHANNEL = "kms_invalidate"
 APPLICATION_NAME = "hsm-suite-kms-invalidation"     # how operators (and tests) find it
@@ -59,7 +60,8 @@ class Publisher:
                     self._close()
                     if attempt:
                         # The change is committed; other nodes still refuse a destroyed key
-                        # (within kms.rowcache.MAX_AGE), and their caches age out. Say so, do not fail.
+                        # (within kms.node.rowcache.MAX_AGE), and their caches age out. Say so, do
+                        # not fail.
                         log.warning("invalidation not announced (%s): %s", type(exc).__name__,
                                     op)
 

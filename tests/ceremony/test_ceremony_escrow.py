@@ -14,7 +14,7 @@ from release.certificates import as_asn1
 from release.certificates import load as load_cert
 from hsm import ops
 from hsm.token import Token
-from kms import importer
+from kms.node import importer
 from tests.ceremony_kit import kit_fixture
 
 

@@ -36,8 +36,8 @@ from hsm import officer as token_officer
 from hsm import policy as policies
 from hsm.token import Token
 from hsm.x509 import to_pem
-from kms import config as configs
-from kms.service import Kms
+from kms.node import config as configs
+from kms.node.node import Kms
 from release import bundle as bundles
 from release import signers
 from release.certificates import as_asn1

@@ -1,4 +1,4 @@
-"""kms.cache.KeyCache: the encrypted DEK cache (real AES-256-GCM from `cryptography`).
+"""kms.dek_cache.KeyCache: the encrypted DEK cache (real AES-256-GCM from `cryptography`).
 
 The cache-key source here is an HMAC-SHA256 over (org, epoch) keyed by a test secret: the same
 computation the KMS makes inside its HSM with an HSM-resident key, done in Python because these
@@ -20,8 +20,8 @@ import pytest
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms import policy
-from kms.cache import KeyCache, _aad
+from kms import key_rules
+from kms.dek_cache import KeyCache, _aad
 from tests.helpers import run_threads
 
 HOUR = 3600.0
@@ -101,8 +101,8 @@ def stored_bytes(obj, seen=None):
 def test_defaults_come_from_policy(source):
     c = KeyCache(source)
     s = c.stats()
-    assert s["max_entries"] == policy.CACHE_MAX_ENTRIES
-    assert s["flush_after_seconds"] == policy.CACHE_FLUSH_AFTER == 72 * HOUR
+    assert s["max_entries"] == key_rules.CACHE_MAX_ENTRIES
+    assert s["flush_after_seconds"] == key_rules.CACHE_FLUSH_AFTER == 72 * HOUR
 
 
 def test_miss_then_hit(cache):
@@ -392,7 +392,7 @@ def test_nothing_touches_the_filesystem(source, clock, monkeypatch):
         c.get("org-a", ("field", v, None))
     c.invalidate("org-a", "field", 4)
     c.flush()
-    clock.t += policy.CACHE_FLUSH_AFTER
+    clock.t += key_rules.CACHE_FLUSH_AFTER
     c.stats()
 
 

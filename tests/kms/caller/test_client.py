@@ -1,4 +1,5 @@
-"""kms.client against a real node: failover, bounded retries, timeouts, error mapping, and the
+"""kms.caller.client against a real node: failover, bounded retries, timeouts, error mapping, and
+the
 remote key provider under FieldEncryptor (its own encrypted cache, the destroy bound)."""
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ import time
 
 import pytest
 
-from kms.client import Forbidden, KmsClient, RemoteKeyProvider, ServiceError, Unavailable
+from kms.caller.client import Forbidden, KmsClient, RemoteKeyProvider, ServiceError, Unavailable
 from kms.errors import KeyDestroyed, RateLimited, UnknownTenant
-from kms.sdk import FieldEncryptor
+from kms.caller.sdk import FieldEncryptor
 from tests.service_kit import node_fixtures
 
 

@@ -1,4 +1,4 @@
-"""kms.sdk.FieldEncryptor: the encryption-service SDK (real AES-256-GCM from `cryptography`).
+"""kms.caller.sdk.FieldEncryptor: the encryption-service SDK (real AES-256-GCM from `cryptography`).
 
 The provider is a small in-test stand-in for the KMS (DEKs in a dict, versions, rotation,
 destruction); one test runs the SDK over the real encrypted KeyCache.
@@ -15,10 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kms.cache import KeyCache
+from kms.dek_cache import KeyCache
 from kms.errors import KeyDestroyed, KmsError, UnknownTenant, UnknownVersion
-from kms.sdk import (FORMAT_VERSION, MAGIC, AuthenticationFailed, CiphertextError, FieldEncryptor,
-                     MalformedCiphertext, TenantMismatch, UnsupportedFormat, parse_header)
+from kms.caller.sdk import (FORMAT_VERSION, MAGIC, AuthenticationFailed, CiphertextError,
+                            FieldEncryptor, MalformedCiphertext, TenantMismatch,
+                            UnsupportedFormat, parse_header)
 
 
 class Provider:

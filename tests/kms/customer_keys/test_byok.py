@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric import padding
 
 from hsm import audit
 from hsm import byok as hbyok
-from kms import byok
+from kms.customer_keys import byok
 from kms.errors import KmsError, PolicyViolation, RateLimited, UnknownTenant
-from kms.policy import DAY, HOUR
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.key_rules import DAY, HOUR
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent
 from tests.kms_kit import Clock, CustomerDek, kms_config
@@ -341,7 +341,7 @@ def _pinned_at(pin_file) -> str:
 def _pin_one(path: str, org: str) -> None:
     from pathlib import Path
 
-    from kms import byok_pins
+    from kms.customer_keys import byok_pins
     with byok_pins.checked(Path(path), org, "seed", org.encode().hex().ljust(64, "0")):
         pass
 
@@ -351,7 +351,7 @@ def test_pins_from_concurrent_wraps_are_all_kept_and_a_broken_pin_file_is_named(
     not one stops the wrap with one line naming it, leaving it as it was."""
     import multiprocessing
 
-    from kms import byok_pins
+    from kms.customer_keys import byok_pins
     path = tmp_path / "cfg" / "byok-pins.json"
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_pin_one, args=(str(path), f"org{i}")) for i in range(4)]

@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from kms import byok, cacheonly, keyservice
+from kms.customer_keys import byok, cache_only, reference_service
 from kms.errors import KeyUnavailable, KmsError
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 from tests import localtls
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent
@@ -46,7 +46,7 @@ def env(kit, tmp_path_factory):
     keys = tmp / "keys"
     keys.mkdir()
     server, client = localtls.make_pki(tmp / "srv"), localtls.make_pki(tmp / "cli", client=True)
-    log = tmp / "keyservice.log"
+    log = tmp / "reference_service.log"
     proc, url = localtls.start_keyservice(keys, server, client_ca=client.ca, log=log)
     ns = type("Env", (), dict(node=node, cert=cert, keys=keys, server=server, client=client,
                               url=url, log=log, tmp=tmp, proc=proc))
@@ -64,7 +64,7 @@ def _add_key(env, kid: str) -> bytes:
 
 def _register(env, kid: str, **kw):
     env.node.clock.now += 5 * 3600
-    return cacheonly.register(env.node, "shop", "field", env.url, kid, ca=str(env.server.ca),
+    return cache_only.register(env.node, "shop", "field", env.url, kid, ca=str(env.server.ca),
                               client_cert=str(env.client.cert), client_key=str(env.client.key),
                               **kw)
 
@@ -107,7 +107,7 @@ def test_cache_only_end_to_end_with_the_reference_key_service(env, tmp_path):
     # Back at the service: the next retry (a minute after the failure) makes it active again.
     (env.keys / "shop-k1.dek").write_text(base64.b64encode(dek).decode())
     node.clock.now += 31
-    assert cacheonly.retry_due(node) == {("shop", "field", row.version): True}
+    assert cache_only.retry_due(node) == {("shop", "field", row.version): True}
     assert sdk.decrypt("shop", blob) == b"order 66"
     backup = node.export_backup("shop", tmp_path / "shop.json")
     pin = env.node._pin.reveal().encode()
@@ -135,14 +135,14 @@ def test_rotate_to_a_new_kid_and_destroy_the_old_version(env):
 
 
 def test_failure_policy_schedule():
-    nxt = cacheonly.Availability.next_retry
+    nxt = cache_only.Availability.next_retry
     t0 = 1_000.0
     assert nxt(t0, t0) == t0 + 60                       # once a minute...
     assert nxt(t0, t0 + 240) == t0 + 300                # ...for 5 minutes
     assert nxt(t0, t0 + 300) == t0 + 600                # then every 5 minutes
     assert nxt(t0, t0 + 23.9 * 3600) == t0 + 23.9 * 3600 + 300
     assert nxt(t0, t0 + 24 * 3600) is None              # for 24 hours
-    av = cacheonly.Availability()
+    av = cache_only.Availability()
     key = ("o", "field", 1)
     av.failed(key, t0, "UNREACHABLE")
     with pytest.raises(KeyUnavailable):
@@ -162,10 +162,10 @@ def test_mtls_is_enforced_and_tls_verified(env):
     for bad in ({"client_cert": None, "client_key": None}, {"ca": None, "ca_pem": None}):
         env.node._cache_only_availability = None
         with pytest.raises(KeyUnavailable) as info:
-            cacheonly.dek(env.node, row, {**d, **bad})
+            cache_only.dek(env.node, row, {**d, **bad})
         assert info.value.code == "UNREACHABLE"
     env.node._cache_only_availability = None
-    assert len(cacheonly.dek(env.node, row, d)) == 32
+    assert len(cache_only.dek(env.node, row, d)) == 32
 
 
 class _Crafted(http.server.BaseHTTPRequestHandler):
@@ -202,7 +202,7 @@ def crafted(env):
 
 
 def _jwe(env, kid, nonce, dek=None, header=None, cert=None):
-    return keyservice.make_jwe(dek or os.urandom(32), (cert or env.cert).read_bytes(), kid,
+    return reference_service.make_jwe(dek or os.urandom(32), (cert or env.cert).read_bytes(), kid,
                                nonce, header=header)
 
 
@@ -277,7 +277,7 @@ def test_each_refusal_has_its_own_code(env, crafted, case):
     env.node._cache_only_availability = None
     fake = _Row("shop", "field", 999)
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.dek(env.node, fake, {"kind": "cache-only", "url": crafted, "kid": "shop-x",
+        cache_only.dek(env.node, fake, {"kind": "cache-only", "url": crafted, "kid": "shop-x",
                                        "ca_pem": env.server.ca.read_text()})
     assert info.value.code == case.split()[0]
     assert "key unavailable" in str(info.value)
@@ -288,7 +288,7 @@ def test_a_hand_made_jwe_with_a_256_bit_cek_opens(env, crafted):
     _Crafted.respond = lambda kid, nonce: _ok(kid, nonce, _jwe_with_cek(env, kid, nonce,
                                                                        os.urandom(32)))
     env.node._cache_only_availability = None
-    assert len(cacheonly.dek(env.node, _Row("shop", "field", 996), {
+    assert len(cache_only.dek(env.node, _Row("shop", "field", 996), {
         "kind": "cache-only", "url": crafted, "kid": "shop-w", "ca_pem": env.server.ca.read_text()})) == 32
 
 
@@ -297,7 +297,7 @@ def test_a_jwe_for_another_orgs_key_does_not_open(env, crafted, other_cert):
                                                               cert=other_cert))
     env.node._cache_only_availability = None
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.dek(env.node, _Row("shop", "field", 998), {
+        cache_only.dek(env.node, _Row("shop", "field", 998), {
             "kind": "cache-only", "url": crafted, "kid": "shop-y", "ca_pem": env.server.ca.read_text()})
     assert info.value.code == "ILLEGAL_JWE"
 
@@ -313,17 +313,17 @@ def test_basic_auth_comes_from_the_named_environment_variable(env, crafted, monk
          "basic_auth_env": "SHOP_KEYSERVICE_AUTH"}
     env.node._cache_only_availability = None
     with pytest.raises(KeyUnavailable) as info:      # the variable is not set
-        cacheonly.dek(env.node, _Row("shop", "field", 995), d)
+        cache_only.dek(env.node, _Row("shop", "field", 995), d)
     assert info.value.code == "AUTHENTICATION_FAILURE"
     monkeypatch.setenv("SHOP_KEYSERVICE_AUTH", "shop:wrong")
     env.node._cache_only_availability = None
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.dek(env.node, _Row("shop", "field", 995), d)
+        cache_only.dek(env.node, _Row("shop", "field", 995), d)
     assert info.value.code == "AUTHENTICATION_FAILURE_RESPONSE"
     assert "wrong" not in str(info.value)
     monkeypatch.setenv("SHOP_KEYSERVICE_AUTH", "shop:s3cret")
     env.node._cache_only_availability = None
-    assert len(cacheonly.dek(env.node, _Row("shop", "field", 995), d)) == 32
+    assert len(cache_only.dek(env.node, _Row("shop", "field", 995), d)) == 32
 
 
 def test_a_slow_key_service_is_bounded_by_the_timeout(env, crafted):
@@ -334,7 +334,7 @@ def test_a_slow_key_service_is_bounded_by_the_timeout(env, crafted):
     env.node._cache_only_availability = None
     started = time.monotonic()
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.dek(env.node, _Row("shop", "field", 997), {
+        cache_only.dek(env.node, _Row("shop", "field", 997), {
             "kind": "cache-only", "url": crafted, "kid": "shop-z", "ca_pem": env.server.ca.read_text()})
     assert info.value.code == "UNREACHABLE"
     assert time.monotonic() - started < 4.0
@@ -354,7 +354,7 @@ def test_a_redirect_to_plain_http_is_refused_and_no_credential_reaches_it(env, c
                 status, b"", {"Location": f"{plain}?requestId={nonce}"})
             env.node._cache_only_availability = None
             with pytest.raises(KeyUnavailable) as info:
-                cacheonly.dek(env.node, _Row("shop", "field", 994), {
+                cache_only.dek(env.node, _Row("shop", "field", 994), {
                     "kind": "cache-only", "url": crafted, "kid": "shop-r",
                     "ca_pem": env.server.ca.read_text(), "basic_auth_env": "SHOP_REDIRECT_AUTH"})
             assert info.value.code == "REDIRECT" and f"HTTP {status}" in str(info.value)
@@ -369,12 +369,12 @@ class _Row:
 
 def test_registration_refusals(env):
     with pytest.raises(KmsError, match="https://"):
-        cacheonly.register(env.node, "shop", "field", "http://127.0.0.1:1", "k")
+        cache_only.register(env.node, "shop", "field", "http://127.0.0.1:1", "k")
     with pytest.raises(KmsError, match="kid must be"):
-        cacheonly.register(env.node, "shop", "field", env.url, "bad/kid")
+        cache_only.register(env.node, "shop", "field", env.url, "bad/kid")
     env.node.create_tenant("no-byok", "sandbox")
     with pytest.raises(KmsError, match="no BYOK seed certificate"):
-        cacheonly.register(env.node, "no-byok", "field", env.url, "k")
+        cache_only.register(env.node, "no-byok", "field", env.url, "k")
 
 
 def test_cli_cache_only_flow(kit, env):

@@ -3,7 +3,8 @@ regional SoftHSM2 token, ceremony bundles from a real release.
 
 moto 5.2.5 enforces: the encryption context, the key a blob belongs to, a key that does not
 exist. It does NOT enforce key policies (no AccessDenied from a policy) and still generates and
-decrypts with disabled or pending-deletion keys; those paths are mapped in kms.ekm but not
+decrypts with disabled or pending-deletion keys; those paths are mapped in kms.customer_keys.ekm
+but not
 exercised here (docs/customer-keys.md, "EKM on AWS KMS").
 """
 
@@ -17,10 +18,10 @@ import sqlite3
 import boto3
 import pytest
 
-from kms import ekm
+from kms.customer_keys import ekm
 from kms.errors import CorruptRecord, KmsError
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 from tests import localtls
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import assert_secrets_absent

@@ -1,6 +1,7 @@
 """Project Wycheproof vectors through the KMS side: the cache-only JWE validation and opening
-(``kms.cacheonly``, ``hsm.byok.open_jwe`` on a throw-away SoftHSM2 token), the SDK's AES-GCM
-open (``kms.sdk``), and the ECDSA verifications of the project (audit checkpoints, P-256:
+(``kms.customer_keys.cache_only``, ``hsm.byok.open_jwe`` on a throw-away SoftHSM2 token), the SDK's
+AES-GCM
+open (``kms.caller.sdk``), and the ECDSA verifications of the project (audit checkpoints, P-256:
 ``kms.server.auditchain``; release bundles, P-384: ``release.bundle.check_signature``).
 Every vector is judged and counted (see tests/wycheproof.py). Time: about 3 s.
 """
@@ -18,9 +19,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, KeyType, ObjectClass
 
 from hsm import byok as hbyok
-from kms import cacheonly
+from kms.customer_keys import cache_only
 from kms.errors import AuthenticationFailed, KeyUnavailable
-from kms.sdk import FieldEncryptor, Header
+from kms.caller.sdk import FieldEncryptor, Header
 from kms.server import auditchain
 from release import bundle
 from release.errors import VerificationError
@@ -46,7 +47,7 @@ def _accepted_alg(header: dict) -> bool:
 
 def _code(compact, kid: str) -> str:
     with pytest.raises(KeyUnavailable) as refused:
-        cacheonly.parse_jwe({"kid": kid, "jwe": compact}, kid, "a-nonce-of-this-request")
+        cache_only.parse_jwe({"kid": kid, "jwe": compact}, kid, "a-nonce-of-this-request")
     return refused.value.code
 
 
@@ -101,7 +102,7 @@ def test_the_jwe_vectors_in_the_accepted_algorithm_open_in_the_token(softhsm_tok
                 Attribute.UNWRAP: True, Attribute.SENSITIVE: True}, "jwe")
             parsed = jwcrypto_jwe.JWE()
             parsed.deserialize(test["jwe"])
-            parts = cacheonly.jwe_parts(test["jwe"], parsed.objects)
+            parts = cache_only.jwe_parts(test["jwe"], parsed.objects)
             size = len(_jwk_int(jwk, "n"))
             sizes.append(size * 8)
             if size != 512:   # a BYOK key is RSA-4096: other sizes are refused up front

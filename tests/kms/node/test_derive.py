@@ -1,4 +1,5 @@
-"""DEK derivation inside the token (hsm.kdf, kms.derive) on real SoftHSM2 and NSS softokn tokens.
+"""DEK derivation inside the token (hsm.kdf, kms.node.derive) on real SoftHSM2 and NSS softokn
+tokens.
 
 The central proof: a KNOWN seed is imported into the token (test only: C_CreateObject with
 CKA_VALUE, sensitive, SIGN) and the in-token PBKDF2 must equal ``hashlib.pbkdf2_hmac`` byte for
@@ -21,8 +22,8 @@ from hsm import kdf, ops
 from hsm.errors import HsmError, ObjectNotFound, UsageError
 from hsm.testing import require_mechanism, unique_label
 from hsm.token import KeyRef
-from kms import derive
-from kms.derive import KeyContext, dek_salt, derive_dek
+from kms.node import derive
+from kms.node.derive import KeyContext, dek_salt, derive_dek
 from tests.helpers import run_threads
 
 FIXTURE_HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

@@ -1,4 +1,4 @@
-"""Every number of a node configuration has a finite range that says why (``kms.limits``),
+"""Every number of a node configuration has a finite range that says why (``kms.node.limits``),
 checked at load with ``file:line`` - through the real ``kms`` command, before any token or store
 is touched."""
 
@@ -39,9 +39,9 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_a_number_out_of_its_range_is_refused_at_load_with_file_and_line(name, tmp_path):
-    """Each case through kms.config.load (what every command calls first); the first also
+    """Each case through kms.node.config.load (what every command calls first); the first also
     through the real command, which answers it in one line before any store exists."""
-    from kms import config as configs
+    from kms.node import config as configs
     from kms.errors import ConfigError
     top, service, line, words = CASES[name]
     path = tmp_path / "node.toml"
@@ -60,8 +60,8 @@ def test_a_number_out_of_its_range_is_refused_at_load_with_file_and_line(name, t
 
 def test_the_ranges_keep_the_values_the_project_uses(tmp_path):
     """The defaults and the values the tests and the demo set stay loadable."""
-    from kms import config as configs
-    from kms import limits
+    from kms.node import config as configs
+    from kms.node import limits
     path = tmp_path / "node.toml"
     path.write_text(BASE + "pbkdf2_iterations = 40000\ncache_flush_hours = 72\n"
                     + SERVICE + "idle_timeout_seconds = 1.0\nexecutor_threads = 8\n" + OFFICERS)

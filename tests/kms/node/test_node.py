@@ -13,9 +13,9 @@ from pkcs11 import Attribute
 from ceremony import plan as plans
 from kms.errors import (CorruptRecord, ImportRefused, KeyDestroyed, KmsError, PolicyViolation,
                         RateLimited, ReleaseNotHeld, UnknownTenant)
-from kms.policy import BACKUP_VALIDITY, DAY, HOUR
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.key_rules import BACKUP_VALIDITY, DAY, HOUR
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 from tests.ceremony_kit import kit_fixture
 from tests.kms_kit import Clock, kms_config
 from tests.helpers import run_cli
@@ -387,7 +387,7 @@ def test_node_reimports_after_its_sessions_are_closed_behind_its_back(node):
 def test_hit_path_keeps_its_row_until_any_other_connection_writes(node, kit):
     """The hit path reads nothing from the store while SQLite's data_version stands still, and
     sees at once a destroy made by another process and a database writer's edit
-    (kms.rowcache: the org's head is read again)."""
+    (kms.node.rowcache: the org's head is read again)."""
     node.create_tenant("rows", "production")
     node.generate_secret("rows")
     version, _, dek = node.dek_for_encrypt("rows")

@@ -25,15 +25,16 @@ from pathlib import Path
 import pytest
 
 from hsm import orgkek
-from kms import ekm, sealing
+from kms.customer_keys import ekm
+from kms.node import sealing
 from kms.errors import (CorruptRecord, KeyDestroyed, KmsError,
                         RolledBack)
-from kms.policy import DAY, HOUR
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.key_rules import DAY, HOUR
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 from kms.store.records import checksum, secret_checksum, secret_from_db, SECRET_COLUMNS
 from tests.ceremony_kit import kit_fixture
-from tests.kms.test_kms_store import raw
+from tests.kms.store.test_repository import raw
 from tests.kms_kit import Clock, kms_config
 
 kit = kit_fixture("sealing", regions=("eu",))
@@ -318,8 +319,8 @@ def test_a_whole_database_restored_from_before_a_destroy_yields_nothing(kit, rel
 # ----------------------------------------------------------------------------- processes
 _NODE = textwrap.dedent("""
     import json, os, sys, time
-    from kms import config as configs
-    from kms.service import Kms
+    from kms.node import config as configs
+    from kms.node.node import Kms
     from hsm.pin import Pin
     from tests.kms_kit import Clock
     spec = json.loads(sys.argv[1])
@@ -449,9 +450,9 @@ def test_node_b_notices_a_key_node_a_destroyed_at_its_next_request(kit, release,
 # ----------------------------------------------------------------------------- upgrade
 _LEGACY = textwrap.dedent("""
     import json, os, sys
-    from kms import config as configs
-    from kms.service import Kms
-    from kms.sdk import FieldEncryptor
+    from kms.node import config as configs
+    from kms.node.node import Kms
+    from kms.caller.sdk import FieldEncryptor
     from hsm.pin import Pin
     from tests.kms_kit import Clock
     spec = json.loads(sys.argv[1])

@@ -216,7 +216,7 @@ def test_an_untyped_identity_that_is_not_a_uri_is_refused_at_start(service_kit):
         {"identity": "monitor.test", "roles": ["status"]}])
     with pytest.raises(ConfigError, match='write "uri:monitor.test".*"dns:monitor.test".*'
                                           '"cn:monitor.test"'):
-        from kms import config as configs
+        from kms.node import config as configs
         configs.load(cfg)
     proc = run_cli("kms", "--config", cfg, "serve", "--port", "0", timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

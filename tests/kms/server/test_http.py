@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kms import config as configs
+from kms.node import config as configs
 from kms.errors import ConfigError
 from kms.server import auditchain
 from tests.service_kit import ACME_ID, DATA_ID, node_fixtures
@@ -523,7 +523,7 @@ def test_byok_upload_over_the_admin_route_is_unwrapped_and_checked_in_the_hsm(no
     import base64
     import hashlib
 
-    from kms import byok
+    from kms.customer_keys import byok
     _org(node, "byok-http", secret=False)
     cert = tmp_path / "byok-http.pem"
     byok.certificate(local, "byok-http", cert)          # the KMS side: key pair + certificate
@@ -557,7 +557,7 @@ def test_ekm_rotation_over_the_admin_route_serves_the_customers_dek(service_kit,
 
     import boto3
 
-    from kms import ekm
+    from kms.customer_keys import ekm
     from tests import localtls
     localtls.set_aws_env()          # the node started below inherits the test credentials
     pki = localtls.make_pki(tmp_path / "moto-pki")

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kms.client import KmsClient
+from kms.caller.client import KmsClient
 from kms.errors import KeyDestroyed
 from tests.helpers import run_threads
 

@@ -132,12 +132,12 @@ def test_dripping_customer_services_do_not_delay_other_orgs(node, drip):
 def test_the_deadline_is_total_not_per_read(drip, tmp_path):
     """Directly: one cache-only fetch from the dripping service fails UNREACHABLE (a timeout)
     after the 3 s deadline although a byte arrives every second."""
-    from kms import cacheonly
+    from kms.customer_keys import cache_only
     from kms.errors import KeyUnavailable
     url, pki, _ = drip
     t0 = time.monotonic()
     with pytest.raises(KeyUnavailable) as info:
-        cacheonly.fetch({"url": url, "kid": "k1", "ca_pem": pki.ca.read_text()}, "0" * 32)
+        cache_only.fetch({"url": url, "kid": "k1", "ca_pem": pki.ca.read_text()}, "0" * 32)
     took = time.monotonic() - t0
     assert info.value.code == "UNREACHABLE" and "TimeoutError" in str(info.value)
     assert 2.5 < took < 4.5, took
@@ -159,7 +159,7 @@ class _Redirect(socketserver.BaseRequestHandler):
 def test_an_aws_endpoint_redirecting_to_http_is_refused_and_nothing_reaches_it(tmp_path):
     """An EKM org's AWS KMS endpoint answers 302 to an http:// listener: the Decrypt is refused
     with code REDIRECT and the listener receives nothing (no signed request, no blob)."""
-    from kms import ekm
+    from kms.customer_keys import ekm
     from kms.errors import KeyUnavailable
     localtls.set_aws_env()
     pki = localtls.make_pki(tmp_path / "redirect-pki")

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from kms.client import KmsClient, ServiceError, Unavailable
-from kms import rowcache
+from kms.caller.client import KmsClient, ServiceError, Unavailable
+from kms.node import rowcache
 from kms.errors import KeyDestroyed
 from tests.helpers import start_threads
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from kms import policy
+from kms import key_rules
 from kms.errors import (
     CorruptRecord,
     ImportRefused,
@@ -49,7 +49,7 @@ from tests.helpers import run_threads
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_800_000_000.0          # 2027-01-15T08:00:00Z
-H, D = policy.HOUR, policy.DAY
+H, D = key_rules.HOUR, key_rules.DAY
 SHA = "ab" * 32
 MISSING_TABLE = (sqlite3.OperationalError, psycopg.errors.UndefinedTable)
 
@@ -262,9 +262,9 @@ def test_add_secret_rejects_bad_input(store, bad, msg):
     assert store.secrets("acme") == []
 
 
-@pytest.mark.parametrize("org_type", policy.ORG_TYPES)
+@pytest.mark.parametrize("org_type", key_rules.ORG_TYPES)
 def test_rate_limit_per_org_type(store, org_type):
-    interval = policy.NEW_SECRET_INTERVAL[org_type]
+    interval = key_rules.NEW_SECRET_INTERVAL[org_type]
     store.create_org("org", org_type)
     store.create_org("other", org_type)
     add(store, "org", now=T0)
@@ -343,7 +343,7 @@ def test_wrap_runs_inside_the_transaction(store, store_url):
 def test_database_secret_activation_delay(store):
     store.create_org("acme", "production")
     d1 = add(store, "acme", "database", now=T0)
-    assert d1.usable_from == T0 + policy.DATABASE_ACTIVATION_DELAY
+    assert d1.usable_from == T0 + key_rules.DATABASE_ACTIVATION_DELAY
     assert store.active("acme", "database", now=T0) is None
     assert store.active("acme", "database", now=T0 + 24 * H - 1) is None
     assert store.active("acme", "database", now=T0 + 24 * H).version == 1
@@ -382,7 +382,7 @@ def test_destroy_field_secret_shreds_and_is_idempotent(store):
 def test_destroy_database_secret_minimum_lifespan(store):
     store.create_org("acme", "developer")
     d1 = add(store, "acme", "database", now=T0)
-    earliest = T0 + policy.DATABASE_MIN_LIFESPAN
+    earliest = T0 + key_rules.DATABASE_MIN_LIFESPAN
     with pytest.raises(PolicyViolation, match=f"not be destroyed before {utc_iso(earliest)}"):
         store.destroy_secret("acme", "database", 1, now=earliest - 1)
     assert store.get("acme", "database", 1) == d1
@@ -700,7 +700,8 @@ def _spawn(spec: dict, *, kill_at: str | None = None) -> subprocess.Popen:
     if kill_at:
         env[KILL_ENV] = kill_at
     return subprocess.Popen(
-        [sys.executable, "-c", "from tests.kms.test_kms_store import _worker_main; _worker_main()",
+        [sys.executable, "-c",
+         "from tests.kms.store.test_repository import _worker_main; _worker_main()",
          json.dumps(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
 
@@ -734,7 +735,7 @@ def _assert_consecutive(store: Store, org: str, n: int) -> None:
     for r in rows:                              # each blob was wrapped for its own version
         assert r.wrapped.startswith(f"wrapped:{org}:field:v{r.version}:".encode())
     created = [r.created_at for r in rows]
-    assert all(b - a >= policy.NEW_SECRET_INTERVAL["sandbox"] for a, b in pairwise(created))
+    assert all(b - a >= key_rules.NEW_SECRET_INTERVAL["sandbox"] for a, b in pairwise(created))
 
 
 def _race_two_processes(store: Store, store_url: str, tmp_path: Path, **race) -> list[dict]:

@@ -68,7 +68,7 @@ def test_kms_node_with_an_xks_listener_beside_it(service_kit, tmp_path, monkeypa
 
 
 def test_one_audit_directory_for_both_listeners_is_refused(service_kit, tmp_path, monkeypatch):
-    from kms import config as configs
+    from kms.node import config as configs
     from kms.errors import ConfigError
     from kms.xks import worker
     tls = kit.make_tls(tmp_path / "xks-tls")
@@ -88,7 +88,7 @@ def test_one_audit_directory_for_both_listeners_is_refused(service_kit, tmp_path
 def test_the_nodes_other_commands_do_not_need_the_xks_secrets(service_kit, tmp_path):
     """`kms --config NODE.toml tenant ...` loads the TOML without reading the SigV4 secrets (the
     [xks] table is still checked strictly); `serve` reads them and says which one is missing."""
-    from kms import config as configs
+    from kms.node import config as configs
     from kms.errors import ConfigError
     from kms.xks import worker
     tls = kit.make_tls(tmp_path / "xks-tls")
