@@ -27,6 +27,12 @@ from kms.node.node import Kms
 def _kms(args) -> Kms:
     kms = Kms(configs.load(_config_path(args)))
     kms.start()
+    if kms.store.kind == "postgresql":
+        # Nodes sharing the store drop their cached DEKs of a key changed here.
+        import functools
+
+        from kms.server.invalidation import announce_once
+        kms.announce = functools.partial(announce_once, kms.config.store, "cli")
     return kms
 
 
@@ -34,16 +40,6 @@ def _config_path(args) -> str:
     if not args.config:
         raise configs.ConfigError(f"kms {args.command}: --config NODE.toml is required")
     return args.config
-
-
-def _announce(kms, op: str, org: str, key_type: str | None,
-              version: int | None = None) -> None:
-    """Nodes sharing a PostgreSQL store drop their cached DEKs of a key changed here."""
-    if kms.store.kind == "postgresql":
-        from kms.server.invalidation import Publisher
-        pub = Publisher(kms.config.store, name="cli")
-        pub.announce(op, org, key_type, version)
-        pub.close()
 
 
 def cmd_serve(args) -> int:
@@ -164,20 +160,17 @@ def cmd_tenant(args) -> int:
                 row = ekm.rotate(kms, args.org, args.key_type)
             else:
                 row = kms.rotate(args.org, args.key_type)
-            _announce(kms, "rotate", args.org, args.key_type)
             print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source})"
                   + (", previous archived" if row.version > 1 else ""))
         elif args.action == "upload":
             from kms.customer_keys import byok
             row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
                               derivation=args.derivation, oaep=args.oaep)
-            _announce(kms, "upload", args.org, args.key_type)
             print(f"{args.org}: uploaded {row.key_type} secret v{row.version} ({row.derivation})"
                   f" ACTIVE, usable from {_when(row.usable_from)}"
                   + ("; previous archived" if row.version > 1 else ""))
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
-            _announce(kms, "destroy", args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
                   "(wrapped material erased; cached DEKs invalidated)")
             print(f"{args.org}: the key-encryption key that wrapped it was destroyed in the HSM "
@@ -201,7 +194,6 @@ def cmd_tenant(args) -> int:
             print(f"backup of {args.org} written to {path} (encrypted in the HSM)")
         elif args.action == "import":
             org = kms.import_backup(Path(args.file))
-            _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
     return 0
 

@@ -78,12 +78,13 @@ def _check_key_id(key_id) -> tuple:
 class KeyCache:
     """In-process cache of DEKs, each stored only as AES-256-GCM ciphertext under its org's cache key."""
 
-    def __init__(self, cache_key_source: CacheKeySource, *,
+    def __init__(self, cache_key_source: CacheKeySource | None, *,
                  max_entries: int = key_rules.CACHE_MAX_ENTRIES,
                  flush_after: float = key_rules.CACHE_FLUSH_AFTER,
                  clock: Callable[[], float] = time.monotonic):
-        if not callable(cache_key_source):
-            raise TypeError("cache_key_source must be callable(org_id, epoch) -> 32 bytes")
+        if cache_key_source is not None and not callable(cache_key_source):
+            raise TypeError("cache_key_source must be callable(org_id, epoch) -> 32 bytes, or "
+                            "None (each put is handed the key it needs: key_needed)")
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         if not flush_after > 0:
@@ -145,13 +146,23 @@ class KeyCache:
         """A token to read *before* deriving a DEK on a miss and to pass to ``put(since=...)``."""
         return self._generation
 
-    def put(self, org_id: str, key_id: tuple, dek: bytes, *, since: int | None = None) -> bool:
+    def key_needed(self, org_id: str) -> int | None:
+        """The epoch whose cache key a ``put`` for the org must be handed (``cache_key``), or
+        None while the cache holds the org's key of the current epoch."""
+        with self._lock:
+            self._maybe_hard_flush_locked()
+            return None if org_id in self._ciphers else self._epoch
+
+    def put(self, org_id: str, key_id: tuple, dek: bytes, *, since: int | None = None,
+            cache_key: tuple[int, bytes] | None = None) -> bool:
         """Cache ``dek`` for ``(org_id, key_id)`` (replacing any previous entry), encrypted.
 
         ``since``: the value :meth:`generation` returned before the DEK was derived. If any
         invalidation or flush happened since (e.g. the key was destroyed while it was being
         derived), the DEK is not cached, so a destroyed key cannot come back into the cache.
-        Returns whether the DEK was cached.
+        ``cache_key``: ``(epoch, 32 bytes)``, the org's cache key for the epoch
+        :meth:`key_needed` named (a cache made without a source is handed its keys this way; a
+        key of an epoch flushed since is not used). Returns whether the DEK was cached.
         """
         if not isinstance(org_id, str) or not org_id:
             raise TypeError("org_id must be a non-empty str")
@@ -167,9 +178,13 @@ class KeyCache:
                     return False
                 epoch = self._epoch
                 aead = self._ciphers.get(org_id)
+                if aead is None and cache_key is not None and cache_key[0] == epoch:
+                    aead = self._ciphers[org_id] = self._aead(cache_key[1])
                 if aead is not None:
                     self._store_locked(slot, aead, dek, aad)
                     return True
+                if self._source is None:
+                    return False    # no key handed for this epoch: not cached, derived again
             # No cache key for this org in this epoch: ask the HSM, without holding the lock.
             aead = self._derive(org_id, epoch)
             with self._lock:
@@ -259,15 +274,18 @@ class KeyCache:
 
     # ------------------------------------------------------------------ internals
     def _derive(self, org_id: str, epoch: int) -> AESGCM:
+        assert self._source is not None
         key = self._source(org_id, epoch)
-        if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
-            raise ValueError("cache_key_source must return 32 bytes "
-                             f"(got {type(key).__name__} of length {len(key) if hasattr(key, '__len__') else '?'})")
-        aead = AESGCM(bytes(key))
-        del key
         with self._lock:
-            self._key_derivations += 1
-        return aead
+            return self._aead(key)
+
+    def _aead(self, key) -> AESGCM:
+        """An org's AESGCM from its 32-byte cache key (counted; the key bytes are not kept)."""
+        if not isinstance(key, (bytes, bytearray)) or len(key) != 32:
+            raise ValueError("a cache key must be 32 bytes "
+                             f"(got {type(key).__name__} of length {len(key) if hasattr(key, '__len__') else '?'})")
+        self._key_derivations += 1
+        return AESGCM(bytes(key))
 
     def _store_locked(self, slot, aead: AESGCM, dek, aad: bytes) -> None:
         nonce = os.urandom(_NONCE_BYTES)

@@ -21,6 +21,7 @@ import os
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import TypeVar
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from release.ids import release_key
 
 from kms.node import advice, derive, importer, orgid, rowcache, sealing
 from kms import key_rules
+from kms.customer_keys import source as customer_sources
+from kms.customer_keys.source import DekSource
 from kms.dek_cache import KeyCache
 from kms.node.config import KmsConfig
 from kms.errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
@@ -78,14 +81,24 @@ class Kms:
         self._sealing: sealing.Sealing | None = None
         self._views: dict[str, sealing.OrgView] = {}   # each org's state as last verified
         self._lock = threading.Lock()
-        # DEK sources other than HSM-generated or uploaded secrets: a REMOTE row's
-        # wrapped blob is a JSON descriptor {"kind": K, ...}; dek_sources[K](kms, row, descriptor)
-        # fetches or unwraps its DEK on a cache miss ("ekm" and "cache-only" are built in).
-        self.dek_sources: dict = {}
+        # DEK sources other than HSM-generated or uploaded secrets, by the kind a REMOTE row's
+        # descriptor names (kms.customer_keys.source; "ekm" and "cache-only" are built in).
+        self.dek_sources: dict[str, DekSource] = {}
         # The hot path's read of an org's head (generation, seal), kept while the store says
         # nothing changed (kms.node.rowcache): SQLite's data_version from start(); on PostgreSQL the
         # server sets one on its invalidation listener. None: every DEK request reads it.
         self.rows: rowcache.FreshRows | None = None
+        # Told of every change this node commits, after its own cache dropped the entries:
+        # announce(op, org, key_type, version) tells the other nodes on one PostgreSQL store
+        # (kms.server.invalidation; set by the server's worker and by the CLI). None: alone.
+        self.announce: Callable[[str, str, str | None, int | None], None] | None = None
+        # Set by the token's recovery hook: the session keys (releases, cache master) died
+        # with a lost login and are imported again before their next use.
+        self._session_keys_lost = False
+        self._unhook_recovery: Callable[[], None] | None = None
+        # (org, key_type, fragment) -> the version dek_for_encrypt served last: which cached
+        # DEK the hit-only lookup (cached_dek_for_encrypt) may answer with.
+        self._served: dict[tuple, int] = {}
 
     @property
     def started(self) -> bool:
@@ -122,8 +135,10 @@ class Kms:
                                  parameters=self.config.module_params, pin=pin)
         self._store = Store.open(self.config.store)
         self.rows = rowcache.for_store(self._store, self.clock)
+        self._unhook_recovery = self._token.on_recovery(self._lost_session_keys)
         self._load_session_keys()
-        self._cache = KeyCache(self._cache_key, max_entries=self.config.cache_max_entries,
+        # Handed each org's cache key by _dek: the cache never calls back into the node.
+        self._cache = KeyCache(None, max_entries=self.config.cache_max_entries,
                               flush_after=self.config.cache_flush_hours * key_rules.HOUR)
         self._open_sealing()
         return self.report
@@ -157,11 +172,15 @@ class Kms:
     def _seals(self) -> sealing.Sealing:
         return _started(self._sealing)
 
+    def _lost_session_keys(self) -> None:
+        """The token's recovery hook (runs on the token's recovering thread: a note, no work)."""
+        self._session_keys_lost = True
+
     def _load_session_keys(self) -> None:
         """Import the releases and make the cache master: all session objects, which die with
         the token's login. ``_ensure_session_keys`` redoes this after the layer recovered a
-        lost session or login (C_CloseAllSessions, a dropped link)."""
-        self._recoveries_seen = self.token.recoveries
+        lost session or login (C_CloseAllSessions, a dropped link: the token's hook says so)."""
+        self._session_keys_lost = False
         self._report = importer.import_bundles(
             self.token, region=self.config.region,
             primary_cert_path=self.config.primary_certificate,
@@ -173,23 +192,23 @@ class Kms:
             self.token, kind="generic-secret", usage="sign",
             label=f"kms-cache-master-{os.getpid()}-{os.urandom(4).hex()}")
 
-    def _ensure_session_keys(self, *, flush: bool = True) -> None:
-        if self.token.recoveries != self._recoveries_seen:
+    def _ensure_session_keys(self) -> None:
+        if self._session_keys_lost:
             with self._lock:
-                if self.token.recoveries != self._recoveries_seen:
+                if self._session_keys_lost:
                     self._load_session_keys()
-                    if flush:  # its cache keys came from the lost cache master
-                        self.cache.flush()
+                    if self._cache is not None:   # its keys came from the lost cache master
+                        self._cache.flush()
 
-    def _in_hsm(self, fn, *, flush: bool = True):
+    def _in_hsm(self, fn):
         """Run a token operation on session keys. If the layer had to recover a lost login
         while running it, the session keys are gone: reload them once and retry."""
         try:
             return fn()
         except ObjectNotFound:
-            if self.token.recoveries == self._recoveries_seen:
+            if not self._session_keys_lost:
                 raise
-            self._ensure_session_keys(flush=flush)
+            self._ensure_session_keys()
             return fn()
 
     def close(self) -> None:
@@ -208,6 +227,8 @@ class Kms:
                     pass       # the login is gone already: the session objects went with it
         if self.rows is not None:
             self.rows.close()
+        if self._unhook_recovery is not None:
+            self._unhook_recovery()
         if self._store is not None:
             self._store.close()
         if self._token is not None:
@@ -220,22 +241,21 @@ class Kms:
         self.close()
 
     def _cache_key(self, org_id: str, epoch: int) -> bytes:
-        # Called by the cache under its lock: reload lost session keys, never flush from here
-        # (entries under a lost master fail their integrity check and count as misses).
-        self._ensure_session_keys(flush=False)
+        """The org's cache key of ``epoch``: an HMAC by the HSM-resident cache master, never
+        stored (handed to the cache by _dek when it holds none for the org)."""
+        self._ensure_session_keys()
         msg = b"hsm-suite cache key v1\x00" + org_id.encode() + b"\x00" + str(epoch).encode()
-        return self._in_hsm(lambda: ops.hmac_sha256(self.token, _started(self._cache_master), msg),
-                            flush=False)
+        return self._in_hsm(lambda: ops.hmac_sha256(self.token, _started(self._cache_master), msg))
 
     # ------------------------------------------------------------------------- releases
     @property
     def releases(self) -> dict[str, importer.Release]:
-        if self._report is None:
-            return {}
-        self._ensure_session_keys()
-        return self._report.held
+        """The releases held, by name. A read only: session keys lost with a login are imported
+        again by the next operation that uses them (``_release``), not here."""
+        return {} if self._report is None else self._report.held
 
     def current_release(self) -> importer.Release:
+        self._ensure_session_keys()
         if not self.releases:
             raise ReleaseNotHeld("this KMS holds no release", hint="check `kms import` output "
                                  "for refused bundles")
@@ -248,6 +268,7 @@ class Kms:
         return self.releases[newest]
 
     def _release(self, name: str | None) -> importer.Release:
+        self._ensure_session_keys()
         if name is None or name not in self.releases:
             raise ReleaseNotHeld(f"release {name} is not held by this KMS (its bundle was not "
                                  "imported)", hint="run `kms import` and read why it was refused")
@@ -322,7 +343,7 @@ class Kms:
     def put_customer_key(self, org_id: str, kind: str, spec: dict) -> None:
         self._change(org_id, lambda s: self.store.put_customer_key(
             org_id, kind, spec, now=self.clock(), sealer=s))
-        self.cache.invalidate(org_id)
+        self._invalidated("register", org_id)
 
     def secrets(self, org_id: str) -> list[SecretRow]:
         """The org's versions, as sealed in the HSM."""
@@ -359,7 +380,8 @@ class Kms:
         """A new tenant secret from the HSM's RNG; archives the previous one (rotation)."""
         self.store.org_type(org_id)
         material = export.random_bytes(self.token, 32)
-        return self._add(org_id, key_type, material, source="HSM", derivation="PBKDF2")
+        return self._add(org_id, key_type, material, source="HSM", derivation="PBKDF2",
+                         op="rotate")
 
     rotate = generate_secret
 
@@ -374,7 +396,7 @@ class Kms:
                                   "is refused", hint="upload with --derivation PBKDF2")
         self.store.org_type(org_id)
         return self._add(org_id, key_type, material, source="UPLOADED", derivation=derivation,
-                         upload_sha256=upload_sha256)
+                         upload_sha256=upload_sha256, op="upload")
 
     def add_remote(self, org_id: str, key_type: str, descriptor_for) -> SecretRow:
         """A new version whose DEK lives outside this KMS (source REMOTE, derivation NONE).
@@ -384,9 +406,9 @@ class Kms:
         self.store.org_type(org_id)
         return self._add(org_id, key_type,
                          lambda version: json.dumps(descriptor_for(version)).encode(),
-                         source="REMOTE", derivation="NONE")
+                         source="REMOTE", derivation="NONE", op="rotate")
 
-    def _add(self, org_id, key_type, material, *, source, derivation,
+    def _add(self, org_id, key_type, material, *, source, derivation, op,
              upload_sha256=None) -> SecretRow:
         rel = self.current_release()
         now = self.clock()
@@ -403,7 +425,7 @@ class Kms:
         row = self._change(org_id, lambda s: self.store.add_secret(
             org_id, key_type, source=source, derivation=derivation, release=rel.release,
             iterations=iterations, now=now, wrap=wrap, upload_sha256=upload_sha256, sealer=s))
-        self.cache.invalidate(org_id, key_type)
+        self._invalidated(op, org_id, key_type)
         return row
 
     def destroy(self, org_id: str, key_type: str, version: int) -> SecretRow:
@@ -416,7 +438,7 @@ class Kms:
             return row
         row = self._change(org_id, lambda s: self.store.destroy_secret(
             org_id, key_type, version, now=self.clock(), sealer=s))
-        self.cache.invalidate(org_id, key_type, version)
+        self._invalidated("destroy", org_id, key_type, version)
         return row
 
     def _tenant_secret(self, row: SecretRow, view: sealing.OrgView | None = None) -> bytes:
@@ -461,13 +483,16 @@ class Kms:
             ctx = derive.KeyContext(row.org_id, row.key_type, row.version, fragment)
             dek = self._in_hsm(lambda: derive.derive_dek(self.token, rel.seed, rel.kdf_salt,
                                                          secret, ctx, row.iterations))
-        self.cache.put(row.org_id, key_id, dek, since=generation)
+        # The cache is handed the org's cache key when it holds none (never calls back here).
+        epoch = self.cache.key_needed(row.org_id)
+        cache_key = None if epoch is None else (epoch, self._cache_key(row.org_id, epoch))
+        self.cache.put(row.org_id, key_id, dek, since=generation, cache_key=cache_key)
         return dek
 
     def _remote_dek(self, row: SecretRow, blob: bytes) -> bytes:
         try:
             descriptor = json.loads(blob)
-            source = self.dek_sources.get(descriptor["kind"]) or _builtin_source(
+            source = self.dek_sources.get(descriptor["kind"]) or customer_sources.builtin(
                 descriptor["kind"])
         except (ValueError, KeyError, TypeError):
             raise KmsError(f"org {row.org_id}: {row.key_type} key v{row.version} is a remote key "
@@ -487,7 +512,11 @@ class Kms:
         if row is None:
             raise KmsError(f"org {org_id} has no usable {key_type} secret",
                            hint=advice.next_key(self, org_id, key_type))
-        return row.version, row.derivation, self._dek(row, fragment, generation, view)
+        dek = self._dek(row, fragment, generation, view)
+        if len(self._served) > 100_000:
+            self._served.clear()
+        self._served[(org_id, key_type, fragment)] = row.version
+        return row.version, row.derivation, dek
 
     def dek_for_decrypt(self, org_id: str, key_type: str, version: int,
                         fragment: str | None = None) -> bytes:
@@ -505,16 +534,49 @@ class Kms:
         if self.rows is not None:
             self.rows.clear()
 
-    def answers_locally(self, org_id: str, key_type: str, version: int | None,
-                        fragment: str | None) -> bool:
-        """Whether a DEK request would need neither the HSM nor the store: its DEK is cached,
-        the org's head is kept fresh and its verified view needs no re-check in the token. A
-        hint for the server, which then answers on its event loop instead of its pool."""
-        if version is None or not self.cache.holds(org_id, (key_type, version, fragment)):
+    # -- the hit-only lookups: the server answers these on its event loop (no pool hop)
+    def cached_dek_for_encrypt(self, org_id: str, key_type: str = "field",
+                               fragment: str | None = None) -> tuple[int, str, bytes] | None:
+        """What ``dek_for_encrypt`` answers, if that needs neither the HSM nor the store (its
+        DEK is cached, the org's head is kept fresh, its verified view needs no re-check in the
+        token); else None, and the caller runs ``dek_for_encrypt`` (on its pool). The checks of
+        the full path run here too: the org's sealed head and view, the ACTIVE version."""
+        version = self._served.get((org_id, key_type, fragment))
+        if version is None or not self._local(org_id, (key_type, version, fragment)):
+            return None
+        row = self._view(org_id, hot=True).active(key_type, self.clock())
+        if row is None or row.version != version:
+            return None                 # rotated or gone: the full path says which
+        dek = self.cache.get(org_id, (key_type, version, fragment))
+        return None if dek is None else (version, row.derivation, dek)
+
+    def cached_dek_for_decrypt(self, org_id: str, key_type: str, version: int,
+                               fragment: str | None = None) -> bytes | None:
+        """What ``dek_for_decrypt`` answers, if that needs neither the HSM nor the store; else
+        None. A destroyed or unknown version is refused here as there."""
+        if not self._local(org_id, (key_type, version, fragment)):
+            return None
+        row = self._view(org_id, hot=True).get(key_type, version)
+        if row.state == "DESTROYED":
+            raise _destroyed(row)
+        return self.cache.get(org_id, (key_type, version, fragment))
+
+    def _local(self, org_id: str, key_id: tuple) -> bool:
+        """Whether a DEK lookup needs neither the HSM nor the store: the DEK is cached, the
+        org's head is kept fresh (kms.node.rowcache) and its verified view needs no re-check."""
+        if not self.cache.holds(org_id, key_id):
             return False
         view = self._views.get(org_id)
         return (self.rows is not None and self.rows.fresh(("head", org_id))
                 and view is not None and time.monotonic() - view.checked < sealing.RECHECK_S)
+
+    def _invalidated(self, op: str, org_id: str, key_type: str | None = None,
+                     version: int | None = None) -> None:
+        """After a change this node committed: drop the DEKs it cached and tell the other
+        nodes (the one place changes are announced from; the payload names no key material)."""
+        self.cache.invalidate(org_id, key_type, version)
+        if self.announce is not None:
+            self.announce(op, org_id, key_type, version)
 
     # ------------------------------------------------------------------------- status, backup
     def status(self) -> dict:
@@ -596,7 +658,7 @@ class Kms:
         rows = self._restorable(path, org_id, [_from_json(r) for r in data["rows"]])
         self._change(org_id, lambda s: self.store.import_rows(org_id, rows, sealer=s),
                      restoring=frozenset(f"{r['key_type']} v{r['version']}" for r in rows))
-        self.cache.invalidate(org_id)
+        self._invalidated("import", org_id)
         return org_id
 
 
@@ -633,18 +695,6 @@ def _started(value: T | None) -> T:
     if value is None:
         raise KmsError("this KMS node is not started", hint="call Kms.start() first")
     return value
-
-
-def _builtin_source(kind: str):
-    """The DEK sources this project ships, imported only when a row needs one (so a node
-    without customer-held keys never loads boto3)."""
-    if kind == "ekm":
-        from kms.customer_keys import ekm
-        return ekm.dek
-    if kind == "cache-only":
-        from kms.customer_keys import cache_only
-        return cache_only.dek
-    raise KeyError(kind)
 
 
 def _backup_aad(binding: dict) -> bytes:

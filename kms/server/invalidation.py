@@ -13,8 +13,9 @@ named entries from its cache.
 Notifications are not queued for a listener that is not connected. While it is not connected
 its ``stamp`` is None (nothing is kept: every request reads the store). After a lost connection the
 listener reconnects (bounded back-off) and then flushes its *whole* cache: whatever it missed,
-the next requests re-read from the store. The CLI announces its own changes too
-(``kms tenant destroy`` on a PostgreSQL store). The payload names only org, key type, version
+the next requests re-read from the store. Every change is announced by the node that commits
+it (``Kms.announce``: the server's worker sets the listener's, the CLI ``announce_once`` on a
+PostgreSQL store). The payload names only org, key type, version
 and operation: never key material.
 """
 
@@ -76,6 +77,16 @@ class Publisher:
     def close(self) -> None:
         with self._lock:
             self._close()
+
+
+def announce_once(url: str, name: str, op: str, org: str, key_type: str | None = None,
+                  version: int | None = None) -> None:
+    """One announcement on a connection of its own, closed at once (the CLI's changes)."""
+    publisher = Publisher(url, name=name)
+    try:
+        publisher.announce(op, org, key_type, version)
+    finally:
+        publisher.close()
 
 
 class Listener(Publisher):

@@ -53,6 +53,7 @@ def _notifier(kms, worker: int, metrics):
                                      on_remote=metrics.remote_invalidations.inc)
     # Rows are kept only while this listener hears every change (kms.node.rowcache).
     kms.rows = rowcache.FreshRows(rowcache.ListenerWatch(listener), node_clock=kms.clock)
+    kms.announce = listener.announce     # the node announces every change it commits
     return listener
 
 
