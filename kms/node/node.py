@@ -15,7 +15,6 @@ Keys and where they live:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import struct
@@ -40,10 +39,8 @@ from kms.node.config import KmsConfig
 from kms.errors import (CorruptRecord, KeyDestroyed, KmsError, PolicyViolation, ReleaseNotHeld,
                      RolledBack, UnknownTenant)
 from kms.store import SecretRow, Store
-from kms.store.records import secret_checksum
 
 WRAP_AAD = b"hsm-suite tenant secret v2"
-BACKUP_AAD = b"hsm-suite tenant backup v2"
 
 
 def _lp(parts: list[bytes]) -> bytes:
@@ -587,105 +584,14 @@ class Kms:
                 "cache": self.cache.stats()}
 
     def export_backup(self, org_id: str, path: Path) -> Path:
-        """The tenant's rows (secrets stay wrapped, destroyed versions as tombstones), encrypted
-        and authenticated inside the HSM under the current release's tenant wrapping key, bound
-        to this region and this store's record of the org, and valid for
-        key_rules.BACKUP_VALIDITY."""
-        from hsm.files import write_new
-        rel = self.current_release()
-        view = self._view(org_id)
-        # Inner blobs (under the release's key), not the org KEK's: the KEK is replaced at
-        # the org's next change, and a backup must still restore after it.
-        rows = [{**r.as_dict(), "checksum": secret_checksum(r)} for r in (
-            r if r.wrapped is None else dataclasses.replace(
-                r, wrapped=self._seals().unwrap(org_id, view.generation, r))
-            for r in view.rows())]
-        now = self.clock()
-        binding = {"org": org_id, "region": self.config.region,
-                   "org_created": self.store.org_created(org_id), "created": now,
-                   "expires": now + key_rules.BACKUP_VALIDITY, "release": rel.release}
-        plain = json.dumps({"org": org_id, "org_type": self.store.org_type(org_id),
-                            "rows": rows}, sort_keys=True, default=_jsonable).encode()
-        nonce = os.urandom(12)
-        blob = ops.aes_gcm_encrypt(self.token, rel.wrapping_key, nonce, plain,
-                                   aad=_backup_aad(binding))
-        doc = {"format": "hsm-suite-tenant-backup", "version": 2, **binding,
-               "nonce": nonce.hex(), "ciphertext": blob.hex()}
-        return write_new(path, (json.dumps(doc) + "\n").encode(), mode=0o600)
+        """The tenant's backup, encrypted in the HSM (kms.node.backups.export)."""
+        from kms.node import backups
+        return backups.export(self, org_id, path)
 
     def import_backup(self, path: Path) -> str:
-        """Restore rows of a tenant into the store its backup came from. Refused: another region,
-        another store (the org missing, or created anew), an expired backup, a tampered file, and
-        any version this store already holds - a destroyed version stays destroyed."""
-        try:
-            doc = json.loads(Path(path).read_text())
-            if doc.get("format") != "hsm-suite-tenant-backup" or doc.get("version") != 2:
-                raise ValueError("not a version-2 hsm-suite tenant backup")
-            binding = {k: doc[k] for k in ("org", "region", "org_created", "created",
-                                           "expires", "release")}
-            nonce, blob = bytes.fromhex(doc["nonce"]), bytes.fromhex(doc["ciphertext"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise KmsError(f"cannot read backup {path}: {exc}") from None
-        org_id = binding["org"]
-        if binding["region"] != self.config.region:
-            raise KmsError(f"backup {path} is of region {binding['region']!r}; this KMS serves "
-                           f"{self.config.region!r}", hint="a backup restores only into the "
-                           "store it came from, so a key destroyed there cannot come back "
-                           "anywhere else")
-        try:
-            created = self.store.org_created(org_id)
-        except UnknownTenant:
-            raise KmsError(f"backup {path}: org {org_id!r} does not exist in this store; a "
-                           "backup restores only into the store it was exported from",
-                           hint="recover a lost store from the database's own backups, which "
-                                "keep its tombstones") from None
-        if created != binding["org_created"]:
-            raise KmsError(f"backup {path} was exported from another store's org {org_id!r} "
-                           "(created at another time); refusing it",
-                           hint="a backup restores only into the store it came from")
-        if self.clock() > binding["expires"]:
-            raise KmsError(f"backup {path} expired at {_iso(binding['expires'])}",
-                           hint=f"backups are valid {key_rules.BACKUP_VALIDITY / key_rules.DAY:g} "
-                                "days; export a new one")
-        rel = self._release(binding["release"])
-        try:
-            plain = ops.aes_gcm_decrypt(self.token, rel.wrapping_key, nonce, blob,
-                                        aad=_backup_aad(binding))
-        except DecryptionFailed:  # a lost session or token is not a tampered file
-            raise KmsError(f"backup {path} failed its integrity check", hint="the file was "
-                           "altered or belongs to another tenant") from None
-        data = json.loads(plain)
-        rows = self._restorable(path, org_id, [_from_json(r) for r in data["rows"]])
-        self._change(org_id, lambda s: self.store.import_rows(org_id, rows, sealer=s),
-                     restoring=frozenset(f"{r['key_type']} v{r['version']}" for r in rows))
-        self._invalidated("import", org_id)
-        return org_id
-
-
-    def _restorable(self, path: Path, org_id: str, rows: list[dict]) -> list[dict]:
-        """The backup rows this org may take back: only versions its state sealed in the HSM
-        holds, not destroyed, whose rows the store lost; each with the sealed columns (the
-        backup gives only the blob). A version destroyed since never comes back."""
-        sealed = self._seals().sealed(self.store.org_rows(org_id))["secrets"]
-        held = {(r.key_type, r.version) for r in self.store.org_rows(org_id).secrets}
-        out = []
-        for r in rows:
-            key = f"{r['key_type']} v{r['version']}"
-            entry = sealed.get(key)
-            if entry is not None and entry["state"] == "DESTROYED":
-                raise KmsError(f"import of backup {path} refused (nothing imported): the store "
-                               f"already holds {key} as destroyed; a destroyed key never "
-                               "comes back")
-            if (r["key_type"], r["version"]) in held:
-                raise KmsError(f"import of backup {path} refused (nothing imported): the store "
-                               f"already holds {key}")
-            if entry is None:
-                raise KmsError(f"import of backup {path} refused (nothing imported): {key} is "
-                               f"not in org {org_id!r}'s state sealed in the HSM")
-            r = {**r, **{c: entry[c] for c in sealing.SEALED_COLUMNS}}
-            r.pop("checksum", None)
-            out.append(r)
-        return out
+        """Restore a tenant's rows from its backup (kms.node.backups.restore)."""
+        from kms.node import backups
+        return backups.restore(self, path)
 
 
 T = TypeVar("T")
@@ -697,31 +603,10 @@ def _started(value: T | None) -> T:
     return value
 
 
-def _backup_aad(binding: dict) -> bytes:
-    return _lp([BACKUP_AAD] + [repr(binding[k]).encode() for k in (
-        "org", "region", "org_created", "created", "expires", "release")])
-
-
-def _iso(ts: float) -> str:
-    import datetime as dt
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _destroyed(row: SecretRow) -> KeyDestroyed:
     return KeyDestroyed(f"key destroyed: org {row.org_id}, {row.key_type} key version "
                         f"{row.version}", hint="data under a destroyed key cannot be "
                         "decrypted (crypto-shredding)")
-
-
-def _jsonable(value):
-    if isinstance(value, bytes):
-        return {"__bytes__": value.hex()}
-    raise TypeError(type(value).__name__)
-
-
-def _from_json(row: dict) -> dict:
-    return {k: bytes.fromhex(v["__bytes__"]) if isinstance(v, dict) and "__bytes__" in v else v
-            for k, v in row.items()}
 
 
 __all__ = ["Kms", "PolicyViolation"]
