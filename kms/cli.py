@@ -127,7 +127,10 @@ def _when(ts: float | None) -> str:
         timespec="seconds")
 
 
-_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
+# `tenant upload` is the deprecated name of `tenant byok-upload` (HTTP /byok-upload), kept until
+# the next release; HTTP /upload is another thing: raw material, not a BYOK-wrapped secret.
+_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "byok-upload": ("org", "secret", "hash"),
+                 "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
                  "list": ("org",), "export": ("org", "file"), "import": ("file",)}
 
 
@@ -162,7 +165,7 @@ def cmd_tenant(args) -> int:
                 row = kms.rotate(args.org, args.key_type)
             print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source})"
                   + (", previous archived" if row.version > 1 else ""))
-        elif args.action == "upload":
+        elif args.action in ("byok-upload", "upload"):
             from kms.customer_keys import byok
             row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
                               derivation=args.derivation, oaep=args.oaep)
@@ -243,7 +246,8 @@ def cmd_byok(args) -> int:
                                org=args.org, accept=args.accept_new_key)
         a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep,
                          pinning=pinning)
-        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with `kms tenant upload`")
+        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with "
+              "`kms tenant byok-upload`")
         return 0
     if args.org is None or args.out is None:
         raise UsageError("`kms byok certificate` needs --org and --out")
@@ -309,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("tenant", help="tenant secrets")
-    p.add_argument("action", choices=["create", "rotate", "upload", "destroy", "list", "export",
-                                      "import"])
+    p.add_argument("action", choices=["create", "rotate", "byok-upload", "upload", "destroy",
+                                      "list", "export", "import"],
+                   help="byok-upload: a secret wrapped by `kms byok wrap` (`upload` is its "
+                        "deprecated name, kept until the next release)")
     p.add_argument("--org")
     p.add_argument("--type", default="production", help="org type (create)")
     p.add_argument("--key-type", default=key_rules.KEY_TYPES[0], choices=key_rules.KEY_TYPES)
@@ -320,12 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create: no HSM secret (the first key comes from the customer)")
     p.add_argument("--source", choices=["hsm", "ekm"], default="hsm",
                    help="rotate: where the new key comes from")
-    p.add_argument("--secret", help="upload: secret.b64 from `kms byok wrap`")
-    p.add_argument("--hash", help="upload: secret.sha256.b64 from `kms byok wrap`")
+    p.add_argument("--secret", help="byok-upload: secret.b64 from `kms byok wrap`")
+    p.add_argument("--hash", help="byok-upload: secret.sha256.b64 from `kms byok wrap`")
     p.add_argument("--derivation", choices=key_rules.DERIVATIONS, default="PBKDF2",
-                   help="upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
+                   help="byok-upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
     p.add_argument("--oaep", choices=tuple(OAEP_HASHES), default="sha1",
-                   help="upload: the OAEP hash the secret was wrapped with")
+                   help="byok-upload: the OAEP hash the secret was wrapped with")
     p.set_defaults(func=cmd_tenant)
     p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
     p.add_argument("action", choices=["certificate", "wrap"])

@@ -247,12 +247,13 @@ def test_cli_byok_flow(kit, node, tmp_path):
     w = kms("byok", "wrap", "--cert", str(cert), "--generate", "--out", str(tmp_path / "c3"),
             config=False)
     assert w.returncode == 0, w.stderr
-    up = kms("tenant", "upload", "--org", "cli-byok", "--secret", str(tmp_path / "c3/secret.b64"),
+    up = kms("tenant", "byok-upload", "--org", "cli-byok", "--secret", str(tmp_path / "c3/secret.b64"),
              "--hash", str(tmp_path / "c3/secret.sha256.b64"), "--derivation", "NONE")
     assert up.returncode == 0 and "(NONE) ACTIVE" in up.stdout, up.stderr
     enc = kms("encrypt", "--org", "cli-byok", "byok via cli")
     dec = kms("decrypt", "--org", "cli-byok", enc.stdout.strip())
     assert dec.stdout == "byok via cli\n", dec.stderr
+    # `tenant upload`, the deprecated name of byok-upload, is the same command
     again = kms("tenant", "upload", "--org", "cli-byok", "--secret",
                 str(tmp_path / "c3/secret.b64"), "--hash",
                 str(tmp_path / "c3/secret.sha256.b64"), "--derivation", "NONE")
