@@ -39,7 +39,7 @@ BUCKETS = [
     ("audit writer thread (chain, HSM sign, write, fsync)", ("_run@kms/server/audit.py",)),
     ("store read (pool lease, SELECT, row check)", ("@kms/store/",)),
     ("DEK cache hit (lock, AES-GCM decrypt)", ("@kms/dek_cache.py",)),
-    ("node (dek_for_encrypt, _dek)", ("@kms/node/node.py", "@kms/node/rowcache.py")),
+    ("node (cached_dek_for_encrypt, dek_for_encrypt)", ("@kms/node/node.py", "@kms/node/rowcache.py")),
     ("request JSON (read body, parse, checks)", ("_json@kms/server/app.py",)),
     ("authorisation (policy decide)", ("authorise@kms/server/app.py",)),
     ("response (JSON encode, base64)", ("_ok@kms/server/app.py", "b64encode@")),
