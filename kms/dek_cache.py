@@ -43,7 +43,7 @@ from kms import key_rules
 
 __all__ = ["KeyCache", "CacheKeySource"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("kms.cache")     # the logger's name since before the move
 
 CacheKeySource = Callable[[str, int], bytes]
 

@@ -26,7 +26,7 @@ import logging
 import threading
 from typing import Any
 
-log = logging.getLogger("kms.server.invalidation")
+log = logging.getLogger("kms.invalidation")     # its name since before the move
 
 CHANNEL = "kms_invalidate"
 APPLICATION_NAME = "hsm-suite-kms-invalidation"     # how operators (and tests) find it

@@ -536,3 +536,49 @@ def test_cli_a_missing_token_is_said_to_be_missing_before_any_pin_is_asked(kit, 
     err = proc.stderr.strip()
     assert proc.returncode == 2 and len(err.splitlines()) == 1, err
     assert "no token with label='no-such-token'" in err and "PIN" not in err, err
+
+
+def test_hit_only_lookups_answer_as_the_full_path_or_not_at_all(node):
+    """What the server answers on its event loop: the full path's answer while it needs neither
+    the HSM nor the store, else None (and the full path, on the pool, says what is wrong)."""
+    node.create_tenant("hits", "production")
+    node.generate_secret("hits")
+    assert node.cached_dek_for_encrypt("hits") is None          # nothing served yet
+    version, derivation, dek = node.dek_for_encrypt("hits")
+    reads = node.rows.reads
+    assert node.cached_dek_for_encrypt("hits") == (version, derivation, dek)
+    assert node.cached_dek_for_decrypt("hits", "field", version) == dek
+    assert node.rows.reads == reads                             # no store read
+    assert node.cached_dek_for_encrypt("hits", "field", "another fragment") is None
+    assert node.cached_dek_for_decrypt("hits", "field", version, "another fragment") is None
+    node.destroy("hits", "field", version)
+    assert node.cached_dek_for_encrypt("hits") is None
+    assert node.cached_dek_for_decrypt("hits", "field", version) is None
+    with pytest.raises(KeyDestroyed):
+        node.dek_for_decrypt("hits", "field", version)
+
+
+def test_every_change_the_node_commits_is_announced_by_the_node(node):
+    """One place announces to the other nodes (Kms.announce), after the local cache dropped
+    the entries: each rotation and a destroy."""
+    heard = []
+    node.announce = lambda *change: heard.append(change)
+    node.create_tenant("told", "production")
+    row = node.generate_secret("told")
+    node.test_clock.now += DAY + 1
+    node.generate_secret("told")
+    node.destroy("told", "field", row.version)
+    assert heard == [("rotate", "told", "field", None), ("rotate", "told", "field", None),
+                     ("destroy", "told", "field", row.version)]
+
+
+def test_a_lost_login_is_noted_by_the_token_hook_and_reading_releases_changes_nothing(node):
+    node.create_tenant("hooked", "production")
+    node.generate_secret("hooked")
+    version, _, dek = node.dek_for_encrypt("hooked")
+    report = node.report
+    assert node.token.module.raw.close_all_sessions(node.token.slot_id) == 0
+    assert list(node.releases) == list(report.held) and node.report is report   # a read
+    node.cache.flush()
+    assert node.dek_for_decrypt("hooked", "field", version) == dek
+    assert node.report is not report     # the token's hook said so; the node imported again
