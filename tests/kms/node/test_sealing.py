@@ -354,7 +354,7 @@ _NODE = textwrap.dedent("""
 
 def _spawn(kit, node: Kms, op: str, **spec) -> subprocess.Popen:
     env = {**os.environ, **kit.regionals["eu"].env, "NODE_PIN": kit.regionals["eu"].user_pin.reveal(),
-           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+           "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     env.update(spec.pop("env", {}))
     arg = json.dumps({"op": op, "config": str(node.config.path), "now": node.clock(), **spec})
     return subprocess.Popen([sys.executable, "-c", _NODE, arg], env=env, text=True,
@@ -448,11 +448,12 @@ def test_node_b_notices_a_key_node_a_destroyed_at_its_next_request(kit, release,
 
 
 # ----------------------------------------------------------------------------- upgrade
+# Runs the previous code (LEGACY_COMMIT), so it names that code's module paths.
 _LEGACY = textwrap.dedent("""
     import json, os, sys
-    from kms.node import config as configs
-    from kms.node.node import Kms
-    from kms.caller.sdk import FieldEncryptor
+    from kms import config as configs
+    from kms.service import Kms
+    from kms.sdk import FieldEncryptor
     from hsm.pin import Pin
     from tests.kms_kit import Clock
     spec = json.loads(sys.argv[1])
@@ -488,7 +489,7 @@ def countersign_bundle(kit, path: Path, officers) -> None:
 
 def test_a_store_made_by_the_previous_code_is_sealed_at_start_and_serves_the_same_deks(
         kit, release, tmp_path):
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     archive = subprocess.run(["git", "-C", str(repo), "archive", LEGACY_COMMIT, "kms", "hsm",

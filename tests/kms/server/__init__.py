@@ -1,1 +1,1 @@
-"""Tests of `service`."""
+"""Tests of `kms.server`: real `kms serve` processes over mTLS."""

@@ -47,7 +47,7 @@ from kms.store import (
 )
 from tests.helpers import run_threads
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 T0 = 1_800_000_000.0          # 2027-01-15T08:00:00Z
 H, D = key_rules.HOUR, key_rules.DAY
 SHA = "ab" * 32

@@ -178,7 +178,7 @@ def test_three_credentials_or_a_key_in_two_key_stores_are_refused(tmp_path, monk
 
 def test_the_example_xks_node_is_valid_and_shows_every_key(monkeypatch):
     import re
-    example = Path(__file__).resolve().parents[2] / "examples" / "xks-node.toml"
+    example = Path(__file__).resolve().parents[3] / "examples" / "xks-node.toml"
     monkeypatch.setenv("XKS_SECRET_PAYMENTS", kit.secret_key())
     cfg = configs.load(example)
     (ks,) = cfg.keystores

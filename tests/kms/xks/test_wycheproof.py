@@ -24,7 +24,7 @@ from hsm import xks as xkeys
 from hsm.errors import DecryptionFailed, check_rv
 from hsm.token import KeyRef
 
-VECTORS = Path(__file__).resolve().parents[3] / "shared" / "vectors" / "wycheproof" / \
+VECTORS = Path(__file__).resolve().parents[4] / "shared" / "vectors" / "wycheproof" / \
     "aes_gcm_test.json"
 
 
