@@ -18,7 +18,7 @@ deps:
 	@mkdir -p $(VAR)
 
 $(SOFTHSM2_CONF): softhsm.conf | deps
-	@$(RUNPY) -c "from pathlib import Path; from hsm.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
+	@$(RUNPY) -c "from pathlib import Path; from hsm.core.softhsm import render_config; render_config(Path('softhsm.conf'), Path('$@'), Path('$(ROOT)'))"
 
 demo: deps $(SOFTHSM2_CONF)
 	@bash scripts/demo.sh

@@ -336,9 +336,9 @@ def run_worker(index: int, label: str, pin_value: str, softhsm_conf: str, comman
     try:
         from pkcs11 import KeyType, MechanismFlag
 
-        from hsm import ops
-        from hsm.pin import Pin
-        from hsm.token import Token
+        from hsm.core import ops
+        from hsm.core.pin import Pin
+        from hsm.core.token import Token
 
         token = Token.open(label, pin=Pin(pin_value))
         del pin_value

@@ -1,10 +1,10 @@
 """A worker process for the multi-process HMAC throughput benchmark (started with 'spawn').
 
-Each worker is its own PKCS#11 application: it loads SoftHSM2 through ``hsm.module`` (OS-locking
+Each worker is its own PKCS#11 application: it loads SoftHSM2 through ``hsm.core.module`` (OS-locking
 ``C_Initialize``), opens the token the parent created with ``Token.open(label, pin=Pin(...))``,
 makes its own session HMAC key and warms up. Then it serves trials: for each command it optionally
 waits on the shared barrier (so concurrent workers start together), signs ``n`` times with
-``hsm.ops.hmac_sha256`` and reports its start and end on CLOCK_MONOTONIC (system-wide on Linux, so
+``hsm.core.ops.hmac_sha256`` and reports its start and end on CLOCK_MONOTONIC (system-wide on Linux, so
 the parent can compute the wall span across workers). A "spin" command runs a pure-Python loop
 instead, without touching the token: the control that shows how many cores the machine really
 gives two processes at that moment.
@@ -23,7 +23,7 @@ from _benchlib import run_worker
 def worker_main(index: int, label: str, pin_value: str, softhsm_conf: str, commands, results,
                 barrier, warmup_ops: int) -> None:
     def setup(token, ref):
-        from hsm import ops
+        from hsm.core import ops
 
         data = os.urandom(32)
         hmac_sha256 = ops.hmac_sha256

@@ -4,7 +4,7 @@ Run with ``python3 -m pytest benchmarks/ --benchmark-only -q``. Plain ``pytest``
 root does not collect this directory (pyproject's ``testpaths`` is ``tests``).
 
 SoftHSM2 is only ever loaded through the ``hsm_tokens`` plugin (``softhsm_module``, which goes
-through :mod:`hsm.module` and its OS-locking ``C_Initialize``); nothing here calls ``pkcs11.lib()``.
+through :mod:`hsm.core.module` and its OS-locking ``C_Initialize``); nothing here calls ``pkcs11.lib()``.
 
 Machines running this are shared and noisy, so nothing is judged on absolute time: every result is
 a ratio of two (or more) variants measured in alternation within the same run (see
@@ -39,7 +39,7 @@ def bench_token_factory(softhsm_module, softhsm_dir):
     keys shared by a raw/layer pair of benchmarks, or a pool of spawned workers shared by the
     1-worker and 2-worker benchmarks) depend on it. This makes tokens the same way: a fresh token in
     the plugin's temporary SoftHSM2 directory via ``C_InitToken`` on the plugin's
-    ``softhsm_module``, random test-only PINs, opened lazily through ``hsm.token.Token``.
+    ``softhsm_module``, random test-only PINs, opened lazily through ``hsm.core.token.Token``.
     """
     made: list[TestToken] = []
 

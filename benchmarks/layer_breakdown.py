@@ -5,8 +5,8 @@ Diagnostic script, not a benchmark test (pytest does not collect it)::
     python3 benchmarks/layer_breakdown.py [ROUNDS]
 
 It makes its own SoftHSM2 configuration and token in a temporary directory and loads the module
-only through ``hsm.module`` (OS-locking init). Starting from the raw python-pkcs11 call it adds the
-layer's pieces one at a time (key lookup, pool acquire, pool release, ``Token.run``, ``hsm.ops``),
+only through ``hsm.core.module`` (OS-locking init). Starting from the raw python-pkcs11 call it adds the
+layer's pieces one at a time (key lookup, pool acquire, pool release, ``Token.run``, ``hsm.core.ops``),
 single pieces on top of rung 1 (``os.getpid()``, two ``time.monotonic()``, one lock round trip:
 rows "1p"), and a sketch of a lean hot path (row "5") for comparison. Every round runs a batch
 of BATCH calls of every variant in shuffled order; the table shows per-call medians and the
@@ -34,7 +34,7 @@ BATCH = 20
 
 
 def main(rounds: int) -> None:
-    from hsm.softhsm import init_token_in_process, write_config
+    from hsm.core.softhsm import init_token_in_process, write_config
 
     base = Path(tempfile.mkdtemp(prefix="hsm-breakdown-"))
     os.environ["SOFTHSM2_CONF"] = str(write_config(base / "softhsm2.conf", base / "tokens"))
@@ -42,10 +42,10 @@ def main(rounds: int) -> None:
     import pkcs11
     from pkcs11 import KeyType, Mechanism, MechanismFlag
 
-    from hsm import module as modules, ops
-    from hsm.errors import SESSION_LOST
-    from hsm.pin import Pin
-    from hsm.token import Token
+    from hsm.core import module as modules, ops
+    from hsm.core.errors import SESSION_LOST
+    from hsm.core.pin import Pin
+    from hsm.core.token import Token
 
     mod = modules.load(modules.DEFAULT_MODULE)
     so_pin, user_pin = Pin(secrets.token_hex(8)), Pin(secrets.token_hex(8))
@@ -90,7 +90,7 @@ def main(rounds: int) -> None:
         v["2 + _acquire + _release"] = acq_rel
         v["1p rung 1 + one threading.Lock round trip"] = lock_only
     v["3 + Token.run (prebuilt fn)"] = lambda: tok.run("C_Sign(SHA256_HMAC)", fn, "k")
-    v["4 hsm.ops.hmac_sha256 (the layer)"] = lambda: ops.hmac_sha256(tok, ref, data)
+    v["4 hsm.core.ops.hmac_sha256 (the layer)"] = lambda: ops.hmac_sha256(tok, ref, data)
 
     def getpid_only():
         os.getpid()

@@ -10,7 +10,7 @@ sample per round:
 * ``raw``: the token operations the ceremony cannot avoid, done directly with python-pkcs11 objects
   from a single ``Token.lease()`` of a user-logged-in primary (opened, objects looked up and closed
   outside the timed region): per secret one ``C_GenerateKey`` token object with
-  ``hsm.export.secret_template`` (through ctypes, as the ceremony: the template holds
+  ``hsm.keys.export.secret_template`` (through ctypes, as the ceremony: the template holds
   CKA_ALLOWED_MECHANISMS), one key-check-value op (HMAC / AES-CMAC) and, at the end, its
   ``C_DestroyObject`` (the ceremony's destroy-secrets step); per recipient
   (10 regions + escrow) and secret one RSA-OAEP ``C_WrapKey`` with the profile's OAEP parameters
@@ -18,7 +18,7 @@ sample per round:
   SHA-384 digest, plus one for the transcript head; one ``C_GenerateRandom(32)``. No SO-side
   ``C_CreateObject``: after the first (warm-up) round the ceremony *adopts* its 11 trusted keys
   (checked every round from the transcript, recorded as ``trusted_keys_per_round``).
-* ``probe`` (extra sample, not a ratio term): ``hsm.profile.probe`` on a freshly opened primary.
+* ``probe`` (extra sample, not a ratio term): ``hsm.core.profile.probe`` on a freshly opened primary.
   The profile is cached per process, so an in-process round after the first never pays it, but a
   ``ceremony run`` CLI process pays it once per run; ``ratio_with_probe`` adds it back.
 
@@ -51,10 +51,11 @@ from time import perf_counter
 import pytest
 from pkcs11 import Attribute, Mechanism
 
-from hsm import _cryptoki, export, ops
-from hsm import profile as profiles
-from hsm import token as token_mod
-from hsm.token import Token
+from hsm.core import _cryptoki, ops
+from hsm.keys import export
+from hsm.core import profile as profiles
+from hsm.core import token as token_mod
+from hsm.core.token import Token
 
 from ceremony import approvals
 from ceremony import environment, plan as plans, runner as runner_mod
@@ -112,8 +113,8 @@ _OVERHEAD = {
         export, "ensure_trusted_public_key"),
     "release state read (export.read_states)": (export, "read_states"),
     "release state write (export.write_state)": (export, "write_state"),
-    "profile probe (hsm.profile.probe)": (profiles, "probe"),
-    "slot scan (hsm.token.find_token)": (token_mod, "find_token"),
+    "profile probe (hsm.core.profile.probe)": (profiles, "probe"),
+    "slot scan (hsm.core.token.find_token)": (token_mod, "find_token"),
     "C_Logout + C_CloseSession (Token.close)": (Token, "close"),
     "certificate checks (certs.check_primary/check_recipient)": None,  # two attributes below
     "certificate file loads (certs.load)": (certs, "load"),

@@ -1,10 +1,10 @@
-"""Overhead of the driver layer (hsm.ops through Token.run) over raw python-pkcs11 calls.
+"""Overhead of the driver layer (hsm.core.ops through Token.run) over raw python-pkcs11 calls.
 
 For each operation two benchmarks share a group, ``[raw]`` and ``[layer]``:
 
 * raw: the python-pkcs11 key object, found once on a session held from ``Token.lease()``, called
   directly (``key.sign(...)``, ``key.decrypt(...)``, ``key.unwrap_key(...)``);
-* layer: the ``hsm.ops`` function, which goes through ``Token.run`` (session pool, per-session key
+* layer: the ``hsm.core.ops`` function, which goes through ``Token.run`` (session pool, per-session key
   cache, error translation, profile lookup) on every call.
 
 Every timed round of one variant is preceded by an untimed (for pytest-benchmark; timed by us) round
@@ -24,7 +24,7 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11.mechanisms import GCMParams
 
-from hsm import ops
+from hsm.core import ops
 
 from _benchlib import Interleaved, median, ratio, scaled, versus
 

@@ -1,7 +1,7 @@
 """HMAC-SHA256 sign throughput through the layer: 1/2/4 threads, and 1/2 worker processes.
 
-* Threads: one process, the shared :class:`hsm.token.Token`, each thread calling
-  ``hsm.ops.hmac_sha256`` for its share of a fixed total of THREAD_OPS signatures; ops/s is that
+* Threads: one process, the shared :class:`hsm.core.token.Token`, each thread calling
+  ``hsm.core.ops.hmac_sha256`` for its share of a fixed total of THREAD_OPS signatures; ops/s is that
   total over the wall time from a common start barrier to the last thread's end.
 * Processes: two workers started once with the 'spawn' context (see ``_throughput_worker.py``), each
   opening the token itself. A trial sends N signs to one worker, or to both, which then start
@@ -24,7 +24,7 @@ import time
 import pytest
 from pkcs11 import KeyType, MechanismFlag
 
-from hsm import ops
+from hsm.core import ops
 
 from _benchlib import (Interleaved, WorkerPool, median, process_trials, ratio, scaled,
                        scaling_summary)

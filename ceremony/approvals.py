@@ -58,7 +58,7 @@ class Approval:
 def sign(plan: Plan, nonce: bytes, officer: str, key_path: Path | None = None,
          password: bytes | None = None, *, signer=None) -> Approval:
     """What `ceremony approve` does on the officer's side: with the key file ``key_path`` or a
-    ``signer`` (:class:`hsm.officer.TokenSigner`), which must be the plan's key for them."""
+    ``signer`` (:class:`hsm.keys.officer.TokenSigner`), which must be the plan's key for them."""
     if signer is None:
         if key_path is None:
             raise ApprovalError("no approval key given")
@@ -153,7 +153,7 @@ def new_key(path: Path) -> str:
 def new_legacy_key(path: Path) -> str:
     """An Ed25519 approval key file, as plans made before countersignatures had: for tests
     of those plans only."""
-    from hsm.files import write_new
+    from suite.files import write_new
     key = Ed25519PrivateKey.generate()
     write_new(path, key.private_bytes(serialization.Encoding.PEM,
                                       serialization.PrivateFormat.PKCS8,

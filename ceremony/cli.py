@@ -17,14 +17,15 @@ import json
 import sys
 from pathlib import Path
 
-from hsm import fingerprint as fp
-from hsm import cliutil
-from hsm.errors import UsageError
-from hsm.files import write_new
+from hsm.commands import options
+from hsm.core.errors import UsageError
+from hsm.keys import attributes, export
+from suite import fingerprint as fp
+from suite.files import write_new
 
-from hsm import export, policy
-
-from . import approvals, environment, officers, plan as plans, runner
+from . import approvals, environment, officers
+from . import plan as plans
+from . import runner
 from .errors import ApprovalError
 from .transcript import Transcript
 
@@ -48,7 +49,7 @@ STEP_DETAILS = {
     "destroy-secrets": "C_DestroyObject each release secret on the primary: the escrow bundle "
                        "is the only backup; no usable copy stays on the primary",
     "record-release": "C_CreateObject CKO_DATA 'hsm-suite-release-<id>' {"
-                      + policy.describe_template(policy.RELEASE_RECORD.attributes)
+                      + attributes.describe_template(attributes.RELEASE_RECORD.attributes)
                       + "} (not in practice runs)",
     "close": "journal the summary and the release digest (SHA-256 over every manifest); the "
              "primary signing key signs the transcript head; the digest is shown for the "
@@ -68,7 +69,7 @@ def _detail(p: plans.Plan, step: str) -> str:
                 + export.applied_template(s.key_type) + "}; read back against it")
     if name == "export" and p.type == "escrow-export":
         return ("C_UnwrapKey of each escrow secret with the primary encryption key into a "
-                "session object {" + policy.describe_template(policy.ESCROW_UNWRAP_TEMPLATE)
+                "session object {" + attributes.describe_template(attributes.ESCROW_UNWRAP_TEMPLATE)
                 + "}, check value compared, then C_WrapKey CKM_RSA_PKCS_OAEP with "
                 f"{runner.recipient_label(arg)!r} -> {runner.bundle_name(p, arg)} (O_EXCL); "
                 "the session objects are destroyed when the run ends")
@@ -189,6 +190,7 @@ def cmd_run(args) -> int:
 
 def cmd_verify(args) -> int:
     from release import quorum
+
     from .verify import verify_directory
     result = verify_directory(Path(args.directory), Path(args.cert),
                               quorum.load(Path(args.officers)))
@@ -212,7 +214,7 @@ def cmd_countersign(args) -> int:
     if not args.digest and not (sys.stdin is not None and sys.stdin.isatty()):
         raise UsageError("no release digest confirmed", hint="pass --digest HEX|WORDS: the "
                          "release digest the ceremony showed at its close, as you noted it")
-    confirmed = cliutil.confirm_fingerprint(digest, args.digest,
+    confirmed = options.confirm_fingerprint(digest, args.digest,
                                             "the ceremony showed at its close")
     with officers.signer_of(args) as signer:
         outcomes = countersign(directory, cert, signer, args.officer, confirmed)
@@ -241,10 +243,10 @@ def cmd_keygen(args) -> int:
     if args.out:
         spki = officers.new_key_file(Path(args.out), args.curve)
     else:
-        from hsm import officer
-        token = cliutil.open_token(args, pin_prompt="Officer token PIN: ")
+        from hsm.keys import officer
+        token = options.open_token(args, pin_prompt="Officer token PIN: ")
         try:
-            parsed = cliutil.token_target(args)[3]
+            parsed = options.token_target(args)[3]
             label = parsed.object if parsed is not None and parsed.object else \
                 officer.DEFAULT_LABEL
             spki = officer.generate(token, label, curve=curve,
@@ -261,14 +263,14 @@ def _add_signer_args(p: argparse.ArgumentParser, what: str) -> None:
                    f"pkcs11:token=alice;object=ceremony-officer?pin-source=file:PIN): {what} "
                    "is made inside it")
     p.add_argument("--serial", help="select the token by serial as well")
-    cliutil.add_module_args(p)
+    options.add_module_args(p)
     p.add_argument("--pin-source", metavar="env:VAR|file:PATH",
                    help="the officer token's PIN (default: $HSM_PIN_<LABEL>, else a prompt)")
     p.add_argument("--key", help="an officer key file instead of a token (rehearsals)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cliutil.parser("ceremony", __doc__.splitlines()[0])
+    parser = options.parser("ceremony", __doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="validate a plan; print its digest and every step")
     p.add_argument("plan")
@@ -318,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", metavar="URI", help="generate inside this token (RFC 7512 URI; "
                    "object=LABEL names the key, default ceremony-officer)")
     p.add_argument("--serial", help="select the token by serial as well")
-    cliutil.add_module_args(p)
+    options.add_module_args(p)
     p.add_argument("--pin-source", metavar="env:VAR|file:PATH",
                    help="the officer token's PIN (default: $HSM_PIN_<LABEL>, else a prompt)")
     p.add_argument("--allow-weak-token", action="store_true",
@@ -330,4 +332,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cliutil.main("ceremony", build_parser(), argv)
+    return options.main("ceremony", build_parser(), argv)

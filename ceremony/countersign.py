@@ -19,14 +19,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import fingerprint as fp
-from suite.files import replace
 from release import bundle as bundles
 from release import certificates as certs
 from release import signers
+from suite import fingerprint as fp
+from suite.files import replace
 
 from .errors import ApprovalError
 from .verify import verify_directory
+
 
 @dataclass(frozen=True)
 class Outcome:

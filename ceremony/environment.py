@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import module as modules
-from hsm import tomlfile
+from hsm.core import module as modules
+from suite import tomlfile
 
 from .errors import PlanError
 

@@ -3,7 +3,7 @@ names what was wrong and what to do."""
 
 from __future__ import annotations
 
-from hsm.errors import SuiteError
+from hsm.core.errors import SuiteError
 from release.errors import CertificateError, VerificationError  # raised by ceremony code too
 
 

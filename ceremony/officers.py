@@ -1,5 +1,5 @@
 """An officer's key where the ceremony meets it: in a PKCS#11 token of their own
-(``--token URI``, :mod:`hsm.officer`) or, for rehearsals and tests, in a PEM file (``--key``).
+(``--token URI``, :mod:`hsm.keys.officer`) or, for rehearsals and tests, in a PEM file (``--key``).
 
 Either way the key is ECDSA P-256 (or P-384) and signs two things: the approval of a run (plan
 digest || nonce) before any key is touched, and each bundle's manifest afterwards
@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from hsm import fingerprint as fp
-from hsm.errors import UsageError
-from hsm.files import write_new
+from hsm.core.errors import UsageError
 from release import signers
+from suite import fingerprint as fp
+from suite.files import write_new
 
 from .errors import ApprovalError
 
@@ -87,11 +87,11 @@ def signer_of(args) -> Iterator:
     if args.key:
         yield FileSigner(Path(args.key))
         return
-    from hsm import cliutil
-    from hsm import officer as token_officer
-    token = cliutil.open_token(args, pin_prompt="Officer token PIN: ")
+    from hsm.commands import options
+    from hsm.keys import officer as token_officer
+    token = options.open_token(args, pin_prompt="Officer token PIN: ")
     try:
-        parsed = cliutil.token_target(args)[3]
+        parsed = options.token_target(args)[3]
         label = parsed.object if parsed is not None and parsed.object else \
             token_officer.DEFAULT_LABEL
         yield token_officer.TokenSigner(token, label)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
-from typing import TypeVar
 from pathlib import Path
+from typing import TypeVar
 
-from hsm import fingerprint as fp
-from hsm import tomlfile
 from release.ids import RELEASE_ID, release_key
+from suite import fingerprint as fp
+from suite import tomlfile
 
 from .errors import PlanError
 

@@ -18,21 +18,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hsm import module as modules
-from hsm import provision, softhsm
-from hsm.pin import Pin
-from hsm.token import Token
-
+from hsm.core import module as modules
+from hsm.core import softhsm
+from hsm.core.pin import Pin
+from hsm.core.token import Token
+from hsm.keys import provision
 from release import quorum, signers
 
-from . import approvals, environment, plan as plans
+from . import approvals, environment
+from . import plan as plans
 from .countersign import countersign
 from .errors import CeremonyError
 from .officers import FileSigner
 from .runner import Runner
 from .transcript import Transcript
 from .verify import verify_directory
-
 
 _USER_PIN_VAR = "HSM_SUITE_REHEARSAL_PIN"
 _SO_PIN_VAR = "HSM_SUITE_REHEARSAL_SO_PIN"

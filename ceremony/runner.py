@@ -16,25 +16,27 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hsm import export, ops
-from hsm import fingerprint as fp
-from hsm import x509 as hx
-from hsm import pin as pins
-from hsm.files import write_new
-from hsm.token import KeyRef, Token
+from hsm.core import ops
+from hsm.core import pin as pins
+from hsm.core.token import KeyRef, Token
+from hsm.keys import export
+from hsm.keys import x509 as hx
 from release import bundle as bundles
 from release import certificates as certs
 from release.canonical import canonical
 from release.ids import release_key
+from suite import fingerprint as fp
+from suite.files import write_new
 
 from . import approvals as approvals_mod
 from . import lock
 from .environment import Environment
 from .errors import CeremonyError, ResumeError
-from .plan import Plan
+from .plan import CEREMONY_TYPES, Plan
 from .transcript import SIGNATURE_FILE, Transcript, head_message, sha256_hex
 from .verify import release_digest
 
@@ -66,22 +68,6 @@ def recipient_label(name: str) -> str:
 def bundle_name(plan: Plan, recipient: str) -> str:
     stamp = f"-{PRACTICE_MARK}" if plan.practice else ""
     return f"bundle-{plan.release}-{recipient}{stamp}.p7"
-
-
-def steps(plan: Plan) -> list[str]:
-    """The journaled steps of a plan, in order."""
-    if plan.type == "regional-enrollment":
-        return ["open", "approvals", "certify-regional", "close"]
-    if plan.type == "escrow-export":
-        return (["open", "approvals", "check-certificates", "check-escrow", "trust-recipients"]
-                + [f"export:{r.name}" for r in plan.regions] + ["verify-bundles", "close"])
-    out = ["open", "approvals", "check-certificates", "check-release", "trust-recipients",
-           "kdf-salt"]
-    out += [f"generate:{s.name}" for s in plan.secrets]
-    out += ["check-values"]
-    out += [f"export:{r.name}" for r in plan.regions] + ["export:escrow"]
-    out += ["verify-bundles", "destroy-secrets", "record-release", "close"]
-    return out
 
 
 class Runner:
@@ -139,8 +125,8 @@ class Runner:
 
     def _token_identity(self) -> tuple[str, str, str]:
         """(module, serial, label) of the primary, found without logging in."""
-        from hsm import module as modules
-        from hsm.token import find_token
+        from hsm.core import module as modules
+        from hsm.core.token import find_token
         mod = modules.load(self.env.module, self.env.module_params)
         found = find_token(mod, label=self.env.primary_token)
         return mod.path, found.serial.decode("ascii", "replace"), found.label
@@ -178,8 +164,8 @@ class Runner:
 
     def _do(self, step: str) -> None:
         name, _, arg = step.partition(":")
-        handler = getattr(self, "step_" + name.replace("-", "_"))
-        handler(arg) if arg else handler()
+        handler = handlers(self.plan.type)[name]
+        handler(self, arg) if arg else handler(self)
 
     def _kill_point(self, where: str) -> None:
         if os.environ.get(KILL_ENV) == where:
@@ -206,18 +192,18 @@ class Runner:
     def _check_primary_keys(self, token: Token) -> None:
         """Every run re-checks the primary's keys against their policy before using them (a
         key provisioned before the policy, or on a token that does not keep it, is refused)."""
-        from hsm import policy
+        from hsm.keys import attributes
         sign = f"{token.label}-signing"
         spki = hx.public_key_info(token, ops.public(sign))
-        signing = policy.SIGNING_ECDSA if spki.algorithm == "ec" else policy.SIGNING_RSA_PSS
-        policy.require(token, ops.private(sign), signing, purpose="sign ceremony outputs")
+        signing = attributes.SIGNING_ECDSA if spki.algorithm == "ec" else attributes.SIGNING_RSA_PSS
+        attributes.require(token, ops.private(sign), signing, purpose="sign ceremony outputs")
         if self.plan.type != "regional-enrollment":
-            policy.require(token, ops.private(f"{token.label}-encryption"),
-                           policy.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
+            attributes.require(token, ops.private(f"{token.label}-encryption"),
+                           attributes.PRIMARY_ENCRYPTION, purpose="receive the escrow bundle")
             # Release secrets leave only under trusted keys whose wrap template the token must
             # keep (an escrow-export generates nothing, so the generate step's check is not
             # enough).
-            from hsm.profile import require_enforcement
+            from hsm.core.profile import require_enforcement
             require_enforcement(token, "export release secrets", allow_weak=self.plan.practice)
 
     def _close_user_token(self) -> None:
@@ -470,7 +456,7 @@ class Runner:
         self._journal("record-release", {"release": self.plan.release, "status": status})
 
     def step_certify_regional(self) -> None:
-        from hsm import provision
+        from hsm.keys import provision
         with self._user_token() as token:
             outcome = provision.certify_regional(
                 token, self.plan.need(self.plan.enrollment_request, "enrollment.request"),
@@ -554,8 +540,84 @@ class Runner:
         write_new(self.out / SIGNATURE_FILE, (json.dumps(doc, indent=2) + "\n").encode())
 
 
+# ------------------------------------------------------------------------- the steps, by type
+@dataclass(frozen=True)
+class Step:
+    """One journaled step of a ceremony type: its name in the transcript and its handler. A step
+    with ``each`` runs once per item of the plan (``generate:<secret>``, ``export:<region>``)."""
+    name: str
+    handler: Callable[..., object]
+    each: Callable[[Plan], list[str]] | None = None
+
+
+def _secrets(plan: Plan) -> list[str]:
+    return [s.name for s in plan.secrets]
+
+
+def _regions(plan: Plan) -> list[str]:
+    return [r.name for r in plan.regions]
+
+
+def _regions_and_escrow(plan: Plan) -> list[str]:
+    return _regions(plan) + ["escrow"]
+
+
+# Each ceremony type's steps, in order: the one place that says what a ceremony does and which
+# method does each step. "open" is journaled by `ceremony open` (Runner.open), before any run.
+STEPS: dict[str, tuple[Step, ...]] = {
+    "release-secrets": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("check-certificates", Runner.step_check_certificates),
+        Step("check-release", Runner.step_check_release),
+        Step("trust-recipients", Runner.step_trust_recipients),
+        Step("kdf-salt", Runner.step_kdf_salt),
+        Step("generate", Runner.step_generate, each=_secrets),
+        Step("check-values", Runner.step_check_values),
+        Step("export", Runner.step_export, each=_regions_and_escrow),
+        Step("verify-bundles", Runner.step_verify_bundles),
+        Step("destroy-secrets", Runner.step_destroy_secrets),
+        Step("record-release", Runner.step_record_release),
+        Step("close", Runner.step_close),
+    ),
+    "regional-enrollment": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("certify-regional", Runner.step_certify_regional),
+        Step("close", Runner.step_close),
+    ),
+    "escrow-export": (
+        Step("open", Runner.open),
+        Step("approvals", Runner.step_approvals),
+        Step("check-certificates", Runner.step_check_certificates),
+        Step("check-escrow", Runner.step_check_escrow),
+        Step("trust-recipients", Runner.step_trust_recipients),
+        Step("export", Runner.step_export, each=_regions),
+        Step("verify-bundles", Runner.step_verify_bundles),
+        Step("close", Runner.step_close),
+    ),
+}
+# The plan accepts exactly the types that have steps here (the plan format cannot import the
+# runner: it parses without a token).
+if set(STEPS) != set(CEREMONY_TYPES):
+    raise RuntimeError(f"ceremony types without steps or steps without a type: "
+                       f"{sorted(set(STEPS) ^ set(CEREMONY_TYPES))}")
+
+
+def steps(plan: Plan) -> list[str]:
+    """The journaled steps of a plan, in order (as the transcript names them)."""
+    return [f"{step.name}:{item}" if step.each else step.name
+            for step in STEPS[plan.type]
+            for item in (step.each(plan) if step.each else [""])]
+
+
+def handlers(ceremony_type: str) -> dict[str, Callable[..., object]]:
+    """Each step name of a ceremony type -> the Runner method that performs it."""
+    return {step.name: step.handler for step in STEPS[ceremony_type]}
+
+
 def _remove_stale_temporaries(out: Path) -> None:
-    """Temporary files of a killed writer (hsm.files.write_new names them .NAME.PID.tmp)."""
+    """Temporary files of a killed writer (suite.files.write_new names them .NAME.PID.tmp)."""
     for tmp in out.glob(".*.tmp"):
         pid = tmp.name.rsplit(".", 2)[-2]
         if pid.isdigit() and not _alive(int(pid)):

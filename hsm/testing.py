@@ -4,7 +4,7 @@ Installed as the ``hsm_tokens`` pytest11 entry point (through :mod:`hsm.pytest_p
 any project that depends on this package with its token side gets the fixtures::
 
     def test_wraps(softhsm_token):           # a fresh token, logged in, per test
-        tok = softhsm_token.token             # hsm.token.Token
+        tok = softhsm_token.token             # hsm.core.token.Token
         ...
     def test_many(softhsm_token_factory):    # as many fresh tokens as a test needs
         a, b = softhsm_token_factory(), softhsm_token_factory()
@@ -27,10 +27,10 @@ from pathlib import Path
 import pkcs11
 import pytest
 
-from . import module as modules
-from .pin import Pin
-from .softhsm import init_token_in_process, write_config
-from .token import Token
+from hsm.core import module as modules
+from hsm.core.pin import Pin
+from hsm.core.softhsm import init_token_in_process, write_config
+from hsm.core.token import Token
 
 _counter = itertools.count()
 
@@ -137,7 +137,7 @@ def nss_token(tmp_path_factory) -> Iterator[TestToken]:
     Shared by every test of the session because softokn is initialised once per process with one
     database (its parameter string): give objects :func:`unique_label` labels.
     """
-    from . import nss
+    from hsm.core import nss
 
     reason = nss.missing()
     if reason:

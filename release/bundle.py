@@ -19,11 +19,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from suite.signatures import SIGNATURE_ALGORITHMS
-
 from release import signers
 from release.canonical import canonical
 from release.errors import VerificationError
+from suite.signatures import SIGNATURE_ALGORITHMS
 
 FORMAT = "hsm-suite-release-bundle"
 # Version 2 adds what the officers approved: the plan digest and the run's nonce. Version 1
@@ -31,7 +30,7 @@ FORMAT = "hsm-suite-release-bundle"
 # place (`ceremony countersign`), which cannot change a manifest the primary signed.
 VERSION = 2
 VERSIONS = (1, 2)
-# The signature AlgorithmIdentifiers are the ones certificates use (hsm.ops).
+# The signature AlgorithmIdentifiers are the ones certificates use (hsm.core.ops).
 _SIG_ALGOS = SIGNATURE_ALGORITHMS
 MANIFEST_KEYS_V1 = {"format", "version", "ceremony_id", "release", "region", "recipient",
                     "created", "practice", "kdf_salt", "secrets"}

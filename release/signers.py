@@ -1,5 +1,5 @@
 """Officers' signing keys as the bundle format sees them: ECDSA P-256 or P-384, wherever the key
-lives (a PEM file for rehearsals, a PKCS#11 token in production: ``hsm.officer``).
+lives (a PEM file for rehearsals, a PKCS#11 token in production: ``hsm.keys.officer``).
 
 ECDSA because OpenSSL 3.0 cannot verify an Ed25519 signer in CMS (measured), and the bundles must
 stay verifiable by ``openssl cms -verify``. The curve fixes the hash (P-256 with SHA-256, P-384

@@ -34,7 +34,7 @@ here=$(pwd -P)
 if ! (cd / && $PY -c "
 import os, sys, suite, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy, schemathesis
 ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (suite, hsm, release, ceremony, kms))
-sys.exit(0 if ours else 1)") 2>/dev/null || ! grep -q "hsm.entry" .venv/bin/kms; then
+sys.exit(0 if ours else 1)") 2>/dev/null || ! grep -q "hsm.commands.entry" .venv/bin/kms; then
     echo "installing the hsm-suite package (editable) with its token side and test dependencies"
     $PY -m pip install -q --disable-pip-version-check --root-user-action=ignore -e ".[hsm,test]"
 fi

@@ -8,6 +8,6 @@ It imports no ``pkcs11`` and nothing of ``hsm``, so an encryption service that i
 SDK (``kms.caller.sdk``) or the client (``kms.caller.client``), or a verifier that reads bundles
 (``release``),
 never loads the token layer and installs without python-pkcs11 (``tests/test_token_free.py``).
-``hsm`` re-exports these modules at their old paths (``hsm.errors.SuiteError``,
-``hsm.tomlfile``, ``hsm.files``, ``hsm.fingerprint``, ``hsm.cliutil``) until the next release.
+``hsm`` keeps these modules at their old paths (``hsm.errors.SuiteError``, ``hsm.tomlfile``,
+``hsm.files``, ``hsm.fingerprint``, ``hsm.cliutil``: :mod:`hsm._old_paths`) until the next release.
 """

@@ -2,7 +2,7 @@
 
 Exit 2: a project error (wrong PIN, missing token, refused input) - the message says what and
 what to do. Exit 3: anything unexpected (a bug). 130: interrupted. --debug re-raises.
-Token-free: the options that name a module or a token are ``hsm.cliutil``'s.
+Token-free: the options that name a module or a token are ``hsm.commands.options``'s.
 """
 
 from __future__ import annotations

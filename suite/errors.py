@@ -1,6 +1,6 @@
 """The neutral base of every error the suite raises on purpose, and of the caller's bad input.
 
-``hsm.errors.HsmError`` (the token), ``release.errors.ReleaseError`` (a bundle or certificate),
+``hsm.core.errors.HsmError`` (the token), ``release.errors.ReleaseError`` (a bundle or certificate),
 ``ceremony.errors.CeremonyError`` and ``kms.errors.KmsError`` derive from :class:`SuiteError` side
 by side, so ``except HsmError`` means the token and nothing else, and the three commands answer
 any :class:`SuiteError` with its one line and exit 2.
@@ -25,4 +25,4 @@ class SuiteError(Exception):
 class UsageError(SuiteError, ValueError):
     """Bad input from the caller (an existing output file, a malformed value), detected before
     anything is touched. A ``ValueError`` too, like every misuse error of the suite;
-    ``hsm.errors.UsageError`` is the token layer's kind of it."""
+    ``hsm.core.errors.UsageError`` is the token layer's kind of it."""

@@ -1,5 +1,5 @@
 """The signature algorithm identifiers the suite writes into certificates and CMS bundles
-(asn1crypto's dict form), by the names ``hsm.ops.sign`` takes. Here rather than in ``hsm`` so
+(asn1crypto's dict form), by the names ``hsm.core.ops.sign`` takes. Here rather than in ``hsm`` so
 that ``release`` can read and check a bundle without loading the token layer."""
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsm import provision
+from hsm.keys import provision
 from hsm.testing import TestToken
 
 from ceremony import approvals, plan as plans
@@ -134,7 +134,7 @@ class Kit:
         officers' self-signed certificates it carries (openssl checks every signature; which
         officers count is the readers' pinned quorum, not openssl's)."""
         from asn1crypto import cms
-        from hsm.x509 import to_pem
+        from hsm.keys.x509 import to_pem
         certs = cms.ContentInfo.load(bundle.read_bytes())["content"]["certificates"]
         path = bundle.with_name(f".{bundle.name}.anchors.pem")
         path.write_bytes(b"".join(to_pem(c.chosen) for c in certs))
@@ -143,8 +143,8 @@ class Kit:
     def previous_format_bundle(self, plan: plans.Plan, region: str) -> bytes:
         """``region``'s bundle of ``plan`` as the version before officers countersigned wrote
         it: a version-1 manifest (no plan digest, no run nonce) signed by the primary alone."""
-        from hsm import ops
-        from hsm.token import Token
+        from hsm.core import ops
+        from hsm.core.token import Token
         from release import bundle as bundles
         from release.certificates import as_asn1, load as load_cert
         cert = as_asn1(load_cert(self.primary_cert, "primary signing"))

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers import algorithms
 from cryptography.hazmat.primitives.cmac import CMAC
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 
-from hsm.pin import token_env
+from hsm.core.pin import token_env
 from hsm.testing import TestToken
 from tests.helpers import run_hsm, self_signed_pem
 
@@ -59,7 +59,7 @@ def trust(tt: TestToken, provider: str, key_file: Path, private_key, *, words: b
     """The officer confirms the fingerprint the provider shows: hex, or read as PGP words."""
     confirmed = fingerprint(private_key)
     if words:
-        from hsm.fingerprint import to_words
+        from suite.fingerprint import to_words
         confirmed = " ".join(to_words(bytes.fromhex(confirmed)))
     return run_hsm(tt, "cloud-key", "trust", "--token", tt.label, "--provider", provider,
                    "--wrapping-key", str(key_file), "--fingerprint", confirmed, env=pins(tt))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hsm import provision
+from hsm.keys import provision
 
 
 @pytest.fixture(scope="session")

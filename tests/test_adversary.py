@@ -1,7 +1,7 @@
 """The user-PIN holder as an adversary, after a real ceremony, on real tokens.
 
 Each test plays an insider with a shell and the *user* PIN (never the SO PIN) on the primary or a
-regional token, using plain python-pkcs11 and raw Cryptoki calls (hsm._cryptoki, i.e. what
+regional token, using plain python-pkcs11 and raw Cryptoki calls (hsm.core._cryptoki, i.e. what
 pkcs11-tool or a few lines of C could send), and tries to get a release secret out: extractable
 unwrap, persistent copy, attribute flips, C_CopyObject, decrypt instead of unwrap, wrap to a
 trusted key and unwrap again, key-check oracles, rewriting the release record. Each attempt must
@@ -23,10 +23,11 @@ from release import bundle as bundles
 from ceremony import runner
 from release.certificates import as_asn1
 from release.certificates import load as load_cert
-from hsm import _cryptoki, export, ops
-from hsm import policy as policies
-from hsm.errors import from_pkcs11
-from hsm.token import Token
+from hsm.core import _cryptoki, ops
+from hsm.keys import export
+from hsm.keys import attributes
+from hsm.core.errors import from_pkcs11
+from hsm.core.token import Token
 from tests.ceremony_kit import kit_fixture
 
 _label = itertools.count()
@@ -62,7 +63,7 @@ def ckr(fn) -> str:
 
 def raw_rv(rv_or_tuple) -> str:
     rv = rv_or_tuple[0] if isinstance(rv_or_tuple, tuple) else rv_or_tuple
-    from hsm.errors import CKR_BY_VALUE
+    from hsm.core.errors import CKR_BY_VALUE
     return CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}") if rv else "CKR_OK"
 
 
@@ -117,8 +118,8 @@ def test_regional_unwrap_cannot_widen_the_allowed_mechanisms(kit, release):
     oaep = _cryptoki.CK_RSA_PKCS_OAEP_PARAMS(int(Mechanism.SHA_1), int(MGF.SHA1), 1, None, 0)
     tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
            Attribute.LABEL: f"atk-{next(_label)}", Attribute.ENCRYPT: True,
-           **policies.REGIONAL_UNWRAP_TEMPLATE,
-           Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_ECB, *policies.KMS_SECRET_MECHANISMS]}
+           **attributes.REGIONAL_UNWRAP_TEMPLATE,
+           Attribute.ALLOWED_MECHANISMS: [Mechanism.AES_ECB, *attributes.KMS_SECRET_MECHANISMS]}
     got = raw.unwrap_key(h, Mechanism.RSA_PKCS_OAEP, oaep, priv, bytes.fromhex(entry["wrapped"]),
                          tpl)
     assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
@@ -172,7 +173,7 @@ def test_regional_private_key_cannot_decrypt_be_flipped_copied_or_use_pkcs1(kit,
             "CKR_ACTION_PROHIBITED"
         # Unwrap with PKCS#1 v1.5 (not the key's one allowed mechanism), template matched.
         tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
-               Attribute.LABEL: f"atk-{next(_label)}", **policies.REGIONAL_UNWRAP_TEMPLATE}
+               Attribute.LABEL: f"atk-{next(_label)}", **attributes.REGIONAL_UNWRAP_TEMPLATE}
         assert raw_rv(raw.unwrap_key(h, Mechanism.RSA_PKCS, None, key.handle, blob, tpl)) == \
             "CKR_MECHANISM_INVALID"
 
@@ -375,7 +376,7 @@ def test_a_database_writer_cannot_shorten_the_database_key_delay(kit, release, t
 def test_kms_and_ceremony_refuse_a_key_provisioned_without_the_policy(softhsm_token, tmp_path):
     """A token provisioned the old way (python-pkcs11 defaults: modifiable, no allowed
     mechanisms, no unwrap template): the KMS import and the ceremony refuse to use its keys."""
-    from hsm.errors import KeyPolicyViolation
+    from hsm.core.errors import KeyPolicyViolation
     from kms.node import importer
     token = softhsm_token.token
     label = token.label
@@ -517,8 +518,8 @@ def test_the_cloud_key_leaves_only_to_trusted_keys_and_the_user_cannot_make_one(
         from hsm.cloud.wrap import oaep_params
         assert raw_rv(raw.wrap_key(h, Mechanism.RSA_PKCS_OAEP, oaep_params("sha1"), pub,
                                    key.handle)) == "CKR_KEY_NOT_WRAPPABLE"
-        ephemeral = {**policies.cloud_ephemeral(kwp).creation_attributes(
-            policies.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
+        ephemeral = {**attributes.cloud_ephemeral(kwp).creation_attributes(
+            attributes.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
             Attribute.VALUE_LEN: 32, Attribute.LABEL: f"atk-{next(_label)}"}
         assert raw_rv(raw.generate_key(h, Mechanism.AES_KEY_GEN, ephemeral)) == \
             "CKR_ATTRIBUTE_READ_ONLY"
@@ -586,15 +587,15 @@ def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_i
     """The ephemeral key as hsm.cloud.wrap makes it: only the SO can generate it, it survives
     the SO's logout as a public session object, and the user then cannot read it, use it to
     encrypt, wrap it with an untrusted key, or strip CKA_TRUSTED / CKA_WRAP_WITH_TRUSTED."""
-    from hsm import module as modules
-    from hsm.token import find_token
+    from hsm.core import module as modules
+    from hsm.core.token import find_token
     tt = softhsm_token  # its Token is never opened: this test logs in by hand
     mod = modules.load(tt.module_path)
     p11token = find_token(mod, label=tt.label)
     raw = mod.raw
-    kwp = 0x210A  # SoftHSM2's RFC 5649 code (hsm.profile.kwp_mechanism)
-    template = {**policies.cloud_ephemeral(kwp).creation_attributes(
-        policies.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
+    kwp = 0x210A  # SoftHSM2's RFC 5649 code (hsm.core.profile.kwp_mechanism)
+    template = {**attributes.cloud_ephemeral(kwp).creation_attributes(
+        attributes.cloud_mechanisms(kwp)), Attribute.KEY_TYPE: KeyType.AES,
         Attribute.VALUE_LEN: 32, Attribute.LABEL: "eph"}
     session = p11token.open(rw=True)
     h = session.handle
@@ -622,7 +623,7 @@ def test_the_composed_routes_ephemeral_key_is_trusted_only_by_the_so_and_stays_i
         rel = raw_handles(tt.token, ops.secret("rel-eph"))[1]
         assert raw_rv(raw.wrap_key(h, kwp, None, eph, rel)) == "CKR_KEY_NOT_WRAPPABLE"
         rv, cloudish = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
-            **policies.cloud_key(kwp).creation_attributes(), Attribute.KEY_TYPE: KeyType.AES,
+            **attributes.cloud_key(kwp).creation_attributes(), Attribute.KEY_TYPE: KeyType.AES,
             Attribute.VALUE_LEN: 32, Attribute.TOKEN: False})
         assert raw_rv(raw.wrap_key(h, kwp, None, eph, cloudish)) == "CKR_OK"
         for change in ({Attribute.TRUSTED: False}, {Attribute.WRAP_WITH_TRUSTED: False},
@@ -643,7 +644,7 @@ def byok_keys(kit):
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-    from hsm import byok as hbyok
+    from hsm.keys import byok as hbyok
     eu = kit.regionals["eu"]
     out = {}
     for purpose in ("seed", "dek"):
@@ -685,7 +686,7 @@ def _eu_anchor(kit):
 def test_byok_seed_key_unwraps_only_into_the_non_extractable_template(kit, byok_keys, change):
     label, _, ct = byok_keys["seed"]
     with _eu_anchor(kit) as (token, _, lease, _):
-        got = _byok_unwrap(token, label, ct, {**policies.BYOK_SEED_UNWRAP_TEMPLATE, **change},
+        got = _byok_unwrap(token, label, ct, {**attributes.BYOK_SEED_UNWRAP_TEMPLATE, **change},
                            lease)
     assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
 
@@ -699,7 +700,7 @@ def test_what_a_pin_holder_gets_from_a_byok_seed_unwrap(kit, byok_keys):
     import hmac as hmac_
     label, secret, ct = byok_keys["seed"]
     with _eu_anchor(kit) as (token, raw, lease, h):
-        rv, key = _byok_unwrap(token, label, ct, policies.BYOK_SEED_UNWRAP_TEMPLATE, lease)
+        rv, key = _byok_unwrap(token, label, ct, attributes.BYOK_SEED_UNWRAP_TEMPLATE, lease)
         assert raw_rv(rv) == "CKR_OK"
         assert raw_rv(raw.get_attribute(h, key, Attribute.VALUE)) == "CKR_ATTRIBUTE_SENSITIVE"
         rv, wrapper = raw.generate_key(h, Mechanism.AES_KEY_GEN, {
@@ -738,8 +739,8 @@ def test_byok_private_keys_cannot_decrypt_be_changed_copied_or_use_pkcs1(kit, by
             "CKR_ACTION_PROHIBITED"
         assert raw_rv(raw.copy_object(h, key, {Attribute.DECRYPT: True,
                                                Attribute.TOKEN: False})) == "CKR_ACTION_PROHIBITED"
-        template = (policies.BYOK_SEED_UNWRAP_TEMPLATE if purpose == "seed"
-                    else policies.BYOK_DEK_UNWRAP_TEMPLATE)
+        template = (attributes.BYOK_SEED_UNWRAP_TEMPLATE if purpose == "seed"
+                    else attributes.BYOK_DEK_UNWRAP_TEMPLATE)
         tpl = {Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.AES,
                Attribute.LABEL: f"atk-{next(_label)}", **template}
         assert raw_rv(raw.unwrap_key(h, Mechanism.RSA_PKCS, None, key, ct, tpl)) == \
@@ -751,10 +752,10 @@ def test_the_byok_dek_key_releases_what_it_unwraps_by_design(kit, byok_keys):
     holder with the stored ciphertext reads it too. It still cannot become a token object."""
     label, dek, ct = byok_keys["dek"]
     with _eu_anchor(kit) as (token, raw, lease, h):
-        got = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+        got = _byok_unwrap(token, label, ct, {**attributes.BYOK_DEK_UNWRAP_TEMPLATE,
                                               Attribute.TOKEN: True}, lease)
         assert raw_rv(got) == "CKR_TEMPLATE_INCONSISTENT"
-        rv, key = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+        rv, key = _byok_unwrap(token, label, ct, {**attributes.BYOK_DEK_UNWRAP_TEMPLATE,
                                                   Attribute.SIGN: False}, lease)
         assert raw_rv(rv) == "CKR_OK"
         assert raw.get_attribute(h, key, Attribute.VALUE)[1] == dek
@@ -762,15 +763,15 @@ def test_the_byok_dek_key_releases_what_it_unwraps_by_design(kit, byok_keys):
 
 def test_byok_keys_pass_the_audit_and_a_ciphertext_for_one_is_nothing_to_the_other(kit,
                                                                                     byok_keys):
-    from hsm import audit
+    from hsm import inventory
     eu = kit.regionals["eu"]
-    rows = [r for r in audit.audit(eu.token) if r.label.startswith("byok-")]
+    rows = [r for r in inventory.audit(eu.token) if r.label.startswith("byok-")]
     assert {r.role for r in rows} >= {"byok-seed", "byok-dek", "public key"}
     assert all(r.deviations == [] for r in rows)
     seed_label, _, _ = byok_keys["seed"]
     _, _, dek_ct = byok_keys["dek"]
     with eu.token.anchor() as lease:
-        got = _byok_unwrap(eu.token, seed_label, dek_ct, policies.BYOK_SEED_UNWRAP_TEMPLATE,
+        got = _byok_unwrap(eu.token, seed_label, dek_ct, attributes.BYOK_SEED_UNWRAP_TEMPLATE,
                            lease)
     assert raw_rv(got) != "CKR_OK"
     sweep(eu.token)
@@ -779,7 +780,7 @@ def test_byok_keys_pass_the_audit_and_a_ciphertext_for_one_is_nothing_to_the_oth
 # ================================================================ trusted keys' cargo (issue 15)
 # Every CKA_TRUSTED key the suite makes has a CKA_WRAP_TEMPLATE that admits only its cargo:
 # regional recipients and the escrow key take release secrets (CKA_ALLOWED_MECHANISMS exactly
-# hsm.policy.RELEASE_SECRET_MECHANISMS), cloud import keys take cloud keys. Each row is one
+# hsm.keys.attributes.RELEASE_SECRET_MECHANISMS), cloud import keys take cloud keys. Each row is one
 # wrappable key kind, each column one trusted-key kind; the cell is what SoftHSM2 2.6.1
 # answers C_WrapKey(RSA-OAEP SHA-1) with, the user PIN logged in.
 _OK, _NO, _UNEXTRACTABLE = "CKR_OK", "CKR_KEY_NOT_WRAPPABLE", "CKR_KEY_UNEXTRACTABLE"
@@ -801,7 +802,7 @@ def _so_trusts_on(tt, root, *, recipient_cert, provider_key_file, provider_key):
     import sys
 
     from tests import cloud_kit as ck
-    code = ("import sys; from hsm.token import Token; from hsm.pin import Pin; "
+    code = ("import sys; from hsm.core.token import Token; from hsm.core.pin import Pin; "
             "from hsm import export; from release.certificates import load, as_asn1; "
             "spki = as_asn1(load(sys.argv[2], 'r')).public_key; "
             "t = Token.open(sys.argv[1], pin=Pin(sys.argv[3]), so=True); "
@@ -896,7 +897,7 @@ def test_each_trusted_key_takes_only_its_own_cargo_on_a_region(kit, release, byo
                                          label=f"atk-{next(_label)}")
     label, _, ct = byok_keys["dek"]
     with _eu_anchor(kit) as (token, raw, lease, h):
-        rv, dek = _byok_unwrap(token, label, ct, {**policies.BYOK_DEK_UNWRAP_TEMPLATE,
+        rv, dek = _byok_unwrap(token, label, ct, {**attributes.BYOK_DEK_UNWRAP_TEMPLATE,
                                                   Attribute.SIGN: False}, lease)
         assert raw_rv(rv) == "CKR_OK"
         keys = {"release seed (imported)": lease.key(imported["generic-secret"]).handle,

@@ -13,8 +13,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
-# `kms/store/test_repository::name` is tests/kms/store/test_repository.py; `test_adversary::name`
-# is a module at the top of tests/; `::name` repeats the module cited before it in the same row.
+# `kms/store/test_repository::name` is tests/kms/store/test_repository.py,
+# `hsm/keys/test_orgkek::name` is tests/hsm/keys/test_orgkek.py; `test_adversary::name` is a module
+# at the top of tests/; `::name` repeats the module cited before it in the same row.
 CITATION = re.compile(r"`((?:[a-z_]+/)*test_\w+)?::(\w+|\*)`")
 
 
@@ -55,8 +56,8 @@ def test_test_folders_do_not_shadow_the_packages_they_test():
         assert TESTS not in Path(real.__file__).resolve().parents, real.__file__
         assert Path(real.__file__).resolve().parent.name == name
         assert Path(folder.__file__).resolve().parent == TESTS / name
-    import tests.hsm.test_ops as ops_tests
-    assert ops_tests.ops.__name__ == "hsm.ops"
+    import tests.hsm.core.test_ops as ops_tests
+    assert ops_tests.ops.__name__ == "hsm.core.ops"
 
 
 # ---------------------------------------------------------------------------------- links
@@ -148,7 +149,9 @@ INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 
 def _parser(program: str) -> argparse.ArgumentParser:
     import importlib
-    return importlib.import_module(f"{program}.cli").build_parser()
+
+    from hsm.commands.entry import COMMANDS
+    return importlib.import_module(COMMANDS[program]).build_parser()
 
 
 def _shown_commands() -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from tests.localtls import free_port, make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-TOKEN_LAYER = ("pkcs11", "hsm.token", "hsm.module", "hsm._cryptoki")
+TOKEN_LAYER = ("pkcs11", "hsm.core.token", "hsm.core.module", "hsm.core._cryptoki")
 
 
 def _fresh(code: str, *args: str) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hsm.errors import HsmError
+from hsm.core.errors import HsmError
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "wycheproof"
 _labels = itertools.count()
@@ -92,7 +92,7 @@ def session_key(token, template: dict, prefix: str):
     """Import a vector's key as a session object on ``token`` (a throw-away test token: the
     one place the suite puts outside key material into a token); its KeyRef."""
     from pkcs11 import Attribute
-    from hsm.token import KeyRef
+    from hsm.core.token import KeyRef
     name = label(prefix)
     token.run_on_anchor("C_CreateObject", lambda lease: lease.session.create_object(
         {**template, Attribute.LABEL: name, Attribute.TOKEN: False}), name)
@@ -100,5 +100,5 @@ def session_key(token, template: dict, prefix: str):
 
 
 def destroy(token, ref) -> None:
-    from hsm import ops
+    from hsm.core import ops
     ops.destroy_session_object(token, ref)

@@ -17,11 +17,12 @@ from asn1crypto import pem
 from asn1crypto import x509 as asn1x509
 from pkcs11 import ObjectClass
 
-from .. import pin as pins
-from .. import cliutil
-from ..errors import UsageError
+from hsm.commands import options
+from hsm.core import pin as pins
+from hsm.core.errors import UsageError
+from hsm.core.token import KeyRef, Token
 from suite.files import check_writable, write_set
-from ..token import KeyRef, Token
+
 from . import keys, providers, wrap
 
 MAX_KEY_FILE = 64 * 1024
@@ -73,7 +74,7 @@ def _looks_like_certificate(der: bytes) -> bool:
 def _confirm(args, digest: bytes) -> None:
     """The same confirmation as regional certification: the officer types the fingerprint the
     provider shows (hex or PGP words); without it, or with another one, nothing is trusted."""
-    confirmed = cliutil.confirm_fingerprint(digest, args.fingerprint, "the provider shows")
+    confirmed = options.confirm_fingerprint(digest, args.fingerprint, "the provider shows")
     if confirmed != digest:
         raise UsageError("the confirmed fingerprint does not match the wrapping key file; "
                          "nothing trusted", hint="get the import key again from the provider")
@@ -101,7 +102,7 @@ def cmd_trust(args, open_token) -> int:
     spki = read_wrapping_key(Path(args.wrapping_key))
     digest, _ = _describe(spki, args.wrapping_key)
     _confirm(args, digest)
-    with cliutil.open_so(args) as so:
+    with options.open_so(args) as so:
         label, status = keys.trust(so, prov.name, spki, digest)
     print(f"{prov.name} import key {label!r} " + (
         "created as CKA_TRUSTED by the security officer" if status == "created" else
@@ -145,7 +146,7 @@ def cmd_export(args, open_token) -> int:
     if wrapped is None:
         # The composed RSA-AES route needs a CKA_TRUSTED ephemeral key: only the SO can make
         # one. The user's login ended with the block above (login is per application).
-        label = cliutil.token_target(args)[0]
+        label = options.token_target(args)[0]
         so_pin = pins.resolve(args.so_pin_source, default_env="HSM_SO_PIN", token_label=label,
                               prompt=f"Security officer PIN for token {label}: ")
         wrapped = wrap.composed(mod, p11token, so_pin, lambda: open_token(args), import_ref,
@@ -170,7 +171,7 @@ def cmd_export(args, open_token) -> int:
 
 
 def p11_label(args) -> str:
-    return repr(cliutil.token_target(args)[0])
+    return repr(options.token_target(args)[0])
 
 
 def _import_token(args, prov) -> bytes | None:

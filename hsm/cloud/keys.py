@@ -4,7 +4,7 @@ A cloud key is an AES key generated in the token, sensitive, extractable only un
 CKA_WRAP_WITH_TRUSTED, non-modifiable, non-copyable, SIGN-only (its AES-CMAC check value), with a
 CKA_ID that starts with :data:`ID_PREFIX` (so ``hsm audit`` and the export recognise it). A
 provider import key is created by the SO as CKA_TRUSTED after the officer confirmed its
-fingerprint; its CKA_WRAP_TEMPLATE lets it wrap only cloud keys (see :mod:`hsm.policy`).
+fingerprint; its CKA_WRAP_TEMPLATE lets it wrap only cloud keys (see :mod:`hsm.keys.attributes`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import secrets
 from asn1crypto import keys as asn1keys
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from .. import policy as policies
-from ..errors import KeyPolicyViolation, ObjectExists, ObjectNotFound, UsageError, check_rv
-from ..profile import require_enforcement
-from ..token import KeyRef, Token
+from hsm.core.errors import KeyPolicyViolation, ObjectExists, ObjectNotFound, UsageError, check_rv
+from hsm.core.profile import require_enforcement
+from hsm.core.token import KeyRef, Token
+from hsm.keys import attributes
 
 ID_PREFIX = b"hsm-cloud:"        # 10 bytes, then 8 random bytes: unique and recognisable
 IMPORT_LABEL_PREFIX = "cloud-import-"
@@ -28,7 +28,7 @@ MIN_RSA_BITS = 2048
 def kwp_code(token: Token) -> int:
     """The token's RFC 5649 mechanism (SoftHSM2 2.6.1: 0x210A); the cloud policies name it.
     From the mechanism list, not the profile: the SO's session cannot run the profile probe."""
-    from ..profile import kwp_mechanism
+    from hsm.core.profile import kwp_mechanism
     code = kwp_mechanism(token)
     if code is None:
         raise KeyPolicyViolation("the token has no RFC 5649 AES key wrap (KWP), which cloud "
@@ -37,14 +37,14 @@ def kwp_code(token: Token) -> int:
     return code
 
 
-def cloud_policy(token: Token) -> policies.KeyPolicy:
-    return policies.cloud_key(kwp_code(token))
+def cloud_policy(token: Token) -> attributes.KeyPolicy:
+    return attributes.cloud_key(kwp_code(token))
 
 
-def import_policy(token: Token) -> policies.KeyPolicy:
-    from ..profile import CKM_RSA_AES_KEY_WRAP
+def import_policy(token: Token) -> attributes.KeyPolicy:
+    from hsm.core.profile import CKM_RSA_AES_KEY_WRAP
     rsa_aes = CKM_RSA_AES_KEY_WRAP in {int(m) for m in token.p11token.slot.get_mechanisms()}
-    return policies.cloud_import_key(kwp_code(token), rsa_aes)
+    return attributes.cloud_import_key(kwp_code(token), rsa_aes)
 
 
 def _find(lease, template: dict) -> list:
@@ -74,7 +74,7 @@ def create(token: Token, label: str, bits: int = 256, *,
         return info["id"], "exists"
     pol = cloud_policy(token)
     key_id = ID_PREFIX + secrets.token_bytes(8)
-    template = {**pol.creation_attributes(policies.cloud_mechanisms(kwp_code(token))),
+    template = {**pol.creation_attributes(attributes.cloud_mechanisms(kwp_code(token))),
                 Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE_LEN: bits // 8,
                 Attribute.LABEL: label, Attribute.ID: key_id}
     raw = token.module.raw
@@ -97,9 +97,9 @@ def require_cloud_key(token: Token, label: str) -> dict:
     def read(lease):
         obj = lease.key(ref)
         h = lease.session.handle
-        found = policies.deviations(raw, h, obj.handle, pol)
+        found = attributes.deviations(raw, h, obj.handle, pol)
         _, mechs = raw.get_mechanism_list(h, obj.handle, Attribute.ALLOWED_MECHANISMS)
-        if mechs != list(policies.cloud_mechanisms(kwp_code(token))):
+        if mechs != list(attributes.cloud_mechanisms(kwp_code(token))):
             found.append("CKA_ALLOWED_MECHANISMS: not the cloud key's list")
         _, key_id = raw.get_attribute(h, obj.handle, Attribute.ID)
         if not (key_id or b"").startswith(ID_PREFIX):
@@ -150,7 +150,7 @@ def trust(so_token: Token, provider: str, spki: asn1keys.PublicKeyInfo,
           fingerprint: bytes) -> tuple[str, str]:
     """As the SO, create the provider key as CKA_TRUSTED (or adopt the identical one).
     Returns (label, 'created'|'adopted')."""
-    from ..export import rsa_numbers
+    from hsm.keys.export import rsa_numbers
     label = import_label(provider, fingerprint)
     key_id = fingerprint[:16]
     pol = import_policy(so_token)
@@ -161,7 +161,7 @@ def trust(so_token: Token, provider: str, spki: asn1keys.PublicKeyInfo,
         if len(existing) != 1 or existing[0][Attribute.MODULUS] != modulus:
             raise ObjectExists(f"a public key labelled {label!r} exists but is another key",
                                token=so_token.label, object_label=label)
-        found = policies.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY), pol)
+        found = attributes.check(so_token, KeyRef(label, ObjectClass.PUBLIC_KEY), pol)
         if found:
             raise KeyPolicyViolation(f"{label!r} is weaker than a cloud import key must be: "
                                      + "; ".join(found), token=so_token.label,
@@ -182,7 +182,7 @@ def require_trusted(token: Token, provider: str, spki: asn1keys.PublicKeyInfo,
                     fingerprint: bytes) -> KeyRef:
     """The provider key this export wraps to must be on the token, trusted by the SO, the same
     modulus as the file, and meet its policy; else the export is refused."""
-    from ..export import rsa_numbers
+    from hsm.keys.export import rsa_numbers
     label = import_label(provider, fingerprint)
     ref = KeyRef(label, ObjectClass.PUBLIC_KEY)
     modulus, _ = rsa_numbers(spki)
@@ -193,5 +193,5 @@ def require_trusted(token: Token, provider: str, spki: asn1keys.PublicKeyInfo,
             f"the {provider} import key (SHA-256 {fingerprint.hex()[:16]}...) is not trusted on "
             f"token {token.label!r}", token=token.label, object_label=label,
             hint="the security officer confirms its fingerprint with `hsm cloud-key trust` first")
-    policies.require(token, ref, import_policy(token), purpose=f"wrap a cloud key to {provider}")
+    attributes.require(token, ref, import_policy(token), purpose=f"wrap a cloud key to {provider}")
     return ref

@@ -11,7 +11,7 @@ import base64
 import json
 from dataclasses import dataclass, field
 
-from ..errors import UsageError
+from hsm.core.errors import UsageError
 
 
 @dataclass(frozen=True)

@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from pkcs11 import MGF, Attribute, KeyType, Mechanism
 
-from .. import _cryptoki
-from .. import policy as policies
-from ..errors import from_rv
-from ..pin import Pin
-from ..token import KeyRef, Token
+from hsm.core import _cryptoki
+from hsm.core.errors import from_rv
+from hsm.core.pin import Pin
+from hsm.core.token import KeyRef, Token
+from hsm.keys import attributes
 
 CKM_RSA_AES_KEY_WRAP = 0x1054
 _HASHES = {"sha1": (Mechanism.SHA_1, MGF.SHA1), "sha256": (Mechanism.SHA256, MGF.SHA256)}
@@ -52,7 +52,7 @@ def _checked(rv: int, data, operation: str, token: str, label: str):
 
 def oaep(token: Token, import_key: KeyRef, key: KeyRef, hash_name: str) -> bytes:
     """RSA-OAEP of the cloud key under the provider key, one C_WrapKey (user PIN only)."""
-    from ..errors import check_rv
+    from hsm.core.errors import check_rv
     raw = token.module.raw
 
     def wrap(lease):
@@ -68,7 +68,7 @@ def rsa_aes_native(token: Token, import_key: KeyRef, key: KeyRef, hash_name: str
     """The token's own CKM_RSA_AES_KEY_WRAP (PKCS#11 v2.40 §2.1.21): it makes and discards the
     ephemeral AES-256 key itself. Not exercised here: neither SoftHSM2 2.6.1 nor NSS 3.87 has
     the mechanism."""
-    from ..errors import check_rv
+    from hsm.core.errors import check_rv
     raw = token.module.raw
     inner = oaep_params(hash_name)
     params = _cryptoki.CK_RSA_AES_KEY_WRAP_PARAMS(256, _cryptoki.ctypes.pointer(inner))
@@ -95,8 +95,8 @@ def composed(mod, p11token, so_pin: Pin, reopen, import_key: KeyRef, key: KeyRef
     try:
         _checked(raw.login(h, so_pin.reveal().encode(), _cryptoki.CKU_SO), None,
                  "C_Login(SO)", label, EPHEMERAL_LABEL)
-        template = {**policies.cloud_ephemeral(kwp).creation_attributes(
-                        policies.cloud_mechanisms(kwp)),
+        template = {**attributes.cloud_ephemeral(kwp).creation_attributes(
+                        attributes.cloud_mechanisms(kwp)),
                     Attribute.KEY_TYPE: KeyType.AES, Attribute.VALUE_LEN: 32,
                     Attribute.LABEL: EPHEMERAL_LABEL}
         rv, ephemeral = raw.generate_key(h, Mechanism.AES_KEY_GEN, template)
@@ -115,7 +115,7 @@ def _wrap_twice(lease, raw, import_key: KeyRef, key: KeyRef, ephemeral: int, has
                 kwp: int) -> bytes:
     """KWP of the cloud key under the ephemeral key, OAEP of the ephemeral key under the
     provider key, then the ephemeral key destroyed: ciphertext = OAEP part || KWP part."""
-    from ..errors import check_rv
+    from hsm.core.errors import check_rv
     h = lease.session.handle
     rv, wrapped_key = raw.wrap_key(h, kwp, None, ephemeral, lease.key(key).handle)
     check_rv(rv)

@@ -30,12 +30,11 @@ from ceremony.officers import FileSigner, new_key_file
 from ceremony.transcript import FILE as TRANSCRIPT
 from ceremony.transcript import SIGNATURE_FILE, Transcript, canonical, head_message, record_hash
 from ceremony.verify import verify_directory
-from hsm import export, ops
-from hsm import fingerprint as fp
-from hsm import officer as token_officer
-from hsm import policy as policies
-from hsm.token import Token
-from hsm.x509 import to_pem
+from hsm.core import ops
+from hsm.core.token import Token
+from hsm.keys import attributes, export
+from hsm.keys import officer as token_officer
+from hsm.keys.x509 import to_pem
 from kms.node import config as configs
 from kms.node.node import Kms
 from release import bundle as bundles
@@ -43,6 +42,7 @@ from release import signers
 from release.certificates import as_asn1
 from release.certificates import load as load_cert
 from release.errors import QuorumError
+from suite import fingerprint as fp
 from tests.ceremony_kit import kit_fixture
 from tests.helpers import run_cli
 from tests.kms_kit import kms_config
@@ -393,7 +393,7 @@ def test_the_officer_token_key_cannot_be_read_changed_or_used_for_anything_but_e
     spki = token_officer.generate(tt.token)
     assert signers.curve(spki) == "secp256r1"
     ref = ops.private(token_officer.DEFAULT_LABEL)
-    assert policies.check(tt.token, ref, token_officer.OFFICER_SIGNING) == []
+    assert attributes.check(tt.token, ref, token_officer.OFFICER_SIGNING) == []
     raw = tt.token.module.raw
     with tt.token.lease() as lease:
         key = lease.key(ref)

@@ -1,0 +1,1 @@
+"""Tests of `hsm.cloud`."""
