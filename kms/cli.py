@@ -14,9 +14,9 @@ import json
 import sys
 from pathlib import Path
 
-from hsm import cliutil
-from hsm.byok import OAEP_HASHES
-from hsm.errors import UsageError
+from hsm.commands import options as cliutil
+from hsm.keys.byok import OAEP_HASHES
+from hsm.core.errors import UsageError
 
 from kms.node import config as configs
 from kms import key_rules

@@ -1,7 +1,7 @@
 """BYOK: customer-supplied tenant secrets (PBKDF2) and DEKs (NONE), wrapped to an org's
 certificate whose private key lives in the regional HSM and may only unwrap.
 
-KMS side: :func:`certificate` makes the org's key pair (``hsm.byok``) and its certificate;
+KMS side: :func:`certificate` makes the org's key pair (``hsm.keys.byok``) and its certificate;
 :func:`upload` unwraps a ``secret.b64`` inside the HSM, compares ``secret.sha256.b64`` there, and
 stores the result wrapped like every tenant secret (rate limits, replay refusal and the database
 rules in the same store transaction). Customer side, no HSM: :func:`wrap`.
@@ -29,10 +29,11 @@ from pathlib import Path
 from asn1crypto import pem as asn1_pem
 from cryptography.hazmat.primitives import hashes
 
-from hsm import byok as hbyok
-from hsm import keygen, ops, roles, x509
-from hsm.files import write_new
-from hsm.token import KeyRef
+from hsm.keys import byok as hbyok
+from hsm.keys import keygen, roles, x509
+from hsm.core import ops
+from suite.files import write_new
+from hsm.core.token import KeyRef
 
 from kms.customer_keys import byok_pins
 from kms.errors import KmsError, PolicyViolation
@@ -42,7 +43,7 @@ ISSUER_ROLE = roles.SIGNING_ROLES["ecdsa-p384"]
 CERT_DAYS = 2 * 365
 # Customer-side OAEP hashes (SHA-1/MGF1-SHA1 is the default the platform accepts everywhere).
 # The customer's side (`kms byok wrap`): the RSA-OAEP hashes it may wrap with, MGF1 the same;
-# the KMS side accepts the same names (hsm.byok.OAEP_HASHES).
+# the KMS side accepts the same names (hsm.keys.byok.OAEP_HASHES).
 WRAP_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1, "sha256": hashes.SHA256, "sha512": hashes.SHA512}
 

@@ -4,7 +4,7 @@ HSM, and keeps it only in the encrypted key cache.
 Fetch: ``GET <url>/<kid>?requestId=<nonce>`` over HTTPS (client certificate and/or basic auth
 when registered), a fresh 32-hex-character nonce each time, answer ``{"kid", "jwe"}``; the JWE
 (compact, RSA-OAEP + A256GCM, ``jti`` = the nonce) is parsed and its header validated with
-jwcrypto, and decrypted by the token with the org's BYOK seed key (``hsm.byok.decrypt_jwe``).
+jwcrypto, and decrypted by the token with the org's BYOK seed key (``hsm.keys.byok.decrypt_jwe``).
 
 Every fetch runs under ``kms.customer_keys.outbound``: one total deadline (``FETCH_TIMEOUT_S``, 3
 s: connect,
@@ -31,7 +31,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from hsm import byok as hbyok
+from hsm.keys import byok as hbyok
 
 from kms.customer_keys import outbound
 from kms.errors import KeyUnavailable, KmsError

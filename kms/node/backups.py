@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hsm import ops
-from hsm.errors import DecryptionFailed
+from hsm.core import ops
+from hsm.core.errors import DecryptionFailed
 from kms import key_rules
 from kms.errors import KmsError, UnknownTenant
 from kms.node import sealing
@@ -33,7 +33,7 @@ def export(node: Kms, org_id: str, path: Path) -> Path:
     and authenticated inside the HSM under the current release's tenant wrapping key, bound
     to this region and this store's record of the org, and valid for
     key_rules.BACKUP_VALIDITY."""
-    from hsm.files import write_new
+    from suite.files import write_new
     rel = node.current_release()
     view = node._view(org_id)
     # Inner blobs (under the release's key), not the org KEK's: the KEK is replaced at

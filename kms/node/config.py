@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from pathlib import Path
 
-from hsm import module as modules
-from hsm import tomlfile
+from hsm.core import module as modules
+from suite import tomlfile
 from release import quorum
 from release.errors import PinsError
 

@@ -4,7 +4,8 @@
                              S = dek_salt(release KDF salt, tenant secret, key context),
                              c = the key's iteration count, dkLen = 32)
 
-Every HMAC is a C_Sign with the seed object (:func:`hsm.kdf.pbkdf2_hmac_sha256`); the seed never
+Every HMAC is a C_Sign with the seed object (:func:`hsm.keys.kdf.pbkdf2_hmac_sha256`); the seed
+never
 leaves the token. The result equals ``hashlib.pbkdf2_hmac("sha256", seed_value, dek_salt(...),
 iterations, 32)`` for the same seed value (proved in tests/kms/node/test_derive.py with an imported
 known seed).
@@ -33,8 +34,8 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from hsm.kdf import pbkdf2_hmac_sha256
-from hsm.token import KeyRef, Token
+from hsm.keys.kdf import pbkdf2_hmac_sha256
+from hsm.core.token import KeyRef, Token
 
 from kms.errors import ArgumentError
 
@@ -134,7 +135,7 @@ def dek_salt(kdf_salt: bytes, tenant_secret: bytes, ctx: KeyContext) -> bytes:
 def derive_dek(token: Token, seed: KeyRef, kdf_salt: bytes, tenant_secret: bytes,
                ctx: KeyContext, iterations: int) -> bytes:
     """The 32-byte DEK for ``ctx``: PBKDF2-HMAC-SHA256 keyed by the token's seed object ``seed``
-    (``hsm.ops.secret(label)``), over :func:`dek_salt`, with ``iterations`` (recorded with the
+    (``hsm.core.ops.secret(label)``), over :func:`dek_salt`, with ``iterations`` (recorded with the
     key; >= 1). One :meth:`Token.run`, ``iterations`` C_Sign calls."""
     return pbkdf2_hmac_sha256(token, seed, dek_salt(kdf_salt, tenant_secret, ctx), iterations,
                               DEK_LENGTH)

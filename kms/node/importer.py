@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsm import ops, policy
-from hsm import x509 as hx
-from hsm.errors import HsmError
+from hsm.core import ops
+from hsm.keys import attributes
+from hsm.keys import x509 as hx
+from hsm.core.errors import HsmError
 from suite.files import read_regular
-from hsm.token import KeyRef, Token
+from hsm.core.token import KeyRef, Token
 from release import bundle as bundles
 from release import certificates as certs
 from release import quorum
@@ -86,8 +87,8 @@ def import_bundles(token: Token, *, region: str, primary_cert_path: Path, bundle
                                  "holding the ceremony's bundle-*.p7 files")
     # Every start re-checks the regional key's policy: a key that lets a PIN holder unwrap a
     # release secret as extractable (provisioned before the policy) is refused, not used.
-    policy.require(token, ops.private(f"{token.label}-encryption"), policy.REGIONAL_ENCRYPTION,
-                   purpose="import release bundles")
+    attributes.require(token, ops.private(f"{token.label}-encryption"),
+                       attributes.REGIONAL_ENCRYPTION, purpose="import release bundles")
     # Session copies left by a node started earlier in this process: one sweep, not per key.
     ops.destroy_session_secrets(token, "release-")
     primary = certs.as_asn1(certs.check_primary(primary_cert_path))

@@ -24,10 +24,11 @@ from collections.abc import Callable
 from typing import TypeVar
 from pathlib import Path
 
-from hsm import export, ops
-from hsm import pin as pins
-from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
-from hsm.token import KeyRef, Token
+from hsm.keys import export
+from hsm.core import ops
+from hsm.core import pin as pins
+from hsm.core.errors import DecryptionFailed, HsmError, ObjectNotFound
+from hsm.core.token import KeyRef, Token
 from release.ids import release_key
 
 from kms.node import advice, derive, importer, orgid, rowcache, sealing
@@ -120,8 +121,8 @@ class Kms:
     # ------------------------------------------------------------------------- life cycle
     def start(self) -> importer.ImportReport:
         if self._pin is None:  # a missing token is said to be missing, not asked for a PIN
-            from hsm import module as modules
-            from hsm.token import find_token
+            from hsm.core import module as modules
+            from hsm.core.token import find_token
             find_token(modules.load(self.config.module, self.config.module_params),
                        label=self.config.token)
         pin = self._pin or pins.resolve(self.config.pin_source, default_env="HSM_PIN",

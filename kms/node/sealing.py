@@ -2,7 +2,8 @@
 replaced, and the old one destroyed, at every change of that state.
 
 Why: the database writer can edit, delete and restore older copies of rows; a checksum they can
-recompute. So the HSM holds, for each org, one AES-256 KEK (:mod:`hsm.orgkek`: a token object no
+recompute. So the HSM holds, for each org, one AES-256 KEK (:mod:`hsm.keys.orgkek`: a token object
+no
 PIN holder can read, copy or re-purpose) and the store holds:
 
 * every live tenant secret wrapped twice: inside, as before, AES-GCM under the release's tenant
@@ -35,9 +36,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from hsm import orgkek
-from hsm.errors import DecryptionFailed
-from hsm.token import Token
+from hsm.keys import orgkek
+from hsm.core.errors import DecryptionFailed
+from hsm.core.token import Token
 
 from kms.errors import CorruptRecord, RolledBack, UnknownVersion
 from kms.store.records import OrgRows, Resealed, SecretRow

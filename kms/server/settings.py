@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsm import tomlfile
+from suite import tomlfile
 from kms import key_rules
 from kms.errors import ConfigError
 

@@ -14,8 +14,8 @@ from cryptography import x509 as cx509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
 
-from hsm import audit
-from hsm import byok as hbyok
+from hsm import inventory
+from hsm.keys import byok as hbyok
 from kms.customer_keys import byok
 from kms.errors import KmsError, PolicyViolation, RateLimited, UnknownTenant
 from kms.key_rules import DAY, HOUR
@@ -72,7 +72,7 @@ def test_certificate_is_issued_by_the_regional_issuer_and_the_keys_meet_their_po
     # The dek and seed keys are two keys: a ciphertext for one is nothing to the other.
     dek_leaf = cx509.load_pem_x509_certificates(node.certs[("acme", "dek")].read_bytes())[0]
     assert dek_leaf.public_key().public_numbers() != leaf.public_key().public_numbers()
-    roles = {r.label: r for r in audit.audit(node.token)}
+    roles = {r.label: r for r in inventory.audit(node.token)}
     assert roles["byok-seed-acme"].role == "byok-seed"
     assert roles["byok-dek-acme"].role == "byok-dek"
     assert roles["byok-issuer-eu"].role == "primary-signing"
@@ -82,7 +82,7 @@ def test_certificate_is_issued_by_the_regional_issuer_and_the_keys_meet_their_po
         byok.certificate(node, "acme", node.certs[("acme", "seed")])
     with pytest.raises(UnknownTenant):
         byok.certificate(node, "nobody", node.tmp / "nobody.pem")
-    assert "byok-seed-nobody" not in {r.label for r in audit.audit(node.token)}
+    assert "byok-seed-nobody" not in {r.label for r in inventory.audit(node.token)}
 
 
 def test_seed_upload_secret_stays_in_the_hsm_and_serves_deks(node, tmp_path):
@@ -270,8 +270,8 @@ def _forged_byok_certificate(node, org: str, purpose: str, path):
     from asn1crypto import keys as asn1keys
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
-    from hsm import x509 as hx
-    from hsm.token import KeyRef
+    from hsm.keys import x509 as hx
+    from hsm.core.token import KeyRef
     from pkcs11 import ObjectClass
     mine = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     spki = asn1keys.PublicKeyInfo.load(mine.public_key().public_bytes(

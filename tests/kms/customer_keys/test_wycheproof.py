@@ -1,5 +1,6 @@
 """Project Wycheproof vectors through the KMS side: the cache-only JWE validation and opening
-(``kms.customer_keys.cache_only``, ``hsm.byok.open_jwe`` on a throw-away SoftHSM2 token), the SDK's
+(``kms.customer_keys.cache_only``, ``hsm.keys.byok.open_jwe`` on a throw-away SoftHSM2 token), the
+SDK's
 AES-GCM
 open (``kms.caller.sdk``), and the ECDSA verifications of the project (audit checkpoints, P-256:
 ``kms.server.auditchain``; release bundles, P-384: ``release.bundle.check_signature``).
@@ -18,7 +19,7 @@ from asn1crypto import cms, keys
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from hsm import byok as hbyok
+from hsm.keys import byok as hbyok
 from kms.customer_keys import cache_only
 from kms.errors import AuthenticationFailed, KeyUnavailable
 from kms.caller.sdk import FieldEncryptor, Header
@@ -79,7 +80,7 @@ def _jwk_int(jwk: dict, name: str) -> bytes:
 
 def test_the_jwe_vectors_in_the_accepted_algorithm_open_in_the_token(softhsm_token):
     """RSA-OAEP + A256GCM: the vector's RSA key imported on a throw-away token, the CEK unwrapped
-    and the payload AES-GCM-decrypted inside it (hsm.byok.open_jwe, what a cache-only fetch
+    and the payload AES-GCM-decrypted inside it (hsm.keys.byok.open_jwe, what a cache-only fetch
     runs after the header checks), giving the vector's plaintext; one flipped tag bit is
     refused. One key is RSA-2048, which the BYOK path's RSA-4096 length check refuses first; it
     is opened with the vector's modulus size."""

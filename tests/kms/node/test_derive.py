@@ -1,4 +1,4 @@
-"""DEK derivation inside the token (hsm.kdf, kms.node.derive) on real SoftHSM2 and NSS softokn
+"""DEK derivation inside the token (hsm.keys.kdf, kms.node.derive) on real SoftHSM2 and NSS softokn
 tokens.
 
 The central proof: a KNOWN seed is imported into the token (test only: C_CreateObject with
@@ -18,10 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
-from hsm import kdf, ops
-from hsm.errors import HsmError, ObjectNotFound, UsageError
+from hsm.keys import kdf
+from hsm.core import ops
+from hsm.core.errors import HsmError, ObjectNotFound, UsageError
 from hsm.testing import require_mechanism, unique_label
-from hsm.token import KeyRef
+from hsm.core.token import KeyRef
 from kms.node import derive
 from kms.node.derive import KeyContext, dek_salt, derive_dek
 from tests.helpers import run_threads
@@ -49,7 +50,8 @@ def seeded(hsm_token):
     return hsm_token.token, import_seed(hsm_token.token, value), value
 
 
-# --------------------------------------------------------------------------- hsm.kdf vs hashlib
+# --------------------------------------------------------------------------- hsm.keys.kdf vs
+# hashlib
 @pytest.mark.parametrize("iterations", [1, 2, 1000])
 @pytest.mark.parametrize("length", [16, 32, 33, 64, 100])
 def test_pbkdf2_equals_hashlib(seeded, iterations, length):
@@ -158,7 +160,7 @@ def test_native_pbkdf2_is_reported_not_used(hsm_token):
     ({"length": "32"}, "length must be an int, not str"),
     ({"salt": "text"}, r"salt must be bytes, not str \(encode it first\)"),
     ({"salt": None}, "salt must be bytes, not NoneType"),
-    ({"seed": "kdf-seed"}, r"seed must be a KeyRef \(hsm.ops.secret\(label\)\), not str"),
+    ({"seed": "kdf-seed"}, r"seed must be a KeyRef \(hsm.core.ops.secret\(label\)\), not str"),
     ({"seed": ops.public("kdf-seed")}, "seed 'kdf-seed' must be a secret key, not a public_key"),
 ])
 def test_bad_kdf_inputs_fail_before_the_token(softhsm_token, kwargs, match, monkeypatch):

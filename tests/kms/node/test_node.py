@@ -310,7 +310,7 @@ def test_cli_import_status_and_errors(kit, release, tmp_path):
 
 
 def test_cli_bad_input_gets_one_line_and_leaves_nothing_behind(kit, release, tmp_path):
-    from hsm.pin import token_env
+    from hsm.core.pin import token_env
     cfg = kms_config(kit, tmp_path, release.output_dir)
     eu = kit.regionals["eu"]
     # The per-token PIN variable alone is enough (no HSM_PIN): HSM_PIN_<LABEL>.

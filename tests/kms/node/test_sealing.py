@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from hsm import orgkek
+from hsm.keys import orgkek
 from kms.customer_keys import ekm
 from kms.node import sealing
 from kms.errors import (CorruptRecord, KeyDestroyed, KmsError,
@@ -321,7 +321,7 @@ _NODE = textwrap.dedent("""
     import json, os, sys, time
     from kms.node import config as configs
     from kms.node.node import Kms
-    from hsm.pin import Pin
+    from hsm.core.pin import Pin
     from tests.kms_kit import Clock
     spec = json.loads(sys.argv[1])
     clock = Clock()

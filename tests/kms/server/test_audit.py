@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pkcs11 import Attribute, Mechanism
 
-from hsm import ops
-from hsm import policy as policies
-from hsm.errors import from_pkcs11
+from hsm.core import ops
+from hsm.keys import attributes
+from hsm.core.errors import from_pkcs11
 from kms.server import auditchain
 from kms.server.audit import AuditLog, AuditUnavailable, TokenSigner
 from tests.helpers import run_cli
@@ -272,7 +272,7 @@ def test_the_audit_key_cannot_be_read_widened_or_used_for_anything_but_raw_ecdsa
     """The user-PIN holder against the audit key: the token refuses with its CKR code."""
     token = signer.token
     raw = token.module.raw
-    found = policies.check(token, ops.private(signer.label), policies.AUDIT_SIGNING)
+    found = attributes.check(token, ops.private(signer.label), attributes.AUDIT_SIGNING)
     assert found == []
 
     with token.lease() as lease:
@@ -293,7 +293,7 @@ def test_the_audit_key_cannot_be_read_widened_or_used_for_anything_but_raw_ecdsa
 
 
 def _ckr(rv: int) -> str:
-    from hsm.errors import CKR_BY_VALUE
+    from hsm.core.errors import CKR_BY_VALUE
     return CKR_BY_VALUE.get(rv, f"CKR 0x{rv:x}")
 
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from hsm import xks as xkeys
+from hsm.keys import xks as xkeys
 from kms.server.audit import verify
 from tests import xks_kit as kit
 

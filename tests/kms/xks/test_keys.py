@@ -14,8 +14,8 @@ import pkcs11
 import pytest
 from pkcs11 import Attribute, KeyType, Mechanism
 
-from hsm import xks as xkeys
-from hsm.errors import CKR_BY_VALUE, ObjectExists, UsageError, from_pkcs11
+from hsm.keys import xks as xkeys
+from hsm.core.errors import CKR_BY_VALUE, ObjectExists, UsageError, from_pkcs11
 from kms.errors import ConfigError
 from kms.xks import config as configs
 from tests import xks_kit as kit
@@ -64,8 +64,8 @@ def test_audit_flags_an_xks_key_made_without_the_policy(softhsm_token):
     with tok.lease() as lease:     # what a careless script would make under the XKS label
         lease.session.generate_key(KeyType.AES, 256, label="xks-weak", store=True, template={
             Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: True})
-    from hsm import audit
-    row = next(r for r in audit.audit(tok) if r.label == "xks-weak")
+    from hsm import inventory
+    row = next(r for r in inventory.audit(tok) if r.label == "xks-weak")
     assert row.role == "xks key"
     assert any("CKA_EXTRACTABLE" in d for d in row.deviations)
     assert any("CKA_ALLOWED_MECHANISMS" in d for d in row.deviations)

@@ -24,7 +24,7 @@ import time
 import botocore.auth
 import pytest
 
-from hsm import xks as xkeys
+from hsm.keys import xks as xkeys
 from kms.xks.client import request_metadata, signed_headers
 from tests import xks_kit as kit
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from multidict import CIMultiDict
 
-from hsm.pin import Pin
+from hsm.core.pin import Pin
 from kms.xks import sigv4
 from kms.xks.client import signed_headers
 from kms.xks.handlers import cdiv, token_aad

@@ -1,8 +1,8 @@
 """Wycheproof's AES-GCM vectors through the proxy's in-token decryption, on a throw-away token.
 
-The Decrypt handler calls ``hsm.xks.decrypt`` with the AAD framed as the specification says
+The Decrypt handler calls ``hsm.keys.xks.decrypt`` with the AAD framed as the specification says
 (lengths of AAD and ciphertext metadata included), so a vector's own AAD cannot travel over
-HTTP unchanged; the vectors go to ``hsm.xks.decrypt`` itself, with their AAD as given. Every
+HTTP unchanged; the vectors go to ``hsm.keys.xks.decrypt`` itself, with their AAD as given. Every
 AES-256 vector with a 12- or 16-byte IV (the IV lengths the specification allows) and a 16-byte
 tag: ``valid`` ones must give the message, ``invalid`` ones must be refused as
 ``DecryptionFailed`` (the handler's ``InvalidCiphertextException``). Other key and IV sizes
@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 
-from hsm import xks as xkeys
-from hsm.errors import DecryptionFailed, check_rv
-from hsm.token import KeyRef
+from hsm.keys import xks as xkeys
+from hsm.core.errors import DecryptionFailed, check_rv
+from hsm.core.token import KeyRef
 
 VECTORS = Path(__file__).resolve().parents[4] / "shared" / "vectors" / "wycheproof" / \
     "aes_gcm_test.json"
