@@ -54,8 +54,8 @@ from hsm.token import Token
 
 from ceremony import environment, plan as plans
 
-from kms import config as configs, importer
-from kms.service import Kms
+from kms.node import config as configs, importer
+from kms.node.node import Kms
 from kms.store import Store
 from release import bundle as bundles, certificates as certs
 from release.ids import release_key

@@ -1,9 +1,10 @@
-"""Cache-miss DEK derivation (kms.derive.derive_dek, 1000 PBKDF2 iterations) against its floor.
+"""Cache-miss DEK derivation (kms.node.derive.derive_dek, 1000 PBKDF2 iterations) against its floor.
 
 * ``[raw]``: the floor. The same 1000 ``C_Sign(CKM_SHA256_HMAC)`` calls made directly on the
   python-pkcs11 key object of the seed, found once on a session held from ``Token.lease()``, plus
   the same XOR chain (``int.from_bytes`` / ``^``), over a precomputed salt. Nothing else.
-* ``[derive]``: ``kms.derive.derive_dek`` with a fresh :class:`KeyContext` per call (a new tenant
+* ``[derive]``: ``kms.node.derive.derive_dek`` with a fresh :class:`KeyContext` per call (a new
+tenant
   each time: a cache miss): input validation, the context encoding and the SHA-256 salt, one
   ``Token.run`` (pool lease, key cache, error mapping) around the whole PBKDF2 loop.
 
@@ -34,7 +35,7 @@ import pytest
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 
 from hsm import ops
-from kms.derive import KeyContext, dek_salt, derive_dek
+from kms.node.derive import KeyContext, dek_salt, derive_dek
 
 from _benchlib import (Interleaved, median, process_trials, ratio, run_worker, scaled,
                        scaling_summary)

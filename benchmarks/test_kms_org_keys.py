@@ -36,8 +36,8 @@ from time import perf_counter
 import pytest
 
 from hsm import orgkek
-from kms import derive, sealing
-from kms.service import Kms
+from kms.node import derive, sealing
+from kms.node.node import Kms
 from kms.store.records import checksum
 
 from _benchlib import Interleaved, make_bench_kit, median, scaled, versus
@@ -75,8 +75,8 @@ def _bulk_orgs(node: Kms, names: list[str]) -> None:
 
 _NODE_B = textwrap.dedent("""
     import json, os, sys, time
-    from kms import config as configs
-    from kms.service import Kms
+    from kms.node import config as configs
+    from kms.node.node import Kms
     from hsm.pin import Pin
     from tests.kms_kit import Clock
     spec = json.loads(sys.argv[1])

@@ -48,8 +48,8 @@ from time import perf_counter
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from kms.cache import KeyCache
-from kms.sdk import FieldEncryptor
+from kms.dek_cache import KeyCache
+from kms.caller.sdk import FieldEncryptor
 
 from _benchlib import Interleaved, median, package_version, ratio, scaled, versus
 

@@ -12,7 +12,8 @@ interleaved block by block:
 * ``dek_1w`` / ``dek_2w`` (SQLite, 1 / 2 workers) and ``dek_pg`` (PostgreSQL, 1 worker):
   ``POST /v1/dek`` (purpose encrypt) for one of 8 orgs whose DEKs are in the node's cache:
   authorisation, the audit record, the destroy check (the org's verified state, its head
-  kept while the store says nothing changed: kms.rowcache), the cache hit. Target: ``ratio_vs_floor`` (floor rps / DEK
+  kept while the store says nothing changed: kms.node.rowcache), the cache hit. Target:
+  ``ratio_vs_floor`` (floor rps / DEK
   rps) <= 1.3 on SQLite and on PostgreSQL;
 * ``dek_1w_noaudit``: ``dek_1w`` on a node without an audit log (``audit_cost``);
 * ``pykmip_get``: PyKMIP's server, ``Get`` of a 32-byte AES key, by the same client processes
@@ -26,7 +27,7 @@ with a warm client cache vs on the in-process node. Target remote / local <= 1.2
 is created on A, its DEK fetched twice on B (the second from B's kept row and cache), destroyed
 on A; measured: until B refuses it (410), and until B reports the NOTIFY. 100 trials; every 5th
 kills the nodes' LISTEN connections just before the destroy. The bound is
-``kms.rowcache.MAX_AGE`` (0.5 s); target max <= 1 s.
+``kms.node.rowcache.MAX_AGE`` (0.5 s); target max <= 1 s.
 """
 
 from __future__ import annotations
@@ -233,10 +234,10 @@ def _records_per_batch(node) -> float | None:
 
 
 def test_remote_vs_local_field_encryptor(benchmark, kit, nodes, bench_reports):
-    from kms import config as configs
-    from kms.client import KmsClient, RemoteKeyProvider
-    from kms.sdk import FieldEncryptor
-    from kms.service import Kms
+    from kms.node import config as configs
+    from kms.caller.client import KmsClient, RemoteKeyProvider
+    from kms.caller.sdk import FieldEncryptor
+    from kms.node.node import Kms
     one = nodes[0]
     cert, key = kit.tls.clients["data"]
     remote = FieldEncryptor(RemoteKeyProvider(KmsClient([one.url], cert=cert, key=key,
@@ -285,9 +286,11 @@ def _kill_listener(url: str, name: str) -> int:
 
 def test_cross_node_invalidation_delay(benchmark, kit, pg_url, bench_reports):
     """The cross-node destroy bound: B keeps what a DEK request read from the store while its
-    listener hears no change, never longer than kms.rowcache.MAX_AGE. Every KILL_EVERY-th trial kills the
+    listener hears no change, never longer than kms.node.rowcache.MAX_AGE. Every KILL_EVERY-th
+    trial kills the
     nodes' LISTEN connections (pg_terminate_backend) just before the destroy."""
-    from kms import invalidation, rowcache
+    from kms.server import invalidation
+    from kms.node import rowcache
     server, _ = pg_url
     url = server.create_database("inv")
     a = kit.start(kit.config(store=url, audit=False))

@@ -9,36 +9,94 @@ What a caller imports: :class:`Kms` and :func:`load_config` (a node), :class:`Fi
 
 The names load on first use: an encryption service that imports only the SDK or the client
 does not load the token layer (``pkcs11``) or the store.
+
+The package's parts, in the order a DEK flows: ``node/`` (the node ``Kms`` and what it is made
+of), ``store/`` (its TenantSecret store), ``customer_keys/`` (keys a customer holds, served
+through the node), ``server/`` (the mTLS service around a node, with cross-node invalidation),
+``xks/`` (the AWS XKS proxy), ``caller/`` (the encryption-service side: SDK and client); shared
+by all: ``errors``, ``key_rules`` (key types, org types, time limits) and ``dek_cache`` (the
+encrypted DEK cache); ``cli`` is the ``kms`` command.
+
+Deprecated module paths: the modules that were flat in ``kms/`` until this release still import
+at their old paths (``kms.service``, ``kms.cache``, ``kms.sdk``, ...: ``MOVED``) as the *same
+module object* as the new path, so a monkeypatch through either name is seen by both. They go
+in the next release.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+# Old module path (deprecated, until the next release) -> where the module lives now.
+MOVED = {
+    "kms.service": "kms.node.node", "kms.config": "kms.node.config",
+    "kms.limits": "kms.node.limits", "kms.importer": "kms.node.importer",
+    "kms.derive": "kms.node.derive", "kms.sealing": "kms.node.sealing",
+    "kms.rowcache": "kms.node.rowcache", "kms.orgid": "kms.node.orgid",
+    "kms.advice": "kms.node.advice", "kms.cache": "kms.dek_cache", "kms.policy": "kms.key_rules",
+    "kms.byok": "kms.customer_keys.byok", "kms.byok_pins": "kms.customer_keys.byok_pins",
+    "kms.cacheonly": "kms.customer_keys.cache_only", "kms.ekm": "kms.customer_keys.ekm",
+    "kms.outbound": "kms.customer_keys.outbound",
+    "kms.keyservice": "kms.customer_keys.reference_service",
+    "kms.sdk": "kms.caller.sdk", "kms.client": "kms.caller.client",
+    "kms.invalidation": "kms.server.invalidation",
+}
+
+
+class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports an old path as the module at its new path: the very same object, registered in
+    ``sys.modules`` under both names (module state and monkeypatches are shared). Loads the new
+    module only when the old path is imported."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec) -> ModuleType:
+        module = importlib.import_module(MOVED[spec.name])
+        spec.loader_state = module.__spec__
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        # Loaded already at its new path; the import system set __spec__ to the old path's
+        # spec: give the module its own back (reload, pickling and -m read it).
+        assert module.__spec__ is not None
+        module.__spec__ = module.__spec__.loader_state
+
+
+if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModules())
 
 # Where each name of __all__ lives that is not an error of kms.errors.
 _EXPORTS = {
-    "Kms": "kms.service", "KmsConfig": "kms.config", "FieldEncryptor": "kms.sdk",
-    "KmsClient": "kms.client", "RemoteKeyProvider": "kms.client", "Store": "kms.store",
+    "Kms": "kms.node.node", "KmsConfig": "kms.node.config", "FieldEncryptor": "kms.caller.sdk",
+    "KmsClient": "kms.caller.client", "RemoteKeyProvider": "kms.caller.client",
+    "Store": "kms.store",
 }
 if TYPE_CHECKING:
-    from kms.client import KmsClient, RemoteKeyProvider
-    from kms.config import KmsConfig
-    from kms.config import load as load_config
+    from kms.caller.client import KmsClient, RemoteKeyProvider
+    from kms.node.config import KmsConfig
+    from kms.node.config import load as load_config
     from kms.errors import (ArgumentError, ArgumentTypeError, AuthenticationFailed,
                             CiphertextError, ConfigError, Conflict, CorruptRecord, Forbidden,
                             ImportRefused, KeyDestroyed, KeyUnavailable, KmsError,
                             MalformedCiphertext, PolicyViolation, RateLimited, ReleaseNotHeld,
                             ServiceError, StoreUnavailable, TenantMismatch, Unavailable,
                             UnknownTenant, UnknownVersion, UnsupportedFormat)
-    from kms.sdk import FieldEncryptor
-    from kms.service import Kms
+    from kms.caller.sdk import FieldEncryptor
+    from kms.node.node import Kms
     from kms.store import Store
 
 
 def __getattr__(name: str) -> Any:
     if name == "load_config":
-        return importlib.import_module("kms.config").load
+        return importlib.import_module("kms.node.config").load
     if name not in __all__:
         raise AttributeError(f"module 'kms' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS.get(name, "kms.errors")), name)

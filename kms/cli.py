@@ -14,19 +14,25 @@ import json
 import sys
 from pathlib import Path
 
-from hsm import cliutil
-from hsm.byok import OAEP_HASHES
-from hsm.errors import UsageError
+from hsm.commands import options as cliutil
+from hsm.keys.byok import OAEP_HASHES
+from hsm.core.errors import UsageError
 
-from . import config as configs
-from . import policy
-from .sdk import FieldEncryptor
-from .service import Kms
+from kms.node import config as configs
+from kms import key_rules
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 
 
 def _kms(args) -> Kms:
     kms = Kms(configs.load(_config_path(args)))
     kms.start()
+    if kms.store.kind == "postgresql":
+        # Nodes sharing the store drop their cached DEKs of a key changed here.
+        import functools
+
+        from kms.server.invalidation import announce_once
+        kms.announce = functools.partial(announce_once, kms.config.store, "cli")
     return kms
 
 
@@ -36,19 +42,9 @@ def _config_path(args) -> str:
     return args.config
 
 
-def _announce(kms, op: str, org: str, key_type: str | None,
-              version: int | None = None) -> None:
-    """Nodes sharing a PostgreSQL store drop their cached DEKs of a key changed here."""
-    if kms.store.kind == "postgresql":
-        from .invalidation import Publisher
-        pub = Publisher(kms.config.store, name="cli")
-        pub.announce(op, org, key_type, version)
-        pub.close()
-
-
 def cmd_serve(args) -> int:
-    from .server import supervisor
-    from .xks import worker as xks_node   # a TOML whose only table is [xks]: an XKS proxy
+    from kms.server import supervisor
+    from kms.xks import worker as xks_node   # a TOML whose only table is [xks]: an XKS proxy
     if xks_node.is_xks_only(_config_path(args)):
         return xks_node.serve(args.config, host=args.host, port=args.port, workers=args.workers)
     cfg = configs.load(_config_path(args))
@@ -67,7 +63,7 @@ def cmd_serve(args) -> int:
 
 def cmd_audit(args) -> int:
     """Verify audit segments offline: files, or a directory's segments in writing order."""
-    from .server import auditchain
+    from kms.server import auditchain
     key = args.key
     if key is not None:
         key = key.replace(":", "").replace(" ", "").lower()
@@ -89,7 +85,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from .store import Store
+    from kms.store import Store
     cfg = configs.load(_config_path(args))
     Store.open(cfg.store).close()
     print(f"store ready: {cfg.store}")
@@ -131,7 +127,10 @@ def _when(ts: float | None) -> str:
         timespec="seconds")
 
 
-_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
+# `tenant upload` is the deprecated name of `tenant byok-upload` (HTTP /byok-upload), kept until
+# the next release; HTTP /upload is another thing: raw material, not a BYOK-wrapped secret.
+_TENANT_NEEDS = {"create": ("org",), "rotate": ("org",), "byok-upload": ("org", "secret", "hash"),
+                 "upload": ("org", "secret", "hash"), "destroy": ("org", "version"),
                  "list": ("org",), "export": ("org", "file"), "import": ("file",)}
 
 
@@ -160,32 +159,30 @@ def cmd_tenant(args) -> int:
                   f"{row.state}")
         elif args.action == "rotate":
             if args.source == "ekm":
-                from . import ekm
+                from kms.customer_keys import ekm
                 row = ekm.rotate(kms, args.org, args.key_type)
             else:
                 row = kms.rotate(args.org, args.key_type)
-            _announce(kms, "rotate", args.org, args.key_type)
             print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE ({row.source})"
                   + (", previous archived" if row.version > 1 else ""))
-        elif args.action == "upload":
-            from . import byok
+        elif args.action in ("byok-upload", "upload"):
+            from kms.customer_keys import byok
             row = byok.upload(kms, args.org, args.key_type, Path(args.secret), Path(args.hash),
                               derivation=args.derivation, oaep=args.oaep)
-            _announce(kms, "upload", args.org, args.key_type)
             print(f"{args.org}: uploaded {row.key_type} secret v{row.version} ({row.derivation})"
                   f" ACTIVE, usable from {_when(row.usable_from)}"
                   + ("; previous archived" if row.version > 1 else ""))
         elif args.action == "destroy":
             row = kms.destroy(args.org, args.key_type, args.version)
-            _announce(kms, "destroy", args.org, args.key_type, args.version)
             print(f"{args.org}: {row.key_type} secret v{row.version} DESTROYED "
                   "(wrapped material erased; cached DEKs invalidated)")
             print(f"{args.org}: the key-encryption key that wrapped it was destroyed in the HSM "
                   "now, so no copy of the store revives it; a copy of the regional token made "
-                  f"before now could, until {_when(kms.clock() + policy.TOKEN_COPY_RETENTION)} "
-                  f"(token copies are kept at most {policy.TOKEN_COPY_RETENTION / policy.DAY:g} "
+                  f"before now could, until {_when(kms.clock() + key_rules.TOKEN_COPY_RETENTION)} "
+                  "(token copies are kept at most "
+                  f"{key_rules.TOKEN_COPY_RETENTION / key_rules.DAY:g} "
                   "days: docs/store.md)")
-            from . import advice
+            from kms.node import advice
             if not advice.has_active(kms, args.org, args.key_type):
                 print(f"kms: warning: {args.org} has no ACTIVE {args.key_type} key now: "
                       f"encryption is refused until it has one; "
@@ -200,7 +197,6 @@ def cmd_tenant(args) -> int:
             print(f"backup of {args.org} written to {path} (encrypted in the HSM)")
         elif args.action == "import":
             org = kms.import_backup(Path(args.file))
-            _announce(kms, "import", org, None)
             print(f"backup of {org} imported")
     return 0
 
@@ -220,7 +216,7 @@ def _backup_must_be_of(path: Path, org: str) -> None:
 
 
 def cmd_ekm(args) -> int:
-    from . import ekm
+    from kms.customer_keys import ekm
     if args.action == "policy":
         # Needs no node: the document is computed from the arguments alone.
         missing = [f"--{n.replace('_', '-')}" for n in ("org", "principal", "key_arn")
@@ -240,17 +236,18 @@ def cmd_ekm(args) -> int:
 
 
 def cmd_byok(args) -> int:
-    from . import byok
+    from kms.customer_keys import byok
     if args.action == "wrap":      # the customer's side: no node, no HSM
         if args.cert is None or args.out is None or (args.generate == (args.input is not None)):
             raise UsageError("`kms byok wrap` needs --cert, --out and one of --generate / --in")
         secret = None if args.generate else byok.read_secret_file(Path(args.input))
-        from .byok_pins import default_path
+        from kms.customer_keys.byok_pins import default_path
         pinning = byok.Pinning(Path(args.pin_file) if args.pin_file else default_path(),
                                org=args.org, accept=args.accept_new_key)
         a, b = byok.wrap(Path(args.cert), Path(args.out), secret=secret, hash_name=args.oaep,
                          pinning=pinning)
-        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with `kms tenant upload`")
+        print(f"wrote {a} and {b} (RSA-OAEP {args.oaep}); upload both with "
+              "`kms tenant byok-upload`")
         return 0
     if args.org is None or args.out is None:
         raise UsageError("`kms byok certificate` needs --org and --out")
@@ -264,9 +261,9 @@ def cmd_byok(args) -> int:
 
 
 def cmd_cache_only(args) -> int:
-    from . import cacheonly
+    from kms.customer_keys import cache_only
     with _kms(args) as kms:
-        row = cacheonly.register(kms, args.org, args.key_type, args.url, args.kid,
+        row = cache_only.register(kms, args.org, args.key_type, args.url, args.kid,
                                  client_cert=args.client_cert, client_key=args.client_key,
                                  ca=args.ca, basic_auth_env=args.basic_auth_env)
     print(f"{args.org}: {row.key_type} key v{row.version} ACTIVE is cache-only (kid {args.kid} "
@@ -275,11 +272,11 @@ def cmd_cache_only(args) -> int:
 
 
 def cmd_keyservice(args) -> int:
-    from . import keyservice
+    from kms.customer_keys import reference_service
     for name in ("keys", "cert", "key"):
         if not Path(getattr(args, name)).exists():
             raise UsageError(f"--{name} {getattr(args, name)} does not exist")
-    keyservice.serve(Path(args.keys), Path(args.cert), Path(args.key), port=args.port,
+    reference_service.serve(Path(args.keys), Path(args.cert), Path(args.key), port=args.port,
                      client_ca=Path(args.client_ca) if args.client_ca else None)
     return 0
 
@@ -316,23 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("tenant", help="tenant secrets")
-    p.add_argument("action", choices=["create", "rotate", "upload", "destroy", "list", "export",
-                                      "import"])
+    p.add_argument("action", choices=["create", "rotate", "byok-upload", "upload", "destroy",
+                                      "list", "export", "import"],
+                   help="byok-upload: a secret wrapped by `kms byok wrap` (`upload` is its "
+                        "deprecated name, kept until the next release)")
     p.add_argument("--org")
     p.add_argument("--type", default="production", help="org type (create)")
-    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
+    p.add_argument("--key-type", default=key_rules.KEY_TYPES[0], choices=key_rules.KEY_TYPES)
     p.add_argument("--version", type=int)
     p.add_argument("--file", help="backup file (export/import)")
     p.add_argument("--no-secret", action="store_true",
                    help="create: no HSM secret (the first key comes from the customer)")
     p.add_argument("--source", choices=["hsm", "ekm"], default="hsm",
                    help="rotate: where the new key comes from")
-    p.add_argument("--secret", help="upload: secret.b64 from `kms byok wrap`")
-    p.add_argument("--hash", help="upload: secret.sha256.b64 from `kms byok wrap`")
-    p.add_argument("--derivation", choices=policy.DERIVATIONS, default="PBKDF2",
-                   help="upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
+    p.add_argument("--secret", help="byok-upload: secret.b64 from `kms byok wrap`")
+    p.add_argument("--hash", help="byok-upload: secret.sha256.b64 from `kms byok wrap`")
+    p.add_argument("--derivation", choices=key_rules.DERIVATIONS, default="PBKDF2",
+                   help="byok-upload: PBKDF2 (a tenant secret) or NONE (the DEK itself)")
     p.add_argument("--oaep", choices=tuple(OAEP_HASHES), default="sha1",
-                   help="upload: the OAEP hash the secret was wrapped with")
+                   help="byok-upload: the OAEP hash the secret was wrapped with")
     p.set_defaults(func=cmd_tenant)
     p = sub.add_parser("byok", help="BYOK: per-org certificates (KMS) and wrapping (customer)")
     p.add_argument("action", choices=["certificate", "wrap"])
@@ -356,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache-only", help="cache-only keys: the DEK hosted by the customer")
     p.add_argument("action", choices=["add"])
     p.add_argument("--org", required=True)
-    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
+    p.add_argument("--key-type", default=key_rules.KEY_TYPES[0], choices=key_rules.KEY_TYPES)
     p.add_argument("--url", required=True, help="the key service's base URL (https://...)")
     p.add_argument("--kid", required=True)
     p.add_argument("--client-cert")
@@ -385,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ekm)
     p = sub.add_parser("encrypt", help="encrypt a field for an org (prints base64)")
     p.add_argument("--org", required=True)
-    p.add_argument("--key-type", default=policy.KEY_TYPES[0], choices=policy.KEY_TYPES)
+    p.add_argument("--key-type", default=key_rules.KEY_TYPES[0], choices=key_rules.KEY_TYPES)
     p.add_argument("text", nargs="?")
     p.set_defaults(func=cmd_encrypt)
     p = sub.add_parser("decrypt", help="decrypt a base64 blob for an org")

@@ -1,6 +1,7 @@
 """KMS errors: one line naming what was wrong and what to do, like every project error.
 
-``KmsError`` is a sibling of ``hsm.errors.HsmError`` under ``SuiteError``: a token failure inside
+``KmsError`` is a sibling of ``hsm.core.errors.HsmError`` under ``SuiteError``: a token failure
+inside
 the KMS stays an ``HsmError`` (the service answers it 503), a KMS refusal is a ``KmsError``. The
 client SDK's errors (``ServiceError`` and the ciphertext errors) are here too, so a caller
 imports every error it may catch from one module.

@@ -54,12 +54,12 @@ if [ ! -f $C/byok-co/secret.sha256.b64 ]; then
     kms byok wrap --cert $C/byok-co-dek.pem --generate --out $C/byok-co
 fi
 step "upload: unwrapped and hash-checked inside the HSM, stored wrapped"
-kms --config $EU tenant upload --org byok-co --derivation NONE \
+kms --config $EU tenant byok-upload --org byok-co --derivation NONE \
     --secret $C/byok-co/secret.b64 --hash $C/byok-co/secret.sha256.b64
 B=$(kms --config $EU encrypt --org byok-co "byok record")
 kms --config $EU decrypt --org byok-co "$B"
 step "the same upload again: refused (rate limit / replay)"
-kms --config $EU tenant upload --org byok-co --derivation NONE \
+kms --config $EU tenant byok-upload --org byok-co --derivation NONE \
     --secret $C/byok-co/secret.b64 --hash $C/byok-co/secret.sha256.b64 || true
 fi
 

@@ -74,8 +74,8 @@ done
 step "an encryption service fetches acme-dev's DEK over mTLS (node list with failover)"
 py - "$TLS" "${urls[@]}" <<'PY'
 import sys
-from kms.client import Forbidden, KmsClient, RemoteKeyProvider
-from kms.sdk import FieldEncryptor
+from kms.caller.client import Forbidden, KmsClient, RemoteKeyProvider
+from kms.caller.sdk import FieldEncryptor
 tls, urls = sys.argv[1], sys.argv[2:]
 svc = KmsClient(urls, cert=f"{tls}/encryption-service.pem", key=f"{tls}/encryption-service.key",
                 ca=f"{tls}/ca.pem")

@@ -63,8 +63,8 @@ step "a day later (acme-later; the demo drives the library with a clock 25 h ahe
 NEW=$(py - "$EU" <<'PY'
 import base64, sys, time
 from kms import config
-from kms.sdk import FieldEncryptor
-from kms.service import Kms
+from kms.caller.sdk import FieldEncryptor
+from kms.node.node import Kms
 with Kms(config.load(sys.argv[1]), clock=lambda: time.time() + 25 * 3600) as node:
     node.start()
     row = node.rotate("acme-later")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kms import config as configs
+from kms.node import config as configs
 
 
 class Clock:
@@ -20,7 +20,7 @@ class Clock:
 
 def kms_config(kit, tmp_path: Path, bundle_dir: Path, region: str = "eu",
                officers: str | None = None, **extra) -> configs.KmsConfig:
-    """A node configuration (strict TOML, loaded by kms.config) for ``region`` of a ceremony
+    """A node configuration (strict TOML, loaded by kms.node.config) for ``region`` of a ceremony
     kit: its regional token, the kit's primary certificate, a SQLite store under ``tmp_path``,
     and ``officers`` (TOML) pinned - by default alice, bob and carol, 2 of them."""
     lines = {"region": region, "token": kit.regionals[region].label,

@@ -212,8 +212,8 @@ class ServiceKit:
     @contextlib.contextmanager
     def local_node(self, config: Path):
         """An in-process node on the same token and store as ``config``: the expected DEKs."""
-        from kms import config as configs
-        from kms.service import Kms
+        from kms.node import config as configs
+        from kms.node.node import Kms
         kms = Kms(configs.load(config), pin=self.kit.regionals["eu"].user_pin)
         kms.start()
         try:

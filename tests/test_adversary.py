@@ -300,8 +300,8 @@ def test_the_user_cannot_create_a_trusted_key(primary, kit):
 
 # ================================================================ the KMS database
 def _node(kit, release, tmp_path):
-    from kms import config as configs
-    from kms.service import Kms
+    from kms.node import config as configs
+    from kms.node.node import Kms
     p, _ = release
     cfg = tmp_path / "kms-eu.toml"
     cfg.write_text(f'region = "eu"\ntoken = "{kit.regionals["eu"].label}"\n'
@@ -377,7 +377,7 @@ def test_kms_and_ceremony_refuse_a_key_provisioned_without_the_policy(softhsm_to
     """A token provisioned the old way (python-pkcs11 defaults: modifiable, no allowed
     mechanisms, no unwrap template): the KMS import and the ceremony refuse to use its keys."""
     from hsm.core.errors import KeyPolicyViolation
-    from kms import importer
+    from kms.node import importer
     token = softhsm_token.token
     label = token.label
     with token.anchor() as lease:

@@ -8,8 +8,8 @@ import tomllib
 from pathlib import Path
 
 from ceremony import environment, plan
-from kms import config
-from kms import keyservice
+from kms.node import config
+from kms.customer_keys import reference_service
 from kms.server import settings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -64,8 +64,8 @@ def test_keyservice_key_directory_is_what_the_key_service_reads():
     keys = EXAMPLES / "keyservice-keys"
     kids = sorted(p.stem for p in keys.glob("*.dek"))
     assert kids == sorted(p.stem for p in keys.glob("*.pem")) == ["acme-prod-2026-12"]
-    dek, cert = keyservice.read_key(keys, kids[0])
+    dek, cert = reference_service.read_key(keys, kids[0])
     assert dek == b"EXAMPLE-DEK-not-a-secret-do-not-"
     # The answer the service would give: a compact JWE to the certificate's RSA key.
-    jwe = keyservice.make_jwe(dek, cert, kids[0], "0" * 32)
+    jwe = reference_service.make_jwe(dek, cert, kids[0], "0" * 32)
     assert jwe.count(".") == 4

@@ -35,7 +35,7 @@ print(json.dumps({"loaded": loaded}))
 
 
 def test_sdk_client_and_release_load_no_token_layer():
-    for module in ("kms.sdk", "kms.client", "release", "kms", "suite.cli"):
+    for module in ("kms.caller.sdk", "kms.caller.client", "release", "kms", "suite.cli"):
         loaded = _fresh(f"import {module}\n" + _LOADED)["loaded"]
         token_side = [m for m in loaded
                       if m in TOKEN_LAYER or m.startswith("pkcs11.")]
@@ -55,8 +55,8 @@ def test_the_sdk_and_the_client_work_where_python_pkcs11_is_not_installed(tmp_pa
     out = _fresh("""
 import json, os, sys
 sys.modules["pkcs11"] = None
-from kms.sdk import FieldEncryptor
-from kms.client import KmsClient, RemoteKeyProvider
+from kms.caller.sdk import FieldEncryptor
+from kms.caller.client import KmsClient, RemoteKeyProvider
 from kms.errors import Unavailable
 import release, hsm.pytest_plugin
 url, cert, key, ca = sys.argv[1:]

@@ -123,6 +123,7 @@ class Token:
         self._closed = False
         self._profile: Profile | None = None
         self.recoveries = 0  # how many times a lost session or login was restored
+        self._recovery_hooks: list[Callable[[], None]] = []
         self._refs = 1
         self._login()
 
@@ -250,6 +251,20 @@ class Token:
                 else:
                     self._discard(lease)
             self.recoveries += 1
+            for hook in list(self._recovery_hooks):
+                hook()
+
+    def on_recovery(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Call ``hook()`` after every recovery of a lost session or login (session objects,
+        which die with the login, are gone then). It runs on the recovering thread with the
+        anchor held: it must only take note (set a flag), never call the token. Returns the
+        function that unregisters it."""
+        self._recovery_hooks.append(hook)
+
+        def unregister() -> None:
+            if hook in self._recovery_hooks:
+                self._recovery_hooks.remove(hook)
+        return unregister
 
     def forget_objects(self) -> None:
         """Drop every session's cached object handles, after a token object that others may

@@ -5,7 +5,7 @@ each ``U_j = HMAC-SHA256(seed, ...)`` is one ``C_Sign(CKM_SHA256_HMAC)`` with th
 seed never leaves the token, while the XOR chain (public once the ``U_j`` are known to the host,
 which they must be for PBKDF2 anyway) runs on the host. For the same seed value, salt, iteration
 count and length the output equals ``hashlib.pbkdf2_hmac("sha256", seed, salt, iterations,
-length)`` byte for byte (tests/kms/test_kms_derive.py proves it on SoftHSM2 and NSS softokn).
+length)`` byte for byte (tests/kms/node/test_derive.py proves it on SoftHSM2 and NSS softokn).
 
 Cost: ``ceil(length / 32) * iterations`` C_Sign calls. The whole derivation runs inside ONE
 :meth:`Token.run` on one leased session: the key object is looked up (or taken from the lease's

@@ -5,7 +5,7 @@ the org's rows useless, even to a holder of the user PIN.
 Each KEK is generated in the token: sensitive, non-extractable, non-modifiable, non-copyable,
 private, and usable only with ``CKM_AES_GCM`` (``CKA_ALLOWED_MECHANISMS``), for encrypt/decrypt
 only. The token, not this code, refuses a PIN holder who asks to read, wrap, copy, re-purpose or
-use it with another mechanism (tests/kms/test_kms_sealing.py plays each).
+use it with another mechanism (tests/kms/node/test_sealing.py plays each).
 
 Handles, not labels: SoftHSM2 2.6.1 walks every object on each ``C_FindObjects`` (172 ms at
 10,000 objects), so the caller finds every KEK once (:func:`find_all`, one search) and keeps the

@@ -3,7 +3,7 @@
 One concern per module: ``settings`` (the strict ``[service]`` section), ``authz`` (identity
 from the verified client certificate, the policy), ``errors`` (KMS errors -> HTTP statuses),
 ``audit`` (hash-chained JSON lines), ``metrics`` (Prometheus), ``guard`` (slow-client and
-connection limits below HTTP), ``app`` (routes and handlers over a ``kms.service.Kms``),
+connection limits below HTTP), ``app`` (routes and handlers over a ``kms.node.node.Kms``),
 ``worker`` (one process: its own token login and node), ``supervisor`` (one listening socket,
-N worker processes, signals). The node itself is the library ``kms.service.Kms``, unchanged.
+N worker processes, signals). The node itself is the library ``kms.node.node.Kms``, unchanged.
 """

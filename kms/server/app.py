@@ -1,4 +1,4 @@
-"""Routes and handlers: the JSON API over one started ``kms.service.Kms`` node.
+"""Routes and handlers: the JSON API over one started ``kms.node.node.Kms`` node.
 
 Every request is authorised from the client certificate the TLS layer verified, read once per
 connection by the guard (``kms.server.guard``); no header is ever read as an identity. A
@@ -33,7 +33,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from kms import policy
+from kms import key_rules as policy
 
 from aiohttp import ClientConnectionError
 
@@ -252,28 +252,19 @@ class Service:
                                        thread_name_prefix="kms-node")
         self.inflight = 0
         self.ready = True  # false once draining
-        # DEK fetches that will hit the node's cache, with the org's head kept fresh and its view
-        # verified, run on the event loop itself: the hop to the pool and back costs more than
-        # the work (about a third of the worker's CPU per request, measured). Anything that may
-        # call the HSM or the store goes to the pool (Kms.answers_locally).
-        self._current: dict[tuple, int] = {}   # (org, key_type, fragment) -> version last served
 
     async def call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    async def dek_call(self, org: str, key_type: str, version, fragment, fn, *args):
-        """``fn(*args)`` inline if the DEK it needs is in the node's cache, else on the pool."""
-        if version is None:
-            version = self._current.get((org, key_type, fragment))
-        if self.kms.answers_locally(org, key_type, version, fragment):
+    async def dek_call(self, hit, fn, *args):
+        """A DEK from the node: its hit-only lookup ``hit(*args)`` on the event loop itself (no
+        HSM, no store: the hop to the pool and back costs more than the work, about a third of
+        the worker's CPU per request, measured), else ``fn(*args)`` on the pool."""
+        found = hit(*args)
+        if found is not None:
             self.metrics.inline.inc()
-            return fn(*args)
+            return found
         return await self.call(fn, *args)
-
-    def served(self, org: str, key_type: str, fragment, version: int) -> None:
-        if len(self._current) > 100_000:
-            self._current.clear()
-        self._current[(org, key_type, fragment)] = version
 
     def authorise(self, request, role: str, org=None, key_type=None) -> str | None:
         names, _client = _peer(request)
@@ -348,10 +339,6 @@ class Service:
                                     worker=self.worker)
         except AuditUnavailable:
             raise _audit_down() from None
-
-    def announce(self, op: str, org: str, key_type=None, version=None) -> None:
-        if self.notifier is not None:
-            self.notifier.announce(op, org, key_type, version)
 
 
 def _ok(data: dict, status: int = 200) -> web.Response:
@@ -531,13 +518,12 @@ async def dek(request):
             if "version" in body:
                 raise HttpError(400, "bad_request", "version is only for purpose decrypt")
             version, derivation, key = await svc.dek_call(
-                org, key_type, None, fragment, svc.kms.dek_for_encrypt, org, key_type, fragment)
-            svc.served(org, key_type, fragment, version)
+                svc.kms.cached_dek_for_encrypt, svc.kms.dek_for_encrypt, org, key_type, fragment)
             out = {"org": org, "key_type": key_type, "version": version,
                    "derivation": derivation}
         else:
             version = _version(_field(body, "version", int))
-            key = await svc.dek_call(org, key_type, version, fragment, svc.kms.dek_for_decrypt,
+            key = await svc.dek_call(svc.kms.cached_dek_for_decrypt, svc.kms.dek_for_decrypt,
                                      org, key_type, version, fragment)
             out = {"org": org, "key_type": key_type, "version": version}
     except Exception as exc:
@@ -554,7 +540,8 @@ async def dek(request):
 # --------------------------------------------------------------------------- admin
 async def _admin(request, op: str, org: str, key_type, fn, *args, status: int = 200,
                  version=None):
-    """Authorise, run ``fn`` on the pool, audit the outcome either way, announce changes."""
+    """Authorise, run ``fn`` on the pool, audit the outcome either way (the node announces
+    its changes to the other nodes itself: Kms.announce)."""
     svc: Service = request.app["svc"]
     svc.authorise(request, "admin", org, key_type)
     svc.audit_ready()
@@ -597,12 +584,11 @@ async def tenant_rotate(request):
     # "ekm": a new version from the org's AWS KMS root key (GenerateDataKeyWithoutPlaintext).
     source = _field(body, "source", str, default="hsm", choices=("hsm", "ekm"))
     if source == "ekm":
-        from .. import ekm
+        from kms.customer_keys import ekm
         rotate = lambda: ekm.rotate(svc.kms, org, key_type)  # noqa: E731
     else:
         rotate = lambda: svc.kms.rotate(org, key_type)  # noqa: E731
     row = await _admin(request, "tenant.rotate", org, key_type, rotate)
-    svc.announce("rotate", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state})
 
 
@@ -616,7 +602,6 @@ async def tenant_upload(request):
     row = await _admin(request, "tenant.upload", org, key_type,
                        lambda: svc.kms.upload_secret(org, key_type, material,
                                                      derivation=derivation), status=201)
-    svc.announce("upload", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state},
                201)
 
@@ -632,12 +617,11 @@ async def tenant_byok_upload(request):
     oaep = _field(body, "oaep", str, default="sha1", choices=("sha1", "sha256", "sha512"))
     ciphertext = _b64_field(body, "secret")
     digest = _b64_field(body, "hash", length=32)   # a SHA-256
-    from .. import byok
+    from kms.customer_keys import byok
     row = await _admin(request, "tenant.byok_upload", org, key_type,
                        lambda: byok.upload_wrapped(svc.kms, org, key_type, ciphertext, digest,
                                                    derivation=derivation, oaep=oaep),
                        status=201)
-    svc.announce("upload", org, key_type)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state,
                 "derivation": row.derivation}, 201)
 
@@ -650,7 +634,6 @@ async def tenant_destroy(request):
     version = _version(_field(body, "version", int))
     row = await _admin(request, "tenant.destroy", org, key_type, svc.kms.destroy, org,
                        key_type, version, version=version)
-    svc.announce("destroy", org, key_type, version)
     return _ok({"org": org, "key_type": key_type, "version": row.version, "state": row.state})
 
 

@@ -1,7 +1,7 @@
 """KMS errors -> HTTP status and a JSON body ``{"error": code, "message": ...}``.
 
 The messages are the project's own one-line messages (they never carry a PIN or key material:
-``hsm.errors`` builds them from labels and codes). Anything not recognised here is answered 500
+``hsm.core.errors`` builds them from labels and codes). Anything not recognised here is answered 500
 ``internal`` with no detail; the traceback goes to the worker's log, never to the client.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import time
 
-from hsm.byok import ByokRefused
-from hsm.errors import HsmError
+from hsm.keys.byok import ByokRefused
+from hsm.core.errors import HsmError
 from kms.errors import (ArgumentError, ConfigError, Conflict, CorruptRecord, KeyDestroyed, KeyUnavailable,
                         KmsError, PolicyViolation, RateLimited, ReleaseNotHeld, StoreUnavailable,
                         UnknownTenant, UnknownVersion)

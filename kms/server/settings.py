@@ -1,6 +1,6 @@
 """The ``[service]`` section of a node's TOML: listening, TLS files, limits, audit, client policy.
 
-Strict like the rest of ``kms.config``: an unknown key, a wrong type or a bad value stops with
+Strict like the rest of ``kms.node.config``: an unknown key, a wrong type or a bad value stops with
 ``file: service.key: what is wrong``. Paths are relative to the configuration file. The client
 policy (``[[service.clients]]``) is parsed here too, so SIGHUP can re-read it from the same file
 (``reload_policy``) without restarting the node.
@@ -26,8 +26,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsm import tomlfile
-from kms import policy
+from suite import tomlfile
+from kms import key_rules
 from kms.errors import ConfigError
 
 ROLES = ("data", "admin", "status")
@@ -86,7 +86,7 @@ class Client:
     identity: str                 # as written in the configuration (audit records name it)
     roles: frozenset[str]
     orgs: tuple[str, ...] = ("*",)
-    key_types: frozenset[str] = frozenset(policy.KEY_TYPES)
+    key_types: frozenset[str] = frozenset(key_rules.KEY_TYPES)
 
     @property
     def name(self) -> tuple[str, str]:
@@ -160,8 +160,8 @@ def parse_clients(path: Path, items) -> tuple[Client, ...]:
         seen.add(kind_name)
         roles = _strings(f"{where}.roles", item.get("roles"), allowed=ROLES)
         orgs = _strings(f"{where}.orgs", item.get("orgs", ["*"]))
-        kts = _strings(f"{where}.key_types", item.get("key_types", list(policy.KEY_TYPES)),
-                       allowed=policy.KEY_TYPES)
+        kts = _strings(f"{where}.key_types", item.get("key_types", list(key_rules.KEY_TYPES)),
+                       allowed=key_rules.KEY_TYPES)
         out.append(Client(item["identity"], frozenset(roles), tuple(orgs), frozenset(kts)))
     return tuple(out)
 

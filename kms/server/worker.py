@@ -1,6 +1,6 @@
 """One worker process: its own node (token initialisation, login, session objects), on a socket.
 
-``run(config, sock, worker)`` starts a ``kms.service.Kms`` (one node per process is the
+``run(config, sock, worker)`` starts a ``kms.node.node.Kms`` (one node per process is the
 supported model), serves the API on ``sock`` until SIGTERM, then drains: stop accepting, let
 in-flight requests finish (bounded by ``shutdown_timeout_seconds``), close the node (destroys
 its session objects, flushes its DEK cache), flush and close the audit log, return 0. SIGHUP
@@ -18,7 +18,7 @@ import sys
 
 from aiohttp import web
 
-from kms.service import Kms
+from kms.node.node import Kms
 
 from . import app as apps
 from . import settings as settings_mod
@@ -45,13 +45,15 @@ def tls_context(s) -> ssl.SSLContext:
 def _notifier(kms, worker: int, metrics):
     if kms.store.kind != "postgresql":
         return None
-    from kms import invalidation, rowcache
+    from kms.server import invalidation
+    from kms.node import rowcache
     import os
     listener = invalidation.Listener(kms.config.store, kms.cache,
                                      name=f"{os.getpid()}-w{worker}",
                                      on_remote=metrics.remote_invalidations.inc)
-    # Rows are kept only while this listener hears every change (kms.rowcache).
+    # Rows are kept only while this listener hears every change (kms.node.rowcache).
     kms.rows = rowcache.FreshRows(rowcache.ListenerWatch(listener), node_clock=kms.clock)
+    kms.announce = listener.announce     # the node announces every change it commits
     return listener
 
 
@@ -102,9 +104,10 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> No
 async def _retry_unavailable_keys(svc: apps.Service, stop: asyncio.Event,
                                   every: float = 30.0) -> None:
     """Cache-only keys whose customer key service failed are retried on their schedule (once
-    a minute for 5 minutes, then every 5 minutes for 24 h: kms.cacheonly), even when no request
-    asks for them, so a key that comes back is active again before the next encryption."""
-    from .. import cacheonly
+    a minute for 5 minutes, then every 5 minutes for 24 h: kms.customer_keys.cache_only), even
+    when no request asks for them, so a key that comes back is active again before the next
+    encryption."""
+    from kms.customer_keys import cache_only as cacheonly
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), timeout=every)

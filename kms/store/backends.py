@@ -164,7 +164,7 @@ class Postgres(_Common):
     for_update = " FOR UPDATE"
     # One transaction-scoped advisory lock for every write of an org KEK to the token (the key
     # "kek" in ASCII): SoftHSM2 2.6.1 processes can miss each other's new objects when they
-    # write the token at the same moment (kms.sealing.Keks).
+    # write the token at the same moment (kms.node.sealing.Keks).
     token_lock: str | None = "SELECT pg_advisory_xact_lock(7038315)"
     bytes_type = "BYTEA"
 

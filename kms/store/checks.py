@@ -8,7 +8,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from kms import policy
+from kms import key_rules
 from kms.errors import ArgumentError, ArgumentTypeError
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -58,9 +58,9 @@ def sha256_hex(name: str, value) -> str:
 
 def secret_fields(where: str, *, key_type, source, derivation, release, iterations) -> None:
     """The fields a new secret and an imported one have in common (one rule for both)."""
-    choice(f"{where}key type", key_type, policy.KEY_TYPES)
-    choice(f"{where}source", source, policy.SOURCES)
-    choice(f"{where}derivation", derivation, policy.DERIVATIONS)
+    choice(f"{where}key type", key_type, key_rules.KEY_TYPES)
+    choice(f"{where}source", source, key_rules.SOURCES)
+    choice(f"{where}derivation", derivation, key_rules.DERIVATIONS)
     if release is not None:
         text(f"{where}release", release)
     integer(f"{where}iterations", iterations, 1 if derivation == "PBKDF2" else 0)

@@ -181,7 +181,7 @@ def release_from_db(raw: Sequence[Any]) -> tuple[str, tuple[str, str]]:
 @dataclass(frozen=True)
 class OrgRows:
     """Everything the store holds for one org, as read in one transaction or between two
-    identical reads of its generation: what :mod:`kms.sealing` compares with the org's sealed
+    identical reads of its generation: what :mod:`kms.node.sealing` compares with the org's sealed
     state. ``customer_keys`` maps kind -> (spec JSON text, created_at); ``uploads`` maps a BYOK
     ciphertext's SHA-256 -> uploaded_at."""
 

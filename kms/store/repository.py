@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from kms import policy
+from kms import key_rules
 from kms.errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -62,7 +62,7 @@ from .records import (
 
 
 class Sealer(Protocol):
-    """What seals an org's state in the HSM (:class:`kms.sealing.Sealer`). A sealed write runs
+    """What seals an org's state in the HSM (:class:`kms.node.sealing.Sealer`). A sealed write runs
     ``verify`` on the org's rows right after taking its lock (a write never builds on rows the
     HSM did not seal) and ``reseal`` after its change, in the same transaction; ``fresh`` names
     the versions whose ``wrapped`` is not under the org's KEK yet (just added or imported)."""
@@ -114,7 +114,7 @@ class Store:
     # ------------------------------------------------------------------ orgs
     def create_org(self, org_id: str, org_type: str, *, sealer: Sealer | None = None) -> None:
         checks.text("org id", org_id)
-        checks.choice("org type", org_type, policy.ORG_TYPES)
+        checks.choice("org type", org_type, key_rules.ORG_TYPES)
         created = time.time()
         row_sum = checksum("orgs", (org_id, org_type, created))
 
@@ -144,17 +144,17 @@ class Store:
         """When this store created the org: what binds a backup to the store it came from (an
         org recreated elsewhere, or in a new store, has another creation time)."""
         row = self._org_row(org_id)
-        org_type_from_db(org_id, row, policy.ORG_TYPES)
+        org_type_from_db(org_id, row, key_rules.ORG_TYPES)
         return float(row[1])
 
     def org_type(self, org_id: str) -> str:
-        return org_type_from_db(org_id, self._org_row(org_id), policy.ORG_TYPES)
+        return org_type_from_db(org_id, self._org_row(org_id), key_rules.ORG_TYPES)
 
     def orgs(self) -> list[tuple[str, str]]:
         return checked_listing(
             "listing orgs",
             self.db.read(f"SELECT org_id, {ORG_COLUMNS} FROM orgs ORDER BY org_id"),
-            lambda raw: (raw[0], org_type_from_db(raw[0], raw[1:], policy.ORG_TYPES)))
+            lambda raw: (raw[0], org_type_from_db(raw[0], raw[1:], key_rules.ORG_TYPES)))
 
     def _lock_org(self, conn, org_id: str) -> str:
         """Inside a write transaction: the org's type, after taking its lock (PostgreSQL row lock;
@@ -163,7 +163,7 @@ class Store:
                       + self.db.backend.for_update, (org_id,)).fetchone()
         if row is None:
             raise _unknown(org_id)
-        return org_type_from_db(org_id, row, policy.ORG_TYPES)
+        return org_type_from_db(org_id, row, key_rules.ORG_TYPES)
 
     # ------------------------------------------------------------------ secrets: writes
     def add_secret(self, org_id: str, key_type: str, *, source: str, derivation: str,
@@ -182,7 +182,7 @@ class Store:
             checks.sha256_hex("upload digest", upload_sha256)
         if not callable(wrap):
             raise ArgumentTypeError("wrap must be a callable taking the new version")
-        usable_from = policy.usable_from(key_type, now)
+        usable_from = key_rules.usable_from(key_type, now)
 
         def body(conn):
             org_type = self._lock_org(conn, org_id)
@@ -192,7 +192,7 @@ class Store:
                                    "LIMIT 1", (org_id, key_type)).fetchone()
             newest = secret_from_db(newest) if newest is not None else None
             if newest is not None:
-                interval = policy.NEW_SECRET_INTERVAL[org_type]
+                interval = key_rules.NEW_SECRET_INTERVAL[org_type]
                 next_allowed = newest.created_at + interval
                 if now < next_allowed:
                     raise RateLimited(
@@ -229,9 +229,9 @@ class Store:
                        now: float, sealer: Sealer | None = None) -> SecretRow:
         """Crypto-shred: the wrapped blob becomes NULL, the state DESTROYED. Destroying a
         destroyed secret returns it unchanged. Database secrets live at least
-        policy.DATABASE_MIN_LIFESPAN."""
+        key_rules.DATABASE_MIN_LIFESPAN."""
         checks.text("org id", org_id)
-        checks.choice("key type", key_type, policy.KEY_TYPES)
+        checks.choice("key type", key_type, key_rules.KEY_TYPES)
         checks.integer("version", version, 1)
         now = checks.timestamp("now", now)
 
@@ -247,12 +247,13 @@ class Store:
             if old.state == "DESTROYED":
                 return old, False
             if key_type == "database":
-                earliest = old.created_at + policy.DATABASE_MIN_LIFESPAN
+                earliest = old.created_at + key_rules.DATABASE_MIN_LIFESPAN
                 if now < earliest:
                     raise PolicyViolation(
                         f"org {org_id!r}: database secret v{version} may not be destroyed before "
                         f"{utc_iso(earliest)} (minimum lifespan "
-                        f"{policy.DATABASE_MIN_LIFESPAN / policy.DAY:g} days from its creation "
+                        f"{key_rules.DATABASE_MIN_LIFESPAN / key_rules.DAY:g} days from its "
+                        "creation "
                         f"at {utc_iso(old.created_at)})")
             new = dataclasses.replace(old, state="DESTROYED", wrapped=None, destroyed_at=now)
             self._update_secret(conn, old, new)
@@ -350,7 +351,7 @@ class Store:
                 "FROM orgs WHERE org_id = ?")
         if not org:
             raise _unknown(org_id)
-        org_type = org_type_from_db(org_id, org[0][:3], policy.ORG_TYPES)
+        org_type = org_type_from_db(org_id, org[0][:3], key_rules.ORG_TYPES)
         secrets = checked_listing(f"reading the rows of org {org_id!r}",
                                   q(f"SELECT {SECRET_COLUMNS} FROM tenant_secrets WHERE "
                                     "org_id = ? ORDER BY key_type, version"), secret_from_db)
@@ -408,7 +409,7 @@ class Store:
             self._x(conn, self.db.backend.token_lock)
 
     def under_token_lock(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` while no other node writes an org KEK (kms.sealing: the token's writers
+        """``fn()`` while no other node writes an org KEK (kms.node.sealing: the token's writers
         take turns, so each sees the others' objects)."""
         def body(conn):
             self._token_lock(conn)
@@ -610,7 +611,7 @@ class Store:
         if dup:
             raise ArgumentError(f"import into org {org_id!r} refused: the rows repeat "
                                 + ", ".join(f"{kt} v{v}" for kt, v in dup))
-        for kt in policy.KEY_TYPES:
+        for kt in key_rules.KEY_TYPES:
             act = [r.version for r in parsed if r.key_type == kt and r.state == "ACTIVE"]
             if len(act) > 1:
                 raise ArgumentError(f"import into org {org_id!r} refused: the rows hold "
@@ -669,7 +670,7 @@ def _row_from_export(org_id: str, i: int, r) -> SecretRow:
                          derivation=r["derivation"], release=r["release"],
                          iterations=r["iterations"])
     version = checks.integer(f"{where}: version", r["version"], 1)
-    state = checks.choice(f"{where}: state", r["state"], policy.STATES)
+    state = checks.choice(f"{where}: state", r["state"], key_rules.STATES)
     wrapped = bytes_or_none(r["wrapped"])
     destroyed_at = r["destroyed_at"]
     if state == "DESTROYED":

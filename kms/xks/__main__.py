@@ -6,8 +6,8 @@ import argparse
 import ssl
 import sys
 
-from hsm import pin as pins
-from hsm.errors import SuiteError
+from hsm.core import pin as pins
+from hsm.core.errors import SuiteError
 
 from .client import XksClient, probe
 

@@ -39,11 +39,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hsm import module as modules
-from hsm import pin as pins
-from hsm import tomlfile
-from hsm.errors import HsmError
-from hsm.xks import KEY_ID
+from hsm.core import module as modules
+from hsm.core import pin as pins
+from suite import tomlfile
+from hsm.core.errors import HsmError
+from hsm.keys.xks import KEY_ID
 from kms.errors import ConfigError
 
 from .sigv4 import Credential

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from hsm import xks as tokenkeys
-from hsm.errors import DecryptionFailed, HsmError, ObjectNotFound
+from hsm.keys import xks as tokenkeys
+from hsm.core.errors import DecryptionFailed, HsmError, ObjectNotFound
 
 from . import sigv4
 from .config import API_PATH, KeyStore, XksConfig

@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 from botocore.utils import normalize_url_path
 
-from hsm.pin import Pin
+from hsm.core.pin import Pin
 
 ALGORITHM = "AWS4-HMAC-SHA256"
 SERVICE = "kms-xks-proxy"

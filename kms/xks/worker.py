@@ -31,8 +31,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from hsm import pin as pins
-from hsm.token import Token
+from hsm.core import pin as pins
+from hsm.core.token import Token
 from kms.server.audit import AuditLog
 from kms.server.metrics import Metrics, _time_token
 
@@ -44,7 +44,7 @@ log = logging.getLogger("kms.xks")
 
 
 def is_xks_only(path: str | Path) -> bool:
-    from hsm import tomlfile
+    from suite import tomlfile
     from kms.errors import ConfigError
     data, _, _ = tomlfile.read(Path(path), what="node configuration", error=ConfigError)
     return configs.is_xks_only(data)

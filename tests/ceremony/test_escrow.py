@@ -11,7 +11,7 @@ from ceremony import plan as plans
 from ceremony import runner
 from hsm.core import ops
 from hsm.core.token import Token
-from kms import importer
+from kms.node import importer
 from release import bundle as bundles
 from release.certificates import as_asn1
 from release.certificates import load as load_cert

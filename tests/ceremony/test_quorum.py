@@ -35,8 +35,8 @@ from hsm.core.token import Token
 from hsm.keys import attributes, export
 from hsm.keys import officer as token_officer
 from hsm.keys.x509 import to_pem
-from kms import config as configs
-from kms.service import Kms
+from kms.node import config as configs
+from kms.node.node import Kms
 from release import bundle as bundles
 from release import signers
 from release.certificates import as_asn1

@@ -1,0 +1,1 @@
+"""Tests of `kms.server`: real `kms serve` processes over mTLS."""
