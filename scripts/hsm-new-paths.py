@@ -28,9 +28,6 @@ IMPORT_FROM = re.compile(r"^([ \t]*)from (hsm(?:\.\w+)*) import (\([^)]*\)|[^\n#
                          re.M)
 DOTTED = re.compile(rf"(?<![\w./])hsm\.({_LEAVES})\b(?!\.py)")
 PATH = re.compile(rf"(?<![\w./])hsm/({_LEAVES})\.py\b")
-# Local names that follow the module's new name (a word that meant something else: "policy",
-# "audit"); cli and cliutil keep theirs (`main`, `options` would clash with a file's own names).
-_RENAMED = {"policy", "policies", "audit"}
 
 
 def _names(text: str) -> list[tuple[str, str]]:
@@ -40,8 +37,6 @@ def _names(text: str) -> list[tuple[str, str]]:
 
 
 def rewrite(text: str) -> str:
-    renamed: dict[str, str] = {}   # a local name the file uses -> the new module's name
-
     def one(m: re.Match) -> str:
         indent, module, names, comment = m.group(1), m.group(2), m.group(3), m.group(4) or ""
         if module in MOVED:
@@ -55,18 +50,15 @@ def rewrite(text: str) -> str:
                 groups.setdefault("hsm", []).append(f"{name} as {alias}" if alias else name)
                 continue
             parent, _, leaf = new.rpartition(".")
+            # A renamed module keeps the file's local name (``inventory as audit``): renaming
+            # its uses would also rename any variable of that name.
             local = alias or name
-            if local in _RENAMED and leaf != local:
-                renamed[local] = leaf
-                local = leaf
             groups.setdefault(parent, []).append(leaf if local == leaf else f"{leaf} as {local}")
         lines = [f"{indent}from {parent} import {', '.join(items)}"
                  for parent, items in groups.items()]
         return "\n".join(lines) + (f"  {comment}" if comment else "")
 
     out = IMPORT_FROM.sub(one, text)
-    for old, new in renamed.items():
-        out = re.sub(rf"(?<![\w.]){old}\.", f"{new}.", out)
     out = DOTTED.sub(lambda m: MOVED["hsm." + m.group(1)], out)
     return PATH.sub(lambda m: MOVED["hsm." + m.group(1)].replace(".", "/") + ".py", out)
 

@@ -16,6 +16,9 @@ else; the label says whose it is.
 
 from __future__ import annotations
 
+import random
+import time
+
 from pkcs11 import Attribute as A
 from pkcs11 import KeyType
 from pkcs11 import Mechanism as M
@@ -30,7 +33,9 @@ MARKER_ID = b"hsm-suite kms org kek v1"
 # another process's view of the token, in that process).
 _GONE = (0x82, 0x60)             # CKR_OBJECT_HANDLE_INVALID, CKR_KEY_HANDLE_INVALID
 # What a token answers when an AES-GCM tag does not verify (SoftHSM2 2.6.1: GENERAL_ERROR).
-_TAG_FAILED = (0x40, 0x41, 0x5)  # CKR_ENCRYPTED_DATA_INVALID / _LEN_RANGE, CKR_GENERAL_ERROR
+_TAG_FAILED = (0x40, 0x41, 0x5)
+_GENERAL_ERROR = 0x5
+_GENERATE_ATTEMPTS = 4  # CKR_ENCRYPTED_DATA_INVALID / _LEN_RANGE, CKR_GENERAL_ERROR
 
 
 class KekGone(ObjectNotFound):
@@ -49,14 +54,30 @@ def template(label: str) -> dict:
 
 
 def generate(token: Token, label: str) -> int:
-    """A new KEK as a token object; its handle."""
+    """A new KEK as a token object; its handle.
+
+    SoftHSM2 2.6.1 sometimes answers ``CKR_GENERAL_ERROR`` when two processes create token
+    objects at the same moment (one reads the token directory while the other writes an object
+    file), as it does for two logins. The label is new for each generation, so the retry is
+    safe: a KEK the failed call made after all is found by its label and adopted, never made
+    twice. Bounded and jittered; a lasting error surfaces."""
     raw = token.module.raw
 
     def gen(lease) -> int:
         rv, handle = raw.generate_key(lease.session.handle, M.AES_KEY_GEN, template(label))
         check_rv(rv)
         return handle
-    return token.run("C_GenerateKey(org KEK)", gen, label)
+    for attempt in range(_GENERATE_ATTEMPTS):
+        try:
+            return token.run("C_GenerateKey(org KEK)", gen, label)
+        except HsmError as exc:
+            if exc.ckr_value != _GENERAL_ERROR or attempt == _GENERATE_ATTEMPTS - 1:
+                raise
+        time.sleep(random.uniform(0.005, 0.02 * (attempt + 1)))
+        made = find(token, label)
+        if made is not None:
+            return made
+    raise AssertionError("unreachable")
 
 
 def find_all(token: Token) -> dict[int, str]:

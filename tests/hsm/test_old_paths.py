@@ -102,10 +102,12 @@ def test_the_rewrite_script_moves_a_file_to_the_new_paths(tmp_path):
         "import hsm.core.token",
         "from hsm.commands import options as cliutil",
         "from hsm.core import ops",
-        "from hsm.keys import attributes",
+        "from hsm.keys import attributes as policies",
         "from hsm import Pin  # the old ones",
         "from hsm.core.errors import (HsmError,",
         "                        UsageError)"]
+    # a renamed module keeps the file's local name, so a variable of that name is left alone
+    assert "from hsm import inventory as audit" in after and "audit.audit" in after
     assert _imports(path) & set(MOVED) == set()
     old, new = {}, {}
     exec(before, old)
