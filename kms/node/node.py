@@ -66,8 +66,13 @@ def _row_aad(row: SecretRow) -> bytes:
 
 
 class Kms:
-    def __init__(self, config: KmsConfig, *, pin: pins.Pin | None = None, clock=time.time):
+    def __init__(self, config: KmsConfig, *, pin: pins.Pin | None = None, clock=time.time,
+                 token_sessions: int = 8):
+        """``token_sessions``: the token's session pool. A server worker asks for one more
+        than its executor threads and its audit writer can hold at once, so the event loop's
+        checkpoint signature (kms.server.audit) never waits for a session."""
         self.config = config
+        self._token_sessions = token_sessions
         self.clock = clock
         self._pin = pin
         # Set by start(); the properties below refuse use before it.
@@ -130,7 +135,8 @@ class Kms:
                                         prompt=f"User PIN for {self.config.token}: ",
                                         option="pin_source in the node configuration")
         self._token = Token.open(self.config.token, module=self.config.module,
-                                 parameters=self.config.module_params, pin=pin)
+                                 parameters=self.config.module_params, pin=pin,
+                                 pool_size=self._token_sessions)
         self._store = Store.open(self.config.store)
         self.rows = rowcache.for_store(self._store, self.clock)
         self._unhook_recovery = self._token.on_recovery(self._lost_session_keys)

@@ -156,7 +156,9 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     s = config.service
     tls = tls_context(s)
-    kms = Kms(config)
+    # One session per executor thread, one for the audit writer, one for the event loop's
+    # checkpoint signature: the loop then never waits for a session another thread holds.
+    kms = Kms(config, token_sessions=s.limit("executor_threads") + 2)
     kms.start()
     if extra is not None:
         extra.open()
