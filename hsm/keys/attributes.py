@@ -268,6 +268,19 @@ XKS_KEY = KeyPolicy(
          "`hsm xks-key create` and a new AWS KMS key on it")
 
 
+# A per-org KEK (hsm.keys.orgkek): the KMS replaces it at each change of the org's state and
+# destroys the old one, so it must be impossible to read out, wrap out or copy before that.
+ORG_KEK = KeyPolicy(
+    "org key-encryption key", ObjectClass.SECRET_KEY,
+    {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
+     A.MODIFIABLE: False, A.COPYABLE: False, **usages(A.ENCRYPT, A.DECRYPT)},
+    {**_SECRET_READ_BACK, A.NEVER_EXTRACTABLE: True}, frozenset({M.AES_GCM}),
+    exact_mechanisms=True,
+    hint="an object under an org KEK's label that the suite did not make: a user-PIN holder "
+         "created it; investigate, then destroy it with the SO's tools (the org's state stays "
+         "sealed under its own KEK)")
+
+
 def xks_key_attributes(encrypt: bool, decrypt: bool) -> dict:
     """The creation template of an XKS key with this usage (without label, id and length)."""
     return {**XKS_KEY.creation_attributes(), A.ENCRYPT: encrypt, A.DECRYPT: decrypt}

@@ -25,8 +25,10 @@ from pkcs11 import Mechanism as M
 from pkcs11 import ObjectClass
 
 from hsm.core._cryptoki import gcm_params
-from hsm.core.errors import DecryptionFailed, HsmError, ObjectNotFound, check_rv, from_rv
+from hsm.core.errors import (DecryptionFailed, HsmError, KeyPolicyViolation, ObjectNotFound,
+                             check_rv, from_rv)
 from hsm.core.token import Token
+from hsm.keys import attributes
 
 MARKER_ID = b"hsm-suite kms org kek v1"
 # What a token answers when the handle names an object that is gone (destroyed here or, for
@@ -89,15 +91,33 @@ def find_all(token: Token) -> dict[int, str]:
 
 
 def find(token: Token, label: str) -> int | None:
-    """The handle of one KEK by label (one walk: only when another process made it)."""
-    def look(lease) -> list[int]:
-        return [obj.handle for obj in lease.session.get_objects(
-            {A.CLASS: ObjectClass.SECRET_KEY, A.TOKEN: True, A.ID: MARKER_ID,
-             A.LABEL: label})]
+    """The handle of one KEK by label (one walk: only when another process made it).
+
+    A user-PIN holder can create an object with any label, CKA_ID and attributes: one that
+    could be read out, wrapped out or copied before its destroy would undo the shredding, so
+    an object under the label without the :data:`~hsm.keys.attributes.ORG_KEK` policy (made in
+    the token, never extractable, not copyable, AES-GCM only) is refused
+    (:class:`KeyPolicyViolation`), never used."""
+    raw = token.module.raw
+
+    def look(lease) -> list[tuple[int, list[str]]]:
+        return [(obj.handle, attributes.deviations(raw, lease.session.handle, obj.handle,
+                                                   attributes.ORG_KEK))
+                for obj in lease.session.get_objects(
+                    {A.CLASS: ObjectClass.SECRET_KEY, A.TOKEN: True, A.ID: MARKER_ID,
+                     A.LABEL: label})]
     found = token.run("C_FindObjects(org KEK)", look, label)
     if len(found) > 1:
         raise HsmError(f"{len(found)} org KEKs share the label {label!r}", object_label=label)
-    return found[0] if found else None
+    if not found:
+        return None
+    handle, weaker = found[0]
+    if weaker:
+        raise KeyPolicyViolation(
+            f"the org KEK {label!r} was not made by this suite, refusing to use it: "
+            + "; ".join(weaker), operation="org KEK lookup", token=token.label,
+            object_label=label, hint=attributes.ORG_KEK.hint)
+    return handle
 
 
 def destroy(token: Token, handle: int, label: str) -> bool:

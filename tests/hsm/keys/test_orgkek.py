@@ -14,7 +14,7 @@ from pkcs11 import Attribute as A
 from pkcs11 import Mechanism as M
 
 from hsm.core._cryptoki import gcm_params
-from hsm.core.errors import DecryptionFailed
+from hsm.core.errors import DecryptionFailed, KeyPolicyViolation
 from hsm.keys import orgkek
 
 
@@ -96,3 +96,23 @@ def test_another_process_handle_fails_at_its_next_use_after_destroy(softhsm_toke
     finally:
         b.stdin.close()
         b.wait(timeout=30)
+
+
+def test_a_look_alike_kek_a_pin_holder_planted_under_a_label_is_refused_not_used(softhsm_token):
+    """The user-PIN holder creates an extractable, copyable AES key with a KEK's CKA_ID and the
+    label of a generation to come (or of one they destroyed): found by its label, it would seal
+    org state under a key they can read out or copy, so a destroy would shred nothing. find()
+    refuses it (KeyPolicyViolation naming the attributes), and a real KEK is still found."""
+    token = softhsm_token.token
+    label = "kms-kek t 7 planted"
+    planted = {**orgkek.template(label), A.EXTRACTABLE: True, A.SENSITIVE: False,
+               A.COPYABLE: True}
+    with token.lease() as lease:
+        rv, _ = token.module.raw.generate_key(lease.session.handle, M.AES_KEY_GEN, planted)
+    assert rv == 0
+    with pytest.raises(KeyPolicyViolation, match=r"CKA_EXTRACTABLE: got True") as info:
+        orgkek.find(token, label)
+    assert "CKA_NEVER_EXTRACTABLE: got False" in str(info.value)
+    assert "CKA_COPYABLE: got True" in str(info.value)
+    real = orgkek.generate(token, "kms-kek t 7 real")
+    assert orgkek.find(token, "kms-kek t 7 real") == real
