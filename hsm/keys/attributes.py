@@ -274,8 +274,9 @@ ORG_KEK = KeyPolicy(
     "org key-encryption key", ObjectClass.SECRET_KEY,
     {A.TOKEN: True, A.PRIVATE: True, A.SENSITIVE: True, A.EXTRACTABLE: False,
      A.MODIFIABLE: False, A.COPYABLE: False, **usages(A.ENCRYPT, A.DECRYPT)},
-    {**_SECRET_READ_BACK, A.NEVER_EXTRACTABLE: True}, frozenset({M.AES_GCM}),
-    exact_mechanisms=True,
+    # CKA_DESTROYABLE read back too: a KEK the node cannot destroy would shred nothing.
+    {**_SECRET_READ_BACK, A.NEVER_EXTRACTABLE: True, A.DESTROYABLE: True},
+    frozenset({M.AES_GCM}), exact_mechanisms=True,
     hint="an object under an org KEK's label that the suite did not make: a user-PIN holder "
          "created it; investigate, then destroy it with the SO's tools (the org's state stays "
          "sealed under its own KEK)")

@@ -110,16 +110,23 @@ class Keks:
         self.refresh_before_write = True
 
     def load(self) -> None:
-        handles, elsewhere = {}, set()
+        handles, elsewhere, twice = {}, set(), set()
         for handle, label in orgkek.find_all(self.token).items():
             parsed = parse_label(label)
             if parsed is None:
                 continue
             store, gen, org = parsed
             if store == self.store_id:
+                if (org, gen) in handles:
+                    twice.add((org, gen))
                 handles[(org, gen)] = handle
             else:
                 elsewhere.add(org)
+        # Two objects under one KEK's label: one was planted (a user-PIN holder can create any
+        # object). Neither is taken on trust here: a lookup by label (orgkek.find) refuses the
+        # pair, and a lone object only with the KEK policy.
+        for key in twice:
+            del handles[key]
         with self._lock:
             self._handles, self._elsewhere = handles, elsewhere
 

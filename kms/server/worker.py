@@ -156,9 +156,12 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     s = config.service
     tls = tls_context(s)
-    # One session per executor thread, one for the audit writer, one for the event loop's
-    # checkpoint signature: the loop then never waits for a session another thread holds.
-    kms = Kms(config, token_sessions=s.limit("executor_threads") + 2)
+    # One session per executor thread (the KMS's, and the XKS listener's beside it: it opens
+    # the same token, so it shares this pool), one for the audit writer, one for the event
+    # loop's checkpoint signature: the loop then never waits for a session a thread holds.
+    threads = s.limit("executor_threads") + (
+        extra.cfg.limit("executor_threads") if extra is not None else 0)
+    kms = Kms(config, token_sessions=threads + 2)
     kms.start()
     if extra is not None:
         extra.open()

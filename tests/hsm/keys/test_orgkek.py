@@ -114,5 +114,12 @@ def test_a_look_alike_kek_a_pin_holder_planted_under_a_label_is_refused_not_used
         orgkek.find(token, label)
     assert "CKA_NEVER_EXTRACTABLE: got False" in str(info.value)
     assert "CKA_COPYABLE: got True" in str(info.value)
+    # The KEK's own template but not destroyable: the node's destroy would shred nothing.
+    undying = {**orgkek.template("kms-kek t 8 planted"), A.DESTROYABLE: False}
+    with token.lease() as lease:
+        rv, _ = token.module.raw.generate_key(lease.session.handle, M.AES_KEY_GEN, undying)
+    assert rv == 0
+    with pytest.raises(KeyPolicyViolation, match=r"CKA_DESTROYABLE: got False"):
+        orgkek.find(token, "kms-kek t 8 planted")
     real = orgkek.generate(token, "kms-kek t 7 real")
     assert orgkek.find(token, "kms-kek t 7 real") == real
