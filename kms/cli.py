@@ -74,6 +74,7 @@ def cmd_audit(args) -> int:
     if not files:
         raise configs.ConfigError(f"no audit segments (audit-w*.jsonl) in {' '.join(args.paths)}")
     broken = False
+    newest: dict[int, tuple[int, Path, bool]] = {}   # worker -> (k, path, signed) of its last
     for path in files:
         try:
             verdict = auditchain.verify(path, key=key)
@@ -81,6 +82,19 @@ def cmd_audit(args) -> int:
             raise configs.ConfigError(f"cannot read audit log {path}: {exc.strerror}") from None
         print(verdict.line(key))
         broken |= not verdict.intact
+        order = auditchain.segment_order(path)
+        if order is not None and (order[0] not in newest or order[1] >= newest[order[0]][0]):
+            newest[order[0]] = (order[1], path, verdict.signed)
+    if key is not None:
+        # Older segments are covered by the signed `previous` link of the one after them; the
+        # newest is covered by nothing but its own checkpoints. A file writer who replaces it
+        # with an unsigned (keyless or legacy) chain must not pass a check against the pin.
+        for _, path, signed in newest.values():
+            if not signed:
+                print(f"{path}: the newest segment of its worker is not signed, so the pinned "
+                      "key covers none of it (an unsigned chain can be rewritten by anyone who "
+                      "can write the file)")
+                broken = True
     return 1 if broken else 0
 
 

@@ -160,6 +160,7 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
     that no record follows the last checkpoint."""
     v = Verdict(Path(path))
     prev, seq, public, last_checkpoint, fmt = GENESIS, 0, None, 0, LEGACY
+    canonical_lines = False
     with open(path, "rb") as f:
         data = f.read()
     body, _, partial = data.rpartition(b"\n")   # partial: an unfinished last line, if any
@@ -177,6 +178,7 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
         except ValueError as exc:
             return broken(n, f"not a JSON record ({exc})")
         if n == 1:
+            canonical_lines = rec.get("op") == SEGMENT_OP
             known = segment_format(rec)
             if known is None:
                 return broken(1, f"written in audit format {rec.get('format')!r}, which this "
@@ -213,6 +215,14 @@ def verify(path: Path, *, key: str | None = None) -> Verdict:
             intact = False
         if not intact:
             return broken(n, "its hash does not match its content")
+        # The hash covers the record as parsed, so the bytes must be the one canonical
+        # encoding of it too: otherwise a file writer could respell a line (JSON escapes, a
+        # repeated key that another reader takes the first of) that grep and other tools read
+        # differently, and it would still verify. The node writes every line canonically;
+        # legacy segments (before segment.start) are unsigned and not held to it.
+        if canonical_lines and line != _CANONICAL[fmt](rec):
+            return broken(n, "it is not written in its canonical form (escapes, spacing or a "
+                             "repeated key): the node never writes such a line")
         if v.signed and rec.get("op") == CHECKPOINT_OP:
             if not signature_holds(public, checkpoint_message(rec["seq"], rec["prev"]),
                                     rec.get("sig")):

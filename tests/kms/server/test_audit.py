@@ -53,7 +53,7 @@ def _rewrite(path: Path, records: list[dict]) -> None:
     for seq, rec in enumerate(records, 1):
         rec.update(seq=seq, prev=prev)
         rec["hash"] = prev = auditchain.digest(rec)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_bytes(b"".join(auditchain.canonical(r) + b"\n" for r in records))
 
 
 def _verify(*args):
@@ -109,7 +109,7 @@ def test_a_log_re_signed_with_another_key_fails_only_against_the_pinned_key(sign
             rec["sig"] = forger.sign(auditchain.checkpoint_message(seq, prev),
                                      ec.ECDSA(hashes.SHA256())).hex()
         rec["hash"] = prev = auditchain.digest(rec)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    path.write_bytes(b"".join(auditchain.canonical(r) + b"\n" for r in records))
     proc = _verify(path)
     assert proc.returncode == 0 and "NOT pinned" in proc.stdout and fpr in proc.stdout
     proc = _verify(path, "--key", signer.fingerprint)
@@ -515,3 +515,52 @@ def test_a_log_without_an_audit_key_is_chained_unsigned_and_reported_so(tmp_path
     proc = _verify(path)
     assert proc.returncode == 0 and proc.stdout == (
         f"{path}: 3 records, chain intact (unsigned: written without an audit key)\n")
+
+
+def test_a_respelled_line_that_keeps_its_hash_is_reported(signer, tmp_path):
+    """The file writer respells a record without changing what it parses to (a JSON escape)
+    or so that another reader sees something else (a repeated key: many readers take the
+    first): the hash of the parsed record still matches, the bytes are not its canonical form."""
+    _write(tmp_path, signer, DEKS)
+    path = tmp_path / "audit-w0.jsonl"
+    original = path.read_bytes()
+    lines = original.split(b"\n")
+    n = next(i for i, line in enumerate(lines) if b'"request_id":"r9"' in line)
+    assert b'"op":"dek.decrypt"' in lines[n]
+    for respelled in (lines[n].replace(b'"org":"acme"', b'"org":"\\u0061cme"'),
+                      lines[n].replace(b'"op":"dek.decrypt"',
+                                       b'"op":"tenant.destroy","op":"dek.decrypt"')):
+        assert json.loads(respelled) == json.loads(lines[n])     # the same record, parsed
+        path.write_bytes(b"\n".join(lines[:n] + [respelled] + lines[n + 1:]))
+        proc = _verify(path, "--key", signer.fingerprint)
+        assert proc.returncode == 1
+        assert proc.stdout == (f"{path}: chain broken at line {n + 1}: it is not written in its "
+                               "canonical form (escapes, spacing or a repeated key): the node "
+                               "never writes such a line\n")
+    path.write_bytes(original)
+    assert _verify(path, "--key", signer.fingerprint).returncode == 0
+
+
+@pytest.mark.parametrize("downgrade", ["keyless", "legacy"])
+def test_the_newest_segment_replaced_by_an_unsigned_chain_fails_against_the_pin(
+        signer, tmp_path, downgrade):
+    """The file writer drops a record and every checkpoint from the newest segment, re-chains
+    it, and makes it unsigned: `key` null in its segment.start, or no segment.start at all (a
+    legacy segment). The chain holds; against the pinned key it must not pass."""
+    _write(tmp_path, signer, DEKS)
+    path = tmp_path / "audit-w0.jsonl"
+    records = [r for r in _records(path)
+               if r["op"] != "audit.checkpoint" and r.get("request_id") != "r1"]
+    if downgrade == "keyless":
+        records[0].update(key=None)
+        records[0].pop("spki")
+    else:
+        records = records[1:]
+    _rewrite(path, records)
+    proc = _verify(path)
+    assert proc.returncode == 0 and "chain intact" in proc.stdout      # without a pin: unsigned
+    proc = _verify(path, "--key", signer.fingerprint)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines()[-1] == (
+        f"{path}: the newest segment of its worker is not signed, so the pinned key covers "
+        "none of it (an unsigned chain can be rewritten by anyone who can write the file)")
