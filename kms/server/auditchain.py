@@ -65,10 +65,24 @@ def digest(record: dict, fmt: int = FORMAT) -> str:
 
 
 def writable(record: dict) -> dict:
-    """``record`` with every string orjson cannot encode (a lone surrogate, which is no text)
-    written as its ``\\udxxx`` escape text: the writer must never fail on a record's content."""
-    return {k: v.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(v, str)
-            else v for k, v in record.items()}
+    """``record`` with every value orjson cannot encode replaced by an object that says what it
+    was: a string with a lone surrogate (no text) as ``{"utf16le_hex": ...}``, an integer
+    beyond 64 bits as ``{"int": "..."}``. The writer must never fail on a record's content
+    (it would keep the log unavailable), and the replacement is an object, so no string a
+    client sends can be recorded as the same line (escape text could be)."""
+    return {k: _writable(v) for k, v in record.items()}
+
+
+def _writable(value):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return {"utf16le_hex": value.encode("utf-16-le", "surrogatepass").hex()}
+    elif isinstance(value, int) and not isinstance(value, bool) \
+            and not -(1 << 63) <= value < (1 << 64):
+        return {"int": str(value)}
+    return value
 
 
 def segment_format(first: dict) -> int | None:

@@ -26,8 +26,15 @@ def test_the_chained_line_is_the_canonical_record_with_its_hash(record):
     assert digest(json.loads(line)) == got_hash       # what `kms audit verify` recomputes
 
 
-def test_a_lone_surrogate_is_written_as_its_escape_and_still_verifies():
-    """orjson cannot encode a lone surrogate (no text); the writer must not fail on it."""
-    got_hash, line = chained_line({"seq": 1, "op": "authz", "client": "cn:\ud800x"})
+def test_a_lone_surrogate_is_written_unambiguously_and_still_verifies():
+    """orjson cannot encode a lone surrogate (no text) nor an integer beyond 64 bits; the writer
+    must not fail on either (it would keep the log unavailable), and what it writes instead
+    must not be a line some other client's text also gives (its escape text would be)."""
+    got_hash, line = chained_line({"seq": 1, "op": "authz", "client": "cn:\ud800x",
+                                   "version": 1 << 70})
     parsed = json.loads(line)
-    assert parsed["client"] == "cn:\\ud800x" and digest(parsed) == got_hash
+    assert parsed["client"] == {"utf16le_hex": "63006e003a0000d87800"}
+    assert parsed["version"] == {"int": str(1 << 70)} and digest(parsed) == got_hash
+    _, text_line = chained_line({"seq": 1, "op": "authz", "client": "cn:\\ud800x",
+                                 "version": 1 << 70})
+    assert text_line != line
