@@ -1,13 +1,7 @@
 """The module paths hsm had before core/, keys/ and commands/, kept until the next release.
 
 Each old path imports as the *very same module object* as the new one (``hsm.token is
-hsm.core.token``), not a copy that re-exports its names: modules hold state (the loaded PKCS#11
-module, the OS-locking ``C_Initialize``, pools), and code and tests patch module attributes, which
-must be seen by every caller whichever path it imported. The alias is resolved once, at import;
-calls go straight to the functions (nothing is wrapped), so the hot path costs the same.
-
-How: a finder at the end of ``sys.meta_path`` (it is asked only after the real files were not
-found) answers an old name with the new module. ``import hsm.token``, ``from hsm import token``
+hsm.core.token``), through :mod:`suite.moved`. ``import hsm.token``, ``from hsm import token``
 and ``from hsm.token import Token`` all work. The type checker does not run this code: for it the
 old paths are untyped (``[tool.mypy]`` in pyproject.toml lists them), so new code imports the new
 paths.
@@ -15,11 +9,7 @@ paths.
 
 from __future__ import annotations
 
-import importlib
-import importlib.abc
-import importlib.machinery
-import sys
-from types import ModuleType
+from suite import moved
 
 # old path -> new path. Also the token-free modules that moved to `suite` earlier.
 MOVED = {
@@ -58,26 +48,5 @@ MOVED = {
 }
 
 
-class _OldPaths(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, fullname: str, path: object = None, target: object = None
-                  ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in MOVED:
-            return None
-        return importlib.machinery.ModuleSpec(fullname, self)
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        module = importlib.import_module(MOVED[spec.name])
-        # The import system keeps the module's __name__, __file__ and __package__ but sets
-        # __spec__ to the old name's: keep its own, given back in exec_module (relative imports
-        # and importlib.reload read it).
-        spec.loader_state = module.__spec__
-        return module
-
-    def exec_module(self, module: ModuleType) -> None:
-        # already executed under its new name
-        module.__spec__ = module.__spec__.loader_state  # type: ignore[union-attr]
-
-
 def install() -> None:
-    if not any(isinstance(f, _OldPaths) for f in sys.meta_path):
-        sys.meta_path.append(_OldPaths())
+    moved.install(MOVED)

@@ -26,11 +26,9 @@ in the next release.
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.machinery
-import sys
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+from suite import moved
 
 # Old module path (deprecated, until the next release) -> where the module lives now.
 MOVED = {
@@ -48,30 +46,7 @@ MOVED = {
 }
 
 
-class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports an old path as the module at its new path: the very same object, registered in
-    ``sys.modules`` under both names (module state and monkeypatches are shared). Loads the new
-    module only when the old path is imported."""
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in MOVED:
-            return None
-        return importlib.machinery.ModuleSpec(fullname, self)
-
-    def create_module(self, spec) -> ModuleType:
-        module = importlib.import_module(MOVED[spec.name])
-        spec.loader_state = module.__spec__
-        return module
-
-    def exec_module(self, module: ModuleType) -> None:
-        # Loaded already at its new path; the import system set __spec__ to the old path's
-        # spec: give the module its own back (reload, pickling and -m read it).
-        assert module.__spec__ is not None
-        module.__spec__ = module.__spec__.loader_state
-
-
-if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-    sys.meta_path.insert(0, _MovedModules())
+moved.install(MOVED)
 
 # Where each name of __all__ lives that is not an error of kms.errors.
 _EXPORTS = {
