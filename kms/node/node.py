@@ -546,9 +546,11 @@ class Kms:
         token); else None, and the caller runs ``dek_for_encrypt`` (on its pool). The checks of
         the full path run here too: the org's sealed head and view, the ACTIVE version."""
         version = self._served.get((org_id, key_type, fragment))
-        if version is None or not self._local(org_id, (key_type, version, fragment)):
+        view = None if version is None else \
+            self._local_view(org_id, (key_type, version, fragment))
+        if view is None:
             return None
-        row = self._view(org_id, hot=True).active(key_type, self.clock())
+        row = view.active(key_type, self.clock())
         if row is None or row.version != version:
             return None                 # rotated or gone: the full path says which
         dek = self.cache.get(org_id, (key_type, version, fragment))
@@ -558,21 +560,26 @@ class Kms:
                                fragment: str | None = None) -> bytes | None:
         """What ``dek_for_decrypt`` answers, if that needs neither the HSM nor the store; else
         None. A destroyed or unknown version is refused here as there."""
-        if not self._local(org_id, (key_type, version, fragment)):
+        view = self._local_view(org_id, (key_type, version, fragment))
+        if view is None:
             return None
-        row = self._view(org_id, hot=True).get(key_type, version)
+        row = view.get(key_type, version)
         if row.state == "DESTROYED":
             raise _destroyed(row)
         return self.cache.get(org_id, (key_type, version, fragment))
 
-    def _local(self, org_id: str, key_id: tuple) -> bool:
-        """Whether a DEK lookup needs neither the HSM nor the store: the DEK is cached, the
-        org's head is kept fresh (kms.node.rowcache) and its verified view needs no re-check."""
-        if not self.cache.holds(org_id, key_id):
-            return False
+    def _local_view(self, org_id: str, key_id: tuple) -> sealing.OrgView | None:
+        """The org's verified view, if a DEK lookup needs neither the HSM nor the store: the
+        DEK is cached, the org's head is kept fresh (kms.node.rowcache) and is the one the view
+        verified, and the view needs no re-check in the token yet. One look at the store's
+        change counter, never a read: this runs on the event loop."""
+        if self.rows is None or not self.cache.holds(org_id, key_id):
+            return None
         view = self._views.get(org_id)
-        return (self.rows is not None and self.rows.fresh(("head", org_id))
-                and view is not None and time.monotonic() - view.checked < sealing.RECHECK_S)
+        if view is None or time.monotonic() - view.checked >= sealing.RECHECK_S:
+            return None
+        head = self.rows.kept(("head", org_id))
+        return view if head == (view.generation, view.seal) else None
 
     def _invalidated(self, op: str, org_id: str, key_type: str | None = None,
                      version: int | None = None) -> None:

@@ -87,14 +87,26 @@ class FreshRows:
         self._generation = 0
         self.hits = self.reads = 0
 
+    def kept(self, key: Hashable) -> Any | None:
+        """The row for ``key`` if the one kept is still fresh, else None: never reads the store
+        (the hit-only path on the event loop)."""
+        return self._fresh(key, self.watch.stamp())
+
+    def _fresh(self, key: Hashable, stamp: Any | None) -> Any | None:
+        if stamp is None:
+            return None
+        kept = self._rows.get(key)
+        if kept is not None and kept[1] == stamp and self._young(kept[2]):
+            self.hits += 1
+            return kept[0]
+        return None
+
     def get(self, key: Hashable, read: Callable[[], Any]) -> Any:
         """The row for ``key``: kept if still fresh, else ``read()`` (and kept if not None)."""
         stamp = self.watch.stamp()
-        if stamp is not None:
-            kept = self._rows.get(key)
-            if kept is not None and kept[1] == stamp and self._young(kept[2]):
-                self.hits += 1
-                return kept[0]
+        row = self._fresh(key, stamp)
+        if row is not None:
+            return row
         generation = self._generation
         read_at = (time.monotonic(), self._node_clock())
         row = read()
@@ -110,11 +122,6 @@ class FreshRows:
         # the node's for activation delays.
         return time.monotonic() - read_at[0] < self.max_age and \
             0 <= self._node_clock() - read_at[1] < self.max_age
-
-    def fresh(self, key: Hashable) -> bool:
-        """Whether ``get(key, ...)`` would answer without reading the store (a hint)."""
-        kept = self._rows.get(key)
-        return kept is not None and kept[1] == self.watch.stamp() and self._young(kept[2])
 
     def clear(self) -> None:
         """This node changed the store: forget every row, and keep none being read now."""
