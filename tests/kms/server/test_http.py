@@ -258,6 +258,9 @@ def test_metrics_count_requests_cache_hsm_and_refusals(node):
     _org(node, "metered")
     for _ in range(3):
         _dek(node, "metered", purpose="encrypt")
+    # a named client outside its orgs (refused by the policy: role data) and a certificate the
+    # policy does not name (refused by the guard: role none); each counted under its role
+    assert _dek(node, "metered", who="acme", purpose="encrypt")[0] == 403
     _dek(node, "metered", who="unauthorised", purpose="encrypt")
     status, text = node.call("GET", "/metrics", who="status")
     assert status == 200
@@ -265,6 +268,7 @@ def test_metrics_count_requests_cache_hsm_and_refusals(node):
     assert any(line.startswith('kms_http_requests_total{method="POST",route="/v1/dek",'
                                'status="200"}') for line in lines)
     assert any(line.startswith('kms_authz_refusals_total{role="data"}') for line in lines)
+    assert any(line.startswith('kms_authz_refusals_total{role="none"}') for line in lines)
     hits = next(float(line.split()[-1]) for line in lines
                 if line.startswith("kms_cache_hits_total"))
     assert hits >= 2
