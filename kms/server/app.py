@@ -205,14 +205,18 @@ async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
                         "application/json")
     limits = request.app["limits"]
     try:
-        if request.content.is_eof():       # the body came whole with the header: no timer
-            raw = await request.read()
+        if request.content.is_eof():
+            # The body came whole with the header: taken as it lies in the buffer, no timer
+            # and no await (read() costs a few µs more a request, measured).
+            raw = request.content.read_nowait()
+            if len(raw) > limits["max_body_bytes"]:
+                raise web.HTTPRequestEntityTooLarge(limits["max_body_bytes"], len(raw))
         else:
             async with asyncio.timeout(limits["body_timeout_seconds"]):
                 raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise HttpError(413, "body_too_large",
-                        f"request body over {limits['max_body_bytes']} bytes")
+                        f"request body over {limits['max_body_bytes']} bytes") from None
     except asyncio.TimeoutError:
         raise HttpError(408, "body_timeout", "the request body did not arrive within "
                         f"{limits['body_timeout_seconds']:g} s") from None

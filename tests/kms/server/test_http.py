@@ -212,6 +212,23 @@ def test_bad_admin_requests_oversized_bodies_and_unknown_routes(node):
     assert status == 400
     status, answer = node.call("POST", "/v1/dek", raw=b"{" + b" " * 8192 + b"}")
     assert (status, answer["error"]) == (413, "body_too_large")
+    # one byte over max_body_bytes (4096), whole with its header (the body is taken from the
+    # buffer as it lies) and after a pause (the body is awaited): 413 either way
+    over = b"{" + b" " * 4095 + b"}"
+    head = (f"POST /v1/dek HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(over)}\r\n\r\n").encode()
+    for pause in (None, 0.3):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
+            with node.tls.context("data").wrap_socket(raw, server_hostname="localhost") as s:
+                if pause is None:
+                    s.sendall(head + over)
+                else:
+                    s.sendall(head)
+                    time.sleep(pause)
+                    s.sendall(over)
+                answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in answer, \
+            (pause, answer.split(b"\r\n\r\n", 1)[-1])
     status, answer = node.call("GET", "/v2/nothing")
     assert (status, answer["error"]) == (404, "not_found")
     status, answer = node.call("GET", "/v1/dek")
