@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 # occurs in a sample's stack, scanning buckets in this order, takes the sample.
 # Patterns are "function@file-suffix" (either part may be empty; a method matches by its name).
 BUCKETS = [
-    ("audit on the event loop: queue, chain + HSM-sign the batch, wake its requests",
+    ("audit on the event loop: queue the record, hand the batch over, wake its requests",
      ("append@kms/server/audit.py", "commit@kms/server/audit.py", "commit@kms/server/app.py",
       "_flush@kms/server/audit.py", "_settle@kms/server/audit.py")),
-    ("audit writer thread (O_DSYNC write)", ("_run@kms/server/audit.py",)),
+    ("audit writer thread (chain, HSM-sign, O_DSYNC write)", ("_run@kms/server/audit.py",)),
     ("store read (pool lease, SELECT, row check)", ("@kms/store/",)),
     ("DEK cache hit (lock, AES-GCM decrypt)", ("@kms/dek_cache.py",)),
     ("node (cached_dek_for_encrypt, dek_for_encrypt)", ("@kms/node/node.py", "@kms/node/rowcache.py")),

@@ -13,9 +13,10 @@ Format and offline verification are in :mod:`kms.server.auditchain`. Here:
   ``await commit(...)`` is what the DEK and admin routes use: the answer goes out only once its
   record is on disk under a signed checkpoint.
 - **Cheap per record** (it is on every DEK fetch): a record is encoded with orjson (format 3,
-  :func:`chained_line`); a request waits on its own loop's future; the event loop chains and
-  signs the batch its requests wait for (:meth:`AuditLog._flush`) and the writer thread only
-  writes it, waking the loop once per batch, not once per request.
+  :func:`chained_line`); a request waits on its own loop's future; the event loop only queues
+  records and, once per turn, wakes the writer thread, which chains the batch, signs its
+  checkpoint (python-pkcs11 releases the GIL for the token's work, so the signature runs beside
+  the loop, not on it) and writes it, waking each loop once per batch, not once per request.
 - **Unwritable log.** A write that fails (disk full, file-size limit, I/O error), or a
   checkpoint the token cannot sign, truncates the file back to its last good length, keeps the
   batch queued and marks the log unavailable: ``commit`` then raises :class:`AuditUnavailable`
@@ -52,9 +53,6 @@ log = logging.getLogger("kms.server")
 FIELDS = ("client", "op", "org", "key_type", "version", "result", "status", "request_id",
           "worker", "detail")
 _TAIL_BYTES = 1 << 16
-SLOW_SIGN = 0.002        # seconds: batches an event loop prepares slower than this (the token),
-SLOW_SIGN_RUN = 3        # ... this many in a row,
-SLOW_SIGN_HOLD = 10.0    # ... make the writer thread prepare the batches for this long
 
 
 class AuditUnavailable(Exception):
@@ -89,14 +87,12 @@ class _Batch:
 
 
 class _Prepared:
-    """A batch chained, encoded and signed: the bytes to write and the chain head after them
-    (or why it could not be prepared: the token did not sign)."""
+    """A batch chained, encoded and signed: the bytes to write and the chain head after them."""
 
-    __slots__ = ("batch", "count", "data", "seq", "prev", "error")
+    __slots__ = ("batch", "count", "data", "seq", "prev")
 
-    def __init__(self, batch: _Batch, count=0, data=b"", seq=0, prev="", error=None):
+    def __init__(self, batch: _Batch, count: int, data: bytes, seq: int, prev: str):
         self.batch, self.count, self.data, self.seq, self.prev = batch, count, data, seq, prev
-        self.error: BaseException | None = error
 
 
 class AuditLog:
@@ -113,11 +109,9 @@ class AuditLog:
         self._lock = threading.Lock()
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._batch = _Batch()             # the batch gathering
-        self._ready: _Prepared | None = None   # prepared on an event loop, for the writer
-        self._busy = False                 # a batch is being prepared or written
-        self._flush_due = False            # an event loop will prepare the gathering batch
-        self._writer_signs_until = 0.0     # monotonic time: the token was slow, keep it off loops
-        self._slow_signs = 0               # batches in a row the loop prepared slowly
+        self._busy = False                 # the writer is preparing or writing a batch
+        self._flush_due = False            # an event loop hands the gathering batch over at
+                                           # the end of its turn (so the whole turn joins it)
         self._outage: dict | None = None
         self._closed = False
         self._close_failures = 0
@@ -147,9 +141,9 @@ class AuditLog:
         """Append and wait until the record is durable; :class:`AuditUnavailable` if the log
         cannot be written (checked first, so nothing is queued for a request refused).
 
-        The request waits on a future of its own event loop. That loop prepares the batch
-        (:meth:`_flush`, scheduled once, so every request handled in the same turn of the loop
-        joins it) and the writer thread only writes it; the writer wakes the loop once per
+        The request waits on a future of its own event loop. At the end of the loop's turn
+        (:meth:`_flush`, scheduled once, so every request handled in that turn joins the batch)
+        the writer thread is woken; it prepares and writes the batch and wakes the loop once per
         batch, not once per request. A request cancelled meanwhile (its timeout) cancels only
         its own future; its record is written all the same.
         """
@@ -159,7 +153,7 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         with self._lock:
-            batch = self._queue(record, wake=False)   # this loop prepares it, not the writer
+            batch = self._queue(record, wake=False)   # woken at the end of this loop's turn
             if batch is None:
                 raise AuditUnavailable("audit queue full")
             waiting = batch.waiters.get(loop)
@@ -219,65 +213,38 @@ class AuditLog:
 
     # ----------------------------------------------------------------------- event loop
     def _flush(self) -> None:
-        """On the event loop: chain, encode and sign the gathering batch, hand it to the writer.
+        """On the event loop, at the end of the turn its first waiting request was handled in:
+        hand the gathering batch to the writer thread.
 
-        Here rather than in the writer thread: python-pkcs11 releases the GIL around each C
-        call, and a thread taking it back from a busy event loop waits for it, several times
-        per signature (measured: most of the writer's time went there). The loop signs at its
-        own pace (about 60 µs a batch on SoftHSM2) and the writer needs the GIL twice a batch.
-        A token slower than ``SLOW_SIGN`` ``SLOW_SIGN_RUN`` times in a row (a network HSM) must
-        not stall the loop: for the next ``SLOW_SIGN_HOLD`` seconds the writer thread prepares
-        the batches itself.
+        The writer, not the loop, chains and signs it. Signing on the loop was measured
+        (``benchmarks/service_breakdown.py``, 2026-12-05): SoftHSM2's ``C_Sign`` took ~160 µs
+        of the loop's CPU per batch beside a busy event loop (~45 µs alone), a third of the
+        audit's cost per DEK fetch; on the writer thread python-pkcs11 releases the GIL for it
+        and the loop serves on (DEK fetches 1.5-1.6x the floor instead of 1.7-1.8x,
+        ``test_kms_service.py``). A slow token (a network HSM) therefore never stalls the loop.
         """
         with self._lock:
             self._flush_due = False
-            if self._busy or not self._batch.records or self._outage is not None \
-                    or self._closed:
-                return             # the writer takes it (or calls this again once done)
-            if time.monotonic() < self._writer_signs_until:
-                self._notify()          # the writer takes the batch (no flush is due)
-                return
-            batch, self._batch = self._batch, _Batch()
-            self._busy = True
-        t0 = time.perf_counter()
-        try:
-            prepared = self._prepare(batch)
-        except Exception as exc:   # the token did not sign: the writer records the failure
-            prepared = _Prepared(batch, error=exc)
-        # Slow SLOW_SIGN_RUN times in a row: a slow token, not a moment of the machine's load
-        # (or of the writer holding the GIL while the loop's signature waits for it).
-        self._slow_signs = self._slow_signs + 1 if time.perf_counter() - t0 > SLOW_SIGN else 0
-        if self._slow_signs >= SLOW_SIGN_RUN:
-            self._slow_signs = 0
-            self._writer_signs_until = time.monotonic() + SLOW_SIGN_HOLD
-        with self._lock:
-            self._ready = prepared
             self._notify()
 
-    def _settle(self, waiters: list, why: str | None, flush: bool) -> None:
-        """On the event loop: answer the requests of a batch; prepare the next one if due."""
+    def _settle(self, waiters: list, why: str | None) -> None:
+        """On the event loop: answer the requests of a batch."""
         for waiter in waiters:
             if not waiter.done():      # a request that timed out cancelled its own future
                 if why is None:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(AuditUnavailable(why))
-        if flush:
-            self._flush()
 
     # ----------------------------------------------------------------------- writer
     def _run(self) -> None:
         while True:
             with self._lock:
-                prepared: _Prepared | None = None
-                batch = self._batch
                 while True:
-                    if self._ready is not None:
-                        prepared, self._ready = self._ready, None
-                        break
-                    # An event loop prepares what its requests wait for; the writer takes
-                    # the batch itself when no loop will (appends from threads, an outage,
-                    # closing), or when a loop has not come to it within retry_ms.
+                    # The batch is the writer's once the loop whose requests wait for it has
+                    # handed it over (the end of its turn), or at once when no loop will
+                    # (appends from threads, an outage, closing), or when a loop has not come
+                    # to it within retry_ms.
                     mine = self._batch.records and not self._busy and (
                         not self._flush_due or self._closed or self._outage is not None)
                     if mine or (self._outage is not None and not self._busy):
@@ -298,13 +265,13 @@ class AuditLog:
                     self._idle = False
                     if timed_out and self._flush_due and not self._busy:
                         self._flush_due = False     # that loop is gone or stuck: take it
-            if prepared is None:
-                try:
-                    prepared = self._prepare(batch)
-                except Exception as exc:
-                    prepared = _Prepared(batch, error=exc)
-            if self._write(prepared):
-                continue
+            try:
+                prepared = self._prepare(batch)
+            except Exception as exc:   # the token did not sign (HsmError): nothing written
+                self._failed(batch, exc)
+            else:
+                if self._write(prepared):
+                    continue
             if self._closed:       # at close a failing log gets three tries; close() says so
                 self._close_failures += 1
                 if self._close_failures >= 3:
@@ -313,7 +280,7 @@ class AuditLog:
 
     def _prepare(self, batch: _Batch) -> _Prepared:
         """Chain the batch's records after the durable head, encode them and sign one
-        checkpoint (on whichever thread prepares it; only one batch is in hand at a time)."""
+        checkpoint (on the writer thread; one batch is in hand at a time)."""
         records = batch.records
         if self._outage is not None:
             records = [_outage_record(self._outage, self.worker), *records]
@@ -335,8 +302,6 @@ class AuditLog:
     def _write(self, prepared: _Prepared) -> bool:
         batch = prepared.batch
         try:
-            if prepared.error is not None:
-                raise prepared.error
             if self._dirty:                      # a failed write left bytes: cut them first
                 os.ftruncate(self._fd, self._size)
                 self._dirty = False
@@ -345,7 +310,7 @@ class AuditLog:
             # file's new size are on disk (fdatasync's promise, in the same system call).
             _write_all(self._fd, prepared.data)
             self._dirty = False
-        except Exception as exc:   # OSError (ENOSPC, EFBIG, EIO) or the token (HsmError)
+        except Exception as exc:   # OSError (ENOSPC, EFBIG, EIO)
             self._failed(batch, exc)
             return False
         self._size += len(prepared.data)
@@ -358,37 +323,21 @@ class AuditLog:
             if recovered:
                 self._outage = None
                 self.available = True
-            self._busy = False
-            # The next batch's loop prepares it when woken for this one (or on its own wake).
-            nxt = next(iter(self._batch.waiters), None) if self._batch.records else None
-            if nxt is not None and not self._flush_due:
-                self._flush_due = True
-            else:
-                nxt = None
+            self._busy = False     # the next batch is the writer's at once (_run)
         if since is not None:
             log.warning("worker %d: audit log %s writable again after %.1f s; serving key "
                         "material", self.worker, self.path, time.time() - since)
         batch.done.set_result(None)
-        self._release(batch, None, nxt)
+        self._release(batch, None)
         return True
 
-    def _release(self, batch: _Batch, why: str | None, nxt=None) -> None:
-        """Wake the requests waiting for ``batch``, one callback per event loop; the loop
-        ``nxt`` also prepares the next batch."""
+    def _release(self, batch: _Batch, why: str | None) -> None:
+        """Wake the requests waiting for ``batch``, one callback per event loop."""
         for loop, waiters in batch.waiters.items():
             try:
-                loop.call_soon_threadsafe(self._settle, waiters, why, loop is nxt)
+                loop.call_soon_threadsafe(self._settle, waiters, why)
             except RuntimeError:       # that loop is closed: nobody waits there any more
                 pass
-            if loop is nxt:
-                nxt = None
-        if nxt is not None:
-            try:
-                nxt.call_soon_threadsafe(self._flush)
-            except RuntimeError:
-                with self._lock:
-                    self._flush_due = False
-                    self._notify()
 
     def _failed(self, batch: _Batch, exc: BaseException) -> None:
         try:

@@ -305,48 +305,49 @@ def test_a_format_2_log_of_the_previous_version_verifies_and_is_followed_in_form
                                    "which this version does not know\n")
 
 
-def test_the_event_loop_signs_batches_unless_the_token_is_slow(signer, tmp_path):
-    """Requests' batches are chained and signed on their event loop (no GIL hand-offs in the
-    writer thread); a token slower than SLOW_SIGN, SLOW_SIGN_RUN times in a row, moves the
-    signing to the writer thread, so a slow HSM does not keep stalling the loop. Every record
-    is durable and verifies either way."""
+def test_the_writer_thread_signs_while_the_event_loop_serves_on(signer, tmp_path):
+    """Every batch's checkpoint is signed on the writer thread, never on the event loop: while a
+    signature is in the token the loop runs on. Here the token's answer waits until the loop
+    has run another task; had the loop been signing it would never have run it, the signature
+    would have failed and the request been refused (AuditUnavailable). Every record is durable
+    and verifies with the key."""
     import threading
-    from kms.server import audit as audit_mod
     where: list[str] = []
+    loop_ran = threading.Event()
 
-    class Recording:
-        fingerprint, spki, slow = signer.fingerprint, signer.spki, False
+    class Gated:
+        fingerprint, spki = signer.fingerprint, signer.spki
 
         def sign(self, message):
             where.append(threading.current_thread().name)
-            if self.slow:
-                time.sleep(audit_mod.SLOW_SIGN * 2)
+            if not loop_ran.wait(10):
+                raise RuntimeError("the event loop did not run while the checkpoint was signed")
             return signer.sign(message)
-    rec = Recording()
-    log = AuditLog(tmp_path, 0, rec)
-    log.flush()
+    log = AuditLog(tmp_path, 0, Gated())
+    loop_ran.set()
+    log.flush()                        # the segment's first records (worker.start)
 
     async def requests(n):
-        for i in range(n):
-            await log.commit(op="dek.encrypt", org="acme", request_id=f"q{len(where)}-{i}")
+        loop_ran.clear()
+        waiting = [asyncio.create_task(log.commit(op="dek.encrypt", org="acme",
+                                                  request_id=f"q{n}-{i}")) for i in range(n)]
+        await asyncio.sleep(0.05)      # the loop runs on while the batch is being signed
+        loop_ran.set()
+        await asyncio.gather(*waiting)
     where.clear()
     asyncio.run(requests(3))
-    assert where == ["MainThread"] * 3
-    rec.slow = True
-    where.clear()
-    run = audit_mod.SLOW_SIGN_RUN     # that many slow signatures in a row on the loop, then
-    asyncio.run(requests(run + 2))    # the writer's
-    assert where == ["MainThread"] * run + ["audit-writer"] * 2
+    asyncio.run(requests(5))
+    assert where and set(where) == {"audit-writer"}
     log.close()
     assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
     dek_ids = [r["request_id"] for r in _records(log.path) if r["op"] == "dek.encrypt"]
-    assert len(dek_ids) == 3 + run + 2
+    assert len(dek_ids) == 8
 
 
-def test_a_batch_its_event_loop_never_prepares_is_written_by_the_writer(signer, tmp_path):
-    """A request's batch is left to its event loop; a loop that never comes to it (stopped,
-    stuck) does not lose it: within retry_ms the writer thread prepares and writes it, and the
-    request is answered."""
+def test_a_batch_its_event_loop_never_hands_over_is_written_by_the_writer(signer, tmp_path):
+    """A request's batch is handed to the writer at the end of its event loop's turn; a loop
+    that never comes to it (stopped, stuck) does not lose it: within retry_ms the writer thread
+    takes and writes it, and the request is answered."""
     log = AuditLog(tmp_path, 0, signer, retry_ms=20)
     log.flush()
     loop = asyncio.new_event_loop()
