@@ -32,7 +32,7 @@ PY=$PWD/.venv/bin/python   # absolute: the import check below runs from /
 # from another clone, or before a package was added, would otherwise test other code or none).
 here=$(pwd -P)
 if ! (cd / && $PY -c "
-import os, sys, suite, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, orjson, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy, schemathesis
+import os, sys, suite, hsm, release, ceremony, kms, pkcs11, asn1crypto, cryptography, psycopg, aiohttp, orjson, uvloop, prometheus_client, kmip, pytest, pytest_benchmark, hypothesis, boto3, jwcrypto, moto, mypy, schemathesis
 ours = all(os.path.realpath(p.__file__).startswith('$here/') for p in (suite, hsm, release, ceremony, kms))
 sys.exit(0 if ours else 1)") 2>/dev/null || ! grep -q "hsm.commands.entry" .venv/bin/kms; then
     echo "installing the hsm-suite package (editable) with its token side and test dependencies"

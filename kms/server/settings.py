@@ -30,6 +30,8 @@ from suite import tomlfile
 from kms import key_rules
 from kms.errors import ConfigError
 
+from . import eventloop
+
 ROLES = ("data", "admin", "status")
 
 _LIMITS: dict[str, tuple[tomlfile.Kind, float, float]] = {
@@ -58,7 +60,7 @@ _LIMITS: dict[str, tuple[tomlfile.Kind, float, float]] = {
     "outbound_per_org": (int, 2, 1),
 }
 _FIELDS: dict[str, tomlfile.Kind] = {"host": str, "port": int, "workers": int, "certificate": str, "private_key": str,
-           "client_ca": str, "audit_dir": str, "clients": list,
+           "client_ca": str, "audit_dir": str, "clients": list, "event_loop": str,
            **{k: v[0] for k, v in _LIMITS.items()}}
 _CLIENT_FIELDS: dict[str, tomlfile.Kind] = {"identity": str, "roles": list, "orgs": list, "key_types": list}
 
@@ -106,6 +108,7 @@ class ServiceSettings:
     workers: int = 1
     audit_dir: Path | None = None
     clients: tuple[Client, ...] = ()
+    event_loop: str = "uvloop"    # or "asyncio" (kms.server.eventloop)
     limits: dict = field(default_factory=lambda: {k: v[1] for k, v in _LIMITS.items()})
 
     def limit(self, name: str):
@@ -178,6 +181,10 @@ def parse(path: Path, data) -> ServiceSettings:
     workers = data.get("workers", 1)
     if not 1 <= workers <= 64:
         raise ConfigError(f"{path}: service.workers must be 1-64")
+    event_loop = data.get("event_loop", "uvloop")
+    if event_loop not in eventloop.KINDS:
+        raise ConfigError(f"{_line(path, 'event_loop')}: service.event_loop must be "
+                          f"{' or '.join(map(repr, eventloop.KINDS))}, not {event_loop!r}")
     limits = {}
     for name, (_kind, default, minimum) in _LIMITS.items():
         value = data.get(name, default)
@@ -190,7 +197,8 @@ def parse(path: Path, data) -> ServiceSettings:
         certificate=base / data["certificate"], private_key=base / data["private_key"],
         client_ca=base / data["client_ca"], host=data.get("host", "127.0.0.1"), port=port,
         workers=workers, audit_dir=base / data["audit_dir"] if "audit_dir" in data else None,
-        clients=parse_clients(path, data.get("clients", [])), limits=limits)
+        clients=parse_clients(path, data.get("clients", [])), event_loop=event_loop,
+        limits=limits)
 
 
 def reload_policy(path: Path) -> tuple[Client, ...]:

@@ -21,6 +21,7 @@ from aiohttp import web
 from kms.node.node import Kms
 
 from . import app as apps
+from . import eventloop
 from . import settings as settings_mod
 from .audit import AuditCollector, AuditLog, TokenSigner
 from .guard import ConnectionBudget, GuardedHandler
@@ -60,6 +61,7 @@ def _notifier(kms, worker: int, metrics):
 async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> None:
     s = svc.settings
     loop = asyncio.get_running_loop()
+    log.info("worker %d: event loop %s", svc.worker, type(loop).__module__.split(".")[0])
     app = apps.build(svc)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=s.limit("shutdown_timeout_seconds"))
@@ -157,8 +159,8 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
     s = config.service
     tls = tls_context(s)
     # One session per executor thread (the KMS's, and the XKS listener's beside it: it opens
-    # the same token, so it shares this pool), one for the audit writer, one for the event
-    # loop's checkpoint signature: the loop then never waits for a session a thread holds.
+    # the same token, so it shares this pool), one for the audit writer's checkpoint signature
+    # and one spare: the writer then never waits for a session a thread holds.
     threads = s.limit("executor_threads") + (
         extra.cfg.limit("executor_threads") if extra is not None else 0)
     kms = Kms(config, token_sessions=threads + 2)
@@ -185,7 +187,7 @@ def run(config, sock, worker: int = 0, started=None, extra=None) -> int:
         notifier = _notifier(kms, worker, metrics)
         svc = apps.Service(kms, s, worker=worker, metrics=metrics, audit=audit,
                            notifier=notifier)
-        asyncio.run(_serve(svc, sock, tls, extra))
+        eventloop.run(_serve(svc, sock, tls, extra), s.event_loop)
     finally:
         if svc is not None:
             svc.pool.shutdown(wait=True)

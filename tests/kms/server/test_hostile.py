@@ -233,6 +233,16 @@ def test_a_limit_out_of_range_names_the_file_and_line(service_kit):
         "be >= 1" in proc.stderr, proc.stderr
 
 
+def test_an_unknown_event_loop_is_refused_in_one_line(service_kit):
+    cfg = service_kit.config(event_loop="trio")
+    proc = run_cli("kms", "--config", cfg, "serve", "--port", "0", timeout=60)
+    lineno = next(i for i, text in enumerate(cfg.read_text().splitlines(), 1)
+                  if text.startswith("event_loop"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == (f"kms: error: {cfg}:{lineno}: service.event_loop must be 'uvloop' "
+                                   "or 'asyncio', not 'trio'"), proc.stderr
+
+
 # ----------------------------------------------------------------------------- bad input
 DEEP = b"[" * 5000 + b"]" * 5000
 JSON_CASES = [

@@ -338,6 +338,21 @@ def _metric(node, name: str) -> float:
                if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
+@pytest.mark.parametrize("loop", [None, "asyncio"])
+def test_a_worker_serves_on_uvloop_by_default_and_on_asyncio_when_told(service_kit, loop):
+    """The loop the worker says it runs on is the running loop's own module (not the setting
+    read back), and a DEK fetch with its durable audit record works on either."""
+    cfg = service_kit.config() if loop is None else service_kit.config(event_loop=loop)
+    n = service_kit.start(cfg)
+    try:
+        _org(n, f"loop-{loop}")
+        status, body = _dek(n, f"loop-{loop}", purpose="encrypt")
+        assert status == 200 and len(base64.b64decode(body["dek"])) == 32
+    finally:
+        assert n.stop() == 0
+    assert f"worker 0: event loop {loop or 'uvloop'}" in n.stderr()
+
+
 def test_sighup_reloads_the_client_policy(service_kit):
     cfg = service_kit.config()
     n = service_kit.start(cfg)
