@@ -162,10 +162,32 @@ def _utf8_ok(value) -> bool:
     return True
 
 
+def _flat_object(raw: bytes) -> dict | None:
+    """``raw`` parsed by orjson, if it is what the strict parser below would make of it: an
+    object of strings, integers, booleans and nulls whose keys are all different (one ``:`` in
+    the body per key: a repeated key, which orjson keeps quietly, has a second one, and so
+    does a string holding a colon, which then goes the strict way). Anything else - other
+    values, an orjson error, a big integer (orjson makes it a float) - is None, and the strict
+    parser gives its answer and its error codes. A fifth of its cost on a DEK request."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(body) is not dict or raw.count(b":") != len(body):
+        return None
+    for value in body.values():
+        if value is not None and type(value) not in (str, int, bool):
+            return None
+    return body
+
+
 def parse_json(raw: bytes) -> object:
     """The body as JSON, or HttpError 400 with a code saying what is wrong with it."""
     if not _depth_ok(raw, MAX_JSON_DEPTH):
         raise HttpError(400, "too_deep", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    body = _flat_object(raw)
+    if body is not None:
+        return body
     try:
         # UTF-8 without a BOM, as clients send it, decoded here (json.loads(bytes) would
         # first guess the encoding); anything else (a BOM, UTF-16/32, not text) as before
@@ -192,7 +214,7 @@ def parse_json(raw: bytes) -> object:
 def _content_type_ok(request: web.Request) -> bool:
     """JSON bodies only; a request with no Content-Type is read as JSON (older clients)."""
     given = request.headers.get("Content-Type")
-    if given is None:
+    if given is None or given == "application/json":
         return True
     mime = given.split(";", 1)[0].strip().lower()
     return mime == "application/json" or (mime.startswith("application/")
@@ -223,9 +245,10 @@ async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
     body = parse_json(raw) if raw else {}
     if not isinstance(body, dict):
         raise HttpError(400, "bad_request", "the request body must be a JSON object")
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise HttpError(400, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    for key in body:
+        if key not in allowed:
+            unknown = sorted(set(body) - set(allowed))
+            raise HttpError(400, "unknown_field", f"unknown field(s): {', '.join(unknown)}")
     return body
 
 
