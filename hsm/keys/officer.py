@@ -13,11 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 
-from asn1crypto import algos, keys
+from asn1crypto import keys
 from pkcs11 import Attribute as A
 from pkcs11 import KeyType, Mechanism, ObjectClass
 from pkcs11.util.ec import encode_named_curve_parameters
 
+from hsm.core import ops
 from hsm.core.errors import KeyPolicyViolation, ObjectExists
 from hsm.core.token import KeyRef, Token
 
@@ -79,4 +80,4 @@ class TokenSigner:
         digest = self._hash(data).digest()
         raw = self.token.run("C_Sign(ECDSA)", lambda lease: lease.key(self.ref).sign(
             digest, mechanism=Mechanism.ECDSA), self.ref.label)
-        return algos.DSASignature.from_p1363(raw).dump()
+        return ops.ecdsa_der(raw)

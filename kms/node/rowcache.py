@@ -8,7 +8,11 @@ still current. ``FreshRows`` keeps the last value read per lookup and hands it b
 
 * ``SqliteWatch``: ``PRAGMA data_version`` on a connection of its own that never writes. Its
   value changes whenever any *other* connection commits: this process's pool, another worker,
-  another node, the CLI. Exact: a destroy committed anywhere is seen by the next request.
+  another node, the CLI. One read serves the lookups of the next ``STAMP_REUSE`` (1 ms): a
+  destroy committed anywhere is seen by every request that looks 1 ms or more after the commit.
+  (A read per lookup cost ~9 µs of the worker's ~200 µs per cached DEK fetch, measured with
+  ``benchmarks/service_breakdown.py``; at thousands of requests a second one read now serves
+  several.)
 * ``ListenerWatch`` (PostgreSQL): the node's invalidation listener (``kms.server.invalidation``).
 Its
   stamp moves with every notification it receives and every time its connection is lost or
@@ -30,6 +34,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
 MAX_AGE = 0.5          # seconds: the cross-node destroy bound on PostgreSQL (see docs/assurance)
+STAMP_REUSE = 0.001    # seconds: one data_version read serves the lookups made this long after it
 MAX_ENTRIES = 100_000
 
 
@@ -44,19 +49,29 @@ class SqliteWatch:
     """``PRAGMA data_version`` of one connection that never writes (it sees every commit made
     by any other connection to the file)."""
 
-    def __init__(self, conn):
+    def __init__(self, conn, reuse: float = STAMP_REUSE):
         self._conn = conn
         self._lock = threading.Lock()   # one connection, used from the loop and pool threads
+        self._reuse = reuse
+        # (monotonic time taken *before* the read, value): replaced whole, read without the lock
+        self._last: tuple[float, int | None] = (float("-inf"), None)
 
     def stamp(self) -> int | None:
+        now = time.monotonic()
+        at, value = self._last
+        if now - at < self._reuse:
+            return value
         with self._lock:
             if self._conn is None:
                 return None
-            return self._conn.execute("PRAGMA data_version").fetchone()[0]
+            value = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            self._last = (now, value)
+            return value
 
     def close(self) -> None:
         with self._lock:
             conn, self._conn = self._conn, None
+            self._last = (float("-inf"), None)
         if conn is not None:
             conn.close()
 

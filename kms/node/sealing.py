@@ -227,6 +227,10 @@ class OrgView:
     secrets: dict[tuple[str, int], SecretRow] = field(repr=False)
     customer_keys: dict[str, dict]
     checked: float = 0.0
+    # key type -> its rows, newest version first (a view's secrets never change once verified;
+    # sorting them on every DEK fetch was measurable)
+    _newest_first: dict[str, list[SecretRow]] = field(default_factory=dict, repr=False,
+                                                       compare=False)
 
     def get(self, key_type: str, version: int) -> SecretRow:
         row = self.secrets.get((key_type, version))
@@ -237,9 +241,12 @@ class OrgView:
     def active(self, key_type: str, now: float) -> SecretRow | None:
         """The newest usable version for new DEKs (as ``Store.active``): a destroyed newest one
         means none (never a quiet fall-back to an older key)."""
-        for (kt, _v), row in sorted(self.secrets.items(), key=lambda kv: -kv[0][1]):
-            if kt != key_type:
-                continue
+        rows = self._newest_first.get(key_type)
+        if rows is None:
+            rows = self._newest_first[key_type] = [
+                row for (kt, _v), row in sorted(self.secrets.items(), key=lambda kv: -kv[0][1])
+                if kt == key_type]
+        for row in rows:
             if row.state == "DESTROYED":
                 return None
             if row.usable_from <= now:

@@ -205,14 +205,18 @@ async def _json(request: web.Request, allowed: tuple[str, ...]) -> dict:
                         "application/json")
     limits = request.app["limits"]
     try:
-        if request.content.is_eof():       # the body came whole with the header: no timer
-            raw = await request.read()
+        if request.content.is_eof():
+            # The body came whole with the header: taken as it lies in the buffer, no timer
+            # and no await (read() costs a few µs more a request, measured).
+            raw = request.content.read_nowait()
+            if len(raw) > limits["max_body_bytes"]:
+                raise web.HTTPRequestEntityTooLarge(limits["max_body_bytes"], len(raw))
         else:
             async with asyncio.timeout(limits["body_timeout_seconds"]):
                 raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise HttpError(413, "body_too_large",
-                        f"request body over {limits['max_body_bytes']} bytes")
+                        f"request body over {limits['max_body_bytes']} bytes") from None
     except asyncio.TimeoutError:
         raise HttpError(408, "body_timeout", "the request body did not arrive within "
                         f"{limits['body_timeout_seconds']:g} s") from None
@@ -251,6 +255,8 @@ class Service:
         self.pool = ThreadPoolExecutor(settings.limit("executor_threads"),
                                        thread_name_prefix="kms-node")
         self.inflight = 0
+        # read when scraped: an inc() and a dec() per request took a lock each (measured)
+        metrics.inflight.set_function(lambda: self.inflight)
         self.ready = True  # false once draining
 
     async def call(self, fn, *args):
@@ -407,7 +413,6 @@ async def _frame(request: web.Request, handler):
                             {"Retry-After": "1"})
         if limited:
             svc.inflight += 1
-            svc.metrics.inflight.inc()
         try:
             # asyncio.timeout, not wait_for: no extra task per request (measurable at
             # thousands of requests a second)
@@ -416,7 +421,6 @@ async def _frame(request: web.Request, handler):
         finally:
             if limited:
                 svc.inflight -= 1
-                svc.metrics.inflight.dec()
         resp.headers["X-Request-Id"] = rid
     except web.HTTPException as exc:   # routing: 404 / 405 / 413 from aiohttp itself
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(

@@ -212,6 +212,23 @@ def test_bad_admin_requests_oversized_bodies_and_unknown_routes(node):
     assert status == 400
     status, answer = node.call("POST", "/v1/dek", raw=b"{" + b" " * 8192 + b"}")
     assert (status, answer["error"]) == (413, "body_too_large")
+    # one byte over max_body_bytes (4096), whole with its header (the body is taken from the
+    # buffer as it lies) and after a pause (the body is awaited): 413 either way
+    over = b"{" + b" " * 4095 + b"}"
+    head = (f"POST /v1/dek HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(over)}\r\n\r\n").encode()
+    for pause in (None, 0.3):
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as raw:
+            with node.tls.context("data").wrap_socket(raw, server_hostname="localhost") as s:
+                if pause is None:
+                    s.sendall(head + over)
+                else:
+                    s.sendall(head)
+                    time.sleep(pause)
+                    s.sendall(over)
+                answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 413 ") and b'"body_too_large"' in answer, \
+            (pause, answer.split(b"\r\n\r\n", 1)[-1])
     status, answer = node.call("GET", "/v2/nothing")
     assert (status, answer["error"]) == (404, "not_found")
     status, answer = node.call("GET", "/v1/dek")
@@ -258,6 +275,9 @@ def test_metrics_count_requests_cache_hsm_and_refusals(node):
     _org(node, "metered")
     for _ in range(3):
         _dek(node, "metered", purpose="encrypt")
+    # a named client outside its orgs (refused by the policy: role data) and a certificate the
+    # policy does not name (refused by the guard: role none); each counted under its role
+    assert _dek(node, "metered", who="acme", purpose="encrypt")[0] == 403
     _dek(node, "metered", who="unauthorised", purpose="encrypt")
     status, text = node.call("GET", "/metrics", who="status")
     assert status == 200
@@ -265,6 +285,7 @@ def test_metrics_count_requests_cache_hsm_and_refusals(node):
     assert any(line.startswith('kms_http_requests_total{method="POST",route="/v1/dek",'
                                'status="200"}') for line in lines)
     assert any(line.startswith('kms_authz_refusals_total{role="data"}') for line in lines)
+    assert any(line.startswith('kms_authz_refusals_total{role="none"}') for line in lines)
     hits = next(float(line.split()[-1]) for line in lines
                 if line.startswith("kms_cache_hits_total"))
     assert hits >= 2
