@@ -38,8 +38,10 @@ round. The server's CPU (user + system, and system alone) and context switches a
 ``/proc`` around each block. Printed per variant: req/s (median block), server and client CPU
 µs per request, p50/p99, server context switches per request; then the ratios floor req/s /
 variant req/s (median of per-round ratios, and pooled over all rounds) and the server CPU µs
-per request beyond the floor. ``STACK_FLOOR_LOOP=1`` also counts the server loop's turns and
-the events each turn handles (a wrapper around its selector: ~1 µs a turn).
+per request beyond the floor. The server runs on the worker's default loop (uvloop);
+``STACK_FLOOR_EVENT_LOOP=asyncio`` on asyncio's. ``STACK_FLOOR_LOOP=1`` (asyncio's loop) also
+counts the server loop's turns and the events each turn handles (a wrapper around its
+selector: ~1 µs a turn).
 """
 
 from __future__ import annotations
@@ -381,7 +383,12 @@ def report(blocks: dict[str, list[_Block]], rounds: int, seconds: float, connect
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve"]:
-        asyncio.run(_serve(Path(sys.argv[2])))
+        from kms.server import eventloop
+        # the worker's default loop; asyncio's to count its turns (STACK_FLOOR_LOOP) or when
+        # STACK_FLOOR_EVENT_LOOP=asyncio says so
+        kind = "asyncio" if os.environ.get("STACK_FLOOR_LOOP") else \
+            os.environ.get("STACK_FLOOR_EVENT_LOOP", "uvloop")
+        eventloop.run(_serve(Path(sys.argv[2])), kind)
     else:
         args = sys.argv[1:]
         main(int(args[0]) if args else 6, float(args[1]) if len(args) > 1 else 1.0,
