@@ -46,13 +46,15 @@ class ConnectionBudget:
 
 
 class GuardedHandler(RequestHandler):
-    __slots__ = ("_kms_timer", "_kms_header_timeout", "_kms_busy", "_kms_budget",
+    __slots__ = ("_kms_deadline", "_kms_header_timeout", "_kms_busy", "_kms_budget",
                  "_kms_counted", "_kms_svc", "_kms_unnamed", "_kms_line", "peer_names",
                  "client")
 
     def __init__(self, manager, *, header_timeout: float, budget: ConnectionBudget, svc, **kw):
         super().__init__(manager, **kw)
-        self._kms_timer: asyncio.TimerHandle | None = None
+        # the loop time by which a request header must be complete (None: not waiting for
+        # one); enforced by the worker's sweep (kms.server.deadlines), not a timer per request
+        self._kms_deadline: float | None = None
         self._kms_header_timeout = header_timeout
         self._kms_busy = False
         self._kms_budget = budget
@@ -80,6 +82,7 @@ class GuardedHandler(RequestHandler):
             return
         budget.open += 1
         self._kms_counted = True
+        svc.deadlines.watch(self)
         self.peer_names, self.client = names, client
         if named is None:
             # Never handed to aiohttp: no parser, no request object, no slot, no body.
@@ -90,6 +93,7 @@ class GuardedHandler(RequestHandler):
 
     def connection_lost(self, exc) -> None:
         self._kms_disarm()
+        self._kms_svc.deadlines.unwatch(self)
         if self._kms_counted:
             self._kms_budget.open -= 1
             self._kms_counted = False
@@ -105,7 +109,7 @@ class GuardedHandler(RequestHandler):
         if self._kms_unnamed is not None:
             self._kms_unnamed_data(data)
             return
-        if self._kms_timer is None and not self._kms_busy:
+        if self._kms_deadline is None and not self._kms_busy:
             self._kms_arm()
         super().data_received(data)
 
@@ -158,17 +162,18 @@ class GuardedHandler(RequestHandler):
 
     # ------------------------------------------------------------------ internals
     def _kms_arm(self) -> None:
-        self._kms_disarm()
-        loop = asyncio.get_running_loop()
-        self._kms_timer = loop.call_later(self._kms_header_timeout, self._kms_expire)
+        self._kms_deadline = self._kms_svc.deadlines.now() + self._kms_header_timeout
 
     def _kms_disarm(self) -> None:
-        if self._kms_timer is not None:
-            self._kms_timer.cancel()
-            self._kms_timer = None
+        self._kms_deadline = None
+
+    def deadline_passed(self, now: float) -> None:
+        """The worker's sweep (kms.server.deadlines): abort if the header is overdue."""
+        if self._kms_deadline is not None and now >= self._kms_deadline:
+            self._kms_expire()
 
     def _kms_expire(self) -> None:
-        self._kms_timer = None
+        self._kms_deadline = None
         transport = self._kms_unnamed or self.transport
         if not self._kms_busy and transport is not None:
             self._kms_budget.cut += 1

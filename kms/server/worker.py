@@ -101,6 +101,7 @@ async def _serve(svc: apps.Service, sock, tls: ssl.SSLContext, extra=None) -> No
     await runner.cleanup()           # idle connections closed, in-flight requests finish
     server.close()
     await server.wait_closed()
+    svc.deadlines.close()
 
 
 async def _retry_unavailable_keys(svc: apps.Service, stop: asyncio.Event,

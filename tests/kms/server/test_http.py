@@ -376,6 +376,26 @@ def test_sighup_reloads_the_client_policy(service_kit):
         assert n.stop() == 0
 
 
+def test_a_request_past_its_time_limit_is_answered_408_and_the_node_serves_on(service_kit):
+    """request_timeout_seconds holds (the worker's sweep, kms.server.deadlines): a cache miss
+    that takes 50,000 PBKDF2 iterations is answered 408 `timeout` (a finished derivation would
+    have been 200), the same request line shows in no 5xx, and the node answers others."""
+    cfg = service_kit.config(store=str(service_kit.root / "slow.db"), request_timeout_seconds=0.2)
+    cfg.write_text(cfg.read_text().replace("pbkdf2_iterations = 50",
+                                           "pbkdf2_iterations = 50000"))
+    n = service_kit.start(cfg)
+    try:
+        _org(n, "slow")
+        status, body = _dek(n, "slow", purpose="decrypt", version=1, fragment="f1")
+        assert (status, body["error"]) == (408, "timeout"), body
+        assert n.call("GET", "/healthz")[0] == 200
+        status, text = n.call("GET", "/metrics", who="status")
+        assert 'kms_http_requests_total{method="POST",route="/v1/dek",status="408"} 1.0' \
+            in text.splitlines()
+    finally:
+        assert n.stop() == 0
+
+
 def test_sigterm_drains_in_flight_requests_and_exits_0_and_the_audit_chain_verifies(
         service_kit):
     """Eight slow cache misses (20,000 PBKDF2 iterations each) are in flight when SIGTERM
