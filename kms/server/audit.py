@@ -112,6 +112,7 @@ class AuditLog:
         self._busy = False                 # the writer is preparing or writing a batch
         self._flush_due = False            # an event loop hands the gathering batch over at
                                            # the end of its turn (so the whole turn joins it)
+        self._due_at = 0.0                 # monotonic time the hand-over was scheduled
         self._outage: dict | None = None
         self._closed = False
         self._close_failures = 0
@@ -162,6 +163,7 @@ class AuditLog:
             waiting.append(waiter)
             if not self._busy and not self._flush_due:
                 self._flush_due = True
+                self._due_at = time.monotonic()
                 loop.call_soon(self._flush)
         await waiter
 
@@ -253,17 +255,22 @@ class AuditLog:
                         break
                     if self._closed and not self._busy:
                         return
+                    # Never without a timeout: a hand-over scheduled while the writer sleeps
+                    # does not wake it (commit queues without a wake-up), so a loop that then
+                    # never runs its _flush would leave the batch waiting for ever.
+                    wait = self._retry if not self._flush_due else max(
+                        0.0, self._due_at + self._retry - time.monotonic())
                     self._idle = True
                     self._lock.release()
                     try:
-                        self._wake.get(timeout=self._retry if self._flush_due else None)
-                        timed_out = False
+                        self._wake.get(timeout=wait)
                     except queue.Empty:
-                        timed_out = True
+                        pass
                     finally:
                         self._lock.acquire()
                     self._idle = False
-                    if timed_out and self._flush_due and not self._busy:
+                    if self._flush_due and not self._busy and \
+                            time.monotonic() - self._due_at >= self._retry:
                         self._flush_due = False     # that loop is gone or stuck: take it
             try:
                 prepared = self._prepare(batch)

@@ -370,6 +370,32 @@ def test_a_batch_its_event_loop_never_hands_over_is_written_by_the_writer(signer
     assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
 
 
+def test_a_batch_is_taken_from_a_stuck_loop_also_when_the_writer_was_asleep(signer, tmp_path):
+    """The writer asleep with nothing due when a loop schedules its hand-over (commit queues
+    without waking it) and that loop never runs it: the writer still takes the batch within
+    retry_ms (it once slept without a timeout then, and the request waited for ever)."""
+    log = AuditLog(tmp_path, 0, signer, retry_ms=20)
+    log.flush()
+    time.sleep(0.2)                          # the writer sleeps, no hand-over due
+    loop = asyncio.new_event_loop()
+    real = loop.call_soon
+
+    def call_soon(callback, *args, **kw):   # the loop never runs the audit's flush
+        if getattr(callback, "__func__", None) is AuditLog._flush:
+            return None
+        return real(callback, *args, **kw)
+    loop.call_soon = call_soon               # type: ignore[method-assign]
+    try:
+        t0 = time.monotonic()
+        loop.run_until_complete(asyncio.wait_for(
+            log.commit(op="dek.encrypt", org="acme", request_id="orphan"), 3))
+        assert time.monotonic() - t0 < 1
+    finally:
+        loop.close()
+    log.close()
+    assert any(r.get("request_id") == "orphan" for r in _records(log.path))
+
+
 def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(signer,
                                                                              tmp_path):
     """In-process: a write that fails (here the fd is swapped for a read-only one, as EBADF
