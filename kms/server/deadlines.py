@@ -70,6 +70,9 @@ class Deadlines:
     def _sweep(self) -> None:
         loop = self._loop
         assert loop is not None
+        # The next sweep first: were a connection's handler to raise below (the loop logs it),
+        # every limit of this worker would otherwise stop holding from then on.
+        self._sweep_handle = loop.call_later(self.period, self._sweep)
         now = loop.time()
         for task, deadline in list(self._requests.items()):
             if now >= deadline and task not in self._expired:
@@ -78,7 +81,6 @@ class Deadlines:
                 task.cancel()
         for conn in list(self._watched):
             conn.deadline_passed(now)
-        self._sweep_handle = loop.call_later(self.period, self._sweep)
 
     def close(self) -> None:
         if self._sweep_handle is not None:
