@@ -110,6 +110,7 @@ class AuditLog:
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._batch = _Batch()             # the batch gathering
         self._busy = False                 # the writer is preparing or writing a batch
+        self._in_hand: _Batch | None = None    # ... this one
         self._flush_due = False            # an event loop hands the gathering batch over at
                                            # the end of its turn (so the whole turn joins it)
         self._due_at = 0.0                 # monotonic time the hand-over was scheduled
@@ -198,9 +199,10 @@ class AuditLog:
     def flush(self, timeout: float = 10) -> None:
         """Wait until everything appended so far is durable (tests, shutdown)."""
         with self._lock:
-            done = self._batch.done if self._batch.records else None
+            # the batch the writer has in hand too (flush once returned while it was written)
+            waits = [b.done for b in (self._in_hand, self._batch) if b is not None and b.records]
             self._notify()     # a batch left to a loop that stopped: the writer takes it
-        if done is not None:
+        for done in waits:
             done.result(timeout)
 
     def close(self) -> None:
@@ -251,7 +253,7 @@ class AuditLog:
                         not self._flush_due or self._closed or self._outage is not None)
                     if mine or (self._outage is not None and not self._busy):
                         batch, self._batch = self._batch, _Batch()
-                        self._busy = True
+                        self._busy, self._in_hand = True, batch
                         break
                     if self._closed and not self._busy:
                         return
@@ -330,7 +332,7 @@ class AuditLog:
             if recovered:
                 self._outage = None
                 self.available = True
-            self._busy = False     # the next batch is the writer's at once (_run)
+            self._busy, self._in_hand = False, None   # the next batch is the writer's at once
         if since is not None:
             log.warning("worker %d: audit log %s writable again after %.1f s; serving key "
                         "material", self.worker, self.path, time.time() - since)
@@ -360,7 +362,7 @@ class AuditLog:
             kept = self._batch
             kept.records[:0] = batch.records      # kept, in order, for the next try
             self.write_failures += 1
-            self._busy = False
+            self._busy, self._in_hand = False, None
             first = self._outage is None
             if first:
                 self._outage = {"since": time.time(), "error": why, "refused": 0}

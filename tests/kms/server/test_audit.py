@@ -428,6 +428,48 @@ def test_an_unwritable_log_refuses_commits_and_writes_everything_once_it_can(sig
     assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
 
 
+def test_a_checkpoint_the_token_refuses_to_sign_answers_no_request_until_it_signs(signer,
+                                                                                   tmp_path):
+    """The writer thread's signature refused by the token (here a key label it does not hold:
+    a real refusal, CKR from SoftHSM2): the request waiting for that batch is refused
+    (AuditUnavailable, so 503), nothing unsigned is written, commit refuses at once; once the
+    token signs again the kept record is written (late) after the outage record and the log
+    verifies against the key."""
+    from hsm.core.errors import HsmError
+
+    class Refusing:
+        fingerprint, spki, broken = signer.fingerprint, signer.spki, False
+
+        def sign(self, message):
+            label = "no-such-audit-key" if self.broken else signer.label
+            return ops.sign(signer.token, ops.private(label), "ecdsa-sha256", message)
+    refusing = Refusing()
+    log = AuditLog(tmp_path, 0, refusing, retry_ms=20)
+    log.flush()
+    size = log.path.stat().st_size
+    refusing.broken = True
+    with pytest.raises(HsmError):
+        refusing.sign(b"x")
+    with pytest.raises(AuditUnavailable):
+        asyncio.run(log.commit(op="dek.encrypt", org="acme", request_id="during"))
+    assert not log.available and log.path.stat().st_size == size
+    with pytest.raises(AuditUnavailable):
+        asyncio.run(log.commit(op="dek.encrypt", org="acme", request_id="refused"))
+    refusing.broken = False
+    deadline = time.monotonic() + 10
+    while not log.available:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    asyncio.run(log.commit(op="dek.encrypt", org="acme", request_id="after"))
+    log.close()
+    records = _records(log.path)
+    ids = [r.get("request_id") for r in records if r["op"] == "dek.encrypt"]
+    assert ids == ["during", "after"]
+    assert next(r for r in records if r.get("request_id") == "during")["late"] is True
+    assert any(r["op"] == "audit.outage" for r in records)
+    assert _verify(log.path, "--key", signer.fingerprint).returncode == 0
+
+
 def test_the_audit_key_cannot_be_read_widened_or_used_for_anything_but_raw_ecdsa(signer):
     """The user-PIN holder against the audit key: the token refuses with its CKR code."""
     token = signer.token
