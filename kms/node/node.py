@@ -443,6 +443,10 @@ class Kms:
         row = self._change(org_id, lambda s: self.store.destroy_secret(
             org_id, key_type, version, now=self.clock(), sealer=s))
         self._invalidated("destroy", org_id, key_type, version)
+        # Another worker on this SQLite store may reuse a change-counter read for
+        # rowcache.STAMP_REUSE after it: waiting that long here means that once destroy returns,
+        # every lookup anywhere on the store refuses the version (read-your-destroy).
+        time.sleep(rowcache.STAMP_REUSE)
         return row
 
     def _tenant_secret(self, row: SecretRow, view: sealing.OrgView | None = None) -> bytes:
