@@ -14,6 +14,7 @@ hold, late by at most ``period``, never early.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Protocol
 
 MAX_PERIOD = 0.25      # seconds between sweeps (less when a limit is shorter than 1 s)
@@ -21,7 +22,7 @@ MAX_PERIOD = 0.25      # seconds between sweeps (less when a limit is shorter th
 
 class Watched(Protocol):
     def deadline_passed(self, now: float) -> None:
-        """Called by the sweep with the loop's time; acts if its own deadline is past."""
+        """Called by the sweep with the time (Deadlines.now); acts if its deadline is past."""
 
 
 class Deadlines:
@@ -35,9 +36,11 @@ class Deadlines:
         self.expired_requests = 0
 
     def now(self) -> float:
-        """The loop's clock, the one every deadline here is on."""
-        loop = self._loop if self._loop is not None else self._start()
-        return loop.time()
+        """The clock every deadline here is on: ``time.monotonic`` (uvloop's ``loop.time()``
+        counts whole milliseconds, which could act a limit up to 1 ms early)."""
+        if self._loop is None:
+            self._start()
+        return time.monotonic()
 
     # ----------------------------------------------------------------- requests
     def begin(self, task: asyncio.Task, seconds: float) -> None:
@@ -73,7 +76,7 @@ class Deadlines:
         # The next sweep first: were a connection's handler to raise below (the loop logs it),
         # every limit of this worker would otherwise stop holding from then on.
         self._sweep_handle = loop.call_later(self.period, self._sweep)
-        now = loop.time()
+        now = time.monotonic()
         for task, deadline in list(self._requests.items()):
             if now >= deadline and task not in self._expired:
                 self._expired.add(task)

@@ -52,7 +52,7 @@ class GuardedHandler(RequestHandler):
 
     def __init__(self, manager, *, header_timeout: float, budget: ConnectionBudget, svc, **kw):
         super().__init__(manager, **kw)
-        # the loop time by which a request header must be complete (None: not waiting for
+        # the time (Deadlines.now) by which a request header must be complete (None: not waiting for
         # one); enforced by the worker's sweep (kms.server.deadlines), not a timer per request
         self._kms_deadline: float | None = None
         self._kms_header_timeout = header_timeout
